@@ -1,0 +1,147 @@
+"""Every knob of mrqm_jax, with its default and why.
+
+The key names under `dataset`, `train`, `eval` and `iah` are a contract (see README / DESIGN): scripts and
+notebooks depend on them. Recipes (visdrone.py, sodad.py, smoke.py) start from `get_config()` here and override.
+The returned config is locked: `--config.no_such_key=1` fails and names the key.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- data
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.format = 'visdrone'          # 'visdrone' | 'soda_d' | 'coco'
+  c.dataset.root = ''                    # official layout; '' in smoke => synthetic data made in WORKDIR/data
+  c.dataset.train_split = 'train'        # VisDrone: folder VisDrone2019-DET-<split> or <split>; SODA-D: <split>.json
+  c.dataset.eval_split = 'val'
+  c.dataset.num_classes = 10             # targets only; ignore regions are not a class
+  c.dataset.max_boxes = 1000             # static per-image target count; densest VisDrone train image has 902
+  c.dataset.max_ignore = 128             # static per-image ignore-region count
+  c.dataset.use_tfds = False             # True: read the TFDS builder's prepared records instead of the folder
+  # Patch slicing (SODA-D protocol: 800x800 patches, 150 px overlap; available for VisDrone too).
+  c.dataset.slicing = ml_collections.ConfigDict()
+  c.dataset.slicing.enabled = False
+  c.dataset.slicing.patch_size = 800
+  c.dataset.slicing.overlap = 150
+  c.dataset.slicing.ignore_inside_fraction = 0.4   # cut box with <= this fraction inside the patch -> ignore
+  c.dataset.slicing.merge_nms_iou = 0.5
+
+  c.input = ml_collections.ConfigDict()
+  # Static [H, W] every image is resized into (keeping aspect ratio) and padded to. mmdet's (1333, 800)
+  # rounded up to a multiple of 32 so every pyramid level has integer size.
+  c.input.image_size = (800, 1344)
+  c.input.random_flip = True             # the paper's only augmentation
+  c.input.shuffle_buffer = 256
+  c.input.prefetch = 2
+  c.input.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
+  c.input.mean = (123.675, 116.28, 103.53)   # ImageNet RGB mean/std in 0..255 (torchvision weights)
+  c.input.std = (58.395, 57.12, 57.375)
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'resnet50'          # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'
+  c.model.backbone_width = 64            # stem channels; 64 = torchvision. Smaller only for tiny test models.
+  c.model.frozen_stages = 1              # stem + stage 1 frozen, as mmdet's frozen_stages=1
+  c.model.pretrained = ''                # .safetensors / .npz ImageNet state dict (torchvision or timm names)
+  c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
+  c.model.bifpn_repeats = 1
+  c.model.hidden_dim = 256
+  c.model.num_levels = 4                 # P2..P5
+  # Convolution implementation. 'lax' = lax.conv (GPU/TPU); 'matmul' = shifted matmuls, whose weight gradients
+  # are ~8x faster on XLA:CPU; 'auto' picks 'matmul' on CPU and 'lax' elsewhere.
+  c.model.conv_impl = 'auto'
+  c.model.dtype = 'float32'              # activation dtype inside the model; see train.dtype
+
+  c.encoder = ml_collections.ConfigDict()
+  c.encoder.type = 'sae'                 # 'sae' (Scale-Aware Encoder) | 'deformable' (plain, for ablation)
+  c.encoder.num_layers = 6
+  c.encoder.num_heads = 8
+  c.encoder.num_points = 4
+  c.encoder.ffn_dim = 2048
+  c.encoder.dropout = 0.0
+
+  c.decoder = ml_collections.ConfigDict()
+  c.decoder.num_layers = 6
+  c.decoder.num_queries = 900
+  c.decoder.num_heads = 8
+  c.decoder.num_points = 4
+  c.decoder.ffn_dim = 2048
+  c.decoder.dropout = 0.0
+  c.decoder.look_forward_twice = True
+
+  # Contrastive denoising (DINO / Co-DINO dn_cfg).
+  c.dn = ml_collections.ConfigDict()
+  c.dn.enabled = True
+  c.dn.label_noise = 0.5
+  c.dn.box_noise = 1.0
+  c.dn.num_queries = 100                 # Co-DINO num_dn_queries: groups = max(1, num_queries // num_gt)
+  c.dn.max_gt = 200                      # static cap of ground truths per image used for denoising
+
+  # ---------------------------------------------------------------- IoU-Aware Head (paper section 3.2)
+  c.iah = ml_collections.ConfigDict()
+  c.iah.enabled = True
+  c.iah.dynamic_threshold = True         # False: fixed threshold iah.t_b for every object (Table 3 baseline)
+  c.iah.t_b = 0.55
+  c.iah.k = 0.15
+  c.iah.p = 0.2
+  c.iah.a_s = 'auto'                     # 'auto' = smallest training instance area (px^2) from input_pipeline.stats
+  c.iah.max_pos = 300                    # Co-DETR max_pos_coords: auxiliary queries per image
+  c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0)   # per level P2..P5, px at the input resolution
+  c.iah.anchor_ratios = (0.5, 1.0, 2.0)
+  c.iah.loss_weight = 2.0                # Co-DETR lambda_2
+
+  # ---------------------------------------------------------------- objective
+  c.loss = ml_collections.ConfigDict()
+  c.loss.cls_type = 'qfl'                # 'focal' | 'qfl' (quality focal, as Co-DINO)
+  c.loss.focal_alpha = 0.25
+  c.loss.focal_gamma = 2.0
+  c.loss.cls_weight = 1.0
+  c.loss.bbox_weight = 5.0
+  c.loss.giou_weight = 2.0
+  c.loss.dn_weight = 1.0
+  c.loss.enc_weight = 1.0
+
+  c.matcher = ml_collections.ConfigDict()
+  c.matcher.backend = 'jax'              # 'jax' (on device) | 'scipy' (host callback)
+  c.matcher.cost_class = 2.0
+  c.matcher.cost_bbox = 5.0
+  c.matcher.cost_giou = 2.0
+
+  # ---------------------------------------------------------------- training
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 12                # 1x schedule
+  c.train.num_steps = -1                 # > 0 overrides num_epochs
+  c.train.per_device_batch_size = 2
+  c.train.global_batch_size = -1         # -1 = per_device_batch_size * device count
+  c.train.grad_accum_steps = 1           # reach a large global batch on few devices
+  c.train.learning_rate = 2e-4
+  c.train.weight_decay = 1e-4
+  c.train.backbone_lr_mult = 0.1
+  c.train.grad_clip_norm = 0.1
+  c.train.lr_drop_epochs = (11,)
+  c.train.lr_drop_factor = 0.1
+  c.train.warmup_steps = 0
+  c.train.dtype = 'float32'              # 'bfloat16' runs activations in bf16, params stay f32
+  c.train.seed = 0
+  c.train.checkpoint_every_steps = 1000
+  c.train.keep_checkpoints = 3
+  c.train.log_every_steps = 50
+  c.train.eval_every_epochs = 1
+
+  # ---------------------------------------------------------------- evaluation / prediction
+  c.eval = ml_collections.ConfigDict()
+  c.eval.protocol = 'visdrone'           # 'coco' | 'visdrone' | 'soda'
+  c.eval.batch_size = 2
+  c.eval.max_detections = 500            # VisDrone toolkit maxDets 500
+  c.eval.score_threshold = 0.0
+  c.eval.num_images = -1                 # > 0 evaluates only the first N images
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.score_threshold = 0.3        # for drawn PNGs only; txt/json keep every detection
+  c.predict.slice_large_images = False
+
+  c.lock()
+  return c

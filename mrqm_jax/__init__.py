@@ -1,0 +1,1 @@
+"""MRQM small-object detector in JAX/Flax."""
