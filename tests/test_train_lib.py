@@ -1,0 +1,110 @@
+"""The data-parallel step: 4 devices == 1 device, gradient accumulation == one big batch, optimizer groups."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mrqm_jax import parallel, train_lib
+from tests.conftest import REPO
+from configs import smoke
+
+
+def test_param_labels_by_path():
+  params = {'backbone': {'stem': {'kernel': 1.0}, 'layer2': {'kernel': 2.0}}, 'decoder': {'w': 3.0}}
+  labels = train_lib.param_labels(params, frozen=lambda names: names[:2] == ('backbone', 'stem'))
+  assert labels == {'backbone': {'stem': {'kernel': 'frozen'}, 'layer2': {'kernel': 'backbone'}},
+                    'decoder': {'w': 'rest'}}
+
+
+def test_optimizer_freezes_scales_backbone_lr_and_drops_at_epoch():
+  config = smoke.get_config()
+  config.train.learning_rate = 0.1
+  config.train.backbone_lr_mult = 0.1
+  config.train.weight_decay = 0.0
+  config.train.grad_clip_norm = 1e9
+  config.train.lr_drop_epochs = (2,)
+  params = {'backbone': {'stem': jnp.ones(2), 'layer2': jnp.ones(2)}, 'head': jnp.ones(2)}
+  tx = train_lib.make_optimizer(config, params, steps_per_epoch=3,
+                                frozen=lambda n: n[:2] == ('backbone', 'stem'))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  sizes = []
+  for _ in range(8):
+    updates, state = tx.update(grads, state, params)
+    sizes.append({k: float(jnp.abs(v).max()) for k, v in
+                  {'stem': updates['backbone']['stem'], 'layer2': updates['backbone']['layer2'],
+                   'head': updates['head']}.items()})
+  assert all(s['stem'] == 0.0 for s in sizes)
+  # Adam's first step has |update| = lr exactly.
+  np.testing.assert_allclose(sizes[0]['head'], 0.1, rtol=1e-5)
+  np.testing.assert_allclose(sizes[0]['layer2'], 0.01, rtol=1e-5)
+  # Epoch 2 starts at step 6: lr x 0.1 from there on (constant gradients keep Adam's ratio at 1).
+  np.testing.assert_allclose(sizes[5]['head'], 0.1, rtol=1e-4)
+  np.testing.assert_allclose(sizes[6]['head'], 0.01, rtol=1e-4)
+
+
+def _toy_loss(params, model_state, batch, rng):
+  del model_state, rng
+  pred = jnp.tanh(batch['x'] @ params['w1']) @ params['w2']
+  err = ((pred - batch['y']) ** 2).sum(-1)
+  loss = err.mean()
+  return loss, {'max_err': err.max()}
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  mesh = parallel.create_mesh()
+  rng = np.random.default_rng(0)
+  params = {'w1': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+            'w2': jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)}
+  batch = {'x': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+           'y': jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)}
+  tx = optax.sgd(0.1)
+  results = []
+  for accum in (1, 4):
+    state = train_lib.create_train_state(params, {}, tx, jax.random.PRNGKey(0))
+    step = train_lib.make_train_step(_toy_loss, tx, mesh, grad_accum_steps=accum, donate=False)
+    new_state, metrics = step(state, batch)
+    results.append((new_state.params, metrics))
+  for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(results[0][1]['loss'], results[1][1]['loss'], rtol=1e-5)
+
+
+_FOUR_DEVICES = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh
+    from mrqm_jax import train_lib
+    from tests.test_train_lib import _toy_loss
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    params = {'w1': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+              'w2': jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)}
+    batch = {'x': rng.normal(size=(8, 3)).astype(np.float32), 'y': rng.normal(size=(8, 2)).astype(np.float32)}
+    tx = optax.adamw(1e-2)
+    out = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = Mesh(np.asarray(devices), ('data',))
+      state = train_lib.create_train_state(params, {}, tx, jax.random.PRNGKey(0))
+      step = train_lib.make_train_step(_toy_loss, tx, mesh, donate=False)
+      for _ in range(3):
+        state, metrics = step(state, batch)
+      out.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    print('EQUAL')
+''')
+
+
+def test_step_on_four_devices_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _FOUR_DEVICES], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'EQUAL' in result.stdout
