@@ -24,6 +24,9 @@ def initialize_distributed() -> None:
   if jax.distributed.is_initialized():
     return
   address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address and os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    # Multi-process CPU runs (tests, debugging a pod setup on a laptop) need a CPU collectives backend.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if address:
     jax.distributed.initialize(
         coordinator_address=address,

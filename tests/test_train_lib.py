@@ -108,3 +108,58 @@ def test_step_on_four_devices_equals_one_device():
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'EQUAL' in result.stdout
+
+
+_TWO_PROCESS_WORKER = textwrap.dedent('''
+    import sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from mrqm_jax import parallel, train_lib
+    from tests.test_train_lib import _toy_loss
+    parallel.initialize_distributed()
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(0)
+    params = {'w1': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+              'w2': jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)}
+    batch = {'x': rng.normal(size=(8, 3)).astype(np.float32), 'y': rng.normal(size=(8, 2)).astype(np.float32)}
+    # Each host feeds only its own contiguous share of the global batch.
+    share = 8 // jax.process_count()
+    lo = jax.process_index() * share
+    local = {k: v[lo:lo + share] for k, v in batch.items()}
+    tx = optax.adamw(1e-2)
+    state = train_lib.create_train_state(params, {}, tx, jax.random.PRNGKey(0))
+    step = train_lib.make_train_step(_toy_loss, tx, mesh, donate=False)
+    for _ in range(3):
+      state, metrics = step(state, parallel.host_to_global(local, mesh))
+    w = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))])
+    print('PARAMS', ' '.join(f'{v:.7e}' for v in w), 'LOSS', float(metrics['loss']))
+''')
+
+
+def _params_line(stdout):
+  line = [l for l in stdout.splitlines() if l.startswith('PARAMS')][0]
+  values = line.split()[1:]
+  return np.asarray([float(v) for v in values if v != 'LOSS'])
+
+
+def test_two_processes_equal_one_process():
+  """jax.distributed over localhost with CPU (gloo) collectives: 2 hosts x 1 device == 1 host x 1 device."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  base_env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  single = subprocess.run([sys.executable, '-c', _TWO_PROCESS_WORKER], cwd=REPO, env=base_env,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  procs = []
+  for pid in range(2):
+    env = dict(base_env, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_WORKER], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  want = _params_line(single.stdout)
+  for out, _ in outs:
+    np.testing.assert_allclose(_params_line(out), want, rtol=1e-5, atol=1e-6)
