@@ -28,6 +28,8 @@ class ImageRecord:
     boxes: [N, 4] float32 target boxes, xyxy pixels.
     labels: [N] int32 contiguous 0-based class index.
     ignore: [R, 4] float32 ignore regions, xyxy pixels.
+    source_id: the image's id in its source annotation file (COCO / SODA-D json `images[].id`), so results
+      can be written against the user's own ground truth; -1 when the source has no ids (VisDrone txt).
   """
   image_id: int
   name: str
@@ -37,6 +39,7 @@ class ImageRecord:
   boxes: np.ndarray
   labels: np.ndarray
   ignore: np.ndarray
+  source_id: int = -1
 
   def __post_init__(self):
     self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
