@@ -107,8 +107,8 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params_from_path(path: str, abstract_params: Any) -> Any:
-  """Restores only `params` from a checkpoint folder given by the user (`--checkpoint=DIR`).
+def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, Any]:
+  """Restores (params, model_state or None) from a checkpoint folder given by the user (`--checkpoint=DIR`).
 
   DIR may be a CheckpointManager directory (latest step is used), one step folder inside it, or an export folder.
   """
@@ -134,10 +134,11 @@ def restore_params_from_path(path: str, abstract_params: Any) -> Any:
   except Exception as e:
     raise CheckpointError(f'cannot read checkpoint {item_dir}: {type(e).__name__}: {e}') from e
   params = restored['params'] if item == 'state' else restored
+  model_state = restored.get('model_state') if item == 'state' else None
   if abstract_params is not None:
     want = jax.tree.structure(abstract_params)
     got = jax.tree.structure(params)
     if want != got:
       raise CheckpointError(f'checkpoint {item_dir} does not match this config\'s model '
                             f'({got.num_leaves} arrays stored, {want.num_leaves} expected)')
-  return params
+  return params, model_state

@@ -113,6 +113,14 @@ def main(argv):
                           checkpoint=_CHECKPOINT.value)
   except UsageError as e:
     _fail(str(e))
+  except (FileNotFoundError, NotADirectoryError) as e:  # dataset / checkpoint paths found missing late
+    _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    # Errors our own modules raise for the user (unreadable checkpoint, NaN loss) are one line, not a trace.
+    if type(e).__name__ in ('CheckpointError', 'TrainingError', 'DataError'):
+      print(f'mrqm_jax: error: {e}', file=sys.stderr)
+      sys.exit(1 if type(e).__name__ == 'TrainingError' else 2)
+    raise
 
 
 def _mode_module(name: str):
