@@ -11,6 +11,7 @@ import os
 from typing import Any, Sequence
 
 from absl import logging
+from PIL import Image
 
 from input_pipeline import records as records_lib
 
@@ -105,34 +106,30 @@ def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int
   return clipped, clipped != (x0, y0, x1, y1)
 
 
-def check_jpeg_end(path: str) -> bool:
-  """True unless `path` is a JPEG whose last bytes lack the end-of-image marker (a truncated download).
-
-  Reads only the file's tail, so the cost does not depend on the image size.
-  """
-  if not path.lower().endswith(('.jpg', '.jpeg')):
-    return True
+def _jpeg_tail_has_end_marker(path: str, tail_bytes: int = 4096) -> bool:
   with open(path, 'rb') as f:
     f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - 64))
+    f.seek(max(0, f.tell() - tail_bytes))
     return b'\xff\xd9' in f.read()
 
 
 def image_size(path: str, report: ReadReport) -> tuple[int, int] | None:
-  """(width, height) from the image header (no full decode); None, counted in `report`, if unreadable."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """(width, height) from the image header; None, counted in `report`, if missing or unreadable.
+
+  A JPEG must also end with its end-of-image marker: a truncated download has a valid header but would fail
+  in tf.io.decode_jpeg mid-training. Only the file's tail is read; the rare JPEG with extra data after the
+  marker (some cameras append metadata) is then fully decoded once to tell it from a truncated one.
+  """
   if not os.path.isfile(path):
     report.add('missing_image', path, None, 'image file not found')
     return None
   try:
     with Image.open(path) as image:
       width, height = image.size
+      if image.format == 'JPEG' and not _jpeg_tail_has_end_marker(path):
+        image.load()   # raises OSError if the data really is truncated
   except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
-    report.add('corrupt_image', path, None, f'cannot read the image header ({type(e).__name__}: {e})')
-    return None
-  if not check_jpeg_end(path):
-    report.add('corrupt_image', path, None, 'JPEG end marker missing (file truncated?)')
+    report.add('corrupt_image', path, None, f'cannot read the image ({type(e).__name__}: {e})')
     return None
   return width, height
 

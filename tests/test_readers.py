@@ -151,9 +151,12 @@ def test_missing_and_corrupt_images_are_skipped_and_reported(tmp_path):
     data = f.read()
   with open(truncated, 'wb') as f:
     f.write(data[:len(data) // 2])   # header intact, end marker gone
+  _write_image(os.path.join(root, 'images', 'padded.jpg'))
+  with open(os.path.join(root, 'images', 'padded.jpg'), 'ab') as f:
+    f.write(b'\0' * 10000)   # data after the end marker, as some cameras write: still a valid image
   records, report = visdrone.read_split(root)
-  assert [r.name for r in records] == ['good']
-  assert report.counts == {'missing_image': 1, 'corrupt_image': 2}
+  assert [r.name for r in records] == ['good', 'padded']
+  assert report.counts == {'missing_image': 1, 'corrupt_image': 2, 'missing_annotation': 1}
   text = '\n'.join(report.messages)
   assert os.path.join(root, 'annotations', 'no_image.txt') in text
   assert os.path.join(root, 'images', 'garbage.jpg') in text and truncated in text
