@@ -1,0 +1,102 @@
+r"""Scores a folder of VisDrone-DET result files against a dataset folder.
+
+  python -m mrqm_jax.evaluate_files --protocol=visdrone --dataset=DIR --results=DIR [--max_dets=N]
+
+--dataset: VisDrone layout, DIR/images/NAME.jpg and DIR/annotations/NAME.txt (read by input_pipeline.visdrone).
+--results: one NAME.txt per image, lines `x,y,w,h,score,category,-1,-1` (category 1..10), as the official
+toolkit reads them. An image without a result file has no detections (counted and logged).
+--protocol: 'visdrone' (official toolkit), 'coco' or 'soda' (size bands of SODA-D); see mrqm_jax/metrics/coco.py.
+
+Logs go to stderr; stdout's LAST line is the metrics as one JSON object, e.g. {"AP": 31.2, "AP50": ...}
+(percent; -1.0 = undefined). Missing folders and unreadable or malformed files print one line naming the
+problem (file and line) and exit with code 2.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_PROTOCOL = flags.DEFINE_enum('protocol', 'visdrone', ['visdrone', 'coco', 'soda'], 'Metric protocol.')
+_DATASET = flags.DEFINE_string('dataset', None, 'Dataset folder with images/ and annotations/.')
+_RESULTS = flags.DEFINE_string('results', None, 'Folder of NAME.txt result files.')
+_MAX_DETS = flags.DEFINE_integer('max_dets', None, 'Detections per image for AP (default: the protocol\'s).')
+
+
+class UsageError(Exception):
+  """A user mistake reported as one line and exit code 2."""
+
+
+def _fail(message: str) -> None:
+  print(f'evaluate_files: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).strip().splitlines()[0])
+
+
+def evaluate_folder(protocol: str, dataset: str, results: str, max_dets: int | None = None) -> dict[str, float]:
+  """Reads the dataset and the result files and returns `evaluate_detections`' metrics.
+
+  Raises:
+    UsageError for missing folders, an empty dataset, or an unreadable/malformed file (message names it).
+  """
+  # Imported here so `--help` and usage errors stay fast.
+  from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
+  from input_pipeline import visdrone as visdrone_reader  # pylint: disable=g-import-not-at-top
+  from mrqm_jax.metrics import coco as metrics  # pylint: disable=g-import-not-at-top
+  from mrqm_jax.metrics import visdrone  # pylint: disable=g-import-not-at-top
+
+  if not dataset:
+    raise UsageError('--dataset=DIR is required')
+  if not results:
+    raise UsageError('--results=DIR is required')
+  if not os.path.isdir(dataset):
+    raise UsageError(f'dataset folder not found: {dataset}')
+  if not os.path.isdir(results):
+    raise UsageError(f'results folder not found: {results}')
+  if max_dets is not None and max_dets < 1:
+    raise UsageError(f'--max_dets must be >= 1, got {max_dets}')
+  try:
+    records, report = visdrone_reader.read_split(dataset)
+  except (OSError, ValueError) as e:
+    raise UsageError(f'cannot read the dataset: {e}') from None
+  if report.num_problems:
+    logging.warning('dataset problems:\n%s', report.summary())
+  if not records:
+    raise UsageError(f'no images found in {dataset} (expected images/NAME.jpg and annotations/NAME.txt)')
+  try:
+    detections = visdrone.read_result_dir(results)
+  except visdrone.ResultFileError as e:
+    raise UsageError(str(e)) from None
+  except OSError as e:
+    raise UsageError(f'cannot read a result file: {e}') from None
+  names = {r.name for r in records}
+  missing = sorted(names - set(detections))
+  if missing:
+    logging.warning('%d of %d images have no result file in %s and are scored as having no detections '
+                    '(e.g. %s)', len(missing), len(records), results, ', '.join(missing[:3]))
+  logging.info('%d images, %d result files, protocol %s', len(records), len(detections), protocol)
+  return metrics.evaluate_detections(protocol, records, detections,
+                                     num_classes=len(records_lib.VISDRONE_CLASSES), max_dets=max_dets)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    values = evaluate_folder(_PROTOCOL.value, _DATASET.value, _RESULTS.value, _MAX_DETS.value)
+  except UsageError as e:
+    _fail(str(e))
+  print(json.dumps({k: round(v, 4) for k, v in values.items()}))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

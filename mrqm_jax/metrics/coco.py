@@ -1,0 +1,266 @@
+"""Metrics of record: COCO, the VisDrone-DET toolkit and SODA-D's evaluator, on top of pycocotools.
+
+`evaluate_detections(protocol, records, detections, num_classes=...)` scores per-image detections (pixel xyxy,
+0-based labels) against `input_pipeline.records.ImageRecord`s and returns {metric: percent}. Every protocol
+runs pycocotools' COCOeval for the IoU computation and greedy matching (highest score first, each detection
+takes the unmatched ground truth of its class with the highest IoU >= threshold; IoU thresholds .50:.05:.95).
+A metric that is undefined (no ground truth in its class/size band) is -1.0, as in pycocotools.
+
+Protocols
+---------
+'coco': standard COCO bbox metrics. maxDets (1, 10, 100) per image and class; areas (all, small [0, 32^2],
+  medium [32^2, 96^2], large [96^2, inf)); 101-point interpolated AP, averaged over classes with ground truth.
+  Records' ignore regions become crowd regions (a detection inside one, by intersection over the detection's
+  area >= the IoU threshold, is neither a true nor a false positive) for EVERY class, because records do not
+  keep the class of a crowd annotation; COCO's own crowd regions only excuse detections of their class.
+  Keys: AP, AP50, AP75, AP_S, AP_M, AP_L, AR1, AR10, AR100, AR_S, AR_M, AR_L.
+
+'visdrone': the official VisDrone-DET toolkit (evalDET.m / calcAccuracy.m; see `visdrone.py` for its four
+  differences from COCO: >= 50%-in-ignored-region drop of ground truths AND detections, maxDets counted per
+  image over all classes, VOC all-point AP, class mean weighted by the number of images containing the class).
+  Records' ignore regions play the toolkit's 'ignored region' (category 0) role; the VisDrone reader also puts
+  'others' (11) and score-0 rows there, which the toolkit keeps as never-scored class-11 ground truth instead
+  (so detections under 'others' boxes are dropped here and are false positives there; 4 boxes in val_dev), and
+  score-0 rows of classes 1..10 (none in val_dev or the 6,471 train files) would be ignore-flagged ground truth there.
+  Keys: AP, AP50, AP75 (maxDets 500), AR1, AR10, AR100, AR500, and COCO-style AP_S, AP_M, AP_L (101-point,
+  unweighted class mean, areas as in 'coco', on the same filtered and cut detections).
+
+'soda': SODA-D's SODADeval (see `soda.py`). AP means: the mean over the 9 classes (those with ground truth in
+  the band) and over IoU thresholds .50:.05:.95 of 101-point interpolated precision on the 'Small' band:
+  ground truths with area > 32^2 = 1024 px^2 are ignored (matches to them count for nothing) and so are
+  unmatched detections with area > 1024; at most 100 detections per image and class. AP50/AP75 are the same at
+  one threshold; AP_eS, AP_rS, AP_gS, AP_N use the bands [0, 144], [144, 400], [400, 1024], [1024, 2000].
+  Ignore regions are NOT used: the official evaluation scores against `*_wo_ignore.json` (SODA-mmdetection
+  configs/_base_/datasets/sodad.py, `ori_ann_file`), so detections in ignore regions are false positives.
+  Official areas are the annotations' `area` field; here box width x height.
+  Keys: AP, AP50, AP75, AP_eS, AP_rS, AP_gS, AP_N, AR100, AR300, AR1000 (Small band), AR_eS, AR_rS, AR_gS,
+  AR_N (at 1000).
+
+`max_dets` replaces the cap used for AP (coco 100, visdrone 500, soda 100); recall is reported at every
+default cap not above it and at `max_dets` itself (key AR{n}); 'soda' always adds SODADeval's 100, 300, 1000.
+"""
+
+import contextlib
+import io
+from typing import Mapping, Sequence
+
+from absl import logging
+import numpy as np
+from pycocotools import coco as pycoco
+from pycocotools import cocoeval
+
+from mrqm_jax.metrics import detections as detections_lib
+from mrqm_jax.metrics import soda
+from mrqm_jax.metrics import visdrone
+from mrqm_jax.metrics.detections import Detections
+
+PROTOCOLS = ('coco', 'visdrone', 'soda')
+DEFAULT_MAX_DETS = {'coco': 100, 'visdrone': visdrone.MAX_DETS[-1], 'soda': soda.AP_MAX_DETS}
+_RECALL_CAPS = {'coco': (1, 10, 100), 'visdrone': visdrone.MAX_DETS, 'soda': soda.RECALL_MAX_DETS}
+# (key suffix, pycocotools label, lo, hi) in px^2; pycocotools' 'all' upper bound.
+COCO_AREA_RANGES = (('', 'all', 0.0, 1e5 ** 2), ('_S', 'small', 0.0, 32.0 ** 2),
+                    ('_M', 'medium', 32.0 ** 2, 96.0 ** 2), ('_L', 'large', 96.0 ** 2, 1e5 ** 2))
+
+__all__ = ['Detections', 'PROTOCOLS', 'evaluate_detections']
+
+
+def evaluate_detections(protocol: str, records: Sequence, detections: Mapping[str, Detections], *,
+                        num_classes: int, max_dets: int | None = None) -> dict[str, float]:
+  """Scores detections against ground truth with one of the protocols above.
+
+  Args:
+    protocol: 'coco' | 'visdrone' | 'soda'.
+    records: `input_pipeline.records.ImageRecord`s (pixel xyxy boxes, 0-based labels, ignore regions); every
+      record is an evaluated image.
+    detections: image name (record.name) -> Detections (pixel xyxy boxes [K, 4], scores [K], 0-based labels
+      [K]). A record without an entry has no detections. Names that are no record, and detections whose label
+      is outside [0, num_classes), are counted, logged and not scored (in 'visdrone' the latter still take
+      their place in the per-image maxDets cut, as in the toolkit).
+    num_classes: number of target classes (VisDrone 10, SODA-D 9).
+    max_dets: cap per image for AP (see module docstring); None = the protocol's default.
+
+  Returns:
+    {metric key: value in percent (0..100), or -1.0 when undefined}.
+
+  Raises:
+    ValueError for an unknown protocol, bad num_classes/max_dets, duplicate record names or malformed
+    detections (naming the image).
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'protocol {protocol!r} is not one of {", ".join(PROTOCOLS)}')
+  if int(num_classes) != num_classes or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+  if max_dets is None:
+    max_dets = DEFAULT_MAX_DETS[protocol]
+  if int(max_dets) != max_dets or max_dets < 1:
+    raise ValueError(f'max_dets must be a positive integer, got {max_dets!r}')
+  max_dets = int(max_dets)
+  caps = tuple(sorted({c for c in _RECALL_CAPS[protocol] if c <= max_dets} | {max_dets}))
+  if protocol == 'soda':  # SODADeval always evaluates up to 1000 per image and class for its recall numbers.
+    caps = tuple(sorted(set(soda.RECALL_MAX_DETS) | {max_dets}))
+
+  names = [r.name for r in records]
+  if len(set(names)) != len(names):
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    raise ValueError(f'duplicate record names: {", ".join(duplicates[:5])}')
+  unknown = set(detections) - set(names)
+  if unknown:
+    logging.warning('%d detection entries name no record and are not scored (e.g. %s)', len(unknown),
+                    ', '.join(sorted(unknown)[:3]))
+
+  gts, dts, num_out_of_range = [], [], 0
+  for record in records:
+    dets = detections.get(record.name)
+    dets = (detections_lib.empty_detections() if dets is None
+            else detections_lib.as_checked_arrays(dets, f'detections for {record.name}'))
+    gt_boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4)
+    gt_labels = np.asarray(record.labels, np.int64).reshape(-1)
+    if len(gt_labels) and (gt_labels.min() < 0 or gt_labels.max() >= num_classes):
+      raise ValueError(f'record {record.name}: ground-truth labels must be in [0, {num_classes}), got '
+                       f'{sorted(set(gt_labels.tolist()))}')
+    ignore = np.asarray(record.ignore, np.float64).reshape(-1, 4)
+    if protocol == 'visdrone':
+      keep_gt = visdrone.outside_ignored(gt_boxes, ignore, record.width, record.height)
+      gt_boxes, gt_labels = gt_boxes[keep_gt], gt_labels[keep_gt]
+      keep = visdrone.outside_ignored(dets.boxes, ignore, record.width, record.height)
+      order = np.argsort(-dets.scores[keep], kind='mergesort')[:max_dets]
+      dets = Detections(*(a[keep][order] for a in dets))
+    crowd = ignore if protocol == 'coco' else np.zeros((0, 4))
+    in_range = (dets.labels >= 0) & (dets.labels < num_classes)
+    num_out_of_range += int((~in_range).sum())
+    rank = np.arange(len(dets.scores))[in_range]  # position in the image's (cut) list, over all labels
+    gts.append((gt_boxes, gt_labels, crowd))
+    dts.append((dets.boxes[in_range], dets.scores[in_range], dets.labels[in_range], rank))
+  if num_out_of_range:
+    logging.warning('%d detections have a label outside [0, %d) and are not scored', num_out_of_range,
+                    num_classes)
+
+  area_ranges = soda.AREA_RANGES if protocol == 'soda' else COCO_AREA_RANGES
+  evaluator, dt_rank = _run_cocoeval(gts, dts, num_classes, area_ranges, caps)
+
+  metrics = {}
+  cap_index = caps.index(max_dets)
+  if protocol == 'visdrone':
+    metrics.update(visdrone.toolkit_scores(_toolkit_inputs(evaluator, dt_rank), caps))
+    for a in range(1, 4):
+      metrics[f'AP{area_ranges[a][0]}'] = _mean_precision(evaluator, a, cap_index)
+    return metrics
+  metrics['AP'] = _mean_precision(evaluator, 0, cap_index)
+  metrics['AP50'] = _mean_precision(evaluator, 0, cap_index, iou=0.5)
+  metrics['AP75'] = _mean_precision(evaluator, 0, cap_index, iou=0.75)
+  for a in range(1, len(area_ranges)):
+    metrics[f'AP{area_ranges[a][0]}'] = _mean_precision(evaluator, a, cap_index)
+  for m, cap in enumerate(caps):
+    metrics[f'AR{cap}'] = _mean_recall(evaluator, 0, m)
+  for a in range(1, len(area_ranges)):
+    metrics[f'AR{area_ranges[a][0]}'] = _mean_recall(evaluator, a, len(caps) - 1)
+  return metrics
+
+
+def _run_cocoeval(gts, dts, num_classes, area_ranges, caps):
+  """Runs COCOeval.evaluate() and accumulate() on in-memory ground truth and detections, silently.
+
+  Args:
+    gts: per image (boxes [G, 4] xyxy, labels [G] 0-based, crowd regions [R, 4] xyxy for every class).
+    dts: per image (boxes [D, 4] xyxy, scores [D], labels [D] 0-based, rank [D] int).
+    num_classes: categories 1..num_classes (pycocotools ids = label + 1).
+    area_ranges: ((suffix, label, lo, hi), ...), the first one the 'all' band.
+    caps: sorted maxDets.
+
+  Returns:
+    (the COCOeval, dt_rank [num detections + 1]: rank of each detection annotation id).
+  """
+  images = [{'id': i + 1} for i in range(len(gts))]
+  categories = [{'id': c + 1, 'name': str(c)} for c in range(num_classes)]
+  gt_anns = []
+  for image_id, (boxes, labels, crowd) in enumerate(gts, start=1):
+    for box, label in zip(_xywh(boxes), labels):
+      gt_anns.append({'image_id': image_id, 'category_id': int(label) + 1, 'bbox': box,
+                      'area': box[2] * box[3], 'iscrowd': 0, 'ignore': 0})
+    for box in _xywh(crowd):
+      for c in range(num_classes):
+        gt_anns.append({'image_id': image_id, 'category_id': c + 1, 'bbox': box, 'area': box[2] * box[3],
+                        'iscrowd': 1, 'ignore': 1})
+  dt_anns, ranks = [], [-1]
+  for image_id, (boxes, scores, labels, rank) in enumerate(dts, start=1):
+    for box, score, label in zip(_xywh(boxes), scores.tolist(), labels):
+      dt_anns.append({'image_id': image_id, 'category_id': int(label) + 1, 'bbox': box, 'score': score,
+                      'area': box[2] * box[3], 'iscrowd': 0})
+    ranks.extend(rank.tolist())
+  for ann_id, ann in enumerate(gt_anns, start=1):  # ids start at 1: COCOeval uses 0 for 'unmatched'
+    ann['id'] = ann_id
+  for ann_id, ann in enumerate(dt_anns, start=1):
+    ann['id'] = ann_id
+
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    ground_truth = _coco_from(images, categories, gt_anns)
+    results = _coco_from(images, categories, dt_anns)
+    evaluator = cocoeval.COCOeval(ground_truth, results, iouType='bbox')
+    params = evaluator.params
+    params.imgIds = [image['id'] for image in images]
+    params.catIds = [category['id'] for category in categories]
+    params.areaRng = [[lo, hi] for _, _, lo, hi in area_ranges]
+    params.areaRngLbl = [label for _, label, _, _ in area_ranges]
+    params.maxDets = list(caps)
+    evaluator.evaluate()
+    evaluator.accumulate()
+  logging.debug('pycocotools: %s', log.getvalue().strip())
+  return evaluator, np.asarray(ranks, np.int64)
+
+
+def _coco_from(images, categories, annotations) -> pycoco.COCO:
+  dataset = pycoco.COCO()
+  dataset.dataset = {'images': images, 'categories': categories, 'annotations': annotations}
+  dataset.createIndex()
+  return dataset
+
+
+def _xywh(boxes: np.ndarray) -> list[list[float]]:
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+
+
+def _mean_precision(evaluator, area_index: int, cap_index: int, iou: float | None = None) -> float:
+  """Mean of COCOeval's precision [T, R, K, A, M] over valid entries, percent; -1.0 if none."""
+  precision = evaluator.eval['precision'][:, :, :, area_index, cap_index]
+  if iou is not None:
+    precision = precision[np.flatnonzero(np.isclose(evaluator.params.iouThrs, iou))]
+  valid = precision[precision > -1]
+  return float(100.0 * valid.mean()) if valid.size else -1.0
+
+
+def _mean_recall(evaluator, area_index: int, cap_index: int) -> float:
+  """Mean of COCOeval's recall [T, K, A, M] over valid entries, percent; -1.0 if none."""
+  recall = evaluator.eval['recall'][:, :, area_index, cap_index]
+  valid = recall[recall > -1]
+  return float(100.0 * valid.mean()) if valid.size else -1.0
+
+
+def _toolkit_inputs(evaluator, dt_rank: np.ndarray) -> list[dict]:
+  """Per-class inputs of `visdrone.toolkit_scores` from COCOeval's per-image matches on the 'all' band."""
+  params = evaluator.params
+  num_images, num_areas = len(params.imgIds), len(params.areaRng)
+  num_thresholds = len(params.iouThrs)
+  per_class = []
+  for k in range(len(params.catIds)):
+    scores, tps, ranks = [], [], []
+    num_gt = num_images_with_gt = 0
+    for i in range(num_images):
+      image_eval = evaluator.evalImgs[(k * num_areas) * num_images + i]  # area index 0 = 'all'
+      if image_eval is None:
+        continue
+      real_gt = int(np.count_nonzero(np.asarray(image_eval['gtIgnore']) == 0))
+      num_gt += real_gt
+      num_images_with_gt += real_gt > 0
+      scores.append(np.asarray(image_eval['dtScores'], np.float64))
+      tps.append((np.asarray(image_eval['dtMatches']) > 0) & ~np.asarray(image_eval['dtIgnore'], bool))
+      ranks.append(dt_rank[np.asarray(image_eval['dtIds'], np.int64)])
+    per_class.append({
+        'scores': np.concatenate(scores) if scores else np.zeros((0,)),
+        'tp': np.concatenate(tps, axis=1) if tps else np.zeros((num_thresholds, 0), bool),
+        'rank': np.concatenate(ranks) if ranks else np.zeros((0,), np.int64),
+        'num_gt': num_gt,
+        'num_images': num_images_with_gt,
+    })
+  return per_class
