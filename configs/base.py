@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.iah.max_pos = 300                    # Co-DETR max_pos_coords: auxiliary queries per image
   c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0)   # per level P2..P5, px at the input resolution
   c.iah.anchor_ratios = (0.5, 1.0, 2.0)
+  c.iah.anchor_scales = (1.0,)           # multipliers of each level's anchor size (octave scales)
   c.iah.loss_weight = 2.0                # Co-DETR lambda_2
 
   # ---------------------------------------------------------------- objective

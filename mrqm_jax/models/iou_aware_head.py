@@ -1,0 +1,352 @@
+"""IoU-Aware Head (IAH, paper section 3.2): a dense auxiliary head on the encoder output with a size-dependent
+IoU threshold for one-to-many anchor assignment, and the top-K positives that become the auxiliary queries Q_a.
+
+Pipeline (all static-shaped, jittable):
+  1. `generate_anchors`: per-location anchors on every encoder level, normalized cxcywh on the padded canvas.
+  2. `dynamic_iou_threshold`: T_I = max(T_b, T_b + k * (sqrt(w h) / A_s) ** p) per ground truth (eq. 8, pixels).
+  3. `assign_anchors`: an anchor is positive for a gt when IoU > T_I(gt); every valid gt also keeps its best-IoU
+     anchor; conflicts go to the highest IoU.
+  4. `select_positives`: at most K = `iah.max_pos` positive anchors per image for the auxiliary decoder branch.
+  5. `IoUAwareHead`: the trainable dense cls/box branches plus 1-4; returns what the detector needs to build
+     Q_a = Dense(PE(C_pos)) + Dense(F''_pos) (eq. 9) and what `ops.losses` needs for the dense loss.
+
+Anchor sizes (`config.iah.anchor_sizes`, one base size per level P2..P5, px at the canvas resolution, times the
+`config.iah.anchor_ratios` h/w ratios): (8, 16, 32, 64), i.e. 2 x stride. Why: IoU of a centered w x w box with
+an s x s anchor is (w / s)^2 for w < s, so an anchor only reaches the paper's thresholds (T_b = 0.5 .. 0.65,
+and T_I above it) for objects at least ~0.75 of its side. Co-DETR's ATSS head uses 8 x stride (32 px on P2):
+a 6 x 6 px object then has IoU 0.035 with it, and every VisDrone object under ~25 px (66% of val_dev boxes are
+under 32 x 32 px at the original resolution) could only be a positive through the best-anchor fallback. With
+2 x stride the smallest anchor (8 px) covers the 6-8 px objects that dominate VisDrone, consecutive levels
+still tile sizes 8..128+ px with a 2x step, and the anchor still spans 2 x 2 grid cells so neighbouring
+locations overlap it (several positives per object). `benchmarks/iah_positives.py` prints positives per object
+by size band on real VisDrone annotations for these choices.
+
+Positive selection (step 4) deliberately differs from Co-DETR: Co-DETR keeps a uniformly random subset of
+max_pos_coords positives (in anchor order otherwise), which hands most auxiliary queries to the large objects
+that own many positive anchors. We rank positives round-robin over objects — every object's best anchor first
+(by IoU), then every object's second best, ... — so each small object gets an auxiliary query before any object
+gets a second one, which is the point of the paper. Deterministic, so no RNG stream is needed.
+
+Reference boxes C_pos: like Co-DETR (its ATSS head returns the positive *anchors* as `pos_coords`, and the
+auxiliary decoder starts from them), `pos_ref_boxes` are the positive anchors, not the head's decoded boxes.
+They are constants (no gradient). `pos_feat` is the encoder token F''_pos at that anchor's location and keeps its
+gradient: the auxiliary branch is meant to supervise the encoder output through it.
+
+Padding slots among the K: Co-DETR by default fills them with random negative anchors classified as background;
+we leave them empty (`pos_valid=False`, as Co-DETR's `use_zero_padding=True`): the paper treats every query of
+the auxiliary branch as a positive, and padding must contribute nothing to the loss.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrqm_jax.models import layers
+from mrqm_jax.ops import boxes as box_ops
+
+# Box-delta parameterization of the dense box branch (mmdet DeltaXYWHBBoxCoder with Co-DETR's ATSS stds).
+DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
+# exp(dw) is clipped at 1000/16 (mmdet's wh_ratio_clip): keeps early-training boxes and gradients finite.
+MAX_LOG_SCALE = float(np.abs(np.log(16.0 / 1000.0)))
+# Prior probability of the dense classifier at initialization (RetinaNet/ATSS): logits start at -4.6.
+CLS_PRIOR_PROB = 0.01
+# Anchors processed per step in `assign_anchors`: bounds the IoU block to [chunk, M] instead of [A, M]
+# (at 800x1344 with 3 ratios A = 267,750 and M = 1000: 1 GB per image otherwise).
+ASSIGN_CHUNK = 4096
+
+
+def dynamic_iou_threshold(w, h, *, t_b: float, k: float, p: float, a_s: float):
+  """Paper eq. (8), elementwise: T_I = max(T_b, T_b + k * (sqrt(w * h) / A_s) ** p).
+
+  Args:
+    w, h: [...] object width and height in pixels (broadcastable; negative sizes count as 0).
+    t_b: base IoU threshold T_b.  k, p: growth constant and exponent.  a_s: A_s, the dataset's smallest
+      instance area (px^2), a number ('auto' must be resolved by the caller).
+
+  Returns:
+    [...] thresholds, >= t_b.
+  """
+  if isinstance(a_s, str) or a_s is None or not a_s > 0:
+    raise ValueError(f'iah.a_s must be a positive number (resolve "auto" from the dataset first), got {a_s!r}')
+  side = jnp.sqrt(jnp.maximum(w, 0.0) * jnp.maximum(h, 0.0))
+  return jnp.maximum(t_b, t_b + k * (side / a_s) ** p)
+
+
+def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], iah_config: ml_collections.ConfigDict, a_s=None):
+  """Per-gt IoU threshold from `config.iah`: gt_boxes [..., M, 4] normalized cxcywh -> [..., M].
+
+  `iah.dynamic_threshold=False` gives the fixed threshold `iah.t_b` for every object. `a_s` overrides
+  `iah.a_s` (needed when the config says 'auto').
+  """
+  if not iah_config.dynamic_threshold:
+    return jnp.full(gt_boxes.shape[:-1], iah_config.t_b, jnp.float32)
+  canvas_h, canvas_w = canvas_hw
+  return dynamic_iou_threshold(gt_boxes[..., 2] * canvas_w, gt_boxes[..., 3] * canvas_h,
+                               t_b=iah_config.t_b, k=iah_config.k, p=iah_config.p,
+                               a_s=resolve_a_s(iah_config.a_s if a_s is None else a_s))
+
+
+def resolve_a_s(a_s) -> float:
+  """A_s as a float: a number, or a numeric string (`--config.iah.a_s=3`; the config field is a string because
+  its default is 'auto'). 'auto' is an error here: the caller resolves it from the dataset statistics."""
+  if isinstance(a_s, str):
+    try:
+      a_s = float(a_s)
+    except ValueError:
+      raise ValueError(f'iah.a_s={a_s!r}: resolve "auto" to the smallest training instance area '
+                       '(input_pipeline.stats) and pass it as IoUAwareHead(a_s=...)') from None
+  return a_s
+
+
+def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequence[int],
+                     sizes: Sequence[float], ratios: Sequence[float],
+                     scales: Sequence[float] = (1.0,)) -> np.ndarray:
+  """Anchors for every location of every level, in the encoder's token order.
+
+  Args:
+    spatial_shapes: L static (H_l, W_l) pairs, the levels of the flattened encoder memory.
+    canvas_hw: (H, W) of the padded canvas in pixels; level l has stride H / H_l, W / W_l.
+    sizes: L base sizes in pixels (one per level).
+    ratios: height/width ratios (mmdet convention); each anchor has area (size * scale)^2.
+    scales: multipliers of each level's base size (mmdet's octave scales).
+
+  Returns:
+    [A, 4] float32 normalized cxcywh (NumPy, a trace-time constant), A = R * sum_l H_l W_l with
+    R = len(scales) * len(ratios), ordered (level, row, column, scale, ratio): anchor a sits on token a // R.
+  """
+  shapes = [tuple(int(v) for v in s) for s in np.asarray(spatial_shapes).reshape(-1, 2)]
+  if len(sizes) != len(shapes):
+    raise ValueError(f'iah.anchor_sizes has {len(sizes)} entries but the encoder has {len(shapes)} levels '
+                     f'{shapes}: give one base size per level')
+  if not ratios or any(r <= 0 for r in ratios):
+    raise ValueError(f'iah.anchor_ratios must be positive h/w ratios, got {tuple(ratios)}')
+  if not scales or any(v <= 0 for v in scales):
+    raise ValueError(f'iah.anchor_scales must be positive multipliers, got {tuple(scales)}')
+  canvas_h, canvas_w = (float(v) for v in canvas_hw)
+  scale_of = np.repeat(np.asarray(scales, np.float64), len(ratios))      # [R], scale-major
+  ratio_of = np.tile(np.asarray(ratios, np.float64), len(scales))
+  per_level = []
+  for (height, width), size in zip(shapes, sizes):
+    cy = (np.arange(height) + 0.5) / height
+    cx = (np.arange(width) + 0.5) / width
+    anchor_w = size * scale_of / np.sqrt(ratio_of) / canvas_w    # [R]
+    anchor_h = size * scale_of * np.sqrt(ratio_of) / canvas_h
+    grid_y, grid_x, r = np.meshgrid(cy, cx, np.arange(len(scale_of)), indexing='ij')   # [H, W, R]
+    per_level.append(np.stack([grid_x, grid_y, anchor_w[r], anchor_h[r]], axis=-1).reshape(-1, 4))
+  return np.concatenate(per_level, axis=0).astype(np.float32)
+
+
+def assign_anchors(anchors, gt_boxes, gt_valid, thresholds, *, anchor_valid=None,
+                   chunk_size: int = ASSIGN_CHUNK):
+  """One-to-many assignment with a per-gt IoU threshold (one image; vmap for a batch).
+
+  Rules: anchor a is a candidate of gt g when IoU(a, g) > thresholds[g]. Every valid gt whose best IoU is > 0
+  also claims its best-IoU anchor (lowest index on ties), so objects too small for any threshold still get a
+  positive. An anchor claimed as some gt's best goes to the claiming gt with the highest IoU (the guarantee
+  wins over plain candidates, as mmdet's low-quality matching); otherwise to the candidate gt with the highest
+  IoU (lowest gt index on ties). Invalid gts and invalid anchors take part in nothing.
+
+  Args:
+    anchors: [A, 4] normalized cxcywh.
+    gt_boxes: [M, 4] normalized cxcywh (same normalization; any values in invalid rows, NaN included).
+    gt_valid: [M] bool.
+    thresholds: [M] IoU thresholds (e.g. `gt_thresholds`).
+    anchor_valid: optional [A] bool (False: anchor on a padding token, never positive).
+    chunk_size: anchors per block of the IoU computation (memory [chunk_size, M]).
+
+  Returns:
+    assigned_gt [A] int32 (gt index, -1 negative), iou [A] float32 (IoU with the assigned gt, 0 if negative).
+    No gradient flows through either.
+  """
+  anchors, gt_boxes, thresholds = (jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+                                   for x in (anchors, gt_boxes, thresholds))
+  gt_valid = jnp.asarray(gt_valid, bool)
+  num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
+  if num_gt == 0 or num_anchors == 0:
+    return jnp.full((num_anchors,), -1, jnp.int32), jnp.zeros((num_anchors,), jnp.float32)
+  if anchor_valid is None:
+    anchor_valid = jnp.ones((num_anchors,), bool)
+  gt_xyxy = box_ops.cxcywh_to_xyxy(jnp.where(gt_valid[:, None], gt_boxes, 0.0))
+  thresholds = jnp.where(gt_valid, thresholds, jnp.inf)
+
+  chunk = max(1, min(int(chunk_size), num_anchors))
+  num_chunks = -(-num_anchors // chunk)
+  pad = num_chunks * chunk - num_anchors
+  # Padding anchors have zero size and are marked invalid: they never win anything.
+  anchor_chunks = jnp.pad(box_ops.cxcywh_to_xyxy(anchors), ((0, pad), (0, 0))).reshape(num_chunks, chunk, 4)
+  valid_chunks = jnp.pad(jnp.asarray(anchor_valid, bool), (0, pad)).reshape(num_chunks, chunk)
+  starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+
+  def chunk_iou(anchor_xyxy, valid):  # [chunk, M]; -1 where the pair takes part in nothing
+    iou = box_ops.pairwise_iou(anchor_xyxy, gt_xyxy)
+    return jnp.where(valid[:, None] & gt_valid[None, :], iou, -1.0)
+
+  # Pass 1: the best anchor of every gt.
+  def best_in_chunk(args):
+    anchor_xyxy, valid = args
+    iou = chunk_iou(anchor_xyxy, valid)
+    return iou.max(axis=0), iou.argmax(axis=0).astype(jnp.int32)
+  chunk_best_iou, chunk_best_idx = jax.lax.map(best_in_chunk, (anchor_chunks, valid_chunks))   # [n, M]
+  best_chunk = jnp.argmax(chunk_best_iou, axis=0)                                              # [M]
+  gt_columns = jnp.arange(num_gt)
+  gt_best_iou = chunk_best_iou[best_chunk, gt_columns]
+  gt_best_anchor = best_chunk.astype(jnp.int32) * chunk + chunk_best_idx[best_chunk, gt_columns]
+  claims_best = gt_valid & (gt_best_iou > 0.0)
+
+  # Pass 2: per-anchor decision.
+  def assign_chunk(args):
+    anchor_xyxy, valid, start = args
+    iou = chunk_iou(anchor_xyxy, valid)                                          # [chunk, M]
+    index = start + jnp.arange(chunk, dtype=jnp.int32)
+    forced = (index[:, None] == gt_best_anchor[None, :]) & claims_best[None, :]
+    candidate = iou > thresholds[None, :]
+    any_forced = forced.any(axis=1)
+    wanted = jnp.where(any_forced[:, None], forced, candidate)
+    score = jnp.where(wanted, iou, -jnp.inf)
+    gt = jnp.argmax(score, axis=1).astype(jnp.int32)
+    positive = wanted.any(axis=1)
+    gt_iou = jnp.take_along_axis(iou, gt[:, None], axis=1)[:, 0]
+    return jnp.where(positive, gt, -1), jnp.where(positive, gt_iou, 0.0)
+  assigned, iou = jax.lax.map(assign_chunk, (anchor_chunks, valid_chunks, starts))
+  return assigned.reshape(-1)[:num_anchors], iou.reshape(-1)[:num_anchors]
+
+
+def select_positives(assigned_gt, iou, max_pos: int):
+  """Up to `max_pos` positive anchors of one image, round-robin over objects (see module docstring).
+
+  Order: by rank of the anchor among its gt's positives (0 = that gt's best IoU), then by IoU (descending),
+  then by anchor index.
+
+  Args:
+    assigned_gt: [A] int32 (-1 negative).  iou: [A] IoU with the assigned gt.  max_pos: K, static.
+
+  Returns:
+    anchor_index [K] int32 (0 in empty slots), valid [K] bool (valid slots first).
+  """
+  num_anchors = assigned_gt.shape[0]
+  positive = assigned_gt >= 0
+  neg_iou = -jnp.where(positive, iou, -1.0)
+  index = jnp.arange(num_anchors, dtype=jnp.int32)
+  # Sort by (gt, -iou): each gt's positives become a contiguous run, best first. Negatives go last.
+  gt_key = jnp.where(positive, assigned_gt, jnp.iinfo(jnp.int32).max)
+  _, _, by_gt = jax.lax.sort((gt_key, neg_iou, index), num_keys=2)
+  sorted_gt = gt_key[by_gt]
+  run_start = jnp.concatenate([jnp.ones((1,), bool), sorted_gt[1:] != sorted_gt[:-1]])
+  rank_sorted = index - jax.lax.cummax(jnp.where(run_start, index, 0))
+  rank = jnp.zeros_like(index).at[by_gt].set(rank_sorted)
+  rank = jnp.where(positive, rank, num_anchors)
+  _, _, order = jax.lax.sort((rank, neg_iou, index), num_keys=2)
+  take = min(max_pos, num_anchors)
+  anchor_index = order[:take]
+  valid = positive[anchor_index]
+  anchor_index = jnp.where(valid, anchor_index, 0)
+  if take < max_pos:
+    anchor_index = jnp.pad(anchor_index, (0, max_pos - take))
+    valid = jnp.pad(valid, (0, max_pos - take))
+  return anchor_index, valid
+
+
+def decode_deltas(anchors, deltas):
+  """Box from anchor + predicted deltas (mmdet DeltaXYWH, DELTA_STDS): [..., 4] cxcywh, [..., 4] -> [..., 4]."""
+  stds = jnp.asarray(DELTA_STDS, deltas.dtype)
+  d = deltas * stds
+  log_scale = jnp.clip(d[..., 2:], -MAX_LOG_SCALE, MAX_LOG_SCALE)
+  center = anchors[..., :2] + d[..., :2] * anchors[..., 2:]
+  size = anchors[..., 2:] * jnp.exp(log_scale)
+  return jnp.concatenate([center, size], axis=-1)
+
+
+def _static_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
+  try:
+    return tuple((int(h), int(w)) for h, w in np.asarray(spatial_shapes).reshape(-1, 2))
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise ValueError('IoUAwareHead: spatial_shapes must be static (Python ints or a NumPy array), '
+                     f'got {type(spatial_shapes)}') from e
+
+
+class IoUAwareHead(nn.Module):
+  """Dense auxiliary head on the encoder memory + dynamic-threshold assignment + top-K positives.
+
+  Attributes:
+    config: the full config (uses `iah.*`, `input.image_size`, `dataset.num_classes`, `model.dtype`).
+    a_s: overrides `config.iah.a_s` (required when that is 'auto'; resolve it from the dataset statistics).
+
+  Call: (memory [B, S, D], memory_pad_mask [B, S] bool (True = padding token), spatial_shapes L static
+  (H_l, W_l) with S = sum H_l W_l, targets {'boxes' [B, M, 4] cxcywh, 'labels' [B, M], 'box_valid' [B, M]})
+  -> dict with A = S * R (R = anchors per location = len(iah.anchor_scales) * len(iah.anchor_ratios)),
+  K = iah.max_pos, C = num_classes:
+    cls_logits [B, A, C]      dense class logits (sigmoid).
+    pred_boxes [B, A, 4]      dense boxes, normalized cxcywh (anchor + deltas).
+    anchors [A, 4]            normalized cxcywh (constant).
+    anchor_valid [B, A] bool  False for anchors on padding tokens (excluded from the dense loss).
+    assigned_gt [B, A] int32  gt index, -1 negative.   assigned_iou [B, A] IoU with it.
+    pos_anchor_index [B, K]   int32 anchor index of each selected positive.
+    pos_ref_boxes [B, K, 4]   C_pos: the positive anchors (normalized cxcywh, no gradient).
+    pos_feat [B, K, D]        F''_pos: memory at the positive's token (with gradient).
+    pos_gt [B, K] int32       assigned gt (0 in empty slots).   pos_valid [B, K] bool.
+  """
+  config: ml_collections.ConfigDict
+  a_s: float | None = None
+
+  @nn.compact
+  def __call__(self, memory: jax.Array, memory_pad_mask: jax.Array, spatial_shapes: Any,
+               targets: dict) -> dict:
+    cfg = self.config
+    iah = cfg.iah
+    shapes = _static_shapes(spatial_shapes)
+    batch, num_tokens, dim = memory.shape
+    if sum(h * w for h, w in shapes) != num_tokens:
+      raise ValueError(f'IoUAwareHead: spatial_shapes {shapes} give {sum(h * w for h, w in shapes)} tokens but '
+                       f'memory has {num_tokens}')
+    if targets is None:
+      raise ValueError('IoUAwareHead needs targets (it is a training-only head)')
+    num_per_location = len(iah.anchor_scales) * len(iah.anchor_ratios)
+    num_classes = cfg.dataset.num_classes
+    dtype = jnp.dtype(cfg.model.dtype)
+
+    anchors = jnp.asarray(generate_anchors(shapes, cfg.input.image_size, iah.anchor_sizes, iah.anchor_ratios,
+                                           iah.anchor_scales))
+    num_anchors = anchors.shape[0]
+
+    # Dense branches: a shared-over-tokens 2-layer MLP each (Co-DETR's ATSS head: one conv tower per branch).
+    bias_prior = float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB))
+    cls_logits = layers.MLP(dim, num_per_location * num_classes, 2, dtype=dtype,
+                            last_bias_init=nn.initializers.constant(bias_prior), name='cls_branch')(memory)
+    deltas = layers.MLP(dim, num_per_location * 4, 2, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(),
+                        name='box_branch')(memory)
+    cls_logits = cls_logits.reshape(batch, num_anchors, num_classes).astype(jnp.float32)
+    deltas = deltas.reshape(batch, num_anchors, 4).astype(jnp.float32)
+    pred_boxes = decode_deltas(anchors[None], deltas)
+
+    anchor_valid = jnp.repeat(~jnp.asarray(memory_pad_mask, bool), num_per_location, axis=1)    # [B, A]
+    gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
+    gt_valid = jnp.asarray(targets['box_valid'], bool)
+    thresholds = gt_thresholds(gt_boxes, cfg.input.image_size, iah, a_s=self.a_s)
+    assigned_gt, assigned_iou = jax.vmap(
+        lambda g, v, t, av: assign_anchors(anchors, g, v, t, anchor_valid=av))(
+            gt_boxes, gt_valid, thresholds, anchor_valid)
+    pos_anchor_index, pos_valid = jax.vmap(lambda g, i: select_positives(g, i, iah.max_pos))(
+        assigned_gt, assigned_iou)
+
+    pos_ref_boxes = jax.lax.stop_gradient(anchors[pos_anchor_index])                       # [B, K, 4]
+    pos_token = pos_anchor_index // num_per_location
+    pos_feat = jnp.take_along_axis(memory, pos_token[..., None], axis=1)                  # [B, K, D]
+    pos_gt = jnp.where(pos_valid, jnp.take_along_axis(assigned_gt, pos_anchor_index, axis=1), 0)
+    return {
+        'cls_logits': cls_logits,
+        'pred_boxes': pred_boxes,
+        'anchors': anchors,
+        'anchor_valid': anchor_valid,
+        'assigned_gt': assigned_gt,
+        'assigned_iou': assigned_iou,
+        'pos_anchor_index': pos_anchor_index,
+        'pos_ref_boxes': pos_ref_boxes,
+        'pos_feat': pos_feat,
+        'pos_gt': pos_gt.astype(jnp.int32),
+        'pos_valid': pos_valid,
+    }
