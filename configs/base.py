@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.encoder.num_points = 4
   c.encoder.ffn_dim = 2048
   c.encoder.dropout = 0.0
+  # Sine PE of the feature maps (position_encoding.sine_pe_2d): Co-DINO's SinePositionalEncoding(num_feats=128,
+  # temperature=20, normalize=True), offset 0 (Deformable DETR: 10000 and -0.5).
+  c.encoder.pe_temperature = 20.0
+  c.encoder.pe_offset = 0.0
 
   c.decoder = ml_collections.ConfigDict()
   c.decoder.num_layers = 6
