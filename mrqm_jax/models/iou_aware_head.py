@@ -316,6 +316,7 @@ class IoUAwareHead(nn.Module):
     # Dense branches: a shared-over-tokens 2-layer MLP each (Co-DETR's ATSS head: one conv tower per branch).
     bias_prior = float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB))
     cls_logits = layers.MLP(dim, num_per_location * num_classes, 2, dtype=dtype,
+                            last_kernel_init=nn.initializers.normal(0.01),
                             last_bias_init=nn.initializers.constant(bias_prior), name='cls_branch')(memory)
     deltas = layers.MLP(dim, num_per_location * 4, 2, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(),
                         name='box_branch')(memory)
