@@ -1,0 +1,248 @@
+"""One-to-one (Hungarian) matching of predictions (rows) to ground-truth columns, exact, two backends.
+
+  hungarian_match(cost [N, M], col_valid [M] bool, backend) -> (row_idx [M] int32, matched [M] bool)
+
+Every valid column gets a distinct row and the total cost over valid columns is minimal. Invalid (padding)
+columns get matched=False and row_idx 0. N < M is allowed statically (the config pads M = max_boxes = 1000 gts
+against N = 900 queries): if more columns are valid than there are rows, exactly N of them are matched, the set
+of minimal total cost (scipy's rectangular semantics), and the rest get matched=False. Both backends are
+jittable and vmappable (`batched_hungarian_match` is the vmapped form) and neither is differentiable: the cost
+goes through `lax.stop_gradient`, so calling them inside a loss under `jax.grad` is fine.
+
+backend='jax': on-device shortest-augmenting-path solver (the O(M^2 N) Hungarian algorithm with row/column
+  potentials, as in Jonker-Volgenant): columns are inserted one at a time; each insertion is a Dijkstra-like
+  search over the rows with reduced costs, run as a `lax.while_loop` of at most N + 1 steps, followed by
+  flipping the found augmenting path. No host round trip, so it works in a TPU/GPU step. Fast when the
+  columns prefer different rows (~0.01-0.1 ms per column here, see benchmarks/matching.py); slowest, O(M^2 N),
+  when all columns rank the rows alike (e.g. collapsed predictions early in training).
+  When N < M, M - N dummy rows whose cost exceeds any real assignment difference stand for "unmatched".
+backend='scipy': `scipy.optimize.linear_sum_assignment` on the host through `jax.pure_callback`
+  (vmap calls it once with the whole batch). Use it as the reference or when the device solver is slow.
+
+Non-finite costs (policy, same for both backends, implemented by `sanitize_cost`): NaN and +inf mean "avoid
+this pair", -inf means "prefer this pair". With lo/hi the extreme finite costs over valid columns and
+m the number of valid columns, NaN/+inf become  hi + (m + 1) (hi - lo) + 1  and -inf becomes
+lo - (m + 1) (hi - lo) - 1: large enough that an assignment using fewer +inf pairs (more -inf pairs) is always
+preferred, yet finite, so the solver can neither loop forever nor produce NaN. Finite costs beyond
++-`COST_LIMIT` are clipped (the potentials must stay far from float32 overflow). Callers that must know
+whether this happened check the `all_finite` flag returned by `sanitize_cost`.
+
+Precision: the device solver works in the cost's float dtype (float32 unless x64 is enabled); its optimum is
+exact up to float32 rounding of the potentials, i.e. ~1e-7 x the cost magnitude per column. When replacement
+or dummy-row values are in play, finite costs are resolved only at the (larger) scale of those values.
+The device solver also caps every search at N + 1 steps, so even corrupted input cannot hang it; the output
+is always a valid injection and `matched` is only True for columns that really received a row.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+BACKENDS = ('jax', 'scipy')
+
+# Finite costs are clipped to +-COST_LIMIT: potentials accumulate sums of up to ~2M costs, and float32 overflows
+# at 3.4e38.
+COST_LIMIT = 1e30
+
+
+def _dominating_values(cost: jnp.ndarray, include: jnp.ndarray, num_valid: jnp.ndarray):
+  """(lo - margin, hi + margin) over cost[include] with margin = (num_valid + 1) (hi - lo) + 1, clipped to
+  +-COST_LIMIT: a pair costing hi + margin is worse than any exchange among the included values, so an optimum
+  uses as few of them as possible (and as many lo - margin ones)."""
+  any_included = jnp.any(include)
+  lo = jnp.where(any_included, jnp.min(jnp.where(include, cost, jnp.inf)), 0.0)
+  hi = jnp.where(any_included, jnp.max(jnp.where(include, cost, -jnp.inf)), 0.0)
+  lo = jnp.clip(lo, -COST_LIMIT, COST_LIMIT)
+  hi = jnp.clip(hi, -COST_LIMIT, COST_LIMIT)
+  margin = (num_valid.astype(cost.dtype) + 1.0) * (hi - lo) + 1.0
+  return jnp.maximum(lo - margin, -COST_LIMIT), jnp.minimum(hi + margin, COST_LIMIT)
+
+
+def sanitize_cost(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Applies the non-finite policy of this module's docstring.
+
+  Args:
+    cost: [N, M] any real dtype.
+    col_valid: [M] bool.
+
+  Returns:
+    clean: [N, M] float32 (float64 for float64 input under x64), finite, invalid columns set to 0.
+    all_finite: [] bool, True iff every entry in a valid column of `cost` was finite.
+  """
+  cost = cost.astype(jnp.promote_types(cost.dtype, jnp.float32))
+  valid = jnp.broadcast_to(col_valid[None, :], cost.shape)
+  finite = jnp.isfinite(cost) & valid
+  prefer, avoid = _dominating_values(cost, finite, jnp.sum(col_valid))
+  clean = jnp.where(jnp.isnan(cost) | (cost == jnp.inf), avoid, cost)
+  clean = jnp.where(clean == -jnp.inf, prefer, clean)
+  clean = jnp.where(valid, jnp.clip(clean, -COST_LIMIT, COST_LIMIT), 0.0)
+  return clean, jnp.all(finite | ~valid)
+
+
+def _check_inputs(cost, col_valid, backend: str) -> None:
+  """Trace-time shape/argument checks with messages that name the offending value."""
+  if backend not in BACKENDS:
+    raise ValueError(f'hungarian_match: backend must be one of {BACKENDS}, got {backend!r}')
+  if cost.ndim != 2:
+    raise ValueError(f'hungarian_match: cost must be [N, M], got shape {cost.shape} '
+                     '(use batched_hungarian_match for [B, N, M])')
+  if col_valid.shape != cost.shape[1:]:
+    raise ValueError(f'hungarian_match: col_valid must have shape ({cost.shape[1]},) to match cost {cost.shape}, '
+                     f'got {col_valid.shape}')
+
+
+def _solve_on_device(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Shortest-augmenting-path Hungarian solver. cost [N, M] finite float with N >= M, col_valid [M] bool.
+
+  Columns are inserted one by one; each search is Dijkstra over the rows with reduced costs
+  cost - col_pot - row_pot >= 0, which stay tight (= 0) on matched pairs. Arrays over rows have N + 1 entries:
+  index N is a virtual row that holds the column being inserted, so neither the search nor the path flip needs
+  a special case for its start. A column's potential is stored with the row it owns (`owner_pot`), so every
+  update is elementwise (no scatter) and moves with the owner when a path is flipped.
+  """
+  num_rows, num_cols = cost.shape
+  virtual = num_rows
+  dtype = cost.dtype
+  inf = jnp.array(jnp.inf, dtype)
+  # [M, N + 1]: a column's costs to all rows are contiguous; the virtual row is never a candidate.
+  col_cost = jnp.concatenate([cost.T, jnp.full((num_cols, 1), inf)], axis=1)
+  max_steps = num_rows + 1  # Each search step settles a new row, so N + 1 steps always suffice.
+
+  def insert_column(col, state):
+    owner, owner_pot, row_pot = state  # [N+1] each: owning column (-1 = free), its potential, row potential
+    active = col_valid[col]
+    owner = owner.at[virtual].set(col)
+    owner_pot = owner_pot.at[virtual].set(0)
+
+    # dist[j]: shortest reduced distance to row j so far (inf once settled); prev_row[j]: the settled row whose
+    # owner reached j, i.e. the augmenting path backwards.
+    def search_continues(s):
+      _, _, _, _, settled, row, steps = s
+      return active & (owner[row] >= 0) & (steps < max_steps)
+
+    def search_step(s):
+      owner_pot, row_pot, dist, prev_row, settled, row, steps = s
+      settled = settled.at[row].set(True)
+      reduced = col_cost[owner[row]] - owner_pot[row] - row_pot
+      closer = ~settled & (reduced < dist)
+      dist = jnp.where(closer, reduced, dist)
+      prev_row = jnp.where(closer, row, prev_row)
+      dist = jnp.where(settled, inf, dist)
+      next_row = jnp.argmin(dist).astype(jnp.int32)
+      delta = dist[next_row]
+      # Shift potentials so settled rows stay tight and the next row's reduced distance becomes 0.
+      owner_pot = jnp.where(settled, owner_pot + delta, owner_pot)
+      row_pot = jnp.where(settled, row_pot - delta, row_pot)
+      return owner_pot, row_pot, dist - delta, prev_row, settled, next_row, steps + 1
+
+    search = (owner_pot, row_pot, jnp.full((num_rows + 1,), inf), jnp.full((num_rows + 1,), virtual, jnp.int32),
+              jnp.zeros((num_rows + 1,), bool), jnp.int32(virtual), jnp.int32(0))
+    owner_pot, row_pot, _, prev_row, _, free_row, _ = jax.lax.while_loop(search_continues, search_step, search)
+    found = active & (owner[free_row] < 0)
+
+    # Flip the augmenting path: every row on it takes the owner (and potential) of the row before it.
+    def flip_continues(s):
+      _, _, row, steps = s
+      return found & (row != virtual) & (steps < max_steps)
+
+    def flip_step(s):
+      owner, owner_pot, row, steps = s
+      before = prev_row[row]
+      return owner.at[row].set(owner[before]), owner_pot.at[row].set(owner_pot[before]), before, steps + 1
+
+    owner, owner_pot, _, _ = jax.lax.while_loop(flip_continues, flip_step,
+                                                (owner, owner_pot, free_row, jnp.int32(0)))
+    return owner, owner_pot, row_pot
+
+  init = (jnp.full((num_rows + 1,), -1, jnp.int32), jnp.zeros((num_rows + 1,), dtype),
+          jnp.zeros((num_rows + 1,), dtype))
+  owner, _, _ = jax.lax.fori_loop(0, num_cols, insert_column, init)
+  row_owner = owner[:num_rows]
+  target = jnp.where(row_owner >= 0, row_owner, num_cols)  # out of range -> dropped
+  row_idx = jnp.zeros((num_cols,), jnp.int32).at[target].set(jnp.arange(num_rows, dtype=jnp.int32), mode='drop')
+  matched = jnp.zeros((num_cols,), bool).at[target].set(True, mode='drop') & col_valid
+  return row_idx, matched
+
+
+def _scipy_on_host(cost: np.ndarray, col_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """cost [..., N, M], col_valid [..., M] -> (row_idx [..., M] int32, matched [..., M] bool), NumPy."""
+  cost, col_valid = np.asarray(cost), np.asarray(col_valid)
+  lead = cost.shape[:-2]
+  num_cols = cost.shape[-1]
+  flat_cost = cost.reshape((-1,) + cost.shape[-2:])
+  flat_valid = np.broadcast_to(col_valid, lead + (num_cols,)).reshape(-1, num_cols)
+  row_idx = np.zeros(flat_valid.shape, np.int32)
+  matched = np.zeros(flat_valid.shape, bool)
+  for b in range(flat_cost.shape[0]):
+    cols = np.flatnonzero(flat_valid[b])
+    if cols.size == 0:
+      continue
+    rows, picked = scipy.optimize.linear_sum_assignment(flat_cost[b][:, cols])
+    row_idx[b, cols[picked]] = rows
+    matched[b, cols[picked]] = True
+  return row_idx.reshape(lead + (num_cols,)), matched.reshape(lead + (num_cols,))
+
+
+def _solve_with_scipy(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  num_cols = cost.shape[1]
+  out_shapes = (jax.ShapeDtypeStruct((num_cols,), jnp.int32), jax.ShapeDtypeStruct((num_cols,), jnp.bool_))
+  # broadcast_all: under vmap the host function receives the whole batch at once ([..., N, M]).
+  return jax.pure_callback(_scipy_on_host, out_shapes, cost, col_valid, vmap_method='broadcast_all')
+
+
+def _solve_with_dummy_rows(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Device solver for N < M: cost [N, M] finite -> (row_idx [M], matched [M]).
+
+  Adds M - N dummy rows of one cost that dominates every real pair (see `_dominating_values`), so the optimum
+  uses as few dummies as possible (none while valid columns <= N) and, given that, has minimal real cost.
+  Columns left on dummy rows are reported unmatched.
+  """
+  num_rows, num_cols = cost.shape
+  _, dummy = _dominating_values(cost, jnp.broadcast_to(col_valid[None, :], cost.shape), jnp.sum(col_valid))
+  padded = jnp.concatenate([cost, jnp.full((num_cols - num_rows, num_cols), dummy, cost.dtype)], axis=0)
+  row_idx, matched = _solve_on_device(padded, col_valid)
+  matched = matched & (row_idx < num_rows)
+  return jnp.where(matched, row_idx, 0), matched
+
+
+def hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = None,
+                    backend: str = 'jax') -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Minimum-cost assignment of a distinct row to every valid column (to N of them if more are valid).
+
+  Args:
+    cost: [N, M] real (e.g. N queries x M padded ground truths). Non-finite entries: see module doc.
+    col_valid: [M] bool, False for padding columns; None means all valid.
+    backend: 'jax' (on-device solver) or 'scipy' (host callback); a static Python string.
+
+  Returns:
+    row_idx: [M] int32, the row assigned to each column (0 where not matched).
+    matched: [M] bool, equal to col_valid unless more than N columns are valid.
+  """
+  cost = jnp.asarray(cost)
+  col_valid = jnp.ones(cost.shape[-1:], bool) if col_valid is None else jnp.asarray(col_valid, bool)
+  _check_inputs(cost, col_valid, backend)
+  # Guard on the device before either solver: host callback errors can pass silently on TPU.
+  clean, _ = sanitize_cost(jax.lax.stop_gradient(cost), col_valid)
+  if backend == 'scipy':
+    return _solve_with_scipy(clean, col_valid)
+  if cost.shape[0] < cost.shape[1]:
+    return _solve_with_dummy_rows(clean, col_valid)
+  return _solve_on_device(clean, col_valid)
+
+
+def batched_hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = None,
+                            backend: str = 'jax') -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`hungarian_match` over a batch: cost [B, N, M], col_valid [B, M] -> (row_idx [B, M], matched [B, M])."""
+  cost = jnp.asarray(cost)
+  if cost.ndim != 3:
+    raise ValueError(f'batched_hungarian_match: cost must be [B, N, M], got shape {cost.shape}')
+  if col_valid is None:
+    col_valid = jnp.ones((cost.shape[0], cost.shape[2]), bool)
+  col_valid = jnp.asarray(col_valid, bool)
+  if col_valid.shape != (cost.shape[0], cost.shape[2]):
+    raise ValueError(f'batched_hungarian_match: col_valid must have shape {(cost.shape[0], cost.shape[2])} '
+                     f'to match cost {cost.shape}, got {col_valid.shape}')
+  return jax.vmap(functools.partial(hungarian_match, backend=backend))(cost, col_valid)
