@@ -96,13 +96,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0)   # per level P2..P5, px at the input resolution
   c.iah.anchor_ratios = (0.5, 1.0, 2.0)
   c.iah.anchor_scales = (1.0,)           # multipliers of each level's anchor size (octave scales)
-  c.iah.loss_weight = 2.0                # Co-DETR lambda_2
+  c.iah.loss_weight = 2.0                # Co-DETR lambda_2: dense IAH loss x (lambda_2 * decoder layers), as Co-DINO
+  c.iah.query_loss_weight = 1.0          # Co-DETR lambda_1: decoder losses of the auxiliary queries Q_a
 
   # ---------------------------------------------------------------- objective
   c.loss = ml_collections.ConfigDict()
   c.loss.cls_type = 'qfl'                # 'focal' | 'qfl' (quality focal, as Co-DINO)
   c.loss.focal_alpha = 0.25
   c.loss.focal_gamma = 2.0
+  c.loss.qfl_beta = 2.0                  # Co-DINO QualityFocalLoss beta
   c.loss.cls_weight = 1.0
   c.loss.bbox_weight = 5.0
   c.loss.giou_weight = 2.0
