@@ -97,11 +97,13 @@ def _check_inputs(cost, col_valid, backend: str) -> None:
 def _solve_on_device(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Shortest-augmenting-path Hungarian solver. cost [N, M] finite float with N >= M, col_valid [M] bool.
 
-  Columns are inserted one by one; each search is Dijkstra over the rows with reduced costs
-  cost - col_pot - row_pot >= 0, which stay tight (= 0) on matched pairs. Arrays over rows have N + 1 entries:
-  index N is a virtual row that holds the column being inserted, so neither the search nor the path flip needs
-  a special case for its start. A column's potential is stored with the row it owns (`owner_pot`), so every
-  update is elementwise (no scatter) and moves with the owner when a path is flipped.
+  Columns are inserted one by one; each insertion is Dijkstra over the rows with reduced costs
+  cost - col_pot - row_pot >= 0 (0 on matched pairs), then a flip of the shortest augmenting path found.
+  Arrays over rows have N + 1 entries: index N is a virtual row that holds the column being inserted, so neither
+  the search nor the flip needs a special case for its start. A column's potential is stored with the row it
+  owns (`owner_pot`), so updates are elementwise and move with the owner when a path is flipped.
+  Potentials are updated lazily, once per search (as in Jonker-Volgenant): a row settled at distance d_j when
+  the search ends at distance d shifts by d - d_j, which keeps each search step to a few [N + 1] vector ops.
   """
   num_rows, num_cols = cost.shape
   virtual = num_rows
@@ -110,6 +112,7 @@ def _solve_on_device(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.nda
   # [M, N + 1]: a column's costs to all rows are contiguous; the virtual row is never a candidate.
   col_cost = jnp.concatenate([cost.T, jnp.full((num_cols, 1), inf)], axis=1)
   max_steps = num_rows + 1  # Each search step settles a new row, so N + 1 steps always suffice.
+  row_ids = jnp.arange(num_rows + 1, dtype=jnp.int32)
 
   def insert_column(col, state):
     owner, owner_pot, row_pot = state  # [N+1] each: owning column (-1 = free), its potential, row potential
@@ -117,31 +120,31 @@ def _solve_on_device(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.nda
     owner = owner.at[virtual].set(col)
     owner_pot = owner_pot.at[virtual].set(0)
 
-    # dist[j]: shortest reduced distance to row j so far (inf once settled); prev_row[j]: the settled row whose
-    # owner reached j, i.e. the augmenting path backwards.
+    # dist[j]: shortest reduced-cost distance from the new column to row j found so far (final once j is
+    # settled); prev_row[j]: the settled row whose owner reached j, i.e. the augmenting path backwards.
     def search_continues(s):
-      _, _, _, _, settled, row, steps = s
+      _, _, _, row, steps = s
       return active & (owner[row] >= 0) & (steps < max_steps)
 
     def search_step(s):
-      owner_pot, row_pot, dist, prev_row, settled, row, steps = s
-      settled = settled.at[row].set(True)
-      reduced = col_cost[owner[row]] - owner_pot[row] - row_pot
-      closer = ~settled & (reduced < dist)
-      dist = jnp.where(closer, reduced, dist)
+      dist, prev_row, settled, row, steps = s
+      settled = settled | (row_ids == row)
+      # Reduced costs under the potentials as they would be now: unsettled rows are unshifted, and the owner of
+      # `row` is shifted by dist[row] (everything settled before it moved by the same amount since).
+      via = col_cost[owner[row]] - owner_pot[row] - row_pot + dist[row]
+      closer = ~settled & (via < dist)
+      dist = jnp.where(closer, via, dist)
       prev_row = jnp.where(closer, row, prev_row)
-      dist = jnp.where(settled, inf, dist)
-      next_row = jnp.argmin(dist).astype(jnp.int32)
-      delta = dist[next_row]
-      # Shift potentials so settled rows stay tight and the next row's reduced distance becomes 0.
-      owner_pot = jnp.where(settled, owner_pot + delta, owner_pot)
-      row_pot = jnp.where(settled, row_pot - delta, row_pot)
-      return owner_pot, row_pot, dist - delta, prev_row, settled, next_row, steps + 1
+      next_row = jnp.argmin(jnp.where(settled, inf, dist)).astype(jnp.int32)
+      return dist, prev_row, settled, next_row, steps + 1
 
-    search = (owner_pot, row_pot, jnp.full((num_rows + 1,), inf), jnp.full((num_rows + 1,), virtual, jnp.int32),
+    search = (jnp.full((num_rows + 1,), inf).at[virtual].set(0), jnp.full((num_rows + 1,), virtual, jnp.int32),
               jnp.zeros((num_rows + 1,), bool), jnp.int32(virtual), jnp.int32(0))
-    owner_pot, row_pot, _, prev_row, _, free_row, _ = jax.lax.while_loop(search_continues, search_step, search)
+    dist, prev_row, settled, free_row, _ = jax.lax.while_loop(search_continues, search_step, search)
     found = active & (owner[free_row] < 0)
+    shift = jnp.where(settled & found, dist[free_row] - dist, 0)
+    owner_pot = owner_pot + shift
+    row_pot = row_pot - shift
 
     # Flip the augmenting path: every row on it takes the owner (and potential) of the row before it.
     def flip_continues(s):
