@@ -69,7 +69,7 @@ def main():
   print(f'jax {jax.__version__}, backend {jax.default_backend()}, devices: {jax.devices()}')
   print(f'batch {args.batch} (vmapped), median of {args.repeats} runs after compile + warm-up')
   header = (f'{"cost [N x M]":>13} {"kind":>10} {"backend":>8} {"compile+1st (s)":>16} {"median (ms)":>12} '
-            f'{"total cost":>12}')
+            f'{"total cost":>14}')
   print(header)
   print('-' * len(header))
   for shape in args.shapes.split(','):
@@ -80,10 +80,10 @@ def main():
       for backend in matching.BACKENDS:
         first, median = time_backend(backend, cost, col_valid, args.repeats)
         row_idx, matched = matching.batched_hungarian_match(cost, col_valid, backend)
-        # The summed optimum must agree between backends (printed, so a wrong fast solver is visible).
-        total = float(np.take_along_axis(cost, np.asarray(row_idx)[:, None, :], 1)[:, 0][np.asarray(matched)]
-                      .sum())
-        print(f'{shape:>13} {kind:>10} {backend:>8} {first:16.2f} {1e3 * median:12.2f} {total:12.4f}')
+        # Summed optimum (float64): must agree between backends, so a fast but wrong solver is visible.
+        picked = np.take_along_axis(np.float64(cost), np.asarray(row_idx)[:, None, :], 1)[:, 0]
+        total = float(picked[np.asarray(matched)].sum())
+        print(f'{shape:>13} {kind:>10} {backend:>8} {first:16.2f} {1e3 * median:12.2f} {total:14.4f}')
 
 
 if __name__ == '__main__':

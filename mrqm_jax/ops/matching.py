@@ -12,9 +12,9 @@ goes through `lax.stop_gradient`, so calling them inside a loss under `jax.grad`
 backend='jax': on-device shortest-augmenting-path solver (the O(M^2 N) Hungarian algorithm with row/column
   potentials, as in Jonker-Volgenant): columns are inserted one at a time; each insertion is a Dijkstra-like
   search over the rows with reduced costs, run as a `lax.while_loop` of at most N + 1 steps, followed by
-  flipping the found augmenting path. No host round trip, so it works in a TPU/GPU step. Fast when the
-  columns prefer different rows (~0.01-0.1 ms per column here, see benchmarks/matching.py); slowest, O(M^2 N),
-  when all columns rank the rows alike (e.g. collapsed predictions early in training).
+  flipping the found augmenting path. No host round trip, so it works in a TPU/GPU step. Searches are short
+  when columns prefer different rows; the O(M^2 N) worst case comes when all columns rank the rows alike (e.g.
+  collapsed predictions early in training). Timings: benchmarks/matching.py.
   When N < M, M - N dummy rows whose cost exceeds any real assignment difference stand for "unmatched".
 backend='scipy': `scipy.optimize.linear_sum_assignment` on the host through `jax.pure_callback`
   (vmap calls it once with the whole batch). Use it as the reference or when the device solver is slow.
