@@ -1,0 +1,332 @@
+"""Training objective of MRQM (Co-DINO's, with the IoU-aware head's dense and auxiliary-query terms).
+
+  compute_losses(outputs, targets, config, *, num_boxes=None, axis_name=None) -> (total [], terms {name: []})
+
+Terms (each already multiplied by its weight, so `total == sum(terms.values())`; names follow Co-DETR's logs):
+  cls / bbox / giou              last decoder layer, Hungarian-matched to the ground truth (one-to-one)
+  d{l}.cls / ...                 earlier decoder layers l = 0..L-2 (`aux_outputs`), each matched separately
+  enc.cls / ...                  the selected encoder proposals (`enc_outputs`), matched         x loss.enc_weight
+  dn.cls / d{l}.dn.cls / ...     denoising queries (`dn_outputs`), every layer: positives reconstruct their gt,
+                                 negatives are background, no matching                          x loss.dn_weight
+  iah.cls / iah.giou             dense IoU-aware head (`iah_outputs`): sigmoid focal loss on every valid anchor
+                                 (positives: their gt's class), GIoU on positive anchors
+                                                                 x iah.loss_weight * decoder.num_layers
+  aux.cls / d{l}.aux.cls / ...   auxiliary queries Q_a (`iah_outputs['query_*']`), every layer, supervised
+                                 directly by `query_gt` (paper eq. 10, no matching)              x iah.query_loss_weight
+Within each group: cls x loss.cls_weight, L1 x loss.bbox_weight, GIoU x loss.giou_weight.
+
+Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py):
+- Decoder / encoder / DN / aux-query classification: QualityFocalLoss with beta = 2 (`loss.cls_type='qfl'`): the
+  target of a positive at its class is the IoU of its (detached) predicted box with the gt, 0 elsewhere;
+  'focal' uses the sigmoid focal loss with a one-hot target instead. Box losses: L1 on normalized cxcywh (5) and
+  GIoU (2). Matching cost: 2 * FocalLossCost + 5 * L1 + 2 * (-GIoU) (`config.matcher`).
+- The dense head follows Co-DINO's auxiliary ATSS head: focal loss (alpha 0.25, gamma 2) and GIoU (weight 2),
+  both x lambda_2 * num_decoder_layers = 12, because Co-DETR's objective sums lambda_2 * L_enc inside the sum
+  over decoder layers. Co-DETR's ATSS head also has a centerness branch that weights its GIoU; our head has
+  none, so positives weigh equally. Anchors on padding tokens (`anchor_valid`) are left out, like anchors
+  outside the image in mmdet.
+- The auxiliary-query decoder losses use the same per-layer loss as the main branch, x lambda_1 = 1.
+- Normalization (Co-DETR's avg_factor): the matched losses by the number of valid gt boxes, the DN losses by
+  the number of positive DN queries, the dense losses by the number of positive anchors, the aux-query
+  losses by the number of valid aux queries; each summed over the whole batch and clamped at 1. Under a
+  plain `jax.jit` over a sharded global batch (this project's train step) the sums are global by construction.
+  Inside `shard_map`/`pmap`, pass `axis_name`: every count is `psum`-ed over it, so each device's loss is its
+  share of the global loss (sum, not mean, the per-device gradients). `num_boxes` overrides the gt count.
+- Padding contributes exactly zero: invalid gts, invalid DN / aux queries and invalid anchors are replaced by
+  finite dummies before any arithmetic (so NaN garbage cannot leak into values or gradients) and masked out.
+- Ignore regions are not used by the losses (Co-DINO passes gt_bboxes_ignore=None to its DETR losses).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mrqm_jax.ops import boxes as box_ops
+from mrqm_jax.ops import matching
+
+# Replaces padded boxes before any arithmetic: finite, non-degenerate, inside the canvas.
+_DUMMY_BOX = (0.5, 0.5, 0.1, 0.1)
+# FocalLossCost's eps (mmdet): keeps log(p) finite for saturated sigmoids.
+_COST_EPS = 1e-12
+CLS_TYPES = ('focal', 'qfl')
+
+
+# --------------------------------------------------------------------------------------------- elementwise
+def sigmoid_bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Binary cross-entropy on logits, stable for any |logits|: [...], [...] (targets in [0, 1]) -> [...]."""
+  return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
+                       gamma: float = 2.0) -> jax.Array:
+  """Focal loss (RetinaNet), elementwise: logits [...], binary targets [...] -> [...].
+
+  alpha weighs positives (targets = 1) and 1 - alpha negatives; (1 - p_t)^gamma down-weights easy examples.
+  A negative alpha disables the weighting.
+  """
+  prob = jax.nn.sigmoid(logits)
+  ce = sigmoid_bce_with_logits(logits, targets)
+  p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+  loss = ce * (1.0 - p_t) ** gamma
+  if alpha >= 0:
+    loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+  return loss
+
+
+def quality_focal_loss(logits: jax.Array, targets: jax.Array, beta: float = 2.0) -> jax.Array:
+  """Quality focal loss (GFL, as Co-DINO), elementwise: logits [...], soft targets [...] in [0, 1] -> [...].
+
+  BCE(logit, target) * |target - sigmoid(logit)|^beta: negatives have target 0 (the factor is p^beta), a
+  positive has its IoU at its class. The same expression covers both, as in mmdet's implementation.
+  """
+  prob = jax.nn.sigmoid(logits)
+  return sigmoid_bce_with_logits(logits, targets) * jnp.abs(targets - prob) ** beta
+
+
+def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """L1 over the last axis: [..., 4], [..., 4] -> [...]."""
+  return jnp.sum(jnp.abs(pred - target), axis=-1)
+
+
+def giou_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """1 - GIoU of corresponding cxcywh boxes: [..., 4], [..., 4] -> [...] in [0, 2]."""
+  return 1.0 - box_ops.elementwise_giou(box_ops.cxcywh_to_xyxy(pred), box_ops.cxcywh_to_xyxy(target))
+
+
+# --------------------------------------------------------------------------------------------- matching
+def matching_cost(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_labels: jax.Array,
+                  config: ml_collections.ConfigDict) -> jax.Array:
+  """Co-DINO's Hungarian cost for one image: logits [Q, C], boxes [Q, 4], gt [M, 4] / [M] -> cost [Q, M].
+
+  cost = matcher.cost_class * FocalLossCost + matcher.cost_bbox * L1(cxcywh) + matcher.cost_giou * (-GIoU),
+  FocalLossCost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)) at the gt's class.
+  """
+  alpha, gamma = config.loss.focal_alpha, config.loss.focal_gamma
+  prob = jax.nn.sigmoid(logits)
+  neg = -jnp.log(1.0 - prob + _COST_EPS) * (1.0 - alpha) * prob ** gamma
+  pos = -jnp.log(prob + _COST_EPS) * alpha * (1.0 - prob) ** gamma
+  cost_class = jnp.take(pos - neg, gt_labels, axis=1)                                       # [Q, M]
+  cost_bbox = jnp.sum(jnp.abs(boxes[:, None, :] - gt_boxes[None, :, :]), axis=-1)           # [Q, M]
+  cost_giou = -box_ops.pairwise_giou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(gt_boxes))
+  m = config.matcher
+  return m.cost_class * cost_class + m.cost_bbox * cost_bbox + m.cost_giou * cost_giou
+
+
+def match_queries(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_labels: jax.Array,
+                  gt_valid: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """Hungarian matching of a batch: logits [B, Q, C], boxes [B, Q, 4], gts [B, M, ...] -> query_gt [B, Q] int32.
+
+  query_gt[b, q] is the gt matched to query q, -1 for unmatched queries. No gradient.
+  """
+  logits, boxes = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(boxes)
+  cost = jax.vmap(lambda lg, bx, gb, gl: matching_cost(lg, bx, gb, gl, config))(logits, boxes, gt_boxes,
+                                                                                 gt_labels)
+  row_idx, matched = matching.batched_hungarian_match(cost, gt_valid, backend=config.matcher.backend)
+  num_queries, num_gt = logits.shape[1], gt_boxes.shape[1]
+
+  def scatter(rows, ok):
+    rows = jnp.where(ok, rows, num_queries)                       # out of range -> dropped
+    return jnp.full((num_queries,), -1, jnp.int32).at[rows].set(jnp.arange(num_gt, dtype=jnp.int32),
+                                                                 mode='drop')
+  return jax.vmap(scatter)(row_idx, matched)
+
+
+# --------------------------------------------------------------------------------------------- per-query loss
+def _count(mask: jax.Array, axis_name: str | None) -> jax.Array:
+  """Number of True in `mask` (over the whole batch and, with axis_name, over devices), at least 1."""
+  total = jnp.sum(mask).astype(jnp.float32)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return jnp.maximum(total, 1.0)
+
+
+def _sanitize_targets(targets: dict, num_classes: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch targets -> (boxes [B, M, 4] with dummies in padding rows, labels [B, M] in range, valid [B, M])."""
+  valid = jnp.asarray(targets['box_valid'], bool)
+  boxes = jnp.where(valid[..., None], jnp.asarray(targets['boxes'], jnp.float32),
+                    jnp.asarray(_DUMMY_BOX, jnp.float32))
+  labels = jnp.where(valid, jnp.clip(jnp.asarray(targets['labels'], jnp.int32), 0, num_classes - 1), 0)
+  return boxes, labels, valid
+
+
+def supervised_query_loss(logits: jax.Array, boxes: jax.Array, query_gt: jax.Array, query_valid: jax.Array,
+                          gt_boxes: jax.Array, gt_labels: jax.Array, gt_valid: jax.Array,
+                          normalizer: jax.Array, config: ml_collections.ConfigDict) -> dict:
+  """Loss of queries with known targets (after matching, DN, aux queries); one decoder layer.
+
+  Args:
+    logits: [B, N, C]; boxes: [B, N, 4] normalized cxcywh.
+    query_gt: [B, N] int32 target gt of each query, -1 = background.
+    query_valid: [B, N] bool; invalid queries contribute nothing (their values may be garbage).
+    gt_boxes, gt_labels, gt_valid: sanitized batch targets [B, M, 4], [B, M], [B, M].
+    normalizer: [] the avg_factor (positives over the whole batch).
+
+  Returns:
+    {'cls', 'bbox', 'giou'} unweighted scalars.
+  """
+  num_classes = logits.shape[-1]
+  valid = jnp.asarray(query_valid, bool)
+  logits = jnp.where(valid[..., None], logits, 0.0)
+  boxes = jnp.where(valid[..., None], boxes, jnp.asarray(_DUMMY_BOX, boxes.dtype))
+  gt_index = jnp.clip(query_gt, 0, gt_boxes.shape[1] - 1)
+  positive = valid & (query_gt >= 0) & jnp.take_along_axis(gt_valid, gt_index, axis=1)
+  target_boxes = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)                 # [B, N, 4]
+  target_labels = jnp.take_along_axis(gt_labels, gt_index, axis=1)                          # [B, N]
+  onehot = jax.nn.one_hot(target_labels, num_classes, dtype=logits.dtype) * positive[..., None]
+  loss_cfg = config.loss
+  if loss_cfg.cls_type == 'qfl':
+    quality = box_ops.elementwise_iou(box_ops.cxcywh_to_xyxy(jax.lax.stop_gradient(boxes)),
+                                      box_ops.cxcywh_to_xyxy(target_boxes))
+    cls = quality_focal_loss(logits, onehot * quality[..., None], loss_cfg.qfl_beta)
+  elif loss_cfg.cls_type == 'focal':
+    cls = sigmoid_focal_loss(logits, onehot, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+  else:
+    raise ValueError(f'config.loss.cls_type must be one of {CLS_TYPES}, got {loss_cfg.cls_type!r}')
+  pos_weight = positive.astype(logits.dtype)
+  return {
+      'cls': jnp.sum(jnp.sum(cls, axis=-1) * valid) / normalizer,
+      'bbox': jnp.sum(l1_loss(boxes, target_boxes) * pos_weight) / normalizer,
+      'giou': jnp.sum(giou_loss(boxes, target_boxes) * pos_weight) / normalizer,
+  }
+
+
+def _weighted(terms: dict, prefix: str, scale: float, config: ml_collections.ConfigDict) -> dict:
+  weights = {'cls': config.loss.cls_weight, 'bbox': config.loss.bbox_weight, 'giou': config.loss.giou_weight}
+  return {f'{prefix}{name}': value * weights[name] * scale for name, value in terms.items()}
+
+
+def _layer_prefix(layer: int, num_layers: int, group: str) -> str:
+  """Co-DETR naming: the last layer unprefixed ('dn.cls'), earlier ones 'd{l}.' ('d0.dn.cls')."""
+  base = f'{group}.' if group else ''
+  return base if layer == num_layers - 1 else f'd{layer}.{base}'
+
+
+def _per_layer(stack_logits, stack_boxes, fn) -> dict:
+  """Runs fn(logits [B, N, C], boxes [B, N, 4]) -> {name: []} over a leading layer axis -> {name: [L]}."""
+  return jax.vmap(fn)(stack_logits, stack_boxes)
+
+
+# --------------------------------------------------------------------------------------------- groups
+def matched_losses(outputs: dict, gt: tuple, gt_count: jax.Array, config) -> dict:
+  """Decoder layers (last + aux_outputs) and encoder proposals, each Hungarian-matched. Weighted terms."""
+  gt_boxes, gt_labels, gt_valid = gt
+  logits = outputs['pred_logits'][None]
+  boxes = outputs['pred_boxes'][None]
+  aux = outputs.get('aux_outputs')
+  if aux is not None and aux.get('pred_logits') is not None and aux['pred_logits'].shape[0] > 0:
+    logits = jnp.concatenate([aux['pred_logits'], logits], axis=0)
+    boxes = jnp.concatenate([aux['pred_boxes'], boxes], axis=0)
+
+  def one_layer(lg, bx):
+    query_gt = match_queries(lg, bx, gt_boxes, gt_labels, gt_valid, config)
+    return supervised_query_loss(lg, bx, query_gt, jnp.ones(query_gt.shape, bool), gt_boxes, gt_labels,
+                                 gt_valid, gt_count, config)
+  per_layer = _per_layer(logits, boxes, one_layer)
+  num_layers = logits.shape[0]
+  terms = {}
+  for layer in range(num_layers):
+    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()},
+                           _layer_prefix(layer, num_layers, ''), 1.0, config))
+  enc = outputs.get('enc_outputs')
+  if enc is not None:
+    terms.update(_weighted(one_layer(enc['pred_logits'], enc['pred_boxes']), 'enc.', config.loss.enc_weight,
+                           config))
+  return terms
+
+
+def denoising_losses(dn: dict, gt: tuple, config, axis_name) -> dict:
+  """DN queries of every layer: dn['pred_logits'] [L, B, D, C] ... Weighted terms."""
+  gt_boxes, gt_labels, gt_valid = gt
+  valid = jnp.asarray(dn['valid'], bool)
+  gt_index = jnp.asarray(dn['gt_index'], jnp.int32)
+  positive = valid & jnp.asarray(dn['positive'], bool) & jnp.take_along_axis(
+      gt_valid, jnp.clip(gt_index, 0, gt_valid.shape[1] - 1), axis=1)
+  query_gt = jnp.where(positive, gt_index, -1)
+  normalizer = _count(positive, axis_name)
+  per_layer = _per_layer(dn['pred_logits'], dn['pred_boxes'], lambda lg, bx: supervised_query_loss(
+      lg, bx, query_gt, valid, gt_boxes, gt_labels, gt_valid, normalizer, config))
+  num_layers = dn['pred_logits'].shape[0]
+  terms = {}
+  for layer in range(num_layers):
+    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()}, _layer_prefix(layer, num_layers, 'dn'),
+                           config.loss.dn_weight, config))
+  return terms
+
+
+def iah_dense_losses(iah_out: dict, gt: tuple, config, axis_name) -> dict:
+  """Dense IoU-aware head: focal cls on valid anchors + GIoU on positives. Weighted terms."""
+  gt_boxes, gt_labels, gt_valid = gt
+  logits = iah_out['cls_logits']                                                   # [B, A, C]
+  boxes = iah_out['pred_boxes']
+  assigned = jnp.asarray(iah_out['assigned_gt'], jnp.int32)                        # [B, A]
+  anchor_valid = iah_out.get('anchor_valid')
+  anchor_valid = (jnp.ones(assigned.shape, bool) if anchor_valid is None
+                  else jnp.asarray(anchor_valid, bool))
+  gt_index = jnp.clip(assigned, 0, gt_boxes.shape[1] - 1)
+  positive = anchor_valid & (assigned >= 0) & jnp.take_along_axis(gt_valid, gt_index, axis=1)
+  normalizer = _count(positive, axis_name)
+  logits = jnp.where(anchor_valid[..., None], logits, 0.0)
+  boxes = jnp.where(positive[..., None], boxes, jnp.asarray(_DUMMY_BOX, boxes.dtype))
+  target_boxes = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)
+  target_labels = jnp.take_along_axis(gt_labels, gt_index, axis=1)
+  onehot = jax.nn.one_hot(target_labels, logits.shape[-1], dtype=logits.dtype) * positive[..., None]
+  cls = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha, config.loss.focal_gamma)
+  cls = jnp.sum(jnp.sum(cls, axis=-1) * anchor_valid) / normalizer
+  giou = jnp.sum(giou_loss(boxes, target_boxes) * positive) / normalizer
+  scale = config.iah.loss_weight * config.decoder.num_layers
+  return {'iah.cls': cls * config.loss.cls_weight * scale, 'iah.giou': giou * config.loss.giou_weight * scale}
+
+
+def aux_query_losses(iah_out: dict, gt: tuple, config, axis_name) -> dict:
+  """Auxiliary queries Q_a of every layer (paper eq. 10): query_logits [L, B, K, C] ... Weighted terms."""
+  gt_boxes, gt_labels, gt_valid = gt
+  valid = jnp.asarray(iah_out['query_valid'], bool)
+  query_gt = jnp.asarray(iah_out['query_gt'], jnp.int32)
+  positive = valid & (query_gt >= 0) & jnp.take_along_axis(
+      gt_valid, jnp.clip(query_gt, 0, gt_valid.shape[1] - 1), axis=1)
+  normalizer = _count(positive, axis_name)
+  per_layer = _per_layer(iah_out['query_logits'], iah_out['query_boxes'], lambda lg, bx: supervised_query_loss(
+      lg, bx, query_gt, valid, gt_boxes, gt_labels, gt_valid, normalizer, config))
+  num_layers = iah_out['query_logits'].shape[0]
+  terms = {}
+  for layer in range(num_layers):
+    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()}, _layer_prefix(layer, num_layers, 'aux'),
+                           config.iah.query_loss_weight, config))
+  return terms
+
+
+def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDict, *,
+                   num_boxes: Any = None, axis_name: str | None = None) -> tuple[jax.Array, dict]:
+  """The full objective (see module docstring).
+
+  Args:
+    outputs: the detector's output dict (`pred_logits` [B, Q, C], `pred_boxes` [B, Q, 4], optional
+      `aux_outputs`, `enc_outputs`, `dn_outputs`, `iah_outputs`; shapes in helper contracts / DESIGN.md).
+    targets: {'boxes' [B, M, 4] normalized cxcywh, 'labels' [B, M] int, 'box_valid' [B, M] bool}.
+    config: full config (`loss`, `matcher`, `iah`, `decoder.num_layers`).
+    num_boxes: optional normalizer of the matched losses (default: valid gt boxes in the batch, psum-ed over
+      `axis_name` if given, at least 1).
+    axis_name: mapped axis to sum every normalizer over (shard_map/pmap); None under plain jit.
+
+  Returns:
+    (total [] float32, terms {name: [] float32}) with total == sum of terms.
+  """
+  if config.loss.cls_type not in CLS_TYPES:
+    raise ValueError(f'config.loss.cls_type must be one of {CLS_TYPES}, got {config.loss.cls_type!r}')
+  gt = _sanitize_targets(targets, outputs['pred_logits'].shape[-1])
+  gt_count = _count(gt[2], axis_name) if num_boxes is None else jnp.maximum(
+      jnp.asarray(num_boxes, jnp.float32), 1.0)
+  terms = matched_losses(outputs, gt, gt_count, config)
+  dn = outputs.get('dn_outputs')
+  if dn is not None:
+    terms.update(denoising_losses(dn, gt, config, axis_name))
+  iah_out = outputs.get('iah_outputs')
+  if config.iah.enabled and iah_out is not None:
+    terms.update(iah_dense_losses(iah_out, gt, config, axis_name))
+    if iah_out.get('query_logits') is not None:
+      terms.update(aux_query_losses(iah_out, gt, config, axis_name))
+  terms = {k: v.astype(jnp.float32) for k, v in terms.items()}
+  total = sum(terms.values())
+  return total, terms
