@@ -66,19 +66,14 @@ def _border_locations(shapes, b, m, p):
   return np.ascontiguousarray(loc, np.float32)
 
 
-@pytest.fixture(scope='module')
-def core_fns():
-  def make(packed, einsum):
-    return jax.jit(lambda v, l, w: da.ms_deform_attn_core(v, SHAPES, l, w, packed_neighbours=packed,
-                                                          use_einsum=einsum))
-  return {(packed, einsum): make(packed, einsum) for packed in (False, True) for einsum in (True, False)}
+VARIANTS = [dict(packed_neighbours=packed, use_einsum=einsum) for packed in (False, True) for einsum in (True, False)]
+VARIANTS += [dict(query_chunk_size=4), dict(packed_neighbours=True, query_chunk_size=2)]  # 6 queries: 2 and 3 chunks
 
 
-@pytest.mark.parametrize('packed', [False, True])
-@pytest.mark.parametrize('einsum', [True, False])
-def test_core_matches_reference_random(core_fns, packed, einsum):
+@pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(f'{k}={x}' for k, x in v.items()))
+def test_core_matches_reference_random(variant):
   value, loc, weights = _inputs(0)
-  got = np.asarray(core_fns[(packed, einsum)](value, loc, weights))
+  got = np.asarray(jax.jit(lambda v, l, w: da.ms_deform_attn_core(v, SHAPES, l, w, **variant))(value, loc, weights))
   want = reference_core(value, SHAPES, loc, weights)
   assert got.shape == want.shape == (2, 6, 6)
   np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)
@@ -117,8 +112,9 @@ def test_shape_errors_name_the_problem():
     da.ms_deform_attn_core(value, SHAPES, loc, weights[..., :1])
 
 
-@pytest.mark.parametrize('packed', [False, True])
-def test_core_gradients(packed):
+@pytest.mark.parametrize('variant', [dict(), dict(packed_neighbours=True), dict(query_chunk_size=2)],
+                         ids=['flat', 'packed', 'chunked'])
+def test_core_gradients(variant):
   """Reverse-mode gradients (value, locations, weights) vs finite differences, in float64."""
   shapes = ((3, 4), (2, 2))
   with jax.enable_x64(True):
@@ -127,7 +123,7 @@ def test_core_gradients(packed):
     # Keep locations off pixel-centre lattices (where bilinear has kinks): finite differences need smoothness.
     loc = rng.uniform(-0.1, 1.1, size=(1, 3, 2, 2, 2, 2))
     weights = rng.uniform(size=(1, 3, 2, 2, 2))
-    fn = lambda v, l, w: da.ms_deform_attn_core(v, shapes, l, w, packed_neighbours=packed)  # noqa: E731
+    fn = lambda v, l, w: da.ms_deform_attn_core(v, shapes, l, w, **variant)  # noqa: E731
     jtu.check_grads(fn, (value, loc, weights), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
@@ -240,9 +236,9 @@ def test_module_rejects_wrong_levels(module_case):
     attn.apply({'params': params}, query, points[:, :, :2], value[:, :47], SHAPES[:2], pad[:, :47])
 
 
-def test_packed_module_equals_unpacked(module_case):
+def test_module_layout_and_chunking_do_not_change_the_result(module_case):
   attn, params, query, value, pad, points, *_ = module_case
-  packed = attn.clone(packed_neighbours=True)
   a = attn.apply({'params': params}, query, points, value, SHAPES, pad)
-  b = packed.apply({'params': params}, query, points, value, SHAPES, pad)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for variant in (attn.clone(packed_neighbours=True), attn.clone(query_chunk_size=2)):
+    b = variant.apply({'params': params}, query, points, value, SHAPES, pad)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

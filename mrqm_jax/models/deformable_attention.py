@@ -15,18 +15,24 @@ location, weighted by the attention weights and summed over levels and points �
 `packed_neighbours=True` switches to the layout used by scenic for TPUs: each level is zero-padded by one pixel
 and its four neighbours are packed along channels, `[H+1, W+1, 4*D]`, so a sample's whole 2x2 footprint is one
 contiguous row and the gather fetches 4*D values per index instead of D values per each of 4 indices. Same
-function (tests check both); which is faster depends on the backend (see the benchmark).
+function (tests check both); which is faster depends on the backend (see the benchmark; on XLA:CPU the flat
+layout wins, and the packed table — 4x the value tokens — costs most when queries are few).
+
+`query_chunk_size` bounds memory for very many queries (the SAE's F2 update has 67k on an 800x1344 canvas):
+the queries are processed in rematerialized chunks, so the gathered samples of one chunk are the peak.
 
 Shapes: B batch, S value tokens (all levels, level-major, row-major inside a level), M heads, D channels per
 head, Q queries, L levels, P points per level.
 """
 
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,7 +82,8 @@ def _weighted_sum(weights: jax.Array, samples: jax.Array, use_einsum: bool, prec
 
 def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, sampling_locations: jax.Array,
                         attention_weights: jax.Array, *, packed_neighbours: bool = False,
-                        use_einsum: bool = True, precision: Any = None) -> jax.Array:
+                        query_chunk_size: int | None = None, use_einsum: bool = True,
+                        precision: Any = None) -> jax.Array:
   """Multi-scale deformable attention sampling + weighting.
 
   value: [B, S, M, D] per-head value tokens of all levels (level-major; level l spans
@@ -87,14 +94,63 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
     those less than one pixel outside).
   attention_weights: [B, Q, M, L, P] (usually softmax-normalized over L*P per head).
   packed_neighbours: gather the 2x2 footprint as one 4*D row (see module doc); same result.
+  query_chunk_size: if set and smaller than Q, process the queries in chunks of this size under
+    `jax.checkpoint` inside `lax.map`: the [B, M, chunk, L*P*4, D] gathered samples are the peak memory (instead
+    of [B, M, Q, L*P*4, D], 11 GB for 89k f32 queries) and are recomputed in the backward pass. Same result.
   use_einsum: contract with einsum (default) or with multiply + sum (for the benchmark).
   Returns [B, Q, M * D] (heads concatenated, head-major), dtype of value.
   """
   spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
+  b, q = sampling_locations.shape[:2]
+  table = _neighbour_table(value, spatial_shapes, packed_neighbours)
+  sample = functools.partial(_sample, spatial_shapes=spatial_shapes, packed_neighbours=packed_neighbours,
+                             use_einsum=use_einsum, precision=precision)
+  if query_chunk_size is None or query_chunk_size >= q:
+    out = sample(table, sampling_locations, attention_weights)
+  else:
+    if query_chunk_size < 1:
+      raise ValueError(f'ms_deform_attn_core: query_chunk_size must be >= 1, got {query_chunk_size}')
+    chunks = -(-q // query_chunk_size)
+    pad = chunks * query_chunk_size - q  # padded queries get zero weights; their outputs are dropped
+
+    def to_chunks(x):  # [B, Q, ...] -> [chunks, B, chunk, ...]
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return jnp.swapaxes(x.reshape(b, chunks, query_chunk_size, *x.shape[2:]), 0, 1)
+
+    body = jax.checkpoint(sample)
+    out = lax.map(lambda lw: body(table, *lw), (to_chunks(sampling_locations), to_chunks(attention_weights)))
+    out = jnp.swapaxes(out, 0, 1).reshape(b, chunks * query_chunk_size, *out.shape[3:])[:, :q]
+  return out
+
+
+def _neighbour_table(value: jax.Array, spatial_shapes: SpatialShapes, packed: bool) -> jax.Array:
+  """The gather table: [B, M, S, D] (flat) or [B, M, sum_l (H_l+1)(W_l+1), 4D] (packed)."""
   b, _, m, d = value.shape
+  value_t = jnp.transpose(value, (0, 2, 1, 3))  # [B, M, S, D]
+  if not packed:
+    return value_t
+  # Pack each level: zero-pad by one pixel, then row (i, j) of [H+1, W+1, 4D] holds the padded map's pixels
+  # (i, j), (i, j+1), (i+1, j), (i+1, j+1) = original (i-1, j-1) ... (i, j): the footprint of x0 = j - 1,
+  # y0 = i - 1. So any sample with x0 in [-1, W-1] and y0 in [-1, H-1] is one row; others read nothing.
+  packed_levels = []
+  for start, (h, w) in zip(level_start_index(spatial_shapes), spatial_shapes):
+    lvl = value_t[:, :, start:start + h * w].reshape(b, m, h, w, d)
+    lvl = jnp.pad(lvl, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    lvl = jnp.concatenate([lvl[:, :, :-1, :-1], lvl[:, :, :-1, 1:], lvl[:, :, 1:, :-1], lvl[:, :, 1:, 1:]],
+                          axis=-1)
+    packed_levels.append(lvl.reshape(b, m, (h + 1) * (w + 1), 4 * d))
+  return jnp.concatenate(packed_levels, axis=2)
+
+
+def _sample(table: jax.Array, sampling_locations: jax.Array, attention_weights: jax.Array, *,
+            spatial_shapes: SpatialShapes, packed_neighbours: bool, use_einsum: bool,
+            precision: Any) -> jax.Array:
+  """Bilinear samples of `table` (see `_neighbour_table`), weighted and summed: -> [B, Q, M * D]."""
+  b, m = table.shape[:2]
+  d = table.shape[-1] // 4 if packed_neighbours else table.shape[-1]
   q, nl, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-  dtype = value.dtype
+  dtype = table.dtype
 
   # Per-level constants as [L, 1] arrays broadcasting against [B, M, Q, L, P].
   heights = np.array([h for h, _ in spatial_shapes], np.int32)[:, None]
@@ -110,7 +166,6 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
   fx, fy = px - x0f, py - y0f       # in [0, 1): weight of the right / lower neighbour
   x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
 
-  value_t = jnp.transpose(value, (0, 2, 1, 3))  # [B, M, S, D]
   # Neighbour order: (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
   corner_w = [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]
 
@@ -122,30 +177,20 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
       inside = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
       weights.append(jnp.where(inside, w * attn, 0.0))
       indices.append(starts + jnp.clip(yi, 0, heights - 1) * widths + jnp.clip(xi, 0, widths - 1))
-    weights = jnp.stack(weights, axis=-1).reshape(b, m, q, nl * p * 4).astype(dtype)
     index = jnp.stack(indices, axis=-1).reshape(b, m, q * nl * p * 4)
-    samples = _gather_rows(value_t, index).reshape(b, m, q, nl * p * 4, d)
+    samples = _gather_rows(table, index).reshape(b, m, q, nl * p * 4, d)
   else:
-    # Pack each level: zero-pad by one pixel, then row (i, j) of [H+1, W+1, 4D] holds the padded map's pixels
-    # (i, j), (i, j+1), (i+1, j), (i+1, j+1) = original (i-1, j-1) ... (i, j): the footprint of x0 = j - 1,
-    # y0 = i - 1. So any sample with x0 in [-1, W-1] and y0 in [-1, H-1] is one row; others read nothing.
-    packed, packed_starts, total = [], [], 0
-    for start, (h, w) in zip(level_start_index(spatial_shapes), spatial_shapes):
-      lvl = value_t[:, :, start:start + h * w].reshape(b, m, h, w, d)
-      lvl = jnp.pad(lvl, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
-      lvl = jnp.concatenate([lvl[:, :, :-1, :-1], lvl[:, :, :-1, 1:], lvl[:, :, 1:, :-1], lvl[:, :, 1:, 1:]],
-                            axis=-1)
-      packed.append(lvl.reshape(b, m, (h + 1) * (w + 1), 4 * d))
+    packed_starts, total = [], 0
+    for h, w in spatial_shapes:
       packed_starts.append(total)
       total += (h + 1) * (w + 1)
-    table = jnp.concatenate(packed, axis=2)  # [B, M, sum (H+1)(W+1), 4D]
     starts = np.array(packed_starts, np.int32)[:, None]
     hits = (x0 >= -1) & (x0 < widths) & (y0 >= -1) & (y0 < heights)
-    weights = jnp.stack([jnp.where(hits, w * attn, 0.0) for w in corner_w], axis=-1)  # [B, M, Q, L, P, 4]
-    weights = weights.reshape(b, m, q, nl * p * 4).astype(dtype)
+    weights = [jnp.where(hits, w * attn, 0.0) for w in corner_w]
     index = starts + jnp.clip(y0 + 1, 0, heights) * (widths + 1) + jnp.clip(x0 + 1, 0, widths)
     samples = _gather_rows(table, index.reshape(b, m, q * nl * p))  # [B, M, Q*L*P, 4D]
     samples = samples.reshape(b, m, q, nl * p * 4, d)               # row = 4 neighbours x D, in corner order
+  weights = jnp.stack(weights, axis=-1).reshape(b, m, q, nl * p * 4).astype(dtype)
 
   out = _weighted_sum(weights, samples, use_einsum, precision)  # [B, M, Q, D]
   return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, q, m * d)
@@ -189,12 +234,14 @@ class MSDeformAttn(nn.Module):
     contribute nothing (bilinear samples touching them read zeros).
   Parameters: value_proj, output_proj (xavier-uniform); sampling_offsets (zero kernel, grid bias);
   attention_weights (zeros: uniform attention at init), softmax over the L*P samples of each head.
+  packed_neighbours / query_chunk_size: passed to `ms_deform_attn_core` (layout and memory; same function).
   """
   d_model: int = 256
   num_heads: int = 8
   num_levels: int = 4
   num_points: int = 4
   packed_neighbours: bool = False
+  query_chunk_size: int | None = None
   dtype: Any = None
 
   @nn.compact
@@ -238,5 +285,6 @@ class MSDeformAttn(nn.Module):
     else:
       locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
 
-    out = ms_deform_attn_core(v, spatial_shapes, locations, weights, packed_neighbours=self.packed_neighbours)
+    out = ms_deform_attn_core(v, spatial_shapes, locations, weights, packed_neighbours=self.packed_neighbours,
+                              query_chunk_size=self.query_chunk_size)
     return dense(self.d_model, 'output_proj', kernel_init=xavier)(out)

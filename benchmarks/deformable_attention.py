@@ -1,0 +1,136 @@
+r"""Multi-scale deformable attention core: gather layouts and weighting, forward and forward+backward; and the
+encoder cost of the Scale-Aware Encoder vs the plain deformable encoder.
+
+  python benchmarks/deformable_attention.py [--cases small,decoder] [--batch 1] [--repeats 3] [--chunk N] [--einsum_only]
+      [--flops]
+
+Core table: median wall time (after compile and a warm-up) of `ms_deform_attn_core` for each
+  layout   'flat'   = one gather of D values for each of the 4 bilinear neighbours;
+           'packed' = neighbours packed along channels, one gather of 4*D values per sample (scenic's TPU layout);
+           'flat/N' = flat with query_chunk_size=N (--chunk N): rematerialized query chunks, bounded memory;
+  weights  'einsum' vs 'mul-sum' ((w[..., None] * g).sum(-2));
+and 'fwd' (output) / 'fwd+bwd' (gradients w.r.t. value, locations and weights of <output, random cotangent>).
+Cases (8 heads x 32 channels, 4 levels x 4 points, P2..P5 of the canvas):
+  small      128x128 canvas (smoke config), 100 queries          S = 1360
+  decoder    800x1344 canvas (VisDrone recipe), 900 queries      S = 89250   (decoder cross-attention)
+  sae_high   800x1344 canvas, the 22050 P3..P5 queries           S = 89250   (one SAE layer; ~1.5 GB/batch)
+
+--flops: XLA cost analysis (compiled, not run) of the full encoder at hidden_dim 256, 6 layers, 800x1344 canvas,
+batch 1: SAE vs plain deformable encoder, forward only, plus the count of query tokens each one updates.
+"""
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import base
+from mrqm_jax.models import deformable_attention as da
+from mrqm_jax.models import encoder as enc
+
+HEADS, HEAD_DIM, POINTS = 8, 32, 4
+
+
+def pyramid(canvas):
+  h, w = canvas
+  return tuple((h // s, w // s) for s in (4, 8, 16, 32))
+
+
+CASES = {
+    'small': (pyramid((128, 128)), 100),
+    'decoder': (pyramid((800, 1344)), 900),
+    'sae_high': (pyramid((800, 1344)), sum(h * w for h, w in pyramid((800, 1344))[1:])),
+}
+
+
+def median_time(fn, args, repeats):
+  """(compile + first call s, median of `repeats` calls after one warm-up s)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return first, statistics.median(times)
+
+
+def core_table(case_names, batch, repeats, chunk=None, einsum_only=False):
+  print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {batch}, {HEADS} heads x '
+        f'{HEAD_DIM} ch, 4 levels x {POINTS} points; median of {repeats}')
+  print(f'{"case":10s} {"S":>7s} {"Q":>6s} {"layout":11s} {"weights":8s} {"fwd ms":>9s} {"fwd+bwd ms":>11s} '
+        f'{"compile s":>9s}')
+  for name in case_names:
+    shapes, q = CASES[name]
+    s = sum(h * w for h, w in shapes)
+    rng = np.random.default_rng(0)
+    value = jnp.asarray(rng.normal(size=(batch, s, HEADS, HEAD_DIM)), jnp.float32)
+    loc = jnp.asarray(rng.uniform(-0.05, 1.05, size=(batch, q, HEADS, 4, POINTS, 2)), jnp.float32)
+    w = jnp.asarray(rng.uniform(size=(batch, q, HEADS, 4, POINTS)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(batch, q, HEADS * HEAD_DIM)), jnp.float32)
+    variants = [(packed, use_einsum, None) for packed in (False, True) for use_einsum in (True, False)
+                if use_einsum or not einsum_only]
+    variants += [(False, True, chunk)] if chunk and chunk < q else []
+    for packed, use_einsum, query_chunk in variants:
+      core = functools.partial(da.ms_deform_attn_core, spatial_shapes=shapes, packed_neighbours=packed,
+                               use_einsum=use_einsum, query_chunk_size=query_chunk)
+      fwd = jax.jit(lambda v, l, a: core(v, sampling_locations=l, attention_weights=a))
+      bwd = jax.jit(jax.grad(lambda v, l, a: jnp.vdot(core(v, sampling_locations=l, attention_weights=a), cot),
+                             argnums=(0, 1, 2)))
+      c1, t_fwd = median_time(fwd, (value, loc, w), repeats)
+      c2, t_bwd = median_time(bwd, (value, loc, w), repeats)
+      layout = ('packed' if packed else 'flat') + (f'/{query_chunk}' if query_chunk else '')
+      print(f'{name:10s} {s:7d} {q:6d} {layout:11s} {"einsum" if use_einsum else "mul-sum":8s} '
+            f'{1e3 * t_fwd:9.1f} {1e3 * t_bwd:11.1f} {c1 + c2:9.1f}')
+
+
+def flops_table():
+  cfg = base.get_config()
+  shapes = pyramid(cfg.input.image_size)
+  d = cfg.model.hidden_dim
+  feats = [jax.ShapeDtypeStruct((1, h, w, d), jnp.float32) for h, w in shapes]
+  masks = [jax.ShapeDtypeStruct((1, h, w), jnp.bool_) for h, w in shapes]
+  n_total, n_low = sum(h * w for h, w in shapes), shapes[0][0] * shapes[0][1]
+  layers = cfg.encoder.num_layers
+  print(f'\nencoder cost, {cfg.input.image_size} canvas, levels {shapes}, hidden {d}, {layers} layers, batch 1 '
+        f'(XLA cost analysis of the compiled forward)')
+  print(f'{"encoder":10s} {"query tokens":>13s} {"GFLOP":>9s} {"GB accessed":>12s}')
+  for kind in ('sae', 'deformable'):
+    cfg.encoder.type = kind
+    model = enc.build_encoder(cfg)
+    params = jax.eval_shape(lambda f, m: model.init(jax.random.PRNGKey(0), f, m), feats, masks)
+    compiled = jax.jit(lambda p, f, m: model.apply(p, f, m).memory).lower(params, feats, masks).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    queries = layers * (n_total - n_low) + n_low if kind == 'sae' else layers * n_total
+    print(f'{kind:10s} {queries:13d} {cost.get("flops", float("nan")) / 1e9:9.1f} '
+          f'{cost.get("bytes accessed", float("nan")) / 1e9:12.2f}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--cases', default='small,decoder', help=f'comma list of {sorted(CASES)}')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--chunk', type=int, default=0,
+                      help='also time flat/einsum with query_chunk_size=CHUNK (cases with more queries)')
+  parser.add_argument('--einsum_only', action='store_true', help='skip the (slow) mul-sum rows')
+  parser.add_argument('--flops', action='store_true', help='also print SAE vs plain encoder FLOPs')
+  args = parser.parse_args()
+  names = [c for c in args.cases.split(',') if c]
+  unknown = [c for c in names if c not in CASES]
+  if unknown:
+    parser.error(f'unknown --cases {unknown}; choose from {sorted(CASES)}')
+  core_table(names, args.batch, args.repeats, args.chunk or None, args.einsum_only)
+  if args.flops:
+    flops_table()
+
+
+if __name__ == '__main__':
+  main()
