@@ -84,6 +84,13 @@ def test_padded_pixels_do_not_influence_valid_tokens(case):
   assert np.abs(a[~valid] - b[~valid]).max() > 1e-2   # the perturbation did reach the padded tokens
 
 
+def test_query_chunking_does_not_change_the_result(case):
+  _, model, params, run, feats, masks = case
+  chunked = jax.jit(lambda p, f, m: model.clone(query_chunk_size=40).apply({'params': p}, f, m).memory)
+  np.testing.assert_allclose(np.asarray(chunked(params, feats, masks)), np.asarray(run(params, feats, masks)),
+                             atol=1e-5)
+
+
 def test_images_are_independent(case):
   _, _, params, run, feats, masks = case
   swap = lambda xs: [x[::-1] for x in xs]  # noqa: E731

@@ -87,13 +87,15 @@ class EncoderLayer(nn.Module):
   ffn_dim: int = 2048
   dropout: float = 0.0
   packed_neighbours: bool = False
+  query_chunk_size: int | None = None
   dtype: Any = None
 
   @nn.compact
   def __call__(self, query, query_pos, reference_points, value, spatial_shapes, value_pad_mask,
                deterministic: bool = True):
     attn = MSDeformAttn(self.d_model, self.num_heads, self.num_levels, self.num_points,
-                        packed_neighbours=self.packed_neighbours, dtype=self.dtype, name='self_attn')
+                        packed_neighbours=self.packed_neighbours, query_chunk_size=self.query_chunk_size,
+                        dtype=self.dtype, name='self_attn')
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)  # noqa: E731
     y = attn(query + query_pos.astype(query.dtype), reference_points, value, spatial_shapes, value_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm1')(query + drop(y))
@@ -114,11 +116,12 @@ class _EncoderBase(nn.Module):
   pe_temperature: float = 20.0
   pe_offset: float = 0.0
   packed_neighbours: bool = False
+  query_chunk_size: int | None = None   # see ms_deform_attn_core; None = all queries at once
   dtype: Any = None
 
   def _layer(self, name: str) -> EncoderLayer:
     return EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                        self.dropout, self.packed_neighbours, self.dtype, name=name)
+                        self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)
 
   def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
     """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2]."""
@@ -190,7 +193,8 @@ def build_encoder(config, name: str | None = None) -> _EncoderBase:
   e, m = config.encoder, config.model
   kwargs = dict(hidden_dim=m.hidden_dim, num_layers=e.num_layers, num_heads=e.num_heads,
                 num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
-                pe_temperature=e.pe_temperature, pe_offset=e.pe_offset, dtype=m.dtype, name=name)
+                pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
+                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype, name=name)
   if e.type == 'sae':
     return ScaleAwareEncoder(**kwargs)
   if e.type == 'deformable':
