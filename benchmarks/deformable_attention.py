@@ -1,8 +1,8 @@
 r"""Multi-scale deformable attention core: gather layouts and weighting, forward and forward+backward; and the
 encoder cost of the Scale-Aware Encoder vs the plain deformable encoder.
 
-  python benchmarks/deformable_attention.py [--cases small,decoder] [--batch 1] [--repeats 3] [--chunk N] [--einsum_only]
-      [--flops]
+  python benchmarks/deformable_attention.py [--cases small,decoder] [--batch 1] [--repeats 3]
+      [--chunk N] [--einsum_only] [--encoder_canvas HxW] [--flops]
 
 Core table: median wall time (after compile and a warm-up) of `ms_deform_attn_core` for each
   layout   'flat'   = one gather of D values for each of the 4 bilinear neighbours;
@@ -15,6 +15,7 @@ Cases (8 heads x 32 channels, 4 levels x 4 points, P2..P5 of the canvas):
   decoder    800x1344 canvas (VisDrone recipe), 900 queries      S = 89250   (decoder cross-attention)
   sae_high   800x1344 canvas, the 22050 P3..P5 queries           S = 89250   (one SAE layer; ~1.5 GB/batch)
 
+--encoder_canvas HxW: wall time of the full SAE and plain encoder forward (base config sizes) at that canvas.
 --flops: XLA cost analysis (compiled, not run) of the full encoder at hidden_dim 256, 6 layers, 800x1344 canvas,
 batch 1: SAE vs plain deformable encoder, forward only, plus the count of query tokens each one updates.
 """
@@ -114,6 +115,26 @@ def flops_table():
           f'{cost.get("bytes accessed", float("nan")) / 1e9:12.2f}')
 
 
+def encoder_time_table(canvas, repeats):
+  """Wall time of the full encoder forward (base config sizes) at `canvas`, batch 1: SAE vs plain."""
+  cfg = base.get_config()
+  shapes = pyramid(canvas)
+  d = cfg.model.hidden_dim
+  rng = np.random.default_rng(0)
+  feats = [jnp.asarray(rng.normal(size=(1, h, w, d)), jnp.float32) for h, w in shapes]
+  masks = [jnp.zeros((1, h, w), bool) for h, w in shapes]
+  print(f'\nencoder forward, {canvas} canvas, levels {shapes}, hidden {d}, {cfg.encoder.num_layers} layers, '
+        f'query_chunk_size {cfg.encoder.query_chunk_size}, batch 1; median of {repeats}')
+  print(f'{"encoder":10s} {"fwd ms":>9s} {"compile s":>9s}')
+  for kind in ('sae', 'deformable'):
+    cfg.encoder.type = kind
+    model = enc.build_encoder(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), feats, masks)
+    fwd = jax.jit(lambda p, f, m: model.apply(p, f, m).memory)
+    first, t = median_time(fwd, (params, feats, masks), repeats)
+    print(f'{kind:10s} {1e3 * t:9.1f} {first:9.1f}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--cases', default='small,decoder', help=f'comma list of {sorted(CASES)}')
@@ -122,13 +143,20 @@ def main():
   parser.add_argument('--chunk', type=int, default=0,
                       help='also time flat/einsum with query_chunk_size=CHUNK (cases with more queries)')
   parser.add_argument('--einsum_only', action='store_true', help='skip the (slow) mul-sum rows')
+  parser.add_argument('--encoder_canvas', default='',
+                      help='HxW: also time the full SAE and plain encoder forward at this canvas (e.g. 256x448)')
   parser.add_argument('--flops', action='store_true', help='also print SAE vs plain encoder FLOPs')
   args = parser.parse_args()
   names = [c for c in args.cases.split(',') if c]
+  if args.encoder_canvas and not all(v.isdigit() for v in args.encoder_canvas.lower().split('x')):
+    parser.error(f'--encoder_canvas must be HxW, got {args.encoder_canvas!r}')
   unknown = [c for c in names if c not in CASES]
   if unknown:
     parser.error(f'unknown --cases {unknown}; choose from {sorted(CASES)}')
-  core_table(names, args.batch, args.repeats, args.chunk or None, args.einsum_only)
+  if names:
+    core_table(names, args.batch, args.repeats, args.chunk or None, args.einsum_only)
+  if args.encoder_canvas:
+    encoder_time_table(tuple(int(v) for v in args.encoder_canvas.lower().split('x')), args.repeats)
   if args.flops:
     flops_table()
 

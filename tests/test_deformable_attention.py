@@ -8,7 +8,6 @@ bookkeeping, no clipping — so it shares no logic with the gather-based impleme
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import test_util as jtu
 import numpy as np
 import pytest

@@ -96,7 +96,8 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
   packed_neighbours: gather the 2x2 footprint as one 4*D row (see module doc); same result.
   query_chunk_size: if set and smaller than Q, process the queries in chunks of this size under
     `jax.checkpoint` inside `lax.map`: the [B, M, chunk, L*P*4, D] gathered samples are the peak memory (instead
-    of [B, M, Q, L*P*4, D]: 5.8 GB per image for 89k f32 queries, 8 heads, 4 levels x 4 points) and are recomputed in the backward pass. Same result.
+    of [B, M, Q, L*P*4, D]: 5.8 GB per image for 89k f32 queries, 8 heads, 4 levels x 4 points) and are
+    recomputed in the backward pass. Same result.
   use_einsum: contract with einsum (default) or with multiply + sum (for the benchmark).
   Returns [B, Q, M * D] (heads concatenated, head-major), dtype of value.
   """
