@@ -1,0 +1,172 @@
+"""DINO / Co-DINO deformable decoder with iterative box refinement and look-forward-twice.
+
+One call decodes one set of queries (any group: DN + matching queries with their attention mask, or the IAH
+auxiliary queries in a separate call with the same weights):
+
+  queries [B, N, D] (content part), reference boxes [B, N, 4] (normalized cxcywh, treated as constants),
+  self-attention mask [N, N] or [B, N, N] (True = query i MAY attend key j)
+  -> per-layer class logits [L, B, N, C] and boxes [L, B, N, 4].
+
+Layer l (mmdet `DetrTransformerDecoderLayer`, post-norm, as Co-DINO's config
+`operation_order=('self_attn', 'norm', 'cross_attn', 'norm', 'ffn', 'norm')`):
+  pos   = ref_point_head(box_sine_embedding(ref_l))            (DINO's ref_point_head, shared by all layers)
+  x     = LN(x + MHA(q = k = x + pos, v = x, mask))
+  x     = LN(x + MSDeformAttn(x + pos, ref_l, memory))
+  x     = LN(x + FFN(x))
+Outputs and refinement follow DINO / Co-DINO exactly, including which tensor each head sees:
+  h_l        = final_norm(x_l)                                 (one LayerNorm shared by all layers)
+  logits_l   = class_head_l(h_l)
+  new_ref_l  = sigmoid(box_head_l(x_l) + inverse_sigmoid(ref_l))  (the un-normed x_l, as DINO's decoder)
+  ref_{l+1}  = stop_gradient(new_ref_l)                        (references are detached between layers)
+  boxes_l    = sigmoid(box_head_l(h_l) + inverse_sigmoid(new_ref_{l-1}))   look-forward-twice: the UN-detached
+               refined box of layer l-1 (so layer l's box loss also trains layer l-1's box head); for l = 0
+               and with look_forward_twice=False it is ref_l itself (Deformable DETR).
+Heads are per layer (mmdet `with_box_refine`: deep copies, not shared): class Dense(C) with bias
+-log((1 - 0.01) / 0.01), box MLP(D, D, 4) whose last layer starts at zero.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrqm_jax.models import layers
+from mrqm_jax.models.deformable_attention import MSDeformAttn, SpatialShapes
+from mrqm_jax.models.position_encoding import box_sine_embedding
+
+# Co-DINO clamps to 1e-3 wherever a reference box re-enters logit space (decoder refinement and head).
+INVERSE_SIGMOID_EPS = 1e-3
+# Classification bias at init: sigmoid(bias) = 0.01 (mmdet `bias_init_with_prob(0.01)`).
+CLS_PRIOR_PROB = 0.01
+
+
+def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
+  """log(x / (1 - x)) with x clipped to [0, 1] and both x and 1 - x floored at eps: `[...] -> [...]`."""
+  x = jnp.clip(x, 0.0, 1.0)
+  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
+
+
+def class_bias_init() -> Any:
+  return nn.initializers.constant(float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)))
+
+
+def box_head(hidden_dim: int, dtype: Any = None, name: str | None = None) -> layers.MLP:
+  """The DETR box MLP `[..., D] -> [..., 4]` deltas in logit space, last layer zero-initialized."""
+  return layers.MLP(hidden_dim, 4, 3, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(), name=name)
+
+
+def _attention_mask(mask: jax.Array | None, batch: int, n: int) -> jax.Array | None:
+  """[N, N] or [B, N, N] bool (True = may attend) -> [B, 1, N, N] for flax attention."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, bool)
+  if mask.ndim == 2:
+    mask = mask[None]
+  if mask.shape[1:] != (n, n) or mask.shape[0] not in (1, batch):
+    raise ValueError(f'decoder self_attn_mask must be [N, N] or [B, N, N] with N = {n}, B = {batch}, '
+                     f'got {mask.shape}')
+  return jnp.broadcast_to(mask, (batch, n, n))[:, None]
+
+
+class DecoderLayer(nn.Module):
+  """One DINO decoder layer (post-norm): `x [B, N, D]` -> `[B, N, D]` (see module doc).
+
+  query_pos [B, N, D]; ref_boxes [B, N, 4] cxcywh; memory [B, S, D]; memory_pad_mask [B, S] (True = pad);
+  attn_mask [B, 1, N, N] (True = may attend) or None.
+  """
+  hidden_dim: int = 256
+  num_heads: int = 8
+  num_levels: int = 4
+  num_points: int = 4
+  ffn_dim: int = 2048
+  dropout: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, query_pos, ref_boxes, memory, memory_pad_mask, spatial_shapes: SpatialShapes,
+               attn_mask, deterministic: bool = True):
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)  # noqa: E731
+    qk = x + query_pos
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=self.hidden_dim, out_features=self.hidden_dim,
+        dropout_rate=self.dropout, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        name='self_attn')(qk, qk, x, mask=attn_mask, deterministic=deterministic)
+    x = nn.LayerNorm(dtype=self.dtype, name='norm1')(x + drop(y))
+    y = MSDeformAttn(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, dtype=self.dtype,
+                     name='cross_attn')(x + query_pos, ref_boxes, memory, spatial_shapes, memory_pad_mask)
+    x = nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='ffn_in')(x)
+    y = nn.Dense(self.hidden_dim, dtype=self.dtype, name='ffn_out')(drop(nn.relu(y)))
+    return nn.LayerNorm(dtype=self.dtype, name='norm3')(x + drop(y))
+
+
+class DINODecoder(nn.Module):
+  """DINO decoder + per-layer class/box heads (module doc). Parameters: 'layers_{l}', 'ref_point_head',
+  'final_norm', 'class_heads_{l}', 'box_heads_{l}'.
+
+  Call: (queries [B, N, D], ref_boxes [B, N, 4] cxcywh in [0, 1] (no gradient flows into them),
+  memory [B, S, D], memory_pad_mask [B, S] bool (True = padding token), spatial_shapes static ((H, W), ...),
+  self_attn_mask None | [N, N] | [B, N, N] bool (True = may attend; every row needs one True, e.g. the
+  diagonal), train) -> {'pred_logits': [L, B, N, C] f32, 'pred_boxes': [L, B, N, 4] f32 cxcywh}.
+  Dropout (config.decoder.dropout) draws from the 'dropout' rng stream when train=True.
+  """
+  num_classes: int
+  num_layers: int = 6
+  hidden_dim: int = 256
+  num_heads: int = 8
+  num_levels: int = 4
+  num_points: int = 4
+  ffn_dim: int = 2048
+  dropout: float = 0.0
+  look_forward_twice: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, ref_boxes: jax.Array, memory: jax.Array, memory_pad_mask: jax.Array,
+               spatial_shapes: SpatialShapes, self_attn_mask: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    b, n, d = queries.shape
+    if d != self.hidden_dim or ref_boxes.shape != (b, n, 4):
+      raise ValueError(f'DINODecoder: queries must be [B, N, {self.hidden_dim}] and ref_boxes [B, N, 4], got '
+                       f'{queries.shape} and {ref_boxes.shape}')
+    if self.hidden_dim % 2:
+      raise ValueError(f'DINODecoder: hidden_dim must be even (sine embedding), got {self.hidden_dim}')
+    mask = _attention_mask(self_attn_mask, b, n)
+    ref_point_head = layers.MLP(self.hidden_dim, self.hidden_dim, 2, dtype=self.dtype, name='ref_point_head')
+    final_norm = nn.LayerNorm(dtype=self.dtype, name='final_norm')
+
+    x = queries if self.dtype is None else queries.astype(self.dtype)
+    ref = jax.lax.stop_gradient(ref_boxes.astype(jnp.float32))   # input to layer l (detached)
+    ref_for_pred = ref                                             # what layer l's boxes are refined from
+    all_logits, all_boxes = [], []
+    for lid in range(self.num_layers):
+      # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
+      query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
+      x = DecoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+                       self.dropout, self.dtype, name=f'layers_{lid}')(
+                           x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask,
+                           deterministic=not train)
+      head_in = final_norm(x)
+      bbox_head = box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}')
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=class_bias_init(),
+                        name=f'class_heads_{lid}')(head_in)
+      boxes = jax.nn.sigmoid(bbox_head(head_in).astype(jnp.float32) + inverse_sigmoid(ref_for_pred))
+      all_logits.append(logits.astype(jnp.float32))
+      all_boxes.append(boxes)
+      # Refinement for the next layer from the un-normed output, as DINO's decoder does.
+      new_ref = jax.nn.sigmoid(bbox_head(x).astype(jnp.float32) + inverse_sigmoid(ref))
+      ref = jax.lax.stop_gradient(new_ref)
+      ref_for_pred = new_ref if self.look_forward_twice else ref
+    return {'pred_logits': jnp.stack(all_logits), 'pred_boxes': jnp.stack(all_boxes)}
+
+
+def build_decoder(config: ml_collections.ConfigDict, name: str | None = None) -> DINODecoder:
+  """DINODecoder sized from config.decoder / config.model / config.dataset.num_classes."""
+  dc, m = config.decoder, config.model
+  return DINODecoder(num_classes=config.dataset.num_classes, num_layers=dc.num_layers, hidden_dim=m.hidden_dim,
+                     num_heads=dc.num_heads, num_levels=m.num_levels, num_points=dc.num_points,
+                     ffn_dim=dc.ffn_dim, dropout=dc.dropout, look_forward_twice=dc.look_forward_twice,
+                     dtype=m.dtype, name=name)
