@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     'pillow==13.0.0',
     'safetensors==0.8.0',
     'matplotlib==3.11.2',
+    'tensorboard==2.21.0',   # clu's metric writers need it; tensorflow-cpu does not pull it in
 ]
 
 EXTRAS = {
