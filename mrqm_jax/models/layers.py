@@ -1,0 +1,288 @@
+"""Building blocks shared by the model: a 2-D convolution with a CPU-friendly implementation, frozen
+BatchNorm, the neck's normalization choice, and a small MLP.
+
+Why a custom convolution: on XLA:CPU (jax 0.10.2) the gradients of `lax.conv_general_dilated` (and so of
+`flax.linen.Conv`) are slow for 1x1 and depthwise convolutions — several times slower than the same function
+written as a matmul over channels (1x1) or as per-channel shifted multiply-adds (depthwise) — while XLA's
+native kxk dense convolution is the fastest option there. So:
+  impl='lax'     native convolution everywhere (GPU/TPU);
+  impl='matmul'  every convolution as a sum over kernel taps of shifted-slice matmuls (im2col for the
+                 few-channel stem), depthwise as shifted multiply-adds;
+  impl='auto'    'lax' off CPU; on CPU per layer: 'matmul' for 1x1 and grouped/depthwise kernels, 'lax'
+                 for dense kxk kernels (the fastest mix measured: ResNet-50 fwd+bwd, see the benchmark).
+All implementations compute the same function with the same parameters (`kernel [kh, kw, Cin/groups, Cout]`,
+HWIO as `nn.Conv`), so a checkpoint trained with one runs with any other. `benchmarks/conv_cpu.py` prints the
+timings behind these choices.
+
+Frozen BatchNorm keeps its four tensors in the `'batch_stats'` collection (FROZEN_COLLECTION), never in
+`'params'`: an optimizer built over `variables['params']` cannot touch them, and `apply` reads them without
+`mutable=`. Import torchvision/timm statistics into that collection with `mrqm_jax.weights`.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+# Collection holding frozen BatchNorm scale/bias/mean/var (non-trainable by construction).
+FROZEN_COLLECTION = 'batch_stats'
+
+CONV_IMPLS = ('lax', 'matmul', 'auto')
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def resolve_conv_impl(impl: str, kernel_hw: tuple[int, int] = (3, 3), feature_group_count: int = 1) -> str:
+  """The implementation one convolution uses: 'lax' or 'matmul' (see the module docstring for 'auto')."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS} (config.model.conv_impl), got {impl!r}")
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'lax'
+  pointwise = kernel_hw[0] * kernel_hw[1] == 1
+  return 'matmul' if pointwise or feature_group_count > 1 else 'lax'
+
+
+# Below this many input channels a dense conv's per-tap matmuls (contraction size Cin) starve the CPU; the
+# taps are concatenated along channels into one matmul instead (the RGB stem: 49 taps x 3 channels).
+_IM2COL_MAX_CHANNELS = 16
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+  if isinstance(v, int):
+    return (v, v)
+  v = tuple(v)
+  if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    raise ValueError(f'{name} must be an int or a pair of ints, got {v!r}')
+  return v
+
+
+def resolve_padding(padding: Padding, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
+                    strides: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit ((top, bottom), (left, right)) padding.
+
+  'SAME' follows XLA/TF (output = ceil(in / stride), the odd pixel padded at the bottom/right); 'VALID' is
+  no padding; an int p pads p on every side (PyTorch `padding=p`, which is what torchvision weights expect —
+  for stride 2 it differs from 'SAME').
+  """
+  if isinstance(padding, str):
+    if padding.upper() == 'VALID':
+      return ((0, 0), (0, 0))
+    if padding.upper() != 'SAME':
+      raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((t, b), (l, r)), got {padding!r}")
+    pads = []
+    for size, k, s in zip(in_hw, kernel_hw, strides):
+      out = -(-size // s)
+      total = max((out - 1) * s + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if len(pads) != 2 or any(len(p) != 2 for p in pads):
+    raise ValueError(f'explicit padding must be ((top, bottom), (left, right)), got {padding!r}')
+  return pads
+
+
+def conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], tuple[int, int]], feature_group_count: int = 1,
+                  precision: Any = None) -> jax.Array:
+  """Convolution as a sum over kernel taps of shifted (strided) slices times the tap's weight matrix.
+
+  x: [B, H, W, Cin]; kernel: [kh, kw, Cin / groups, Cout] (HWIO); returns [B, Ho, Wo, Cout], the same
+  function as `lax.conv_general_dilated(..., ('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)`.
+  Depthwise convolutions (Cin / groups == 1, Cout == groups) become per-channel multiply-adds; dense
+  convolutions with fewer than 16 input channels become one im2col matmul.
+  """
+  b, _, _, cin = x.shape
+  kh, kw, cin_per_group, cout = kernel.shape
+  groups = feature_group_count
+  if cin != cin_per_group * groups or cout % groups:
+    raise ValueError(f'conv: input channels {cin} / kernel {kernel.shape} / groups {groups} do not agree')
+  (pt, pb), (pl, pr) = padding
+  sh, sw = strides
+  if pt or pb or pl or pr:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  hp, wp = x.shape[1], x.shape[2]
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  if ho <= 0 or wo <= 0:
+    raise ValueError(f'conv: padded input {hp}x{wp} is smaller than the kernel {kh}x{kw}')
+
+  def tap(i, j):  # [B, Ho, Wo, Cin]: the input pixels that kernel tap (i, j) sees
+    return lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+
+  if groups == 1 and cin < _IM2COL_MAX_CHANNELS and kh * kw > 1:
+    columns = jnp.concatenate([tap(i, j) for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.einsum('bhwk,ko->bhwo', columns, kernel.reshape(kh * kw * cin, cout), precision=precision)
+
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      w = kernel[i, j]  # [Cin/groups, Cout]
+      if groups == 1:
+        term = jnp.einsum('bhwc,co->bhwo', tap(i, j), w, precision=precision)
+      elif cin_per_group == 1 and cout == groups:  # depthwise: one weight per channel
+        term = tap(i, j) * w[0]
+      else:  # general grouped conv: block-diagonal matmul, output channels grouped like lax
+        xg = tap(i, j).reshape(b, ho, wo, groups, cin_per_group)
+        wg = w.reshape(cin_per_group, groups, cout // groups)
+        term = jnp.einsum('bhwgc,cgo->bhwgo', xg, wg, precision=precision).reshape(b, ho, wo, cout)
+      out = term if out is None else out + term
+  return out
+
+
+def conv2d_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+               padding: tuple[tuple[int, int], tuple[int, int]], feature_group_count: int = 1,
+               precision: Any = None) -> jax.Array:
+  """The native XLA convolution; same signature and result as `conv2d_matmul`."""
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  feature_group_count=feature_group_count, precision=precision)
+
+
+class Conv2D(nn.Module):
+  """2-D convolution, NHWC, `[B, H, W, Cin] -> [B, Ho, Wo, features]`.
+
+  Parameters: 'kernel' `[kh, kw, Cin / feature_group_count, features]` and 'bias' `[features]` (if
+  use_bias) — the layout and names of `flax.linen.Conv`. Depthwise: `feature_group_count = Cin`.
+  impl: 'lax' (native conv), 'matmul' (shifted-slice matmuls) or 'auto' (per backend and kernel shape).
+  padding: 'SAME' | 'VALID' | int (PyTorch-style symmetric) | ((top, bottom), (left, right)).
+  """
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  padding: Padding = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = True
+  impl: str = 'auto'
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f'Conv2D expects [B, H, W, C], got shape {x.shape}')
+    kh, kw = _pair(self.kernel_size, 'kernel_size')
+    strides = _pair(self.strides, 'strides')
+    cin = x.shape[-1]
+    if cin % self.feature_group_count or self.features % self.feature_group_count:
+      raise ValueError(f'Conv2D {self.name}: channels in={cin} out={self.features} not divisible by '
+                       f'feature_group_count={self.feature_group_count}')
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, cin // self.feature_group_count, self.features),
+                        self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pads = resolve_padding(self.padding, x.shape[1:3], (kh, kw), strides)
+    impl = resolve_conv_impl(self.impl, (kh, kw), self.feature_group_count)
+    conv = conv2d_matmul if impl == 'matmul' else conv2d_lax
+    y = conv(x, kernel, strides, pads, self.feature_group_count, self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+class FrozenBatchNorm(nn.Module):
+  """Inference-mode BatchNorm with fixed statistics: `[..., C] -> [..., C]`.
+
+  y = (x - mean) / sqrt(var + epsilon) * scale + bias, with scale/bias/mean/var `[C]` stored in the
+  FROZEN_COLLECTION ('batch_stats') collection — not 'params', so no optimizer ever updates them (mmdet's
+  `norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True`). Defaults to the identity (scale 1,
+  bias 0, mean 0, var 1) until ImageNet statistics are imported. epsilon 1e-5 as torchvision.
+  """
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.variable(FROZEN_COLLECTION, 'scale', lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable(FROZEN_COLLECTION, 'bias', lambda: jnp.zeros((c,), jnp.float32)).value
+    mean = self.variable(FROZEN_COLLECTION, 'mean', lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable(FROZEN_COLLECTION, 'var', lambda: jnp.ones((c,), jnp.float32)).value
+    # Fold into one multiply-add; stop_gradient documents (and enforces) that these are constants.
+    mult = lax.stop_gradient(scale * lax.rsqrt(var + self.epsilon))
+    shift = lax.stop_gradient(bias - mean * mult)
+    x, mult, shift = nn.dtypes.promote_dtype(x, mult, shift, dtype=self.dtype)
+    return x * mult + shift
+
+
+NECK_NORMS = ('group', 'none')
+
+
+def num_groups_for(channels: int, max_groups: int = 32) -> int:
+  """Largest divisor of `channels` that is <= max_groups (32 groups as Deformable DETR's GroupNorm(32, 256))."""
+  return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+class NeckNorm(nn.Module):
+  """The neck's normalization, `[B, H, W, C] -> [B, H, W, C]` (config.model.neck_norm).
+
+  'group': GroupNorm with num_groups_for(C) groups and trainable affine — batch-size independent, as the
+  DETR family normalizes its neck features (EfficientDet's BatchNorm needs large per-device batches and
+  mutable running statistics in the train step; DETR recipes run 2 images per device). 'none': identity.
+  """
+  kind: str = 'group'
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kind == 'none':
+      return x
+    if self.kind == 'group':
+      return nn.GroupNorm(num_groups=num_groups_for(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype,
+                          name='gn')(x)
+    raise ValueError(f'neck norm must be one of {NECK_NORMS} (config.model.neck_norm), got {self.kind!r}')
+
+
+class MLP(nn.Module):
+  """`num_layers` Dense layers with `activation` between them (none after the last): `[..., Din] -> [..., output_dim]`.
+
+  The DETR box/query MLP. Layers are named 'layers_0' ... 'layers_{num_layers-1}'. `last_kernel_init` /
+  `last_bias_init` override the final layer's initializers (e.g. zeros for DINO's box-refinement head).
+  """
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  dtype: Any = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  last_kernel_init: Callable[..., jax.Array] | None = None
+  last_bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.num_layers < 1:
+      raise ValueError(f'MLP needs num_layers >= 1, got {self.num_layers}')
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
+                   kernel_init=(self.last_kernel_init or self.kernel_init) if last else self.kernel_init,
+                   bias_init=self.last_bias_init if last else nn.initializers.zeros_init(),
+                   name=f'layers_{i}')(x)
+      if not last:
+        x = self.activation(x)
+    return x
+
+
+def max_pool_2x(x: jax.Array, padding: Padding = 1) -> jax.Array:
+  """3x3 max-pool, stride 2: `[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]` (padding=1 as torchvision's stem).
+
+  Padding is with -inf, so padded pixels never win.
+  """
+  pads = resolve_padding(padding, x.shape[1:3], (3, 3), (2, 2))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                           ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def conv_fan_out_init() -> Callable[..., jax.Array]:
+  """He-normal with fan_out, torchvision ResNet's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`."""
+  return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+

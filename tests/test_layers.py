@@ -1,0 +1,201 @@
+"""layers: Conv2D implementations vs a NumPy convolution (values and gradients), FrozenBatchNorm, NeckNorm,
+MLP, max-pool."""
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrqm_jax.models import layers
+
+
+def numpy_conv(x, w, stride, pads, groups=1):
+  """Direct definition: out[b,y,x,o] = sum_{i,j,c} xpad[b, y*s+i, x*s+j, g(o)*Cg + c] * w[i,j,c,o]."""
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw, cg, cout = w.shape
+  og = cout // groups
+  ho = (xp.shape[1] - kh) // stride + 1
+  wo = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, cout), np.float64)
+  for y in range(ho):
+    for xx in range(wo):
+      window = xp[:, y * stride:y * stride + kh, xx * stride:xx * stride + kw, :]  # [B, kh, kw, Cin]
+      for o in range(cout):
+        g = o // og
+        out[:, y, xx, o] = np.einsum('bijc,ijc->b', window[..., g * cg:(g + 1) * cg], w[..., o])
+  return out
+
+
+def numpy_kernel_grad(x, g, kernel_shape, stride, pads, groups=1):
+  """d/dw of sum(conv(x, w) * g): dw[i,j,c,o] = sum_{b,y,x} xpad[b, y*s+i, x*s+j, g(o)*Cg+c] * g[b,y,x,o]."""
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw, cg, cout = kernel_shape
+  og = cout // groups
+  ho, wo = g.shape[1:3]
+  dw = np.zeros(kernel_shape, np.float64)
+  for i in range(kh):
+    for j in range(kw):
+      patch = xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
+      for o in range(cout):
+        grp = o // og
+        dw[i, j, :, o] = np.einsum('byxc,byx->c', patch[..., grp * cg:(grp + 1) * cg], g[..., o])
+  return dw
+
+
+# (name, H, W, Cin, Cout, kernel, stride, padding, groups)
+CASES = [
+    ('3x3_same', 7, 6, 4, 5, 3, 1, 'SAME', 1),
+    ('3x3_stride2_torch_pad', 8, 9, 4, 6, 3, 2, 1, 1),
+    ('3x3_stride2_same_asymmetric', 8, 8, 20, 3, 3, 2, 'SAME', 1),
+    ('1x1', 5, 5, 6, 4, 1, 1, 0, 1),
+    ('1x1_stride2', 7, 6, 6, 4, 1, 2, 0, 1),
+    ('7x7_stem_stride2', 12, 10, 3, 4, 7, 2, 3, 1),
+    ('depthwise_3x3', 6, 7, 5, 5, 3, 1, 'SAME', 5),
+    ('depthwise_3x3_stride2', 8, 8, 4, 4, 3, 2, 1, 4),
+    ('depthwise_multiplier2', 6, 6, 3, 6, 3, 1, 1, 3),
+    ('grouped_2', 6, 6, 4, 6, 3, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize('impl', ['lax', 'matmul'])
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_conv_matches_numpy_values_and_gradients(case, impl):
+  _, h, w, cin, cout, k, s, padding, groups = case
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32)
+  pads = layers.resolve_padding(padding, (h, w), (k, k), (s, s))
+  conv = layers.conv2d_matmul if impl == 'matmul' else layers.conv2d_lax
+  hi = lax.Precision.HIGHEST
+
+  out = conv(jnp.asarray(x), jnp.asarray(kernel), (s, s), pads, groups, hi)
+  expected = numpy_conv(x.astype(np.float64), kernel.astype(np.float64), s, pads, groups)
+  assert out.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+  # And against XLA's convolution called directly with the same padding.
+  ref = lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                 feature_group_count=groups, precision=hi)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+  cotangent = rng.normal(size=expected.shape).astype(np.float32)
+  dx, dk = jax.grad(lambda a, b: jnp.sum(conv(a, b, (s, s), pads, groups, hi) * cotangent),
+                    argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+  np.testing.assert_allclose(np.asarray(dk), numpy_kernel_grad(x, cotangent, kernel.shape, s, pads, groups),
+                             rtol=1e-4, atol=1e-3)
+  _, vjp = jax.vjp(lambda a: lax.conv_general_dilated(a, kernel, (s, s), pads,
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                                     feature_group_count=groups, precision=hi), x)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(vjp(cotangent)[0]), rtol=1e-4, atol=1e-3)
+
+
+def test_resolve_padding_same_matches_xla():
+  for size, k, s in [(8, 3, 2), (9, 3, 2), (7, 7, 2), (5, 1, 2), (6, 3, 1)]:
+    ours = layers.resolve_padding('SAME', (size, size), (k, k), (s, s))
+    xla = lax.padtype_to_pads((size, size), (k, k), (s, s), 'SAME')
+    assert ours == tuple(tuple(p) for p in xla)
+  assert layers.resolve_padding(3, (8, 8), (7, 7), (2, 2)) == ((3, 3), (3, 3))
+  with pytest.raises(ValueError, match='padding'):
+    layers.resolve_padding('FULL', (8, 8), (3, 3), (1, 1))
+
+
+def test_auto_impl_choice_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_conv_impl('auto', (1, 1), 1) == 'matmul'
+  assert layers.resolve_conv_impl('auto', (3, 3), 8) == 'matmul'
+  assert layers.resolve_conv_impl('auto', (3, 3), 1) == 'lax'
+  assert layers.resolve_conv_impl('lax', (1, 1), 1) == 'lax'
+  with pytest.raises(ValueError, match='conv_impl'):
+    layers.resolve_conv_impl('cudnn')
+
+
+@pytest.mark.parametrize('impl', ['lax', 'matmul', 'auto'])
+def test_conv2d_module_is_a_drop_in_for_nn_conv(impl):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 8, 4))
+  ours = layers.Conv2D(6, kernel_size=3, strides=2, padding='SAME', impl=impl)
+  variables = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, variables) == {'params': {'kernel': (3, 3, 4, 6), 'bias': (6,)}}
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero bias
+  flax_conv = nn.Conv(6, (3, 3), strides=2, padding='SAME', precision='highest')
+  np.testing.assert_allclose(np.asarray(ours.apply(variables, x)), np.asarray(flax_conv.apply(variables, x)),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_depthwise_params_and_errors():
+  x = jnp.ones((1, 5, 5, 6))
+  dw = layers.Conv2D(6, 3, feature_group_count=6, use_bias=False)
+  assert jax.tree.map(jnp.shape, dw.init(jax.random.key(0), x)) == {'params': {'kernel': (3, 3, 1, 6)}}
+  with pytest.raises(ValueError, match='feature_group_count'):
+    layers.Conv2D(5, 3, feature_group_count=4).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
+    layers.Conv2D(5, 3).init(jax.random.key(0), jnp.ones((5, 5, 6)))
+
+
+def test_conv2d_bfloat16_activations_keep_float32_params():
+  x = jnp.ones((1, 4, 4, 3))
+  conv = layers.Conv2D(2, 3, dtype='bfloat16', impl='matmul')
+  variables = conv.init(jax.random.key(0), x)
+  assert variables['params']['kernel'].dtype == jnp.float32
+  assert conv.apply(variables, x).dtype == jnp.bfloat16
+
+
+def test_frozen_batchnorm_is_affine_and_not_trainable():
+  c = 4
+  rng = np.random.default_rng(1)
+  stats = {'scale': rng.uniform(0.5, 2, c), 'bias': rng.normal(size=c), 'mean': rng.normal(size=c),
+           'var': rng.uniform(0.1, 3, c)}
+  stats = {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+  bn = layers.FrozenBatchNorm()
+  x = jnp.asarray(rng.normal(size=(2, 3, 3, c)), jnp.float32)
+  init = bn.init(jax.random.key(0), x)
+  assert 'params' not in init
+  assert set(init[layers.FROZEN_COLLECTION]) == {'scale', 'bias', 'mean', 'var'}
+  np.testing.assert_allclose(np.asarray(bn.apply(init, x)), np.asarray(x), rtol=1e-5, atol=1e-5)  # identity init
+  variables = {layers.FROZEN_COLLECTION: stats}
+  y = bn.apply(variables, x)
+  expected = (np.asarray(x) - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * stats['scale'] + stats['bias']
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda v: bn.apply(v, x).sum())(variables)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_neck_norm_group_and_none():
+  assert layers.num_groups_for(256) == 32
+  assert layers.num_groups_for(24) == 24
+  assert layers.num_groups_for(40) == 20
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3 + 1
+  y = layers.NeckNorm('group').apply(layers.NeckNorm('group').init(jax.random.key(0), x), x)
+  groups = np.asarray(y).reshape(2, 16, 8, 1)  # 8 groups of one channel each: zero mean, unit variance
+  np.testing.assert_allclose(groups.mean(axis=1), 0, atol=1e-5)
+  np.testing.assert_allclose(groups.var(axis=1), 1, atol=1e-3)
+  assert layers.NeckNorm('none').apply({}, x) is x
+  with pytest.raises(ValueError, match='neck_norm'):
+    layers.NeckNorm('batch').init(jax.random.key(0), x)
+
+
+def test_mlp_matches_manual_layers():
+  mlp = layers.MLP(hidden_dim=5, output_dim=3, num_layers=3)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 4))
+  params = mlp.init(jax.random.key(1), x)['params']
+  assert sorted(params) == ['layers_0', 'layers_1', 'layers_2']
+  h = np.asarray(x)
+  for i in range(3):
+    h = h @ np.asarray(params[f'layers_{i}']['kernel']) + np.asarray(params[f'layers_{i}']['bias'])
+    if i < 2:
+      h = np.maximum(h, 0)
+  np.testing.assert_allclose(np.asarray(mlp.apply({'params': params}, x)), h, rtol=1e-5, atol=1e-5)
+  zero_last = layers.MLP(5, 3, 2, last_kernel_init=nn.initializers.zeros_init())
+  np.testing.assert_array_equal(np.asarray(zero_last.apply(zero_last.init(jax.random.key(0), x), x)), 0)
+
+
+def test_max_pool_matches_numpy():
+  x = np.random.default_rng(2).normal(size=(1, 7, 8, 2)).astype(np.float32)
+  y = np.asarray(layers.max_pool_2x(jnp.asarray(x)))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  expected = np.stack([np.stack([xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(4)], 1)
+                       for i in range(4)], 1)
+  assert y.shape == (1, 4, 4, 2)
+  np.testing.assert_array_equal(y, expected)
