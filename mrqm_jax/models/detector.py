@@ -1,0 +1,310 @@
+"""MRQM: backbone -> BiFPN -> encoder (SAE) -> two-stage mixed query selection + contrastive denoising -> DINO
+decoder, plus the IoU-aware head's auxiliary query group in training.
+
+    MRQM(config)(images [B, H, W, 3], pad_mask [B, H, W] bool (True = padding), targets=None, train=False)
+
+returns the output dict of the shared contract (L decoder layers, Q = decoder.num_queries, C classes):
+  pred_logits [B, Q, C], pred_boxes [B, Q, 4]      last decoder layer, matching queries
+  aux_outputs {pred_logits [L-1, B, Q, C], pred_boxes [L-1, B, Q, 4]}
+  enc_outputs {pred_logits [B, Q, C], pred_boxes [B, Q, 4]}     the selected encoder proposals
+  dn_outputs  {pred_logits [L, B, D, C], pred_boxes [L, B, D, 4], gt_index [B, D] i32 (-1 = empty slot),
+               positive [B, D], valid [B, D]}                   only when train, targets given, dn.enabled
+  iah_outputs {everything IoUAwareHead returns, plus query_logits [L, B, K, C], query_boxes [L, B, K, 4],
+               query_gt [B, K] i32 (-1 = empty slot), query_valid [B, K]}   only when train, targets, iah.enabled
+RNG streams: 'dn' (label flips and box jitter of the denoising queries) and 'dropout' (only when a dropout
+rate is > 0), both only with train=True. `init` with train=False creates every parameter (the DN label
+embedding, the IAH head and the auxiliary-query projections included), so a train-mode apply needs nothing more.
+Everything is static-shaped: one compilation per input shape.
+
+Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_proposals`):
+  every encoder token gets an anchor proposal centred on its pixel with side 0.05 * 2^level (normalized by
+  the padded canvas, our box contract); tokens on padding and proposals not inside (0.01, 0.99) on every
+  coordinate are invalid and their memory is zeroed; enc_output = LN(Dense(memory)); per-token class logits
+  (enc class head) and boxes sigmoid(enc box head + logit(proposal)); the top-Q tokens by max class logit
+  give the reference boxes (DETACHED) of the matching queries, whose content is a LEARNED embedding [Q, D].
+  One deviation: Co-DINO lets invalid tokens (inf proposals, constant logits) compete in the top-k; we exclude
+  them (score -inf), because their boxes are (1, 1, 1, 1) and an inf would poison gradients in JAX.
+
+Contrastive denoising (Co-DINO `CdnQueryGenerator`, label noise 0.5, box noise 1.0), made static:
+  Co-DINO builds G = max(1, dn.num_queries // n) groups from the n gts of the batch's densest image, each group
+  holding n positive then n negative queries. We keep that group rule but apply it PER IMAGE with
+  n = min(#gts, dn.max_gt), inside a fixed number of DN slots D = `dn_num_slots(dn.num_queries, cap)` (the
+  largest 2 * G * n any n can need, cap = min(dn.max_gt, dataset.max_boxes)); slots past 2 * G * n are empty
+  (`valid` False). Per image rather than per batch so that an image's queries do not depend on which images
+  share its batch (or device). Denoising queries: content = label_embedding(label, flipped to a uniform random
+  class with probability label_noise / 2), reference = the gt box with each xyxy corner moved by
+  sign * u * (w/2 | h/2) * box_noise, u ~ U[0, 1) for positives and U[1, 2) for negatives, clipped to [0, 1].
+  Self-attention mask (`dn_self_attention_mask`): matching queries see only matching queries; a DN query sees
+  the valid queries of its own group and all matching queries (as DINO); every query sees itself.
+
+Auxiliary queries of the IoU-aware head (paper eq. 9, Co-DINO `forward_aux` with coordinate features):
+  Q_a = LN(Dense(PE(C_pos))) + LN(Dense(F''_pos)), reference boxes C_pos; decoded by the SAME decoder in its own
+  call, each valid query seeing the valid auxiliary queries (empty slots are hidden).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrqm_jax.models import backbone as backbone_lib
+from mrqm_jax.models import bifpn
+from mrqm_jax.models import decoder as decoder_lib
+from mrqm_jax.models import encoder as encoder_lib
+from mrqm_jax.models import iou_aware_head
+from mrqm_jax.models import layers
+from mrqm_jax.models.position_encoding import box_sine_embedding
+from mrqm_jax.ops import boxes as box_ops
+
+# DINO's proposal side on the finest level (doubling per level) and the valid range of proposal coordinates.
+PROPOSAL_BASE_SIZE = 0.05
+PROPOSAL_VALID_RANGE = (0.01, 0.99)
+# Reference box of empty DN slots: Co-DINO pads them with zeros in logit space, i.e. sigmoid(0) = 0.5.
+EMPTY_SLOT_BOX = (0.5, 0.5, 0.5, 0.5)
+
+
+# ------------------------------------------------------------------------------------------ query selection
+def level_pad_masks(pad_mask: jax.Array, spatial_shapes) -> list[jax.Array]:
+  """Image pad mask [B, H, W] -> [[B, H_l, W_l]] by nearest sampling (PyTorch `F.interpolate(size=...)`:
+  source index floor(i * H / H_l)), as DETR derives its feature masks."""
+  _, h, w = pad_mask.shape
+  out = []
+  for hl, wl in spatial_shapes:
+    rows = np.floor(np.arange(hl) * (h / hl)).astype(np.int32)
+    cols = np.floor(np.arange(wl) * (w / wl)).astype(np.int32)
+    out.append(pad_mask[:, rows][:, :, cols])
+  return out
+
+
+def encoder_proposals(spatial_shapes) -> tuple[np.ndarray, np.ndarray]:
+  """Per-token anchor proposals (static): (proposals_logit [S, 4] f32, in_range [S] bool).
+
+  Token (i, j) of level l (level-major, row-major) proposes the box ((j + 0.5) / W_l, (i + 0.5) / H_l,
+  0.05 * 2^l, 0.05 * 2^l) in canvas-normalized cxcywh; `in_range` is False when any coordinate is outside
+  (0.01, 0.99) (then proposals_logit holds 0, never used). Returned in logit space (inverse sigmoid).
+  """
+  boxes = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    cy, cx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing='ij')
+    side = np.full(h * w, PROPOSAL_BASE_SIZE * 2.0**lvl)
+    boxes.append(np.stack([cx.reshape(-1), cy.reshape(-1), side, side], axis=-1))
+  boxes = np.concatenate(boxes, axis=0)
+  lo, hi = PROPOSAL_VALID_RANGE
+  in_range = np.all((boxes > lo) & (boxes < hi), axis=-1)
+  safe = np.where(in_range[:, None], boxes, 0.5)
+  return np.log(safe / (1.0 - safe)).astype(np.float32), in_range
+
+
+def select_top_proposals(enc_logits: jax.Array, enc_boxes_logit: jax.Array, token_valid: jax.Array,
+                         num_queries: int) -> tuple[jax.Array, jax.Array]:
+  """Top-`num_queries` tokens by max class logit among valid tokens.
+
+  enc_logits [B, S, C], enc_boxes_logit [B, S, 4] (box logits), token_valid [B, S] ->
+  (logits [B, Q, C], box logits [B, Q, 4]) of the selected tokens, best first (gradients flow to both).
+  """
+  if num_queries > enc_logits.shape[1]:
+    raise ValueError(f'decoder.num_queries = {num_queries} exceeds the {enc_logits.shape[1]} encoder tokens')
+  score = jnp.where(token_valid, enc_logits.max(axis=-1), -jnp.inf)
+  _, index = jax.lax.top_k(jax.lax.stop_gradient(score), num_queries)
+  return (jnp.take_along_axis(enc_logits, index[..., None], axis=1),
+          jnp.take_along_axis(enc_boxes_logit, index[..., None], axis=1))
+
+
+# ------------------------------------------------------------------------------------------------ denoising
+def dn_groups(num_gts, num_dn_queries: int):
+  """Co-DINO's dynamic group count for n gts: max(1, num_dn_queries // n) (1 when n = 0). Works on ints/arrays."""
+  return jnp.maximum(1, num_dn_queries // jnp.maximum(num_gts, 1))
+
+
+def dn_num_slots(num_dn_queries: int, max_gt: int) -> int:
+  """Static DN query count D: the largest 2 * groups(n) * n over n = 1..max_gt (so any image fits)."""
+  if max_gt < 1:
+    raise ValueError(f'dn.max_gt must be >= 1, got {max_gt}')
+  return 2 * max(max(1, num_dn_queries // n) * n for n in range(1, max_gt + 1))
+
+
+def dn_layout(num_gts: jax.Array, num_dn_queries: int, max_gt: int, num_slots: int) -> dict[str, jax.Array]:
+  """Where each DN slot sits: num_gts [B] i32 (valid gts per image) -> per slot [B, D]:
+
+  n = min(num_gts, max_gt), G = dn_groups(n); slot s belongs to group s // (2n); inside a group the first n
+  slots are positives and the next n negatives of gts 0..n-1 (`gt_rank`, the rank among the image's valid
+  gts); slots with group >= G (or n = 0) are empty. Returns {'group' (-1 = empty), 'gt_rank', 'positive',
+  'valid'}.
+  """
+  n = jnp.minimum(jnp.asarray(num_gts, jnp.int32), max_gt)[:, None]     # [B, 1]
+  n_safe = jnp.maximum(n, 1)
+  slot = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
+  group = slot // (2 * n_safe)
+  within = slot % (2 * n_safe)
+  valid = (n > 0) & (group < dn_groups(n, num_dn_queries))
+  return {'group': jnp.where(valid, group, -1), 'gt_rank': within % n_safe, 'positive': within < n_safe,
+          'valid': valid}
+
+
+def dn_self_attention_mask(dn_group: jax.Array, num_matching: int) -> jax.Array:
+  """Self-attention mask of [DN queries; matching queries]: dn_group [B, D] (-1 = empty slot) ->
+  [B, D + Q, D + Q] bool, True = row query may attend column query (see module doc)."""
+  b, d = dn_group.shape
+  n = d + num_matching
+  is_dn = jnp.arange(n) < d                                                 # [N]
+  group = jnp.concatenate([dn_group, jnp.full((b, num_matching), -1, dn_group.dtype)], axis=1)  # [B, N]
+  same_group = (group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0)
+  dn_rows = is_dn[None, :, None] & (same_group | ~is_dn[None, None, :])    # DN row: own group + matching
+  matching_rows = ~is_dn[None, :, None] & ~is_dn[None, None, :]             # matching row: matching only
+  return dn_rows | matching_rows | jnp.eye(n, dtype=bool)[None]
+
+
+def jitter_boxes(rng: jax.Array, boxes: jax.Array, negative: jax.Array, box_noise: float) -> jax.Array:
+  """DINO's contrastive box noise: boxes [..., 4] cxcywh, negative [...] bool -> [..., 4] cxcywh in [0, 1].
+
+  Each xyxy corner moves by sign * u * half the box side * box_noise, sign = +-1, u ~ U[0, 1) (positives) or
+  U[1, 2) (negatives); the corners are clipped to [0, 1] (a negative box may come out inverted, i.e. with
+  a negative side, exactly as in Co-DINO; the decoder's logit clamp then treats the side as ~0).
+  """
+  sign_rng, mag_rng = jax.random.split(rng)
+  sign = jnp.where(jax.random.bernoulli(sign_rng, 0.5, boxes.shape), 1.0, -1.0)
+  magnitude = jax.random.uniform(mag_rng, boxes.shape) + negative[..., None].astype(jnp.float32)
+  half = jnp.concatenate([boxes[..., 2:], boxes[..., 2:]], axis=-1) * 0.5
+  corners = box_ops.cxcywh_to_xyxy(boxes) + sign * magnitude * half * box_noise
+  return box_ops.xyxy_to_cxcywh(jnp.clip(corners, 0.0, 1.0))
+
+
+def make_dn_queries(rng: jax.Array, targets: dict, label_embedding: jax.Array, *, num_dn_queries: int,
+                    max_gt: int, num_slots: int, label_noise: float, box_noise: float) -> dict[str, jax.Array]:
+  """Denoising queries of a batch (module doc).
+
+  targets: boxes [B, M, 4] cxcywh, labels [B, M] i32, box_valid [B, M] bool (valid gts anywhere in M; the
+  first min(#valid, max_gt) valid ones are used); label_embedding [C, D].
+  Returns content [B, D, Dm], ref_boxes [B, D, 4], gt_index [B, D] i32 (index into M, -1 = empty slot),
+  positive [B, D], valid [B, D], group [B, D] (-1 = empty slot).
+  """
+  gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
+  gt_labels = jnp.asarray(targets['labels'], jnp.int32)
+  gt_valid = jnp.asarray(targets['box_valid'], bool)
+  num_classes = label_embedding.shape[0]
+  # Valid gts first, in their original order (stable sort of the "invalid" flag).
+  order = jnp.argsort(~gt_valid, axis=1, stable=True).astype(jnp.int32)
+  layout = dn_layout(gt_valid.sum(axis=1), num_dn_queries, max_gt, num_slots)
+  gt_index = jnp.take_along_axis(order, layout['gt_rank'], axis=1)                          # [B, D]
+  valid = layout['valid']
+  labels = jnp.take_along_axis(gt_labels, gt_index, axis=1)
+  boxes = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)
+
+  label_rng, flip_rng, box_rng = jax.random.split(rng, 3)
+  if label_noise > 0:
+    flip = jax.random.uniform(flip_rng, labels.shape) < label_noise * 0.5
+    labels = jnp.where(flip, jax.random.randint(label_rng, labels.shape, 0, num_classes), labels)
+  if box_noise > 0:
+    boxes = jitter_boxes(box_rng, boxes, ~layout['positive'], box_noise)
+  # Co-DINO feeds inverse_sigmoid(box, eps=1e-3) to the decoder, which takes its sigmoid again.
+  boxes = jax.nn.sigmoid(decoder_lib.inverse_sigmoid(boxes))
+
+  content = jnp.where(valid[..., None], label_embedding[jnp.clip(labels, 0, num_classes - 1)], 0.0)
+  boxes = jnp.where(valid[..., None], boxes, jnp.asarray(EMPTY_SLOT_BOX, jnp.float32))
+  return {'content': content, 'ref_boxes': jax.lax.stop_gradient(boxes),
+          'gt_index': jnp.where(valid, gt_index, -1), 'positive': layout['positive'] & valid, 'valid': valid,
+          'group': layout['group']}
+
+
+# ------------------------------------------------------------------------------------------------- detector
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if config.model.hidden_dim % 2:
+    raise ValueError(f'config.model.hidden_dim must be even, got {config.model.hidden_dim}')
+  if config.dn.enabled and config.dn.max_gt < 1:
+    raise ValueError(f'config.dn.max_gt must be >= 1 when dn.enabled, got {config.dn.max_gt}')
+
+
+class MRQM(nn.Module):
+  """The detector (module doc). Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm',
+  'enc_class_head', 'enc_box_head', 'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with
+  iah.enabled 'iah', 'aux_pos_proj', 'aux_pos_norm', 'aux_feat_proj', 'aux_feat_norm'."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, images: jax.Array, pad_mask: jax.Array, targets: dict | None = None,
+               train: bool = False) -> dict[str, Any]:
+    cfg = self.config
+    _check_config(cfg)
+    if images.ndim != 4 or pad_mask.shape != images.shape[:3]:
+      raise ValueError(f'MRQM: images must be [B, H, W, 3] and pad_mask [B, H, W], got {images.shape} and '
+                       f'{pad_mask.shape}')
+    dim, num_queries, num_classes = cfg.model.hidden_dim, cfg.decoder.num_queries, cfg.dataset.num_classes
+    dtype = cfg.model.dtype
+    batch = images.shape[0]
+
+    # Backbone -> neck -> encoder.
+    feats = backbone_lib.build_backbone(cfg, name='backbone')(images.astype(dtype))
+    feats = bifpn.build_neck(cfg, name='neck')(feats)
+    shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
+    enc = encoder_lib.build_encoder(cfg, name='encoder')(feats, level_pad_masks(pad_mask, shapes),
+                                                         deterministic=not train)
+    memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
+
+    # Two-stage mixed query selection.
+    proposals_logit, in_range = encoder_proposals(enc.spatial_shapes)
+    token_valid = ~memory_pad_mask & jnp.asarray(in_range)[None]
+    out_memory = jnp.where(token_valid[..., None], memory, 0.0)
+    out_memory = nn.LayerNorm(dtype=dtype, name='enc_output_norm')(nn.Dense(dim, dtype=dtype,
+                                                                             name='enc_output')(out_memory))
+    enc_logits = nn.Dense(num_classes, dtype=dtype, bias_init=decoder_lib.class_bias_init(),
+                          name='enc_class_head')(out_memory).astype(jnp.float32)
+    enc_boxes_logit = (decoder_lib.box_head(dim, dtype, name='enc_box_head')(out_memory).astype(jnp.float32)
+                       + jnp.asarray(proposals_logit)[None])
+    top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, token_valid, num_queries)
+    top_boxes = jax.nn.sigmoid(top_boxes_logit)
+    query_embed = self.param('query_embed', nn.initializers.normal(1.0), (num_queries, dim))
+    content = jnp.broadcast_to(query_embed.astype(out_memory.dtype), (batch, num_queries, dim))
+    refs = jax.lax.stop_gradient(top_boxes)
+    label_embedding = self.param('label_embedding', nn.initializers.normal(1.0), (num_classes, dim))
+
+    decoder = decoder_lib.build_decoder(cfg, name='decoder')
+    decode = lambda q, r, m: decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m, train=train)  # noqa
+
+    use_targets = train and targets is not None
+    outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes}}
+    if use_targets and cfg.dn.enabled:
+      cap = min(cfg.dn.max_gt, int(targets['boxes'].shape[1]))
+      num_dn = dn_num_slots(cfg.dn.num_queries, cap)
+      dn = make_dn_queries(self.make_rng('dn'), targets, label_embedding, num_dn_queries=cfg.dn.num_queries,
+                           max_gt=cap, num_slots=num_dn, label_noise=cfg.dn.label_noise,
+                           box_noise=cfg.dn.box_noise)
+      dec = decode(jnp.concatenate([dn['content'].astype(content.dtype), content], axis=1),
+                   jnp.concatenate([dn['ref_boxes'], refs], axis=1),
+                   dn_self_attention_mask(dn['group'], num_queries))
+      outputs['dn_outputs'] = {'pred_logits': dec['pred_logits'][:, :, :num_dn],
+                               'pred_boxes': dec['pred_boxes'][:, :, :num_dn], 'gt_index': dn['gt_index'],
+                               'positive': dn['positive'], 'valid': dn['valid']}
+      logits, boxes = dec['pred_logits'][:, :, num_dn:], dec['pred_boxes'][:, :, num_dn:]
+    else:
+      dec = decode(content, refs, None)
+      logits, boxes = dec['pred_logits'], dec['pred_boxes']
+    outputs.update({'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
+                    'aux_outputs': {'pred_logits': logits[:-1], 'pred_boxes': boxes[:-1]}})
+
+    # IoU-aware head + its auxiliary query group. Also run at init so that its parameters exist.
+    if cfg.iah.enabled and (use_targets or self.is_initializing()):
+      iah_targets, a_s = targets, None
+      if not use_targets:  # init: placeholder targets (no valid gt) and a placeholder A_s
+        m = cfg.dataset.max_boxes
+        iah_targets = {'boxes': jnp.zeros((batch, m, 4)), 'labels': jnp.zeros((batch, m), jnp.int32),
+                       'box_valid': jnp.zeros((batch, m), bool)}
+        a_s = 1.0
+      iah = iou_aware_head.IoUAwareHead(cfg, a_s=a_s, name='iah')(memory, memory_pad_mask, enc.spatial_shapes,
+                                                                   iah_targets)
+      aux_valid = iah['pos_valid']
+      pos_embed = box_sine_embedding(iah['pos_ref_boxes'], dim // 2).astype(out_memory.dtype)
+      aux_queries = (nn.LayerNorm(dtype=dtype, name='aux_pos_norm')(
+          nn.Dense(dim, dtype=dtype, name='aux_pos_proj')(pos_embed))
+                     + nn.LayerNorm(dtype=dtype, name='aux_feat_norm')(
+                         nn.Dense(dim, dtype=dtype, name='aux_feat_proj')(iah['pos_feat'])))
+      k = aux_valid.shape[1]
+      aux_mask = aux_valid[:, None, :] | jnp.eye(k, dtype=bool)[None]
+      aux = decode(aux_queries, iah['pos_ref_boxes'], aux_mask)
+      if use_targets:
+        outputs['iah_outputs'] = dict(iah, query_logits=aux['pred_logits'], query_boxes=aux['pred_boxes'],
+                                      query_gt=jnp.where(aux_valid, iah['pos_gt'], -1).astype(jnp.int32),
+                                      query_valid=aux_valid)
+    return outputs

@@ -1,0 +1,307 @@
+"""MRQM detector: query selection and denoising pieces vs NumPy/closed forms, and the whole SMOKE model
+(compiled once per mode): output contract, DN isolation, eval outputs, finite gradients."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import smoke
+
+try:  # TEMPORARY shim until mrqm_jax/models/bifpn.py lands (removed then)
+  from mrqm_jax.models import bifpn  # noqa: F401
+except ImportError:
+  import sys
+  import types
+  import flax.linen as nn
+
+  class _Neck(nn.Module):
+    dim: int
+
+    @nn.compact
+    def __call__(self, feats):
+      return [nn.Dense(self.dim)(f) for f in feats]
+
+  _shim = types.ModuleType('mrqm_jax.models.bifpn')
+  _shim.build_neck = lambda config, name=None: _Neck(config.model.hidden_dim, name=name)
+  sys.modules['mrqm_jax.models.bifpn'] = _shim
+
+from mrqm_jax.models import detector
+
+
+# --------------------------------------------------------------------------------------- pure functions
+def test_encoder_proposals_closed_form():
+  logits, in_range = detector.encoder_proposals(((2, 4), (1, 2)))
+  boxes = 1 / (1 + np.exp(-logits))
+  # Level 0: 2 x 4 tokens, centres ((j + .5) / 4, (i + .5) / 2), side 0.05; level 1: side 0.1.
+  np.testing.assert_allclose(boxes[0], [0.125, 0.25, 0.05, 0.05], rtol=1e-5)
+  np.testing.assert_allclose(boxes[5], [0.375, 0.75, 0.05, 0.05], rtol=1e-5)
+  np.testing.assert_allclose(boxes[9], [0.75, 0.5, 0.1, 0.1], rtol=1e-5)
+  assert in_range.all()
+  # A 1 x 128 level puts its first centre at 0.5 / 128 < 0.01: invalid, and the last at > 0.99.
+  _, in_range = detector.encoder_proposals(((1, 128),))
+  assert not in_range[0] and not in_range[-1] and in_range[1:-1].all()
+
+
+def test_level_pad_masks_nearest():
+  rng = np.random.default_rng(0)
+  mask = rng.uniform(size=(2, 12, 10)) > 0.5
+  got = detector.level_pad_masks(jnp.asarray(mask), ((3, 3), (6, 5)))
+  # Independent: PyTorch nearest picks source index floor(dst * in / out).
+  for (h, w), g in zip(((3, 3), (6, 5)), got):
+    want = np.array([[[mask[b, int(i * 12 / h), int(j * 10 / w)] for j in range(w)] for i in range(h)]
+                     for b in range(2)])
+    np.testing.assert_array_equal(g, want)
+
+
+def test_select_top_proposals_skips_invalid_tokens():
+  logits = jnp.asarray([[[5.0, 0.0], [1.0, 3.0], [9.0, 0.0], [2.0, 0.0]]])
+  boxes = jnp.arange(16.0).reshape(1, 4, 4)
+  valid = jnp.asarray([[True, True, False, True]])
+  top_logits, top_boxes = detector.select_top_proposals(logits, boxes, valid, 2)
+  np.testing.assert_array_equal(top_logits[0], [[5.0, 0.0], [1.0, 3.0]])  # token 2 (score 9) is invalid
+  np.testing.assert_array_equal(top_boxes[0], boxes[0, :2])
+
+
+@pytest.mark.parametrize('num_dn,max_gt', [(20, 32), (100, 200), (100, 7)])
+def test_dn_num_slots_fits_every_count(num_dn, max_gt):
+  d = detector.dn_num_slots(num_dn, max_gt)
+  needed = [2 * max(1, num_dn // n) * n for n in range(1, max_gt + 1)]
+  assert d == max(needed) and d % 2 == 0
+
+
+def test_dn_layout_matches_co_dino_groups():
+  num_dn, max_gt = 20, 32
+  d = detector.dn_num_slots(num_dn, max_gt)
+  counts = np.array([0, 1, 3, 7, 20, 25, 40])
+  lay = {k: np.asarray(v) for k, v in detector.dn_layout(jnp.asarray(counts), num_dn, max_gt, d).items()}
+  for b, count in enumerate(counts):
+    n = min(count, max_gt)
+    groups = max(1, num_dn // n) if n else 0
+    valid = lay['valid'][b]
+    assert valid.sum() == 2 * groups * n
+    assert np.all(valid[:2 * groups * n]) and not np.any(valid[2 * groups * n:])   # groups packed first
+    for g in range(groups):
+      block = slice(2 * g * n, 2 * (g + 1) * n)
+      assert np.all(lay['group'][b, block] == g)
+      np.testing.assert_array_equal(lay['positive'][b, block], np.arange(2 * n) < n)    # n pos then n neg
+      np.testing.assert_array_equal(lay['gt_rank'][b, block], np.tile(np.arange(n), 2))
+    assert np.all(lay['group'][b, ~valid] == -1)
+
+
+def _co_dino_blocked_mask(single_pad, num_groups, num_queries):
+  """Co-DINO's CdnQueryGenerator attention mask (True = blocked), rebuilt by slicing."""
+  pad = single_pad * 2 * num_groups
+  blocked = np.zeros((pad + num_queries,) * 2, bool)
+  blocked[pad:, :pad] = True
+  for i in range(num_groups):
+    rows = slice(single_pad * 2 * i, single_pad * 2 * (i + 1))
+    blocked[rows, single_pad * 2 * (i + 1):pad] = True
+    blocked[rows, :single_pad * 2 * i] = True
+  return blocked
+
+
+def test_dn_mask_equals_co_dino_when_groups_fill_the_slots():
+  # n = 5 gts, 20 DN queries: 4 groups of 10 fill exactly D = 40 slots; Co-DINO's mask must come out.
+  num_dn, max_gt, q = 20, 5, 7
+  d = detector.dn_num_slots(num_dn, max_gt)
+  lay = detector.dn_layout(jnp.asarray([5]), num_dn, max_gt, d)
+  allowed = np.asarray(detector.dn_self_attention_mask(lay['group'], q))[0]
+  np.testing.assert_array_equal(allowed, ~_co_dino_blocked_mask(5, 4, q))
+
+
+def test_dn_mask_hides_empty_slots_and_isolates_groups():
+  num_dn, max_gt, q = 20, 32, 4
+  d = detector.dn_num_slots(num_dn, max_gt)
+  lay = detector.dn_layout(jnp.asarray([3, 0]), num_dn, max_gt, d)
+  allowed = np.asarray(detector.dn_self_attention_mask(lay['group'], q))
+  group, valid = np.asarray(lay['group']), np.asarray(lay['valid'])
+  for b in range(2):
+    a = allowed[b]
+    assert not a[d:, :d].any()                       # matching queries never see DN queries
+    assert a[d:, d:].all() and a[:d, d:].all()       # matching see matching; DN see matching (DINO)
+    assert np.all(np.diag(a))                        # every row has at least itself
+    off_diag = a[:d, :d] & ~np.eye(d, dtype=bool)
+    i, j = np.nonzero(off_diag)
+    assert np.all(group[b, i] == group[b, j]) and np.all(valid[b, j])   # only own group, only real queries
+  assert allowed[0, :6, :6].all() and not allowed[0, :6, 6:12].any()  # group 0 vs group 1 (n = 3)
+
+
+def test_jitter_boxes_positive_and_negative_ranges():
+  n = 4000
+  boxes = jnp.tile(jnp.asarray([[0.5, 0.5, 0.2, 0.1]]), (n, 1))
+  negative = jnp.arange(n) % 2 == 1
+  out = np.asarray(detector.jitter_boxes(jax.random.PRNGKey(0), boxes, negative, box_noise=1.0))
+  corners = np.stack([out[:, 0] - out[:, 2] / 2, out[:, 1] - out[:, 3] / 2,
+                      out[:, 0] + out[:, 2] / 2, out[:, 1] + out[:, 3] / 2], -1)
+  base = np.array([0.4, 0.45, 0.6, 0.55])
+  moved = np.abs(corners - base) / np.array([0.1, 0.05, 0.1, 0.05])   # in units of half the side
+  neg = np.asarray(negative)
+  assert moved[~neg].max() < 1 + 1e-5 and moved[neg].min() > 1 - 1e-5 and moved[neg].max() < 2 + 1e-5
+  assert 0.4 < np.mean(corners[:, 0] > base[0]) < 0.6          # random signs
+  # Clipping: a box at the border stays inside [0, 1].
+  edge = detector.jitter_boxes(jax.random.PRNGKey(1), jnp.asarray([[0.02, 0.98, 0.04, 0.04]] * 50),
+                               jnp.ones(50, bool), 1.0)
+  edge_xyxy = np.concatenate([edge[:, :2] - edge[:, 2:] / 2, edge[:, :2] + edge[:, 2:] / 2], -1)
+  assert edge_xyxy.min() >= -1e-6 and edge_xyxy.max() <= 1 + 1e-6
+
+
+def test_make_dn_queries_uses_valid_gts_and_flips_labels():
+  m, c, dim = 6, 5, 8
+  boxes = jnp.asarray(np.random.default_rng(0).uniform(0.2, 0.4, (2, m, 4)), jnp.float32)
+  labels = jnp.asarray([[0, 1, 2, 3, 4, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  box_valid = jnp.asarray([[False, True, False, True, True, False], [False] * m])
+  embedding = jnp.asarray(np.random.default_rng(1).normal(size=(c, dim)), jnp.float32)
+  d = detector.dn_num_slots(12, 6)
+  kwargs = dict(num_dn_queries=12, max_gt=6, num_slots=d)
+  dn = detector.make_dn_queries(jax.random.PRNGKey(0), {'boxes': boxes, 'labels': labels, 'box_valid': box_valid},
+                                embedding, label_noise=0.0, box_noise=0.0, **kwargs)
+  valid = np.asarray(dn['valid'])
+  # Image 0: gts 1, 3, 4 in 4 groups (12 // 3) -> 24 valid slots; image 1 has no gt.
+  assert valid[0].sum() == 24 and not valid[1].any()
+  np.testing.assert_array_equal(np.asarray(dn['gt_index'])[0, :6], [1, 3, 4, 1, 3, 4])
+  assert np.all(np.asarray(dn['gt_index'])[~valid] == -1)
+  # Without noise: positives and negatives are the gt box (through the 1e-3 logit clamp) and its embedding.
+  gi = np.asarray(dn['gt_index'])[0, :24]
+  np.testing.assert_allclose(dn['ref_boxes'][0, :24], boxes[0, gi], atol=1e-6)
+  np.testing.assert_allclose(dn['content'][0, :24], embedding[labels[0, gi]], atol=1e-6)
+  assert np.all(np.asarray(dn['content'])[1] == 0)
+  np.testing.assert_allclose(dn['ref_boxes'][1], 0.5)
+  # With label noise 0.5 about a quarter of the labels are redrawn (uniformly, so ~4/5 of those change).
+  many = {'boxes': jnp.tile(boxes[:1], (64, 1, 1)), 'labels': jnp.tile(labels[:1], (64, 1)),
+          'box_valid': jnp.tile(box_valid[:1], (64, 1))}
+  noisy = detector.make_dn_queries(jax.random.PRNGKey(2), many, embedding, label_noise=0.5, box_noise=1.0,
+                                   **kwargs)
+  v = np.asarray(noisy['valid'])
+  clean = embedding[np.asarray(many['labels'])[np.arange(64)[:, None], np.asarray(noisy['gt_index'])]]
+  changed = np.any(np.abs(np.asarray(noisy['content']) - np.asarray(clean)) > 1e-6, axis=-1)[v]
+  assert 0.25 * 0.8 - 0.05 < changed.mean() < 0.25 * 0.8 + 0.05
+
+
+# ------------------------------------------------------------------------------------------- whole model
+def _smoke_config() -> ml_collections.ConfigDict:
+  config = smoke.get_config()
+  with config.unlocked():
+    config.iah.a_s = '4'  # resolved from the dataset in training; any number here
+  return config
+
+
+@pytest.fixture(scope='module')
+def model_setup():
+  config = _smoke_config()
+  model = detector.MRQM(config)
+  b, (h, w), m = 2, config.input.image_size, config.dataset.max_boxes
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(b, h, w, 3)), jnp.float32)
+  pad = np.zeros((b, h, w), bool)
+  pad[1, :, 96:] = True          # image 1 is 128 x 96, padded on the right
+  pad = jnp.asarray(pad)
+  centres = rng.uniform(0.2, 0.6, (b, m, 2))
+  sizes = rng.uniform(0.02, 0.15, (b, m, 2))
+  box_valid = np.zeros((b, m), bool)
+  box_valid[0, :5] = True
+  box_valid[1, [2, 7, 9]] = True
+  targets = {'boxes': jnp.asarray(np.concatenate([centres, sizes], -1), jnp.float32),
+             'labels': jnp.asarray(rng.integers(0, config.dataset.num_classes, (b, m)), jnp.int32),
+             'box_valid': jnp.asarray(box_valid)}
+  variables = jax.jit(lambda r: model.init({'params': r, 'dropout': r, 'dn': r}, images, pad, train=False))(
+      jax.random.PRNGKey(0))
+
+  def loss_and_outputs(params, targets, dn_rng):
+    out = model.apply({**variables, 'params': params}, images, pad, targets=targets, train=True,
+                      rngs={'dn': dn_rng, 'dropout': dn_rng})
+    scalar = (out['pred_boxes'].sum() + out['pred_logits'].mean() + out['enc_outputs']['pred_boxes'].sum()
+              + out['dn_outputs']['pred_boxes'].sum() + out['iah_outputs']['query_boxes'].sum()
+              + out['iah_outputs']['cls_logits'].mean() + out['dn_outputs']['pred_logits'][-1, :, 0].sum()
+              + out['iah_outputs']['query_logits'][-1, :, :, 0].sum())
+    return scalar, out
+
+  train_fn = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))
+  eval_fn = jax.jit(lambda v: model.apply(v, images, pad, train=False))
+  return dict(config=config, model=model, variables=variables, targets=targets, train_fn=train_fn,
+              eval_fn=eval_fn, images=images, pad=pad)
+
+
+@pytest.fixture(scope='module')
+def train_result(model_setup):
+  s = model_setup
+  return s['train_fn'](s['variables']['params'], s['targets'], jax.random.PRNGKey(1))
+
+
+@pytest.mark.slow
+def test_train_outputs_contract(model_setup, train_result):
+  cfg = model_setup['config']
+  (_, out), _ = train_result
+  b, q, c, nl = 2, cfg.decoder.num_queries, cfg.dataset.num_classes, cfg.decoder.num_layers
+  d = detector.dn_num_slots(cfg.dn.num_queries, min(cfg.dn.max_gt, cfg.dataset.max_boxes))
+  k = cfg.iah.max_pos
+  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'dn_outputs', 'iah_outputs'}
+  assert out['pred_logits'].shape == (b, q, c) and out['pred_boxes'].shape == (b, q, 4)
+  assert out['aux_outputs']['pred_logits'].shape == (nl - 1, b, q, c)
+  assert out['aux_outputs']['pred_boxes'].shape == (nl - 1, b, q, 4)
+  assert out['enc_outputs']['pred_logits'].shape == (b, q, c) and out['enc_outputs']['pred_boxes'].shape == (b, q, 4)
+  dn = out['dn_outputs']
+  assert dn['pred_logits'].shape == (nl, b, d, c) and dn['pred_boxes'].shape == (nl, b, d, 4)
+  assert dn['gt_index'].shape == (b, d) and dn['gt_index'].dtype == jnp.int32
+  # Image 0: 5 gts -> 20 // 5 = 4 groups; image 1: gts 2, 7, 9 -> 6 groups.
+  assert int(dn['valid'][0].sum()) == 2 * 4 * 5 and int(dn['valid'][1].sum()) == 2 * 6 * 3
+  assert int(dn['positive'][0].sum()) == 4 * 5
+  assert set(np.asarray(dn['gt_index'][1])[np.asarray(dn['valid'][1])]) == {2, 7, 9}
+  iah = out['iah_outputs']
+  for key in ('cls_logits', 'pred_boxes', 'anchors', 'assigned_gt'):
+    assert key in iah
+  assert iah['query_logits'].shape == (nl, b, k, c) and iah['query_boxes'].shape == (nl, b, k, 4)
+  assert iah['query_gt'].shape == (b, k) and iah['query_valid'].shape == (b, k)
+  assert np.all(np.asarray(iah['query_gt'])[~np.asarray(iah['query_valid'])] == -1)
+  assert np.asarray(iah['query_valid']).any()
+  for leaf in jax.tree.leaves(out):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert np.all(np.isfinite(leaf))
+  boxes = np.asarray(out['pred_boxes'])
+  assert np.all((boxes >= 0) & (boxes <= 1))
+
+
+@pytest.mark.slow
+def test_gradients_finite_and_reach_every_part(train_result):
+  (scalar, _), grads = train_result
+  assert np.isfinite(scalar)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
+  norms = {name: float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(grads[name]))))
+           for name in grads}
+  # DN label embedding, decoder, encoder, neck, backbone, IAH and the aux projections all get gradient.
+  for name in ('label_embedding', 'decoder', 'encoder', 'neck', 'backbone', 'iah', 'aux_pos_proj',
+               'aux_feat_proj', 'enc_box_head', 'query_embed'):
+    assert norms[name] > 0, (name, norms)
+
+
+@pytest.mark.slow
+def test_dn_inputs_do_not_change_matching_outputs(model_setup, train_result):
+  s = model_setup
+  (_, base), _ = train_result
+  other_targets = dict(s['targets'], boxes=s['targets']['boxes'].at[:, :, :2].add(0.05),
+                       labels=(s['targets']['labels'] + 1) % s['config'].dataset.num_classes)
+  (_, moved), _ = s['train_fn'](s['variables']['params'], other_targets, jax.random.PRNGKey(7))
+  # Different DN noise and different gts: the DN queries change ...
+  assert not np.allclose(base['dn_outputs']['pred_boxes'], moved['dn_outputs']['pred_boxes'], atol=1e-4)
+  # ... but the matching group (and the encoder proposals) cannot see them.
+  np.testing.assert_allclose(base['pred_logits'], moved['pred_logits'], atol=1e-5)
+  np.testing.assert_allclose(base['pred_boxes'], moved['pred_boxes'], atol=1e-6)
+  np.testing.assert_allclose(base['aux_outputs']['pred_logits'], moved['aux_outputs']['pred_logits'], atol=1e-5)
+  np.testing.assert_allclose(base['enc_outputs']['pred_boxes'], moved['enc_outputs']['pred_boxes'], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_outputs_have_no_training_groups(model_setup, train_result):
+  s = model_setup
+  out = s['eval_fn'](s['variables'])
+  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs'}
+  # Eval equals the training pass's matching group (no dropout in smoke; DN/IAH are masked away from it).
+  (_, train_out), _ = train_result
+  np.testing.assert_allclose(out['pred_logits'], train_out['pred_logits'], atol=1e-5)
+  np.testing.assert_allclose(out['pred_boxes'], train_out['pred_boxes'], atol=1e-6)
+  # Selected proposals never come from padded tokens: image 1's right quarter is padding. At init the enc box
+  # head's last layer is zero, so the selected boxes are the token proposals themselves.
+  boxes = np.asarray(out['enc_outputs']['pred_boxes'])
+  assert np.all(boxes[1, :, 0] < 0.75) and np.any(boxes[0, :, 0] > 0.75)
