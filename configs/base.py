@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.num_classes = 10             # targets only; ignore regions are not a class
   c.dataset.max_boxes = 1000             # static per-image target count; densest VisDrone train image has 902
   c.dataset.max_ignore = 128             # static per-image ignore-region count
+  # An image with more targets than max_boxes (or regions than max_ignore) is logged and counted, and its first
+  # ones in reader order are kept; True makes it an error naming the image (input_pipeline.transforms).
+  c.dataset.strict_max_boxes = False
   c.dataset.use_tfds = False             # True: read the TFDS builder's prepared records instead of the folder
   # Patch slicing (SODA-D protocol: 800x800 patches, 150 px overlap; available for VisDrone too).
   c.dataset.slicing = ml_collections.ConfigDict()
@@ -99,7 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.iah.max_pos = 300                    # Co-DETR max_pos_coords: auxiliary queries per image
   c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0)   # per level P2..P5, px at the input resolution
   c.iah.anchor_ratios = (0.5, 1.0, 2.0)
-  c.iah.anchor_scales = (1.0,)           # multipliers of each level's anchor size (octave scales)
+  # Multipliers of each level's anchor size: RetinaNet's 3 octave scales 2^(0, 1/3, 2/3), 9 anchors per location.
+  c.iah.anchor_scales = (1.0, 1.2599, 1.5874)
   c.iah.loss_weight = 2.0                # Co-DETR lambda_2: dense IAH loss x (lambda_2 * decoder layers), as Co-DINO
   c.iah.query_loss_weight = 1.0          # Co-DETR lambda_1: decoder losses of the auxiliary queries Q_a
 

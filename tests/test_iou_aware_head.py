@@ -280,7 +280,8 @@ def head_setup():
 def test_module_outputs(head_setup):
   config, _, variables, apply, memory, pad, targets = head_setup
   out = apply(variables, memory, pad, targets)
-  num_anchors = sum(h * w for h, w in SHAPES) * 3
+  per_location = len(config.iah.anchor_scales) * len(config.iah.anchor_ratios)
+  num_anchors = sum(h * w for h, w in SHAPES) * per_location
   k, c = config.iah.max_pos, config.dataset.num_classes
   assert out['cls_logits'].shape == (2, num_anchors, c)
   assert out['pred_boxes'].shape == (2, num_anchors, 4) and out['anchors'].shape == (num_anchors, 4)
@@ -295,11 +296,11 @@ def test_module_outputs(head_setup):
   assert set(np.asarray(out['pos_gt'][0])[pos_valid]) == set(range(5))
   index = np.asarray(out['pos_anchor_index'][0])[pos_valid]
   np.testing.assert_array_equal(out['pos_ref_boxes'][0][pos_valid], out['anchors'][index])
-  np.testing.assert_array_equal(out['pos_feat'][0][pos_valid], memory[0][index // 3])
+  np.testing.assert_array_equal(out['pos_feat'][0][pos_valid], memory[0][index // per_location])
   np.testing.assert_array_equal(np.asarray(out['pos_gt'][0])[pos_valid], assigned[index])
   # Image 1 has no objects: no positive, no query.
   assert np.all(np.asarray(out['assigned_gt'][1]) == -1) and not np.any(out['pos_valid'][1])
-  np.testing.assert_array_equal(out['anchor_valid'], np.repeat(~np.asarray(pad), 3, axis=1))
+  np.testing.assert_array_equal(out['anchor_valid'], np.repeat(~np.asarray(pad), per_location, axis=1))
 
 
 def test_module_padding_tokens_never_positive_and_grads_finite(head_setup):
