@@ -1,0 +1,243 @@
+r"""MRQM model cost: parameters per module, XLA FLOPs per module, SAE vs plain encoder, forward memory.
+
+  python benchmarks/model_cost.py --config=configs/visdrone.py [--params-only] [--image_size=H,W]
+      [--batch=1] [--repeats=3]
+
+Parameters come from `jax.eval_shape` of `MRQM.init` (nothing is computed), grouped by module:
+  backbone   ResNet ('params'; the frozen BatchNorm statistics are counted apart, they are not trained)
+  neck       BiFPN
+  encoder    SAE (or the plain encoder, per config.encoder.type)
+  decoder    decoder layers, ref_point_head, final norm
+  heads      per-layer decoder class/box heads, encoder-proposal heads (enc_output + norm, class, box),
+             the learned content queries and the DN label embedding
+  iah        IoU-aware head and the auxiliary-query projections (training only)
+beside the paper's 60M (Tables 1-2, "Params").
+
+Without --params-only (compiles, does not run, except for the timing):
+  - FLOPs (XLA cost analysis of the compiled function) per module of the inference forward at the canvas
+    (config.input.image_size, or --image_size), batch --batch: backbone, neck, encoder, decoder (one pass of
+    the Q matching queries), query selection + heads (= the whole forward minus those), and the training-only
+    IAH (dense head + anchor assignment) and auxiliary decoder pass (K = iah.max_pos queries).
+  - SAE vs plain deformable encoder: FLOPs ratio and measured forward wall time ratio (median of --repeats
+    after compile and a warm-up) in the same run, same inputs. On CPU pass a smaller --image_size.
+  - memory analysis of the compiled whole inference forward (arguments, outputs, temporaries).
+The last line is `total_params=N`.
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mrqm_jax.models import backbone as backbone_lib  # noqa: E402
+from mrqm_jax.models import bifpn  # noqa: E402
+from mrqm_jax.models import decoder as decoder_lib  # noqa: E402
+from mrqm_jax.models import detector  # noqa: E402
+from mrqm_jax.models import encoder as encoder_lib  # noqa: E402
+from mrqm_jax.models import iou_aware_head  # noqa: E402
+
+PAPER_PARAMS = 60e6
+HEAD_KEYS = ('enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head', 'query_embed', 'label_embedding')
+IAH_KEYS = ('iah', 'aux_pos_proj', 'aux_pos_norm', 'aux_feat_proj', 'aux_feat_norm')
+
+
+def load_config(path: str, image_size: str | None):
+  spec = importlib.util.spec_from_file_location('benchmark_config', path)
+  if spec is None or spec.loader is None:
+    raise SystemExit(f'--config: cannot load {path}')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  with config.unlocked():
+    if image_size:
+      try:
+        h, w = (int(v) for v in image_size.lower().replace('x', ',').split(','))
+      except ValueError:
+        raise SystemExit(f'--image_size must be H,W (e.g. 400,672), got {image_size!r}') from None
+      config.input.image_size = (h, w)
+    if str(config.iah.a_s) == 'auto':
+      config.iah.a_s = '1'  # only the training branch reads it; any number gives the same cost
+  return config
+
+
+def count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_groups(params) -> dict[str, int]:
+  groups = {'backbone': count(params.get('backbone', {})), 'neck': count(params.get('neck', {}))}
+  groups['encoder'] = count(params['encoder'])
+  dec = params['decoder']
+  dec_heads = {k: v for k, v in dec.items() if k.startswith(('class_heads_', 'box_heads_'))}
+  groups['decoder'] = count(dec) - count(dec_heads)
+  groups['heads'] = count(dec_heads) + sum(count(params[k]) for k in HEAD_KEYS if k in params)
+  groups['iah'] = sum(count(params[k]) for k in IAH_KEYS if k in params)
+  listed = set(HEAD_KEYS) | set(IAH_KEYS) | {'backbone', 'neck', 'encoder', 'decoder'}
+  other = {k: v for k, v in params.items() if k not in listed}
+  if other:
+    groups['other (' + ','.join(sorted(other)) + ')'] = count(other)
+  return groups
+
+
+def sub_variables(variables, name):
+  """{collection: variables[collection][name]} for every collection that has `name`."""
+  return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def compile_fn(fn, *args):
+  return jax.jit(fn).lower(*args).compile()
+
+
+def median_time(fn, args, repeats):
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='config file, e.g. configs/visdrone.py')
+  parser.add_argument('--params-only', '--params_only', dest='params_only', action='store_true')
+  parser.add_argument('--image_size', default=None, help='H,W canvas override (smaller for CPU)')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--repeats', type=int, default=3)
+  args = parser.parse_args(argv)
+
+  config = load_config(args.config, args.image_size)
+  h, w = config.input.image_size
+  b = args.batch
+  model = detector.MRQM(config)
+  images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
+  pad = jax.ShapeDtypeStruct((b, h, w), jnp.bool_)
+  rng = jax.random.PRNGKey(0)
+  variables = jax.eval_shape(lambda r, x, m: model.init({'params': r, 'dropout': r, 'dn': r}, x, m, train=False),
+                             rng, images, pad)
+  params = variables['params']
+  groups = param_groups(params)
+  total = count(params)
+  frozen = count({k: v for k, v in variables.items() if k != 'params'})
+
+  print(f'MRQM parameters — {args.config} ({config.model.backbone}, hidden {config.model.hidden_dim}, '
+        f'encoder {config.encoder.type} x{config.encoder.num_layers}, decoder x{config.decoder.num_layers}, '
+        f'{config.decoder.num_queries} queries, iah.enabled={config.iah.enabled})')
+  print(f'{"module":<12} {"params":>14} {"share":>7}')
+  for name, n in groups.items():
+    print(f'{name:<12} {n:>14,d} {n / total:>7.1%}')
+  print(f'{"total":<12} {total:>14,d}   (paper: {PAPER_PARAMS / 1e6:.0f}M; ratio {total / PAPER_PARAMS:.2f})')
+  print(f'{"inference":<12} {total - groups["iah"]:>14,d}   (without the training-only IAH)')
+  print(f'{"frozen BN":<12} {frozen:>14,d}   (batch statistics, not trained, not in the total)')
+
+  if not args.params_only:
+    cost_tables(config, model, variables, images, pad, b, args.repeats)
+  print(f'total_params={total}')
+
+
+def cost_tables(config, model, variables, images, pad, b, repeats):
+  h, w = config.input.image_size
+  print(f'\nFLOPs per module (XLA cost analysis, forward, canvas {h}x{w}, batch {b}, backend '
+        f'{jax.default_backend()})')
+  backbone = backbone_lib.build_backbone(config)
+  neck = bifpn.build_neck(config)
+  encoder = encoder_lib.build_encoder(config)
+  decoder = decoder_lib.build_decoder(config)
+
+  feats = jax.eval_shape(lambda v, x: backbone.apply(v, x), sub_variables(variables, 'backbone'), images)
+  pyramid = jax.eval_shape(lambda v, f: neck.apply(v, f), sub_variables(variables, 'neck'), feats)
+  shapes = tuple((int(p.shape[1]), int(p.shape[2])) for p in pyramid)
+  masks = [jax.ShapeDtypeStruct((b, hh, ww), jnp.bool_) for hh, ww in shapes]
+  s = sum(hh * ww for hh, ww in shapes)
+  d, q, k = config.model.hidden_dim, config.decoder.num_queries, config.iah.max_pos
+  memory = jax.ShapeDtypeStruct((b, s, d), jnp.float32)
+  memory_pad = jax.ShapeDtypeStruct((b, s), jnp.bool_)
+
+  rows = {}
+  rows['backbone'] = flops_of(compile_fn(lambda v, x: backbone.apply(v, x), sub_variables(variables, 'backbone'),
+                                         images))
+  rows['neck'] = flops_of(compile_fn(lambda v, f: neck.apply(v, f), sub_variables(variables, 'neck'), feats))
+  enc_vars = sub_variables(variables, 'encoder')
+  rows['encoder'] = flops_of(compile_fn(lambda v, f, m: encoder.apply(v, f, m), enc_vars, pyramid, masks))
+
+  def run_decoder(v, queries, refs, mem, mem_pad):
+    return decoder.apply(v, queries, refs, mem, mem_pad, shapes)
+
+  dec_vars = sub_variables(variables, 'decoder')
+  rows['decoder'] = flops_of(compile_fn(run_decoder, dec_vars, jax.ShapeDtypeStruct((b, q, d), jnp.float32),
+                                        jax.ShapeDtypeStruct((b, q, 4), jnp.float32), memory, memory_pad))
+  forward = compile_fn(lambda v, x, m: model.apply(v, x, m, train=False), variables, images, pad)
+  total = flops_of(forward)
+  rows['query sel. + heads'] = total - sum(rows.values())
+  print(f'{"module":<22} {"GFLOPs":>10} {"share":>7}')
+  for name, f in rows.items():
+    print(f'{name:<22} {f / 1e9:>10.1f} {f / total:>7.1%}')
+  print(f'{"inference total":<22} {total / 1e9:>10.1f}')
+
+  if config.iah.enabled:
+    m = config.dataset.max_boxes
+    targets = {'boxes': jax.ShapeDtypeStruct((b, m, 4), jnp.float32),
+               'labels': jax.ShapeDtypeStruct((b, m), jnp.int32),
+               'box_valid': jax.ShapeDtypeStruct((b, m), jnp.bool_)}
+    head = iou_aware_head.IoUAwareHead(config)
+    iah_flops = flops_of(compile_fn(lambda v, mem, mp, t: head.apply(v, mem, mp, shapes, t),
+                                    sub_variables(variables, 'iah'), memory, memory_pad, targets))
+    aux_flops = flops_of(compile_fn(run_decoder, dec_vars, jax.ShapeDtypeStruct((b, k, d), jnp.float32),
+                                    jax.ShapeDtypeStruct((b, k, 4), jnp.float32), memory, memory_pad))
+    print(f'{"iah head+assign (train)":<22} {iah_flops / 1e9:>10.1f}   (M = {m} gt slots)')
+    print(f'{"aux decoder (train)":<22} {aux_flops / 1e9:>10.1f}   (K = {k} queries)')
+
+  mem = forward.memory_analysis()
+  if mem is not None:
+    gib = 1024.0**3
+    print(f'\nCompiled inference forward memory (batch {b}, {h}x{w}): arguments '
+          f'{mem.argument_size_in_bytes / gib:.3f} GiB, outputs {mem.output_size_in_bytes / gib:.4f} GiB, '
+          f'temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, code {mem.generated_code_size_in_bytes / 2**20:.1f} MiB')
+
+  encoder_comparison(config, pyramid, masks, b, repeats)
+
+
+def encoder_comparison(config, pyramid, masks, b, repeats):
+  """SAE vs plain deformable encoder on the same pyramid: FLOPs and measured forward time."""
+  print(f'\nScale-aware vs plain deformable encoder (forward, batch {b}, canvas '
+        f'{config.input.image_size[0]}x{config.input.image_size[1]}, backend {jax.default_backend()})')
+  rng = np.random.default_rng(0)
+  feats = [jnp.asarray(rng.normal(size=p.shape), jnp.float32) for p in pyramid]
+  pad_masks = [jnp.zeros(m.shape, bool) for m in masks]
+  results = {}
+  for kind in ('sae', 'deformable'):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.encoder.type = kind
+    enc = encoder_lib.build_encoder(cfg)
+    params = enc.init(jax.random.PRNGKey(0), feats, pad_masks)
+    fn = jax.jit(lambda v, f, m, enc=enc: enc.apply(v, f, m).memory)
+    flops = flops_of(fn.lower(params, feats, pad_masks).compile())
+    seconds = median_time(fn, (params, feats, pad_masks), repeats)
+    results[kind] = (flops, seconds)
+  print(f'{"encoder":<12} {"GFLOPs":>10} {"time ms":>10}')
+  for kind, (flops, seconds) in results.items():
+    print(f'{kind:<12} {flops / 1e9:>10.1f} {seconds * 1e3:>10.1f}')
+  (f_sae, t_sae), (f_plain, t_plain) = results['sae'], results['deformable']
+  print(f'SAE / plain: FLOPs {f_sae / f_plain:.3f}, forward time {t_sae / t_plain:.3f} (median of {repeats})')
+
+
+if __name__ == '__main__':
+  main()
