@@ -51,10 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pretrained = ''                # .safetensors / .npz ImageNet state dict (torchvision or timm names)
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
+  c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py
   c.model.hidden_dim = 256
   c.model.num_levels = 4                 # P2..P5
-  # Convolution implementation. 'lax' = lax.conv (GPU/TPU); 'matmul' = shifted matmuls, whose weight gradients
-  # are ~8x faster on XLA:CPU; 'auto' picks 'matmul' on CPU and 'lax' elsewhere.
+  # Convolution implementation (models/layers.py). 'lax' = lax.conv (GPU/TPU); 'matmul' = shifted-slice matmuls
+  # for every conv; 'auto' = 'lax' off CPU, and on XLA:CPU per layer: matmuls for 1x1 and depthwise kernels
+  # (whose lax gradients are slow there), lax for dense kxk (benchmarks/conv_cpu.py).
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'              # activation dtype inside the model; see train.dtype
 
