@@ -153,7 +153,7 @@ def flip_horizontal(image: tf.Tensor, boxes: tf.Tensor, ignore: tf.Tensor
     x0, y0, x1, y1 = tf.unstack(xyxy, axis=-1)
     return tf.stack([width - x1, y0, width - x0, y1], axis=-1)
 
-  return image[:, ::-1], mirror(boxes), mirror(ignore)
+  return tf.reverse(image, [1]), mirror(boxes), mirror(ignore)  # 25x faster than image[:, ::-1] here
 
 
 def random_flip(image: tf.Tensor, boxes: tf.Tensor, ignore: tf.Tensor, seed: tf.Tensor
@@ -182,11 +182,18 @@ def resized_size(content_hw: tf.Tensor, scale: tf.Tensor, canvas_hw: tuple[int, 
 def resize_exact(image: tf.Tensor, scale: tf.Tensor, size_hw: tf.Tensor) -> tf.Tensor:
   """Bilinear resample of image [h, w, C] by exactly `scale` on both axes into [size_h, size_w, C] f32.
 
-  Unlike tf.image.resize (which stretches h -> size_h and w -> size_w, two slightly different factors after
-  rounding), output pixel centre u maps to input u / scale on both axes, so boxes scaled by `scale` stay on
-  their pixels. Bilinear without antialiasing, like mmcv's cv2 INTER_LINEAR resize. Scale 1 is a copy.
+  Output pixel centre u samples the input at u / scale on both axes (half-pixel centres, edges clamped), so
+  boxes scaled by `scale` stay on their pixels. tf.image.resize alone would stretch h -> size_h and
+  w -> size_w, two factors that differ after rounding unless h * scale and w * scale are both integers
+  (1360x765, 1920x1080 and 960x540 into 800x1344 are; 2000x1500 is not). It computes the same samples and is
+  ~5x faster than ScaleAndTranslate, so it is used whenever the sizes are exact (and a copy at scale 1).
+  Bilinear without antialiasing, like mmcv's cv2 INTER_LINEAR resize.
   """
-  image = tf.cast(image, tf.float32)
+  in_hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  exact_sizes = tf.reduce_all(tf.abs(in_hw * scale - tf.cast(size_hw, tf.float32)) < 1e-3)
+
+  def stretch():  # exact here: size / input = scale on both axes
+    return tf.image.resize(image, size_hw, method='bilinear', antialias=False)
 
   def resample():
     scales = tf.stack([scale, scale])
@@ -195,7 +202,7 @@ def resize_exact(image: tf.Tensor, scale: tf.Tensor, size_hw: tf.Tensor) -> tf.T
                                         antialias=False)[0]
 
   same = tf.logical_and(tf.equal(scale, 1.0), tf.reduce_all(tf.equal(size_hw, tf.shape(image)[:2])))
-  return tf.cond(same, lambda: image, resample)
+  return tf.case([(same, lambda: tf.cast(image, tf.float32)), (exact_sizes, stretch)], default=resample)
 
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:

@@ -68,7 +68,9 @@ def _bilinear_reference(image, scale, size_hw):
   return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
 
 
-@pytest.mark.parametrize('hw, canvas', [((30, 45), (16, 24)), ((17, 23), (40, 40)), ((50, 20), (32, 64))])
+# (30, 45) -> exact integer sizes (tf.image.resize path); the others -> ScaleAndTranslate (up- and downscale).
+@pytest.mark.parametrize('hw, canvas', [((30, 45), (16, 24)), ((17, 23), (40, 40)), ((50, 20), (32, 64)),
+                                        ((765, 1360), (800, 1344))])
 def test_resize_exact_matches_numpy_bilinear(hw, canvas):
   rng = np.random.default_rng(1)
   image = rng.integers(0, 255, hw + (3,), dtype=np.uint8)
@@ -79,7 +81,8 @@ def test_resize_exact_matches_numpy_bilinear(hw, canvas):
   assert s == pytest.approx(min(canvas[0] / hw[0], canvas[1] / hw[1]))
   expected_size = [int(np.ceil(n * s - 0.5)) for n in hw]  # pixels whose centre is inside the scaled image
   assert list(out.shape[:2]) == expected_size
-  np.testing.assert_allclose(out, _bilinear_reference(image, s, expected_size), atol=1e-3)
+  # f32 sample coordinates near 1000 px carry ~1e-4 px error: <= 5e-2 of 255 on noise; a geometry error gives tens.
+  np.testing.assert_allclose(out, _bilinear_reference(image, s, expected_size), atol=5e-2)
 
 
 def test_resize_exact_at_scale_one_is_identity():

@@ -1,0 +1,100 @@
+r"""Training input pipeline throughput (decode, flip, exact resize, normalize, pad, batch) in images/s.
+
+  python benchmarks/input_pipeline.py [--data DIR[,DIR...]] [--config visdrone|sodad|smoke] [--batch 2]
+      [--batches 40] [--parallel -1,1] [--sliced]
+
+Reads VisDrone-layout folders (default: ../shared/data/visdrone/train_sample and val_dev), builds the training
+iterator of `input_pipeline.pipeline` at the config's canvas (visdrone: 800 x 1344) and times NumPy host batches
+after `--warmup` batches (the first pays for tracing and for filling the prefetch buffer). `--sliced` adds rows
+with SODA-D's 800 x 800 patch slicing on the same images (the sodad recipe's canvas). Prints one row per
+(folder, config, tf.data parallelism): host batch, images/s, ms per image, and the number of CPU cores TF sees.
+
+`train_pipeline_images_per_sec(config, records, ...)` is the function to call from elsewhere (e.g. to compare
+with the train step's images/s): the pipeline can keep up when its images/s exceed the step's.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+
+from input_pipeline import pipeline  # noqa: E402
+
+DEFAULT_DATA = ('../shared/data/visdrone/train_sample', '../shared/data/visdrone/val_dev')
+
+
+def train_pipeline_images_per_sec(config: ml_collections.ConfigDict, records: list, *, global_batch_size: int,
+                                  num_batches: int = 40, warmup_batches: int = 3, seed: int = 0) -> dict:
+  """Steady-state throughput of this host's training iterator.
+
+  Returns {'images_per_sec', 'ms_per_image', 'seconds', 'batches', 'host_batch', 'examples_per_epoch'} measured
+  over `num_batches` batches after `warmup_batches`.
+  """
+  iterator = pipeline.train_iterator(config, records, global_batch_size=global_batch_size, seed=seed)
+  for _ in range(warmup_batches):
+    next(iterator)
+  start = time.perf_counter()
+  images = 0
+  for _ in range(num_batches):
+    images += len(next(iterator)['image'])
+  seconds = time.perf_counter() - start
+  return {'images_per_sec': images / seconds, 'ms_per_image': 1000 * seconds / images, 'seconds': seconds,
+          'batches': num_batches, 'host_batch': global_batch_size,
+          'examples_per_epoch': iterator.report.num_examples}
+
+
+def _config(name: str) -> ml_collections.ConfigDict:
+  if name == 'visdrone':
+    from configs import visdrone as module  # pylint: disable=g-import-not-at-top
+  elif name == 'sodad':
+    from configs import sodad as module  # pylint: disable=g-import-not-at-top
+  elif name == 'smoke':
+    from configs import smoke as module  # pylint: disable=g-import-not-at-top
+  else:
+    raise ValueError(f'unknown config {name!r}')
+  return module.get_config()
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', default=','.join(DEFAULT_DATA), help='comma-separated VisDrone-layout folders')
+  parser.add_argument('--config', default='visdrone')
+  parser.add_argument('--batch', type=int, default=2, help='host batch')
+  parser.add_argument('--batches', type=int, default=40)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--parallel', default='-1', help='comma-separated input.num_parallel_calls (-1 = AUTOTUNE)')
+  parser.add_argument('--sliced', action='store_true', help='also time 800x800 SODA-D slicing (sodad canvas)')
+  args = parser.parse_args(argv)
+
+  from input_pipeline import visdrone  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  print(f'TF {tf.__version__}, {os.cpu_count()} CPU cores visible')
+  header = (f'{"data":<14} {"images":>6} {"config":<9} {"canvas":>10} {"examples":>8} {"batch":>5} '
+            f'{"parallel":>8} {"img/s":>7} {"ms/img":>7}')
+  print(header)
+  print('-' * len(header))
+  variants = [(args.config, False)] + ([('sodad', True)] if args.sliced else [])
+  for folder in args.data.split(','):
+    records, _ = visdrone.read_split(folder)
+    for config_name, sliced in variants:
+      for parallel in [int(p) for p in args.parallel.split(',')]:
+        config = _config(config_name)
+        config.input.num_parallel_calls = parallel
+        if sliced:  # VisDrone images through the SODA-D protocol; the VisDrone class count
+          config.dataset.num_classes = 10
+          config.dataset.slicing.enabled = True
+        result = train_pipeline_images_per_sec(config, records, global_batch_size=args.batch,
+                                               num_batches=args.batches, warmup_batches=args.warmup)
+        h, w = config.input.image_size
+        name = config_name + ('+slice' if sliced else '')
+        print(f'{os.path.basename(os.path.normpath(folder)):<14} {len(records):>6} {name:<9} {h:>4}x{w:<5} '
+              f'{result["examples_per_epoch"]:>8} {args.batch:>5} {"auto" if parallel < 0 else parallel:>8} '
+              f'{result["images_per_sec"]:>7.1f} {result["ms_per_image"]:>7.1f}', flush=True)
+
+
+if __name__ == '__main__':
+  main()
