@@ -9,24 +9,6 @@ import pytest
 
 from configs import smoke
 
-try:  # TEMPORARY shim until mrqm_jax/models/bifpn.py lands (removed then)
-  from mrqm_jax.models import bifpn  # noqa: F401
-except ImportError:
-  import sys
-  import types
-  import flax.linen as nn
-
-  class _Neck(nn.Module):
-    dim: int
-
-    @nn.compact
-    def __call__(self, feats):
-      return [nn.Dense(self.dim)(f) for f in feats]
-
-  _shim = types.ModuleType('mrqm_jax.models.bifpn')
-  _shim.build_neck = lambda config, name=None: _Neck(config.model.hidden_dim, name=name)
-  sys.modules['mrqm_jax.models.bifpn'] = _shim
-
 from mrqm_jax.models import detector
 
 
