@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # rounded up to a multiple of 32 so every pyramid level has integer size.
   c.input.image_size = (800, 1344)
   c.input.random_flip = True             # the paper's only augmentation
-  c.input.shuffle_buffer = 256
+  c.input.shuffle_buffer = 256           # unused: the pipeline shuffles each epoch fully (seeded permutation)
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
   c.input.mean = (123.675, 116.28, 103.53)   # ImageNet RGB mean/std in 0..255 (torchvision weights)

@@ -86,7 +86,8 @@ def _assert_batches_equal(a, b):
 def test_deterministic_for_a_seed_and_resumable_at_any_step(dataset):
   config = _config()
   first = _take(pipeline.train_iterator(config, dataset, global_batch_size=4, seed=5), 6)
-  again = _take(pipeline.train_iterator(config, dataset, global_batch_size=4, seed=5), 6)
+  serial = _config(**{'input.num_parallel_calls': 1})  # tf.data parallelism must not change a value
+  again = _take(pipeline.train_iterator(serial, dataset, global_batch_size=4, seed=5), 6)
   _assert_batches_equal(first, again)
   resumed = _take(pipeline.train_iterator(config, dataset, global_batch_size=4, seed=5, start_step=3), 3)
   _assert_batches_equal(first[3:], resumed)
@@ -180,14 +181,17 @@ def test_undecodable_images_become_counted_blanks(dataset, tmp_path):
                                  boxes=[[1, 1, 5, 5]], labels=[1], ignore=[]),
          records_lib.ImageRecord(image_id=11, name='truncated', file_name=str(truncated), width=40, height=30,
                                  boxes=[[1, 1, 5, 5]], labels=[1], ignore=[]),
-         wrong_size]
-  iterator = pipeline.eval_iterator(_config(), dataset[:2] + bad, global_batch_size=5)
+         wrong_size,
+         records_lib.ImageRecord(image_id=13, name='gone', file_name=str(tmp_path / 'gone.png'), width=40,
+                                 height=30, boxes=[[1, 1, 5, 5]], labels=[1], ignore=[])]
+  iterator = pipeline.eval_iterator(_config(), dataset[:2] + bad, global_batch_size=6)
   (batch,) = list(iterator)
-  assert batch['image_id'].tolist() == [0, 1, 10, 11, 12]
-  assert batch['valid'].tolist() == [True, True, False, False, False]
-  assert not batch['box_valid'][2:].any() and not batch['image'][2:].any()
-  assert iterator.report.decode_failures == 3
-  assert iterator.report.failed_files == [str(garbage), str(truncated), dataset[1].file_name]
+  assert batch['image_id'].tolist() == [0, 1, 10, 11, 12, 13]
+  assert batch['valid'].tolist() == [True, True, False, False, False, False]
+  assert not batch['box_valid'][2:].any() and not batch['image'][2:].any() and not batch['pad_mask'][2:].any()
+  assert iterator.report.decode_failures == 4
+  assert iterator.report.failed_files == [str(garbage), str(truncated), dataset[1].file_name,
+                                          str(tmp_path / 'gone.png')]
 
 
 def test_sliced_examples_carry_patch_origin_and_pixels(tmp_path):
