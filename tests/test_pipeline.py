@@ -262,3 +262,13 @@ def test_real_val_dev_images(visdrone_val_dev):
     pixels = batch['image'][i][~batch['pad_mask'][i]] * np.array(config.input.std) + np.array(config.input.mean)
     np.testing.assert_allclose(pixels.mean(0), original.mean((0, 1)), atol=1.5)
   assert batch['valid'].all()
+
+
+def test_create_datasets(dataset):
+  config = _config(**{'eval.batch_size': 3})
+  train, evaluation = pipeline.create_datasets(config, dataset, dataset[:5], global_batch_size=4, seed=5,
+                                               start_step=1)
+  expected = next(pipeline.train_iterator(config, dataset, global_batch_size=4, seed=5, start_step=1))
+  _assert_batches_equal([next(train.as_numpy_iterator())], [expected])
+  eval_batches = list(evaluation.as_numpy_iterator())
+  assert [b['valid'].tolist() for b in eval_batches] == [[True] * 3, [True, True, False]]
