@@ -73,7 +73,7 @@ def main(argv=None) -> None:
   from input_pipeline import visdrone  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f'TF {tf.__version__}, {os.cpu_count()} CPU cores visible')
-  header = (f'{"data":<14} {"images":>6} {"config":<9} {"canvas":>10} {"examples":>8} {"batch":>5} '
+  header = (f'{"data":<14} {"images":>6} {"config":<11} {"canvas":>10} {"examples":>8} {"batch":>5} '
             f'{"parallel":>8} {"img/s":>7} {"ms/img":>7}')
   print(header)
   print('-' * len(header))
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
                                                num_batches=args.batches, warmup_batches=args.warmup)
         h, w = config.input.image_size
         name = config_name + ('+slice' if sliced else '')
-        print(f'{os.path.basename(os.path.normpath(folder)):<14} {len(records):>6} {name:<9} {h:>4}x{w:<5} '
+        print(f'{os.path.basename(os.path.normpath(folder)):<14} {len(records):>6} {name:<11} {h:>4}x{w:<5} '
               f'{result["examples_per_epoch"]:>8} {args.batch:>5} {"auto" if parallel < 0 else parallel:>8} '
               f'{result["images_per_sec"]:>7.1f} {result["ms_per_image"]:>7.1f}', flush=True)
 
