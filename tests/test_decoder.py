@@ -32,7 +32,7 @@ def setup():
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 16))
   params = flax.core.unfreeze(params)
   for lid in range(config.decoder.num_layers):
-    last = params[f'box_heads_{lid}'][f'layers_2']
+    last = params[f'box_heads_{lid}']['layers_2']
     last['kernel'] = 0.1 * jax.random.normal(next(keys), last['kernel'].shape)
     last['bias'] = 0.1 * jax.random.normal(next(keys), last['bias'].shape)
   # A non-identity final norm: at init LN(LN(x)) == LN(x), which would hide which input each head sees.

@@ -55,7 +55,6 @@ from mrqm_jax.models import bifpn
 from mrqm_jax.models import decoder as decoder_lib
 from mrqm_jax.models import encoder as encoder_lib
 from mrqm_jax.models import iou_aware_head
-from mrqm_jax.models import layers
 from mrqm_jax.models.position_encoding import box_sine_embedding
 from mrqm_jax.ops import boxes as box_ops
 
