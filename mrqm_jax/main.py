@@ -131,7 +131,7 @@ def _mode_module(name: str):
 
 
 def run():
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # orbax and tf are chatty at INFO; our progress is printed
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -1,0 +1,145 @@
+"""`--mode=predict`: images (a file or a folder) -> VisDrone txt, COCO json, and drawn PNGs.
+
+Outputs in OUTPUT:
+  NAME.txt              one line per detection, VisDrone-DET toolkit format `x,y,w,h,score,category,-1,-1`
+                        (category 1-based, as the dataset's own ids)
+  detections.json       COCO results list [{image_id, file_name, category_id, bbox [x,y,w,h], score}]
+  NAME.png              the image with boxes, class names and scores (score >= predict.score_threshold)
+  NAME_heatmap.png      with --heatmaps: where the selected encoder proposals (decoder anchors) fall
+Large images can be sliced into patches and merged back (`predict.slice_large_images`).
+"""
+
+import json
+import os
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mrqm_jax import evaluate, parallel, visualize
+from input_pipeline import records as records_lib
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def list_images(path: str) -> list[str]:
+  if os.path.isfile(path):
+    return [path]
+  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {path}')
+  return files
+
+
+def image_records(paths: list[str]) -> tuple[list[records_lib.ImageRecord], list[str]]:
+  """Records without annotations for the images; unreadable files are skipped and returned by name."""
+  records, skipped = [], []
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        width, height = im.size
+        im.verify()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('skipping unreadable image %s: %s', path, e)
+      skipped.append(path)
+      continue
+    records.append(records_lib.ImageRecord(
+        image_id=len(records), name=os.path.splitext(os.path.basename(path))[0], file_name=os.path.abspath(path),
+        width=width, height=height, boxes=np.zeros((0, 4)), labels=np.zeros((0,)), ignore=np.zeros((0, 4))))
+  return records, skipped
+
+
+def class_names_for(config) -> tuple[str, ...]:
+  if config.dataset.format == 'visdrone':
+    return records_lib.VISDRONE_CLASSES
+  if config.dataset.format == 'soda_d':
+    return records_lib.SODA_D_CLASSES
+  return tuple(f'class{i + 1}' for i in range(config.dataset.num_classes))
+
+
+def write_outputs(output: str, records, detections: dict, class_names, score_threshold: float,
+                  draw: bool = True) -> dict:
+  """Writes txt/json/PNG for each record; returns a summary {images, detections, files}."""
+  os.makedirs(output, exist_ok=True)
+  coco_results = []
+  total = 0
+  for r in records:
+    d = detections.get(r.image_id)
+    boxes = np.zeros((0, 4)) if d is None else np.asarray(d.boxes)
+    scores = np.zeros((0,)) if d is None else np.asarray(d.scores)
+    labels = np.zeros((0,), int) if d is None else np.asarray(d.labels)
+    order = np.argsort(-scores, kind='stable')
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    total += len(scores)
+    with open(os.path.join(output, f'{r.name}.txt'), 'w') as f:
+      for (x0, y0, x1, y1), s, c in zip(boxes, scores, labels):
+        f.write(f'{x0:.1f},{y0:.1f},{x1 - x0:.1f},{y1 - y0:.1f},{s:.4f},{int(c) + 1},-1,-1\n')
+        coco_results.append({'image_id': r.image_id, 'file_name': os.path.basename(r.file_name),
+                             'category_id': int(c) + 1,
+                             'bbox': [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
+                                      round(float(y1 - y0), 2)], 'score': round(float(s), 5)})
+    if draw:
+      with Image.open(r.file_name) as im:
+        picture = visualize.draw_detections(im.convert('RGB'), boxes, labels, scores, class_names,
+                                            score_threshold=score_threshold)
+      picture.save(os.path.join(output, f'{r.name}.png'))
+  with open(os.path.join(output, 'detections.json'), 'w') as f:
+    json.dump(coco_results, f)
+  return {'images': len(records), 'detections': total}
+
+
+def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
+                  checkpoint: str | None = None, heatmaps: bool = False) -> dict:
+  """Runs the model on every image under `input_path` and writes the outputs described above."""
+  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh()
+  config = ml_collections.ConfigDict(config.to_dict())
+  with config.unlocked():
+    if config.predict.slice_large_images:
+      config.dataset.slicing.enabled = True
+    if str(config.iah.a_s) == 'auto':
+      config.iah.a_s = '1'  # the IoU-aware head is a training-time branch: a_s does not affect predictions
+  config.lock()
+  records, skipped = image_records(list_images(input_path))
+  model = train.make_model(config)
+  variables = jax.jit(lambda r: train.init_variables(model, config, r),
+                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  params, model_state = evaluate.load_params(config, workdir, checkpoint, variables)
+  predict_fn = evaluate.make_predict_fn(model, config, mesh)
+  variables = {'params': params, **model_state}
+  detections = evaluate.predict_records(predict_fn, variables, config, records, mesh, desc='predict')
+  summary = write_outputs(output, records, detections, class_names_for(config), config.predict.score_threshold)
+  if heatmaps:
+    write_heatmaps(model, config, variables, records, mesh, output)
+  summary['skipped_unreadable'] = len(skipped)
+  print(f'mrqm_jax: {summary["detections"]} detections on {summary["images"]} images written to {output}'
+        + (f'; skipped {len(skipped)} unreadable: {", ".join(skipped[:5])}' if skipped else ''))
+  return summary
+
+
+def write_heatmaps(model, config, variables, records, mesh, output: str) -> None:
+  """NAME_heatmap.png: the encoder proposals selected as decoder anchors (paper Fig. 2), score-weighted."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  batch_size = evaluate.eval_batch_size(config)
+
+  @jax.jit
+  def proposals(variables, image, pad_mask):
+    out = model.apply(variables, image, pad_mask, train=False)
+    return out['enc_outputs']['pred_boxes'], jax.nn.sigmoid(out['enc_outputs']['pred_logits']).max(-1)
+
+  h, w = config.input.image_size
+  by_id = {r.image_id: r for r in records}
+  for host_batch in pipeline.eval_iterator(config, records, global_batch_size=batch_size, process_index=0,
+                                           process_count=1):
+    batch = parallel.host_to_global({k: host_batch[k] for k in ('image', 'pad_mask')}, mesh)
+    boxes, scores = jax.device_get(proposals(variables, batch['image'], batch['pad_mask']))
+    for i in np.flatnonzero(host_batch['valid']):
+      r = by_id[int(host_batch['image_id'][i])]
+      scale = float(host_batch['scale'][i])
+      origin = np.asarray(host_batch['patch_origin'][i], np.float64)
+      centers = boxes[i, :, :2] * np.array([w, h]) / scale + origin
+      with Image.open(r.file_name) as im:
+        visualize.heatmap_overlay(im.convert('RGB'), centers, scores[i]).save(
+            os.path.join(output, f'{r.name}_heatmap.png'))

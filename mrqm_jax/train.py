@@ -1,0 +1,264 @@
+"""train_and_evaluate(config, workdir): the user's main job.
+
+Reads the dataset (or writes the synthetic one for the smoke config), builds the model and the data-parallel
+step, resumes from WORKDIR/checkpoints when there is a checkpoint, trains with a progress bar (step, loss,
+images/s, ETA), writes TensorBoard events to WORKDIR/tensorboard, evaluates every `train.eval_every_epochs`,
+checkpoints every `train.checkpoint_every_steps` and at the end, and on SIGTERM (preemption) saves and exits.
+A NaN or Inf loss stops training naming the step; the last good checkpoint stays.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from mrqm_jax import checkpointing, evaluate, parallel, train_lib
+from mrqm_jax.models import detector as detector_lib
+from mrqm_jax.ops import losses as losses_lib
+
+SYNTHETIC_TRAIN_IMAGES = 256
+SYNTHETIC_EVAL_IMAGES = 48
+
+
+class TrainingError(Exception):
+  """Training cannot go on (NaN loss, bad data); the message says why and where."""
+
+
+@dataclasses.dataclass
+class Data:
+  train_records: list
+  eval_records: list
+  class_names: tuple
+  report: str
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """Reads both splits; with `dataset.root` unset (smoke), writes synthetic VisDrone-layout data first."""
+  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
+  if not config.dataset.root:
+    from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+    root = os.path.join(workdir, 'data')
+    h, w = config.input.image_size
+    for split, count, seed in (('train', SYNTHETIC_TRAIN_IMAGES, config.train.seed),
+                               ('val', SYNTHETIC_EVAL_IMAGES, config.train.seed + 10_000)):
+      out = os.path.join(root, split)
+      if not os.path.isdir(os.path.join(out, 'annotations')):
+        logging.info('dataset.root is unset: writing %d synthetic images to %s', count, out)
+        synthetic.generate(out, count, seed=seed, size=(w, h))
+    with config.unlocked():
+      config.dataset.root = root
+      config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
+  train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
+  eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  if not train_records:
+    raise TrainingError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
+  return Data(train_records, eval_records, class_names,
+              train_report.summary() + '\n' + eval_report.summary())
+
+
+def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
+  """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
+  if str(config.iah.a_s) != 'auto':
+    float(config.iah.a_s)  # a clear ValueError now rather than inside the jitted step
+    return
+  from input_pipeline import stats  # pylint: disable=g-import-not-at-top
+  min_area = float(stats.dataset_stats(train_records)['min_area'])
+  config.iah.a_s = f'{min_area:g}'
+  logging.info('iah.a_s = auto -> smallest training instance area %s px^2', config.iah.a_s)
+
+
+def make_model(config: ml_collections.ConfigDict) -> Any:
+  return detector_lib.MRQM(config)
+
+
+def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """Model variables for the static input shape (no data needed)."""
+  h, w = config.input.image_size
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  pad_mask = jnp.zeros((1, h, w), bool)
+  return model.init({'params': rng, 'dropout': rng, 'dn': rng}, images, pad_mask, train=False)
+
+
+def make_loss_fn(model, config: ml_collections.ConfigDict):
+  """(params, model_state, batch, rng) -> (loss, terms): forward in train mode + the full objective."""
+
+  def loss_fn(params, model_state, batch, rng):
+    dropout_rng, dn_rng = jax.random.split(rng)
+    targets = {k: batch[k] for k in ('boxes', 'labels', 'box_valid')}
+    outputs = model.apply({'params': params, **model_state}, batch['image'], batch['pad_mask'],
+                          targets=targets, train=True, rngs={'dropout': dropout_rng, 'dn': dn_rng})
+    return losses_lib.compute_losses(outputs, targets, config)
+
+  return loss_fn
+
+
+def _frozen_predicate(config):
+  """Which param paths the optimizer must not touch (backbone stem + first `frozen_stages` stages)."""
+  from mrqm_jax.models import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
+  prefixes = set(backbone_lib.frozen_prefixes(config.model.frozen_stages))
+  return lambda names: len(names) > 1 and names[0] == train_lib.BACKBONE_KEY and names[1] in prefixes
+
+
+def steps_per_epoch(num_images: int, batch: int) -> int:
+  return max(1, num_images // batch)
+
+
+def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
+  return config.train.num_steps if config.train.num_steps > 0 else config.train.num_epochs * per_epoch
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and exiting')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _scalars(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       loss_history: list | None = None) -> dict[str, float]:
+  """Trains (resuming if WORKDIR/checkpoints has a checkpoint), evaluates, and returns the last eval metrics.
+
+  loss_history: if given, (step, loss) is appended at every logged step (benchmarks, tests, notebooks).
+  """
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed()
+  mesh = parallel.create_mesh()
+  is_chief = jax.process_index() == 0
+  config = ml_collections.ConfigDict(config.to_dict())  # a private, mutable copy (a_s, resolved root)
+  data = prepare_data(config, workdir)
+  resolve_a_s(config, data.train_records)
+  config.lock()
+  batch_size = parallel.global_batch_size(config)
+  num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  num_steps = total_steps(config, per_epoch)
+
+  logging.info('Config:\n%s', config)
+  logging.info('%s', parallel.describe_mesh(mesh))
+  logging.info('Data:\n%s', data.report)
+  if is_chief:
+    print(f'mrqm_jax: {parallel.describe_mesh(mesh)}')
+    print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
+          f'{len(data.eval_records)} eval images, global batch {batch_size}, {per_epoch} steps/epoch, {num_steps} steps')
+    print(data.report)
+
+  model = make_model(config)
+  rng = jax.random.PRNGKey(config.train.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.jit(functools.partial(init_variables, model, config),
+                      out_shardings=parallel.replicated(mesh))(init_rng)
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  if config.model.pretrained:
+    from mrqm_jax import weights  # pylint: disable=g-import-not-at-top
+    params, model_state = weights.load_pretrained_backbone(config.model.pretrained, params, model_state)
+  tx = train_lib.make_optimizer(config, params, per_epoch, frozen=_frozen_predicate(config))
+  state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
+                  out_shardings=parallel.replicated(mesh))(params, model_state, rng=state_rng)
+
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, start_step, _ = ckpt.restore(state)
+    # Same shardings/types as a fresh state, so the step compiles once, not once more after a resume.
+    state = jax.jit(lambda s: s, out_shardings=parallel.replicated(mesh))(state)
+    if is_chief:
+      print(f'mrqm_jax: resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start_step})')
+
+  train_step = train_lib.make_train_step(make_loss_fn(model, config), tx, mesh,
+                                         grad_accum_steps=config.train.grad_accum_steps)
+  train_iter = pipeline.train_iterator(config, data.train_records, global_batch_size=batch_size,
+                                       start_step=start_step, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'), just_logging=not is_chief)
+  eval_every = max(1, int(round(config.train.eval_every_epochs * per_epoch)))
+  eval_metrics: dict[str, float] = {}
+  last_saved = start_step
+
+  def save(step, metrics=None):
+    nonlocal last_saved
+    if step == last_saved and step in ckpt.all_steps():
+      return
+    ckpt.save(step, state, config, data_step=step, metrics=metrics)
+    last_saved = step
+
+  progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
+                       disable=not is_chief, mininterval=1.0)
+  window_start, window_steps = time.time(), 0
+  with _Preemption() as preemption:
+    step = start_step
+    while step < num_steps:
+      batch = parallel.host_to_global(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      progress.update(1)
+      if step % config.train.log_every_steps == 0 or step == num_steps or step == start_step + 1:
+        scalars = _scalars(metrics)
+        if not all(math.isfinite(v) for v in scalars.values()):
+          bad = ', '.join(k for k, v in scalars.items() if not math.isfinite(v))
+          ckpt.wait()
+          raise TrainingError(f'non-finite loss at step {step} ({bad}); the last good checkpoint is '
+                              f'{ckpt.latest_step()} in {ckpt.directory}')
+        elapsed = time.time() - window_start
+        scalars['images_per_sec'] = window_steps * batch_size / max(elapsed, 1e-9)
+        scalars['lr'] = float(train_lib.learning_rate_schedule(config, per_epoch)(step))
+        window_start, window_steps = time.time(), 0
+        writer.write_scalars(step, scalars)
+        if loss_history is not None:
+          loss_history.append((step, scalars['loss']))
+        progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["images_per_sec"]:.1f}')
+      if preemption.requested:
+        save(step)
+        ckpt.wait()
+        progress.close()
+        if is_chief:
+          print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
+        return eval_metrics
+      if step % eval_every == 0 or step == num_steps:
+        eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
+                                                data.eval_records, mesh, data.class_names)
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        if is_chief:
+          tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
+        save(step, metrics={'AP': eval_metrics.get('AP', 0.0)})
+      elif step % config.train.checkpoint_every_steps == 0:
+        save(step)
+  progress.close()
+  if last_saved != num_steps:
+    save(num_steps)
+  ckpt.close()
+  writer.flush()
+  return eval_metrics
