@@ -23,9 +23,9 @@ def numpy_conv(x, w, stride, pads, groups=1):
   for y in range(ho):
     for xx in range(wo):
       window = xp[:, y * stride:y * stride + kh, xx * stride:xx * stride + kw, :]  # [B, kh, kw, Cin]
-      for o in range(cout):
-        g = o // og
-        out[:, y, xx, o] = np.einsum('bijc,ijc->b', window[..., g * cg:(g + 1) * cg], w[..., o])
+      for g in range(groups):
+        out[:, y, xx, g * og:(g + 1) * og] = np.einsum(
+            'bijc,ijco->bo', window[..., g * cg:(g + 1) * cg], w[..., g * og:(g + 1) * og])
   return out
 
 
