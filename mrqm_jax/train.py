@@ -27,6 +27,10 @@ from mrqm_jax import checkpointing, evaluate, parallel, train_lib
 from mrqm_jax.models import detector as detector_lib
 from mrqm_jax.ops import losses as losses_lib
 
+# Test hook: after saving the checkpoint of this step, the process kills itself with SIGKILL (no cleanup), so a
+# test can check that a hard-killed run resumes exactly. Unset in normal use.
+KILL_AFTER_CHECKPOINT_ENV = 'MRQM_TEST_SIGKILL_AFTER_CHECKPOINT_STEP'
+
 SYNTHETIC_TRAIN_IMAGES = 256
 SYNTHETIC_EVAL_IMAGES = 48
 
@@ -179,11 +183,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(init_rng)
-  params = variables['params']
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
   if config.model.pretrained:
     from mrqm_jax import weights  # pylint: disable=g-import-not-at-top
-    params, model_state = weights.load_pretrained_backbone(config.model.pretrained, params, model_state)
+    variables, report = weights.load_pretrained(config, jax.device_get(variables))
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    if is_chief:
+      print(f'mrqm_jax: pretrained backbone {config.model.pretrained}: {report.summary()}')
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
   tx = train_lib.make_optimizer(config, params, per_epoch, frozen=_frozen_predicate(config))
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=parallel.replicated(mesh))(params, model_state, rng=state_rng)
@@ -213,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return
     ckpt.save(step, state, config, data_step=step, metrics=metrics)
     last_saved = step
+    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
+      ckpt.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
 
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
