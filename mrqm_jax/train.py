@@ -146,6 +146,14 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_finite(scalars: dict[str, float], step: int, last_checkpoint: int | None, directory: str) -> None:
+  """Raises TrainingError naming the step and the non-finite terms; the last good checkpoint is kept."""
+  bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+  if bad:
+    where = f'step {last_checkpoint} in {directory}' if last_checkpoint is not None else 'none saved yet'
+    raise TrainingError(f'non-finite loss at step {step} ({", ".join(sorted(bad))}); last good checkpoint: {where}')
+
+
 def _scalars(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -237,11 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.update(1)
       if step % config.train.log_every_steps == 0 or step == num_steps or step == start_step + 1:
         scalars = _scalars(metrics)
-        if not all(math.isfinite(v) for v in scalars.values()):
-          bad = ', '.join(k for k, v in scalars.items() if not math.isfinite(v))
-          ckpt.wait()
-          raise TrainingError(f'non-finite loss at step {step} ({bad}); the last good checkpoint is '
-                              f'{ckpt.latest_step()} in {ckpt.directory}')
+        ckpt.wait()
+        check_finite(scalars, step, ckpt.latest_step(), ckpt.directory)
         elapsed = time.time() - window_start
         scalars['images_per_sec'] = window_steps * batch_size / max(elapsed, 1e-9)
         scalars['lr'] = float(train_lib.learning_rate_schedule(config, per_epoch)(step))

@@ -1,0 +1,42 @@
+"""Pieces of the training loop that need no model: NaN stop, schedule length, a_s resolution."""
+
+import numpy as np
+import pytest
+
+from configs import smoke
+from input_pipeline import records as records_lib
+from mrqm_jax import train
+
+
+def test_non_finite_loss_names_step_terms_and_last_checkpoint():
+  with pytest.raises(train.TrainingError, match=r'step 17 \(dn\.cls, loss\).*step 10 in /w/checkpoints'):
+    train.check_finite({'loss': float('nan'), 'dn.cls': float('inf'), 'bbox': 1.0}, 17, 10, '/w/checkpoints')
+  train.check_finite({'loss': 1.0}, 3, None, '/w')  # finite: no error
+
+
+def test_total_steps_epochs_or_override():
+  config = smoke.get_config()
+  config.train.num_steps = -1
+  config.train.num_epochs = 12
+  assert train.total_steps(config, train.steps_per_epoch(101, 2)) == 12 * 50
+  config.train.num_steps = 7
+  assert train.total_steps(config, 50) == 7
+
+
+def _record(i, boxes):
+  return records_lib.ImageRecord(image_id=i, name=f'im{i}', file_name=f'/x/im{i}.jpg', width=100, height=100,
+                                 boxes=np.asarray(boxes, np.float32), labels=np.zeros(len(boxes)),
+                                 ignore=np.zeros((0, 4)))
+
+
+def test_a_s_auto_is_smallest_training_area_and_numbers_pass():
+  config = smoke.get_config()
+  config.iah.a_s = 'auto'
+  train.resolve_a_s(config, [_record(0, [[0, 0, 10, 10], [5, 5, 8, 7]]), _record(1, [[0, 0, 4, 2.5]])])
+  assert float(config.iah.a_s) == pytest.approx(6.0)   # 3 x 2 px
+  config.iah.a_s = '12.5'
+  train.resolve_a_s(config, [])
+  assert config.iah.a_s == '12.5'
+  config.iah.a_s = 'tiny'
+  with pytest.raises(ValueError):
+    train.resolve_a_s(config, [])
