@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
   # An image with more targets than max_boxes (or regions than max_ignore) is logged and counted, and its first
   # ones in reader order are kept; True makes it an error naming the image (input_pipeline.transforms).
   c.dataset.strict_max_boxes = False
-  c.dataset.use_tfds = False             # True: read the TFDS builder's prepared records instead of the folder
   # Patch slicing (SODA-D protocol: 800x800 patches, 150 px overlap; available for VisDrone too).
   c.dataset.slicing = ml_collections.ConfigDict()
   c.dataset.slicing.enabled = False
@@ -37,7 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
   # rounded up to a multiple of 32 so every pyramid level has integer size.
   c.input.image_size = (800, 1344)
   c.input.random_flip = True             # the paper's only augmentation
-  c.input.shuffle_buffer = 256           # unused: the pipeline shuffles each epoch fully (seeded permutation)
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
   c.input.mean = (123.675, 116.28, 103.53)   # ImageNet RGB mean/std in 0..255 (torchvision weights)

@@ -14,7 +14,6 @@ def get_config():
   c.dataset.max_boxes = 32
   c.dataset.max_ignore = 8
   c.input.image_size = (128, 128)
-  c.input.shuffle_buffer = 64
   c.model.backbone = 'resnet18'
   c.model.backbone_width = 8
   c.model.frozen_stages = 0

@@ -18,8 +18,8 @@ Order, sharding and resuming (training)
   batch may straddle two epochs). The checkpointed "data position" is the step: `train_iterator(...,
   start_step=s)` rebuilds the stream from position s*G and yields exactly the batches an uninterrupted run would
   have yielded from step s on (a few integer ops to skip; no image is read for the skipped part). Everything
-  random is stateless, so tf.data's parallelism does not change a single value. `config.input.shuffle_buffer`
-  is not used: each epoch is a full permutation.
+  random is stateless, so tf.data's parallelism does not change a single value. There is no shuffle buffer:
+  each epoch is a full permutation.
 
 Evaluation
   No shuffle, no flip. The N examples are padded to a multiple of G with blank examples (valid False,
