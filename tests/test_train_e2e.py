@@ -150,3 +150,22 @@ np.savez({str(tmp_path / 'exported.npz')!r}, boxes=boxes, scores=scores, labels=
   np.testing.assert_allclose(exported['scores'], np.asarray(scores), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(exported['boxes'], np.asarray(boxes), rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(exported['labels'], np.asarray(labels))
+
+
+def test_sigterm_saves_and_exits_cleanly(trained, tmp_path):
+  """Cloud TPU preemption sends SIGTERM: the run saves the step it reached and exits with code 0."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  args = [a for a in COMMON if 'num_steps' not in a] + ['--config.train.num_steps=100000']
+  proc = subprocess.Popen([sys.executable, '-m', 'mrqm_jax.main', '--config=configs/smoke.py',
+                           f'--workdir={tmp_path}', *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not (tmp_path / 'checkpoints' / '3').exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'preempted; saved step' in out
+  saved = int(out.split('preempted; saved step ')[1].split()[0])
+  assert saved >= 3 and (tmp_path / 'checkpoints' / str(saved)).is_dir()
