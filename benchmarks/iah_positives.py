@@ -16,7 +16,9 @@ Columns, per VisDrone size band (original-pixel area: S <= 32^2 < M <= 96^2 < L)
 
 Usage:
   python benchmarks/iah_positives.py [--data ../shared/data/visdrone/val_dev] [--a_s 3] [--max_images N]
-A_s defaults to the smallest valid training box area (VisDrone train annotations: 3 px^2, paper eq. 8).
+A_s defaults to the smallest valid training box area (VisDrone train annotations: 3 px^2, paper eq. 8); 1024 is
+shown for sensitivity. Runtime on 2 shared CPU cores: ~45 min for the config scheme (803k anchors), ~10 min
+for one_scale, ~5 min for codetr (all 142 val_dev images); seconds on an accelerator.
 """
 
 import argparse
