@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   # for every conv; 'auto' = 'lax' off CPU, and on XLA:CPU per layer: matmuls for 1x1 and depthwise kernels
   # (whose lax gradients are slow there), lax for dense kxk (benchmarks/conv_cpu.py).
   c.model.conv_impl = 'auto'
+  # Rematerialize encoder/decoder layers in the backward pass (trade compute for activation memory). Measured
+  # with XLA:CPU memory analysis at 800x1344, batch 2: 29.4 GiB of temporaries without, 28.6 GiB with, so it is
+  # off by default until measured on an accelerator (benchmarks/model_cost.py prints the memory analysis).
+  c.model.remat = False
   c.model.dtype = 'float32'              # activation dtype inside the model; see train.dtype
 
   c.encoder = ml_collections.ConfigDict()

@@ -123,6 +123,7 @@ class DINODecoder(nn.Module):
   dropout: float = 0.0
   look_forward_twice: bool = True
   dtype: Any = None
+  remat: bool = False   # recompute layer activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, queries: jax.Array, ref_boxes: jax.Array, memory: jax.Array, memory_pad_mask: jax.Array,
@@ -145,10 +146,11 @@ class DINODecoder(nn.Module):
     for lid in range(self.num_layers):
       # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
       query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
-      x = DecoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+      # static: spatial_shapes (arg 6) and deterministic (arg 8), counting `self` as 0 as flax does.
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(6, 8)) if self.remat else DecoderLayer
+      x = layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
                        self.dropout, self.dtype, name=f'layers_{lid}')(
-                           x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask,
-                           deterministic=not train)
+                           x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, not train)
       head_in = final_norm(x)
       bbox_head = box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}')
       logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=class_bias_init(),
@@ -169,4 +171,4 @@ def build_decoder(config: ml_collections.ConfigDict, name: str | None = None) ->
   return DINODecoder(num_classes=config.dataset.num_classes, num_layers=dc.num_layers, hidden_dim=m.hidden_dim,
                      num_heads=dc.num_heads, num_levels=m.num_levels, num_points=dc.num_points,
                      ffn_dim=dc.ffn_dim, dropout=dc.dropout, look_forward_twice=dc.look_forward_twice,
-                     dtype=m.dtype, name=name)
+                     dtype=m.dtype, remat=m.remat, name=name)

@@ -118,9 +118,14 @@ class _EncoderBase(nn.Module):
   packed_neighbours: bool = False
   query_chunk_size: int | None = None   # see ms_deform_attn_core; None = all queries at once
   dtype: Any = None
+  # Recompute each layer's activations in the backward pass instead of storing them (config.model.remat):
+  # at 800x1344 the P2 tokens' FFN activations alone are ~1 GiB per tensor per layer.
+  remat: bool = False
 
   def _layer(self, name: str) -> EncoderLayer:
-    return EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+    # static: spatial_shapes (arg 5) and deterministic (arg 7), counting `self` as 0 as flax does.
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(5, 7)) if self.remat else EncoderLayer
+    return layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
                         self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)
 
   def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
@@ -194,7 +199,8 @@ def build_encoder(config, name: str | None = None) -> _EncoderBase:
   kwargs = dict(hidden_dim=m.hidden_dim, num_layers=e.num_layers, num_heads=e.num_heads,
                 num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
                 pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
-                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype, name=name)
+                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype,
+                remat=m.remat, name=name)
   if e.type == 'sae':
     return ScaleAwareEncoder(**kwargs)
   if e.type == 'deformable':
