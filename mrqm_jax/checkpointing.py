@@ -32,7 +32,9 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with our item layout and policies."""
 
   def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False, async_save: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    # Cloud buckets (gs://...) pass through untouched; Orbax writes to them via its path library.
+    joined = os.path.join(workdir, CHECKPOINT_DIR)
+    self.directory = joined if '://' in joined else os.path.abspath(joined)
     policy = policy_lib.AnyPreservationPolicy([
         policy_lib.LatestN(n=max(1, keep)),
         policy_lib.BestN(get_metric_fn=_metric_for_best, reverse=False, n=1,

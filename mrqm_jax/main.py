@@ -100,7 +100,8 @@ def main(argv):
   workdir, mode = _WORKDIR.value, _MODE.value
   try:
     validate(config, workdir, mode)
-    os.makedirs(workdir, exist_ok=True)
+    if '://' not in workdir:  # bucket paths (gs://...) need no local folder
+      os.makedirs(workdir, exist_ok=True)
     if mode == 'train':
       _mode_module('train').train_and_evaluate(config, workdir)
     elif mode == 'eval':
