@@ -47,6 +47,44 @@ def train_pipeline_images_per_sec(config: ml_collections.ConfigDict, records: li
           'examples_per_epoch': iterator.report.num_examples}
 
 
+def train_step_images_per_sec(config: ml_collections.ConfigDict, records: list, *, global_batch_size: int,
+                              num_steps: int = 3) -> dict:
+  """Images/s of the jitted train step (full MRQM + objective) on this machine, on real pipeline batches."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import parallel, train, train_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  train.resolve_a_s(config, records)
+  mesh = parallel.create_mesh()
+  model = train.make_model(config)
+  variables = jax.jit(functools.partial(train.init_variables, model, config),
+                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  tx = train_lib.make_optimizer(config, params, 1000)
+  state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
+                  out_shardings=parallel.replicated(mesh))(params, model_state, rng=jax.random.PRNGKey(1))
+  step = train_lib.make_train_step(train.make_loss_fn(model, config), tx, mesh)
+  iterator = pipeline.train_iterator(config, records, global_batch_size=global_batch_size)
+  start = time.perf_counter()
+  state, metrics = step(state, parallel.host_to_global(next(iterator), mesh))
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - start
+  batches = [parallel.host_to_global(next(iterator), mesh) for _ in range(num_steps)]
+  start = time.perf_counter()
+  for batch in batches:
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = time.perf_counter() - start
+  return {'images_per_sec': num_steps * global_batch_size / seconds, 'seconds_per_step': seconds / num_steps,
+          'compile_seconds': compile_seconds}
+
+
+def jax_backend() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return f'{jax.default_backend()} x{jax.device_count()}'
+
+
 def _config(name: str) -> ml_collections.ConfigDict:
   if name == 'visdrone':
     from configs import visdrone as module  # pylint: disable=g-import-not-at-top
@@ -68,6 +106,10 @@ def main(argv=None) -> None:
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--parallel', default='-1', help='comma-separated input.num_parallel_calls (-1 = AUTOTUNE)')
   parser.add_argument('--sliced', action='store_true', help='also time 800x800 SODA-D slicing (sodad canvas)')
+  parser.add_argument('--image_size', default='', help='override the canvas, e.g. 384,640 (the full VisDrone '
+                      'train step needs ~29 GiB of XLA:CPU temporaries at 800x1344)')
+  parser.add_argument('--train_step', action='store_true',
+                      help='also time the full train step at --config on the first folder and print the ratio')
   args = parser.parse_args(argv)
 
   from input_pipeline import visdrone  # pylint: disable=g-import-not-at-top
@@ -84,6 +126,8 @@ def main(argv=None) -> None:
       for parallel in [int(p) for p in args.parallel.split(',')]:
         config = _config(config_name)
         config.input.num_parallel_calls = parallel
+        if args.image_size and not sliced:
+          config.input.image_size = tuple(int(v) for v in args.image_size.split(','))
         if sliced:  # VisDrone images through the SODA-D protocol; the VisDrone class count
           config.dataset.num_classes = 10
           config.dataset.slicing.enabled = True
@@ -94,6 +138,17 @@ def main(argv=None) -> None:
         print(f'{os.path.basename(os.path.normpath(folder)):<14} {len(records):>6} {name:<11} {h:>4}x{w:<5} '
               f'{result["examples_per_epoch"]:>8} {args.batch:>5} {"auto" if parallel < 0 else parallel:>8} '
               f'{result["images_per_sec"]:>7.1f} {result["ms_per_image"]:>7.1f}', flush=True)
+        if not sliced and parallel == int(args.parallel.split(',')[0]):
+          first_pipeline = first_pipeline if 'first_pipeline' in locals() else (records, result)
+  if args.train_step:
+    records, piped = first_pipeline
+    step_config = _config(args.config)
+    if args.image_size:
+      step_config.input.image_size = tuple(int(v) for v in args.image_size.split(','))
+    step = train_step_images_per_sec(step_config, records, global_batch_size=args.batch)
+    print(f'\ntrain step ({args.config} at {step_config.input.image_size}, batch {args.batch}, {jax_backend()}): {step["images_per_sec"]:.3f} img/s '
+          f'({step["seconds_per_step"]:.2f} s/step, compile {step["compile_seconds"]:.0f} s); '
+          f'pipeline/step ratio = {piped["images_per_sec"] / step["images_per_sec"]:.1f} (must stay > 1)')
 
 
 if __name__ == '__main__':

@@ -106,18 +106,35 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   mesh = parallel.create_mesh()
   config = ml_collections.ConfigDict(config.to_dict())
   data = train.prepare_data(config, workdir)
-  train.resolve_a_s(config, data.train_records)
-  config.lock()
-  model = train.make_model(config)
-  variables = jax.jit(lambda r: train.init_variables(model, config, r),
-                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  params, model_state = load_params(config, workdir, checkpoint, variables)
-  metrics = evaluate_params(model, config, params, model_state, data.eval_records, mesh, data.class_names)
+  model, config, variables = restore_for_inference(config, workdir, checkpoint, mesh)
+  metrics = evaluate_params(model, config, variables['params'],
+                            {k: v for k, v in variables.items() if k != 'params'}, data.eval_records, mesh,
+                            data.class_names)
   out = os.path.join(workdir, 'eval_metrics.json')
   with open(out, 'w') as f:
     json.dump(metrics, f, indent=1)
   print(json.dumps(metrics))
   return metrics
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
+                          mesh=None):
+  """(model, locked config copy, variables) restored from `checkpoint` or WORKDIR's latest, for eval/predict/export.
+
+  `iah.a_s` only shapes the training-time IoU-aware branch, which inference never runs, so 'auto' needs no
+  training-set scan here.
+  """
+  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = mesh or parallel.create_mesh()
+  config = ml_collections.ConfigDict(config.to_dict())
+  if str(config.iah.a_s) == 'auto':
+    config.iah.a_s = '1'
+  config.lock()
+  model = train.make_model(config)
+  variables = jax.jit(lambda r: train.init_variables(model, config, r),
+                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+  params, model_state = load_params(config, workdir, checkpoint, variables)
+  return model, config, {'params': params, **model_state}
 
 
 def load_params(config, workdir, checkpoint, variables):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mrqm_jax import evaluate, parallel
+from mrqm_jax import evaluate
 
 EXPORT_FILE = 'inference.stablehlo'
 
@@ -43,21 +43,13 @@ def inference_fn(model, num_detections: int):
 
 def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint: str | None = None
                  ) -> str:
-  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
-  mesh = parallel.create_mesh()
-  config = ml_collections.ConfigDict(config.to_dict())
-  with config.unlocked():
-    if str(config.iah.a_s) == 'auto':
-      config.iah.a_s = '1'  # training-only branch; irrelevant for inference
-  config.lock()
-  model = train.make_model(config)
-  variables = jax.jit(lambda r: train.init_variables(model, config, r),
-                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  params, model_state = evaluate.load_params(config, workdir, checkpoint, variables)
-  variables = {'params': params, **model_state}
+  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint)
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
   os.makedirs(output, exist_ok=True)
-  ocp.StandardCheckpointer().save(os.path.join(os.path.abspath(output), 'params'),
-                                  {'params': params, 'model_state': model_state}, force=True)
+  with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the (async) save
+    checkpointer.save(os.path.join(os.path.abspath(output), 'params'),
+                      {'params': params, 'model_state': model_state}, force=True)
   with open(os.path.join(output, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=1))
   h, w = config.input.image_size

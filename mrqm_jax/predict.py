@@ -93,22 +93,13 @@ def write_outputs(output: str, records, detections: dict, class_names, score_thr
 def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None, heatmaps: bool = False) -> dict:
   """Runs the model on every image under `input_path` and writes the outputs described above."""
-  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh()
   config = ml_collections.ConfigDict(config.to_dict())
-  with config.unlocked():
-    if config.predict.slice_large_images:
-      config.dataset.slicing.enabled = True
-    if str(config.iah.a_s) == 'auto':
-      config.iah.a_s = '1'  # the IoU-aware head is a training-time branch: a_s does not affect predictions
-  config.lock()
+  if config.predict.slice_large_images:
+    config.dataset.slicing.enabled = True
   records, skipped = image_records(list_images(input_path))
-  model = train.make_model(config)
-  variables = jax.jit(lambda r: train.init_variables(model, config, r),
-                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  params, model_state = evaluate.load_params(config, workdir, checkpoint, variables)
+  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, mesh)
   predict_fn = evaluate.make_predict_fn(model, config, mesh)
-  variables = {'params': params, **model_state}
   detections = evaluate.predict_records(predict_fn, variables, config, records, mesh, desc='predict')
   summary = write_outputs(output, records, detections, class_names_for(config), config.predict.score_threshold)
   if heatmaps:
