@@ -117,26 +117,24 @@ def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, Any]
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f'checkpoint folder not found: {path}')
-  step_dir = path
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
     path = os.path.join(path, CHECKPOINT_DIR)
   steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-  if steps and not os.path.isdir(os.path.join(path, 'state')) and not os.path.isdir(os.path.join(path, 'params')):
-    step_dir = os.path.join(path, str(steps[-1]))
-  elif path != step_dir:
-    step_dir = path
-  for item in ('state', 'params'):
-    item_dir = os.path.join(step_dir, item)
-    if os.path.isdir(item_dir):
-      break
-  else:
-    raise CheckpointError(f'no "state" or "params" item in {step_dir}')
+  if steps:  # a CheckpointManager directory: its latest step
+    path = os.path.join(path, str(steps[-1]))
+  # A step folder holds the train state in 'state'; an export folder holds 'params'. Both are dicts with
+  # 'params' and 'model_state'.
+  item_dir = next((os.path.join(path, item) for item in ('state', 'params')
+                   if os.path.isdir(os.path.join(path, item))), None)
+  if item_dir is None:
+    raise CheckpointError(f'no "state" or "params" item in {path}')
   try:
     restored = ocp.PyTreeCheckpointer().restore(item_dir)
   except Exception as e:
     raise CheckpointError(f'cannot read checkpoint {item_dir}: {type(e).__name__}: {e}') from e
-  params = restored['params'] if item == 'state' else restored
-  model_state = restored.get('model_state') if item == 'state' else None
+  if not isinstance(restored, dict) or 'params' not in restored:
+    raise CheckpointError(f'checkpoint {item_dir} holds no "params"')
+  params, model_state = restored['params'], restored.get('model_state')
   if abstract_params is not None:
     want = jax.tree.structure(abstract_params)
     got = jax.tree.structure(params)

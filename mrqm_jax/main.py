@@ -118,7 +118,7 @@ def main(argv):
     _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     # Errors our own modules raise for the user (unreadable checkpoint, NaN loss) are one line, not a trace.
-    if type(e).__name__ in ('CheckpointError', 'TrainingError', 'DataError'):
+    if type(e).__name__ in ('CheckpointError', 'TrainingError'):
       print(f'mrqm_jax: error: {e}', file=sys.stderr)
       sys.exit(1 if type(e).__name__ == 'TrainingError' else 2)
     raise

@@ -232,24 +232,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ckpt.wait()
       os.kill(os.getpid(), signal.SIGKILL)
 
+  lr_schedule = train_lib.learning_rate_schedule(config, per_epoch)
+  step_keys = ('image', 'pad_mask', 'boxes', 'labels', 'box_valid')  # all the loss reads; the rest stays on host
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
   window_start, window_steps = time.time(), 0
   with _Preemption() as preemption:
     step = start_step
     while step < num_steps:
-      batch = parallel.host_to_global(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
+      host_batch = next(train_iter)
+      state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
       step += 1
       window_steps += 1
       progress.update(1)
-      if step % config.train.log_every_steps == 0 or step == num_steps or step == start_step + 1:
+      saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
+                or preemption.requested)
+      # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
+      if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
         scalars = _scalars(metrics)
-        ckpt.wait()
         check_finite(scalars, step, ckpt.latest_step(), ckpt.directory)
         elapsed = time.time() - window_start
         scalars['images_per_sec'] = window_steps * batch_size / max(elapsed, 1e-9)
-        scalars['lr'] = float(train_lib.learning_rate_schedule(config, per_epoch)(step))
+        scalars['lr'] = float(lr_schedule(step))
         window_start, window_steps = time.time(), 0
         writer.write_scalars(step, scalars)
         if loss_history is not None:

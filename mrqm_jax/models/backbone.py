@@ -19,8 +19,8 @@ Freezing (`frozen_stages = k`): for k >= 1 the stem and stages 1..k are frozen, 
 their outputs pass through `stop_gradient` (so no gradient reaches them and their backward pass is skipped).
 k = 0 (or negative) freezes nothing — unlike mmdet, where 0 freezes the stem alone. All BatchNorms are frozen
 regardless (their tensors live in the 'batch_stats' collection, see layers.FrozenBatchNorm). Because decoupled
-weight decay would still shrink zero-gradient weights, build the optimizer with `trainable_mask` (e.g.
-`optax.masked(..., trainable_mask(params['backbone'], k))`) so frozen convolution kernels are left untouched.
+weight decay would still shrink zero-gradient weights, the optimizer gives the params named by
+`frozen_prefixes(k)` no update at all (`train_lib.make_optimizer`, 'frozen' label).
 """
 
 from typing import Any
@@ -184,13 +184,3 @@ def frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:
   if frozen_stages < 1:
     return ()
   return ('conv1',) + tuple(f'layer{i}' for i in range(1, min(frozen_stages, 4) + 1))
-
-
-def trainable_mask(backbone_params: Any, frozen_stages: int) -> Any:
-  """Pytree of bools over the backbone's 'params': False for the frozen stem/stages, True elsewhere.
-
-  Use with `optax.masked` / `optax.multi_transform` so frozen weights get neither updates nor weight decay.
-  """
-  frozen = set(frozen_prefixes(frozen_stages))
-  return {k: jax.tree.map(lambda _, keep=(k not in frozen): keep, v) for k, v in backbone_params.items()}
-
