@@ -1,0 +1,137 @@
+"""RoIAlign (torchvision / mmcv semantics) and mmdet's multi-level RoI extraction, as gathers; jittable.
+
+Semantics (torchvision.ops.roi_align, mmcv RoIAlign with pool_mode='avg'), per RoI (x1, y1, x2, y2) in image
+pixels and a feature map of H x W:
+  start = (x1, y1) * spatial_scale - offset, end = (x2, y2) * spatial_scale - offset, offset = 0.5 if aligned
+  (pixel centers at half-integers) else 0; size = end - start, clamped to >= 1 only when not aligned.
+  Each of the output_size^2 bins averages sampling_ratio^2 bilinear samples on a regular grid inside the bin
+  (sample (i + 0.5) / s of the way across, per axis).
+  A sample with y < -1, y > H, x < -1 or x > W is 0; otherwise y, x are clamped at 0 from below, and a sample at
+  or beyond the last row/column uses that row/column alone (mmcv's bilinear_interpolate).
+
+`sampling_ratio` must be a static positive int. mmcv/torchvision's sampling_ratio=0 (adaptive: ceil(roi size /
+output_size) samples per bin, different per RoI) has no static shape, so it is not offered; mmdet configs with
+sampling_ratio=0 should use a fixed ratio (2 is the common choice).
+
+Formulation: bilinear weights are separable (w = w_y * w_x, the out-of-range test is a product of per-axis
+tests too), so per RoI we compute per-axis corner indices and weights for the output_size * s sample rows and
+columns, then accumulate the 4 * s^2 (corner, sample) terms one at a time: each term is one gather of
+[R, out, out, C] from the flattened [H * W, C] features, weighted and added. Peak memory is therefore a few
+[R, out, out, C] arrays (not one [R, out * out * s * s * 4, C] gather), and the gradient w.r.t. the features is
+the matching scatter-add. RoIs get no gradient (stop_gradient), as in torchvision/mmcv, whose RoIAlign has no
+RoI gradient.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def map_roi_levels(rois: jnp.ndarray, num_levels: int, finest_scale: float = 56.0) -> jnp.ndarray:
+  """mmdet SingleRoIExtractor.map_roi_levels: rois [..., 4] pixel xyxy -> level [...] int32 in [0, L-1].
+
+  scale = sqrt(w * h); level = floor(log2(scale / finest_scale + 1e-6)), clipped to [0, num_levels - 1]
+  (scale < 112 -> 0, < 224 -> 1, < 448 -> 2, else 3 with the default 56). Negative widths/heights count as
+  0 (level 0) instead of mmdet's NaN.
+  """
+  rois = jnp.asarray(rois, jnp.float32)
+  w = jnp.maximum(rois[..., 2] - rois[..., 0], 0.0)
+  h = jnp.maximum(rois[..., 3] - rois[..., 1], 0.0)
+  level = jnp.floor(jnp.log2(jnp.sqrt(w * h) / finest_scale + 1e-6))
+  return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
+
+
+def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned):
+  """Per-axis sample corners: lo, hi [R] RoI bounds in feature pixels (before the aligned shift), size [R]
+  map extent -> (low index, high index, low weight, high weight), each [R, output_size, sampling_ratio]."""
+  offset = 0.5 if aligned else 0.0
+  start, end = lo - offset, hi - offset
+  extent = end - start
+  if not aligned:
+    extent = jnp.maximum(extent, 1.0)
+  bin_size = extent / output_size
+  grid = (jnp.arange(output_size, dtype=jnp.float32)[:, None]
+          + (jnp.arange(sampling_ratio, dtype=jnp.float32)[None, :] + 0.5) / sampling_ratio)   # [out, s]
+  coord = start[:, None, None] + grid[None] * bin_size[:, None, None]                        # [R, out, s]
+  size = size[:, None, None]
+  inside = (coord >= -1.0) & (coord <= size.astype(jnp.float32))
+  coord = jnp.maximum(coord, 0.0)
+  low = jnp.floor(coord).astype(jnp.int32)
+  at_edge = low >= size - 1
+  low = jnp.where(at_edge, size - 1, low)
+  high = jnp.where(at_edge, size - 1, low + 1)
+  coord = jnp.where(at_edge, low.astype(jnp.float32), coord)
+  frac = coord - low.astype(jnp.float32)
+  scale = inside.astype(jnp.float32)
+  return low, high, (1.0 - frac) * scale, frac * scale
+
+
+def _roi_align_flat(flat, rois, offset, height, width, spatial_scale, output_size, sampling_ratio, aligned):
+  """flat [N, C] (one or more maps flattened row-major and concatenated); per RoI: rois [R, 4] pixel xyxy,
+  offset [R] int32 (start of its map in flat), height/width [R] int32, spatial_scale [R] -> [R, out, out, C]."""
+  if sampling_ratio < 1:
+    raise ValueError(f'sampling_ratio must be a static int >= 1 (adaptive 0 is not static), got {sampling_ratio}')
+  rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
+  scaled = rois * spatial_scale[:, None]
+  y_low, y_high, wy_low, wy_high = _axis_samples(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio,
+                                                 aligned)
+  x_low, x_high, wx_low, wx_high = _axis_samples(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio,
+                                                 aligned)
+  base = offset[:, None, None]
+  row_stride = width[:, None, None]
+  out = jnp.zeros((rois.shape[0], output_size, output_size, flat.shape[-1]), flat.dtype)
+  for iy in range(sampling_ratio):
+    for y_index, y_weight in ((y_low, wy_low), (y_high, wy_high)):
+      rows = base + y_index[:, :, iy][:, :, None] * row_stride                                # [R, out, 1]
+      for ix in range(sampling_ratio):
+        for x_index, x_weight in ((x_low, wx_low), (x_high, wx_high)):
+          index = rows + x_index[:, None, :, ix]                                              # [R, out, out]
+          weight = y_weight[:, :, iy][:, :, None] * x_weight[:, None, :, ix]
+          out = out + weight[..., None].astype(flat.dtype) * jnp.take(flat, index, axis=0, mode='clip')
+  return out / (sampling_ratio * sampling_ratio)
+
+
+def roi_align(features: jnp.ndarray, rois: jnp.ndarray, *, spatial_scale: float, output_size: int = 7,
+              sampling_ratio: int = 2, aligned: bool = True) -> jnp.ndarray:
+  """RoIAlign on one map: features [H, W, C], rois [R, 4] pixel xyxy (canvas pixels) -> [R, out, out, C].
+
+  See the module docstring for the exact semantics; spatial_scale = 1 / stride of the map.
+  """
+  height, width, channels = features.shape
+  num = rois.shape[0]
+  return _roi_align_flat(features.reshape(height * width, channels), rois, jnp.zeros((num,), jnp.int32),
+                         jnp.full((num,), height, jnp.int32), jnp.full((num,), width, jnp.int32),
+                         jnp.full((num,), spatial_scale, jnp.float32), output_size, sampling_ratio, aligned)
+
+
+def multilevel_roi_align(feature_maps: Sequence[jnp.ndarray], rois: jnp.ndarray, strides: Sequence[int], *,
+                         output_size: int = 7, sampling_ratio: int = 2, finest_scale: float = 56.0,
+                         aligned: bool = True) -> jnp.ndarray:
+  """mmdet SingleRoIExtractor: each RoI pooled from the level `map_roi_levels` picks for it.
+
+  Args:
+    feature_maps: L maps [B, H_l, W_l, C] (finest first), strides: their L strides in canvas pixels.
+    rois: [B, R, 4] pixel xyxy.
+
+  Returns [B, R, out, out, C]. The maps of one image are flattened and concatenated ([B, sum H_l W_l, C], one
+  copy of the features) and every RoI gathers from its level's slice (level offsets), so each of the 4 * s^2
+  accumulated gather terms is [B, R, out, out, C] (see the module docstring); no per-level masking or
+  recomputation.
+  """
+  if len(feature_maps) != len(strides):
+    raise ValueError(f'{len(feature_maps)} feature maps but {len(strides)} strides')
+  num_levels = len(feature_maps)
+  shapes = [(int(f.shape[1]), int(f.shape[2])) for f in feature_maps]
+  starts = [0]
+  for h, w in shapes:
+    starts.append(starts[-1] + h * w)
+  batch, channels = feature_maps[0].shape[0], feature_maps[0].shape[-1]
+  flat = jnp.concatenate([f.reshape(batch, -1, channels) for f in feature_maps], axis=1)
+  level = map_roi_levels(rois, num_levels, finest_scale)                                    # [B, R]
+  offset = jnp.asarray(starts[:-1], jnp.int32)[level]
+  height = jnp.asarray([h for h, _ in shapes], jnp.int32)[level]
+  width = jnp.asarray([w for _, w in shapes], jnp.int32)[level]
+  scale = jnp.asarray([1.0 / s for s in strides], jnp.float32)[level]
+  fn = lambda f, r, o, h, w, s: _roi_align_flat(f, r, o, h, w, s, output_size, sampling_ratio, aligned)
+  return jax.vmap(fn)(flat, rois, offset, height, width, scale)
