@@ -128,6 +128,18 @@ def test_gradients():
   np.testing.assert_array_equal(np.asarray(g_rois), 0.0)
 
 
+def test_nan_rois_give_zeros_and_finite_gradients():
+  rng = np.random.default_rng(4)
+  maps = [jnp.asarray(rng.normal(size=(1, 8 // s, 8 // s, 2)), jnp.float32) for s in (1, 2)]
+  rois = np.array([[[1.0, 1.0, 5.0, 6.0], [np.nan] * 4]], np.float32)
+  fn = lambda m: RA.multilevel_roi_align(m, rois, (1, 2), output_size=2, finest_scale=4.0)
+  out = np.asarray(fn(maps))
+  assert np.isfinite(out).all() and np.all(out[0, 1] == 0) and np.abs(out[0, 0]).max() > 0
+  grads = jax.grad(lambda m: fn(m).sum())(maps)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  np.testing.assert_array_equal(np.asarray(RA.map_roi_levels(rois, 2)), [[0, 0]])
+
+
 def test_bad_sampling_ratio():
   with pytest.raises(ValueError, match='sampling_ratio'):
     RA.roi_align(jnp.zeros((4, 4, 1)), jnp.zeros((1, 4)), spatial_scale=1.0, sampling_ratio=0)

@@ -19,7 +19,7 @@ columns, then accumulate the 4 * s^2 (corner, sample) terms one at a time: each 
 [R, out, out, C] from the flattened [H * W, C] features, weighted and added. Peak memory is therefore a few
 [R, out, out, C] arrays (not one [R, out * out * s * s * 4, C] gather), and the gradient w.r.t. the features is
 the matching scatter-add. RoIs get no gradient (stop_gradient), as in torchvision/mmcv, whose RoIAlign has no
-RoI gradient.
+RoI gradient. A RoI with NaN coordinates (padding) pools exact zeros and passes no gradient.
 """
 
 from typing import Sequence
@@ -33,12 +33,13 @@ def map_roi_levels(rois: jnp.ndarray, num_levels: int, finest_scale: float = 56.
 
   scale = sqrt(w * h); level = floor(log2(scale / finest_scale + 1e-6)), clipped to [0, num_levels - 1]
   (scale < 112 -> 0, < 224 -> 1, < 448 -> 2, else 3 with the default 56). Negative widths/heights count as
-  0 (level 0) instead of mmdet's NaN.
+  0 (level 0) instead of mmdet's NaN; NaN RoIs map to level 0.
   """
   rois = jnp.asarray(rois, jnp.float32)
   w = jnp.maximum(rois[..., 2] - rois[..., 0], 0.0)
   h = jnp.maximum(rois[..., 3] - rois[..., 1], 0.0)
   level = jnp.floor(jnp.log2(jnp.sqrt(w * h) / finest_scale + 1e-6))
+  level = jnp.where(jnp.isnan(level), 0.0, level)   # NaN RoIs (padding) -> level 0 rather than an undefined cast
   return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
 
 
@@ -63,8 +64,8 @@ def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned):
   high = jnp.where(at_edge, size - 1, low + 1)
   coord = jnp.where(at_edge, low.astype(jnp.float32), coord)
   frac = coord - low.astype(jnp.float32)
-  scale = inside.astype(jnp.float32)
-  return low, high, (1.0 - frac) * scale, frac * scale
+  # where, not a 0/1 factor: a NaN RoI (e.g. a padded row) then gives exact zeros and zero feature gradients.
+  return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0)
 
 
 def _roi_align_flat(flat, rois, offset, height, width, spatial_scale, output_size, sampling_ratio, aligned):
