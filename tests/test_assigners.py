@@ -9,6 +9,11 @@ import pytest
 
 from mrqm_jax.ops import assigners as AS
 
+# Jitted entry points (eager dispatch of the chunked loops is slower than compiling them once).
+_max_iou = jax.jit(AS.max_iou_assign, static_argnames=('pos_iou_thr', 'neg_iou_thr', 'min_pos_iou',
+                                                       'match_low_quality', 'chunk_size'))
+_atss = jax.jit(AS.atss_assign, static_argnums=1, static_argnames=('topk', 'gt_chunk_size'))
+
 # --- references --------------------------------------------------------------------------------------------
 
 
@@ -150,7 +155,7 @@ def test_max_iou_low_quality_ties_later_gt_wins():
   # same best anchor 1 and is later, so it takes anchor 1; anchor 0 stays with gt 0.
   anchors = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [40, 40, 50, 50], [60, 60, 61, 61]], np.float32)
   gt = np.array([[5, 0, 15, 10], [12, 0, 22, 10]], np.float32)
-  got, max_iou = AS.max_iou_assign(anchors, gt, np.array([True, True]), pos_iou_thr=0.9, neg_iou_thr=0.3,
+  got, max_iou = _max_iou(anchors, gt, np.array([True, True]), pos_iou_thr=0.9, neg_iou_thr=0.3,
                                    min_pos_iou=0.2, match_low_quality=True, chunk_size=3)
   ref, _ = _ref_max_iou(anchors, gt, [True, True], [True] * 4, 0.9, 0.3, 0.2, True)
   np.testing.assert_array_equal(np.asarray(got), ref)
@@ -174,7 +179,7 @@ def test_max_iou_chunking_invariant():
   rng = np.random.default_rng(5)
   anchors, _ = _grid_anchors((8,), (16.0,), CANVAS)
   gt, gt_valid = _random_gts(rng, 7, CANVAS)
-  outs = [AS.max_iou_assign(anchors, gt, gt_valid, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+  outs = [_max_iou(anchors, gt, gt_valid, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                             match_low_quality=True, chunk_size=c) for c in (7, 64, 100000)]
   for got, iou in outs[1:]:
     np.testing.assert_array_equal(np.asarray(got), np.asarray(outs[0][0]))
@@ -209,7 +214,7 @@ def test_atss_distance_ties_and_overlapping_gts():
   anchors, levels = _grid_anchors((4, 8), (8.0, 16.0), (32, 32))
   gt = np.array([[6, 6, 18, 18], [6, 6, 18, 18], [0, 16, 16, 28], [20, 2, 30, 30]], np.float32)
   valid = np.ones(4, bool)
-  got, iou = AS.atss_assign(anchors, levels, gt, valid, topk=9, gt_chunk_size=3)
+  got, iou = _atss(anchors, levels, gt, valid, topk=9, gt_chunk_size=3)
   ref, ref_iou = _ref_atss(anchors.astype(np.float64), levels, gt.astype(np.float64), valid, [True] * len(anchors), 9)
   np.testing.assert_array_equal(np.asarray(got), ref)
   np.testing.assert_allclose(np.asarray(iou), ref_iou, atol=1e-6)
@@ -218,7 +223,7 @@ def test_atss_distance_ties_and_overlapping_gts():
 
 def test_atss_no_valid_gt_and_level_check():
   anchors, levels = _grid_anchors((8, 16), (16.0, 32.0), CANVAS)
-  got, iou = AS.atss_assign(anchors, levels, np.full((3, 4), np.nan, np.float32), np.zeros(3, bool))
+  got, iou = _atss(anchors, levels, np.full((3, 4), np.nan, np.float32), np.zeros(3, bool))
   np.testing.assert_array_equal(np.asarray(got), -1)
   np.testing.assert_array_equal(np.asarray(iou), 0.0)
   with pytest.raises(ValueError, match='sums to'):
@@ -273,3 +278,26 @@ def test_random_sample_rng_dependence_and_uniformity():
   assert set(pos_counts) == set(range(8)) and all(abs(c - 500) < 100 for c in pos_counts.values())
   # 6 of 32 negatives per draw: 2000 * 6/32 = 375 each.
   assert set(neg_counts) == set(range(8, 40)) and all(abs(c - 375) < 90 for c in neg_counts.values())
+
+
+def test_vmap_over_images_matches_per_image():
+  rng = np.random.default_rng(9)
+  anchors, levels = _grid_anchors((8, 16), (16.0, 32.0), CANVAS)
+  gts, valids = zip(*[_random_gts(rng, 6, CANVAS) for _ in range(3)])
+  gts, valids = np.stack(gts), np.stack(valids)
+  valids[2] = False   # one image without objects
+  mi = lambda g, v: AS.max_iou_assign(anchors, g, v, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+                                      match_low_quality=True, chunk_size=50)
+  at = lambda g, v: AS.atss_assign(anchors, levels, g, v, gt_chunk_size=4)
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  for fn in (mi, at):
+    batched = jax.jit(jax.vmap(fn))(gts, valids)
+    for b in range(3):
+      single = jax.jit(fn)(gts[b], valids[b])
+      for x, y in zip(batched, single):
+        np.testing.assert_array_equal(np.asarray(x[b]), np.asarray(y))
+  assigned = jax.jit(jax.vmap(mi))(gts, valids)[0]
+  samples = jax.jit(jax.vmap(lambda k, a: AS.random_sample(k, a, 32, 0.25)))(keys, assigned)
+  for b in range(3):
+    for x, y in zip(samples, AS.random_sample(keys[b], assigned[b], 32, 0.25)):
+      np.testing.assert_array_equal(np.asarray(x[b]), np.asarray(y))
