@@ -130,7 +130,7 @@ def main(argv=None):
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
   pad = jax.ShapeDtypeStruct((b, h, w), jnp.bool_)
   rng = jax.random.PRNGKey(0)
-  variables = jax.eval_shape(lambda r, x, m: model.init({'params': r, 'dropout': r, 'dn': r}, x, m, train=False),
+  variables = jax.eval_shape(lambda r, x, m: model.init({'params': r, 'dropout': r, 'dn': r, 'aux': r}, x, m, train=False),
                              rng, images, pad)
   params = variables['params']
   groups = param_groups(params)

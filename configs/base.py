@@ -95,21 +95,65 @@ def get_config() -> ml_collections.ConfigDict:
   c.dn.num_queries = 100                 # Co-DINO num_dn_queries: groups = max(1, num_queries // num_gt)
   c.dn.max_gt = 200                      # static cap of ground truths per image used for denoising
 
-  # ---------------------------------------------------------------- IoU-Aware Head (paper section 3.2)
+  # ---------------------------------------------------------------- collaborative auxiliary heads
+  # Co-DINO trains auxiliary heads on the encoder output ("aux levels": the encoder levels + one stride-2 conv
+  # level) whose positives become extra query groups of the shared decoder; training only (inference and the
+  # export contain none). 'iah' (IoU-aware head, MRQM) | 'atss' (Co-DINO's ATSS head) | 'rcnn' (Faster R-CNN:
+  # RPN + RoI head). MRQM = ('iah', 'rcnn'); Co-DINO = ('atss', 'rcnn'); () = plain DINO.
+  c.model.aux_heads = ('iah', 'rcnn')
+
+  # IoU-Aware Head (paper section 3.2) in the ATSS head's place.
   c.iah = ml_collections.ConfigDict()
-  c.iah.enabled = True
   c.iah.dynamic_threshold = True         # False: fixed threshold iah.t_b for every object (Table 3 baseline)
   c.iah.t_b = 0.55
   c.iah.k = 0.15
   c.iah.p = 0.2
   c.iah.a_s = 'auto'                     # 'auto' = smallest training instance area (px^2) from input_pipeline.stats
   c.iah.max_pos = 300                    # Co-DETR max_pos_coords: auxiliary queries per image
-  c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0)   # per level P2..P5, px at the input resolution
+  c.iah.anchor_sizes = (8.0, 16.0, 32.0, 64.0, 128.0)   # per aux level (strides 4..64), px on the canvas
   c.iah.anchor_ratios = (0.5, 1.0, 2.0)
   # Multipliers of each level's anchor size: RetinaNet's 3 octave scales 2^(0, 1/3, 2/3), 9 anchors per location.
   c.iah.anchor_scales = (1.0, 1.2599, 1.5874)
-  c.iah.loss_weight = 2.0                # Co-DETR lambda_2: dense IAH loss x (lambda_2 * decoder layers), as Co-DINO
-  c.iah.query_loss_weight = 1.0          # Co-DETR lambda_1: decoder losses of the auxiliary queries Q_a
+  c.iah.stacked_convs = 1                # conv tower depth of the dense head (Co-DINO's ATSS head: 1)
+
+  # Co-DINO's ATSS head (co_dino_5scale_r50_1x_coco.py bbox_head / train_cfg[2]).
+  c.atss = ml_collections.ConfigDict()
+  c.atss.octave_base_scale = 8.0         # one square anchor of 8 x stride per location
+  c.atss.topk = 9                        # ATSSAssigner candidates per level
+  c.atss.stacked_convs = 1
+  c.atss.max_pos = 300
+  c.atss.cls_weight = 1.0                # focal; each x loss.aux_dense_weight * decoder layers (Co-DINO: 12)
+  c.atss.giou_weight = 2.0               # GIoU weighted by the centerness target (24)
+  c.atss.centerness_weight = 1.0         # BCE (12)
+
+  # Co-DINO's Faster R-CNN branch (rpn_head, roi_head, train_cfg[1]).
+  c.rcnn = ml_collections.ConfigDict()
+  c.rcnn.rpn_octave_base_scale = 4.0     # anchors 4 x 2^(i/3) x stride, i = 0..2, ratios 0.5 / 1 / 2
+  c.rcnn.rpn_scales_per_octave = 3
+  c.rcnn.rpn_ratios = (0.5, 1.0, 2.0)
+  c.rcnn.rpn_pos_iou = 0.7               # MaxIoUAssigner 0.7 / 0.3, min_pos_iou 0.3, low-quality matches
+  c.rcnn.rpn_neg_iou = 0.3
+  c.rcnn.rpn_min_pos_iou = 0.3
+  c.rcnn.rpn_num_samples = 256           # RandomSampler 256 at 0.5 positive
+  c.rcnn.rpn_pos_fraction = 0.5
+  c.rcnn.nms_pre = 4000                  # rpn_proposal: best anchors per level before NMS
+  c.rcnn.nms_iou = 0.7
+  c.rcnn.num_proposals = 1000            # rpn_proposal max_per_img (a static count with a validity mask)
+  c.rcnn.roi_pos_iou = 0.5               # MaxIoUAssigner 0.5 / 0.5 / 0.5, no low-quality matches
+  c.rcnn.roi_num_samples = 512           # RandomSampler 512 at 0.25 positive, gts added as proposals
+  c.rcnn.roi_pos_fraction = 0.25
+  c.rcnn.num_roi_levels = 5              # SingleRoIExtractor featmap_strides 4..64
+  c.rcnn.roi_size = 7
+  # mmcv RoIAlign sampling_ratio=0 adapts the samples per bin to each RoI, which a static shape cannot; 2 per
+  # bin side is torchvision/Detectron2's fixed choice.
+  c.rcnn.sampling_ratio = 2
+  c.rcnn.finest_scale = 56.0
+  c.rcnn.fc_dim = 1024                   # Shared2FCBBoxHead
+  c.rcnn.max_pos = 300                   # query group cap (at most roi_num_samples * roi_pos_fraction = 128)
+  c.rcnn.rpn_cls_weight = 1.0            # each x loss.aux_dense_weight * decoder layers (Co-DINO: RPN CE 12,
+  c.rcnn.rpn_bbox_weight = 1.0           #   L1 12; RoI CE 12, GIoU 120)
+  c.rcnn.roi_cls_weight = 1.0
+  c.rcnn.roi_giou_weight = 10.0
 
   # ---------------------------------------------------------------- objective
   c.loss = ml_collections.ConfigDict()
@@ -122,6 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.giou_weight = 2.0
   c.loss.dn_weight = 1.0
   c.loss.enc_weight = 1.0
+  # Co-DETR's lambda_2: every auxiliary head's own losses x (lambda_2 * decoder layers), as Co-DINO's config.
+  c.loss.aux_dense_weight = 2.0
+  # Co-DETR's lambda_1: decoder losses of every auxiliary query group.
+  c.loss.aux_query_weight = 1.0
 
   c.matcher = ml_collections.ConfigDict()
   c.matcher.backend = 'jax'              # 'jax' (on device) | 'scipy' (host callback)

@@ -30,7 +30,14 @@ def get_config():
   c.dn.num_queries = 20
   c.dn.max_gt = 32
   c.iah.max_pos = 32
-  c.iah.anchor_sizes = (4.0, 8.0, 16.0, 32.0)
+  c.iah.anchor_sizes = (4.0, 8.0, 16.0, 32.0, 64.0)
+  c.rcnn.rpn_num_samples = 64
+  c.rcnn.nms_pre = 200
+  c.rcnn.num_proposals = 64
+  c.rcnn.roi_num_samples = 64
+  c.rcnn.fc_dim = 64
+  c.rcnn.max_pos = 16
+  c.atss.max_pos = 32
   c.train.num_steps = 300
   c.train.per_device_batch_size = 2
   c.train.learning_rate = 1e-3

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from mrqm_jax import visualize
+from mrqm_jax.models import aux_heads
 from mrqm_jax.models import iou_aware_head
 
 # Metric keys of each protocol's size bands, in band order (mrqm_jax/metrics/coco.py documents them).
@@ -213,7 +214,8 @@ def _assign(anchors, boxes, box_valid, thresholds, anchor_valid):
 
 
 def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_valid: np.ndarray,
-                  pad_mask: np.ndarray | None = None, a_s: float | str | None = None) -> IAHPositives:
+                  pad_mask: np.ndarray | None = None, a_s: float | str | None = None,
+                  scale: float | None = None) -> IAHPositives:
   """Runs the IAH's own anchor generation and dynamic-threshold assignment on one canvas's ground truth.
 
   Args:
@@ -222,11 +224,12 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
     pad_mask: optional [H, W] bool, True on padding pixels: anchors on padding tokens are never positive
       (as in training).
     a_s: A_s override (needed when config.iah.a_s is 'auto').
+    scale: canvas px per original px of this canvas (the batch's `scale`): eq. 8 works in original pixels.
   """
   from mrqm_jax.models import detector  # pylint: disable=g-import-not-at-top
   iah = config.iah
   canvas_hw = tuple(int(v) for v in config.input.image_size)
-  shapes = encoder_spatial_shapes(config)
+  shapes = aux_heads.aux_level_shapes(encoder_spatial_shapes(config))   # the IAH runs on the aux levels
   anchors = iou_aware_head.generate_anchors(shapes, canvas_hw, iah.anchor_sizes, iah.anchor_ratios,
                                             iah.anchor_scales)
   per_location = len(iah.anchor_scales) * len(iah.anchor_ratios)
@@ -237,7 +240,7 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
     anchor_valid = np.repeat(~np.concatenate([m.reshape(-1) for m in levels]), per_location)
   boxes = np.asarray(boxes, np.float32)
   box_valid = np.asarray(box_valid, bool)
-  thresholds = iou_aware_head.gt_thresholds(boxes, canvas_hw, iah, a_s=a_s)
+  thresholds = iou_aware_head.gt_thresholds(boxes, canvas_hw, iah, a_s=a_s, scale=scale)
   assigned_gt, iou = _assign(anchors, boxes, box_valid, thresholds, anchor_valid)
   index, valid = iou_aware_head.select_positives(assigned_gt, iou, int(iah.max_pos))
   return IAHPositives(anchors, np.asarray(assigned_gt), np.asarray(index)[np.asarray(valid)])
@@ -266,7 +269,8 @@ def write_iah_heatmaps(config: ml_collections.ConfigDict, records: list, output:
   centres: dict[int, list] = {r.image_id: [] for r in records}
   for batch in pipeline.eval_iterator(config, records, global_batch_size=max(1, int(config.eval.batch_size))):
     for i in np.flatnonzero(batch['valid']):
-      found = iah_positives(config, batch['boxes'][i], batch['box_valid'][i], batch['pad_mask'][i])
+      found = iah_positives(config, batch['boxes'][i], batch['box_valid'][i], batch['pad_mask'][i],
+                            scale=float(batch['scale'][i]))
       index = found.selected if selected_only else np.flatnonzero(found.assigned_gt >= 0)
       centres[int(batch['image_id'][i])].append(canvas_to_image_xy(
           found.anchors[index, :2], canvas_hw, batch['scale'][i], batch['patch_origin'][i]))

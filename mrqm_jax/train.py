@@ -91,17 +91,21 @@ def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> 
   h, w = config.input.image_size
   images = jnp.zeros((1, h, w, 3), jnp.float32)
   pad_mask = jnp.zeros((1, h, w), bool)
-  return model.init({'params': rng, 'dropout': rng, 'dn': rng}, images, pad_mask, train=False)
+  return model.init({'params': rng, 'dropout': rng, 'dn': rng, 'aux': rng}, images, pad_mask, train=False)
+
+
+# Batch arrays the model and the loss read in training ('scale' maps canvas px to original px for eq. 8).
+TARGET_KEYS = ('boxes', 'labels', 'box_valid', 'scale')
 
 
 def make_loss_fn(model, config: ml_collections.ConfigDict):
   """(params, model_state, batch, rng) -> (loss, terms): forward in train mode + the full objective."""
 
   def loss_fn(params, model_state, batch, rng):
-    dropout_rng, dn_rng = jax.random.split(rng)
-    targets = {k: batch[k] for k in ('boxes', 'labels', 'box_valid')}
+    dropout_rng, dn_rng, aux_rng = jax.random.split(rng, 3)
+    targets = {k: batch[k] for k in TARGET_KEYS}
     outputs = model.apply({'params': params, **model_state}, batch['image'], batch['pad_mask'],
-                          targets=targets, train=True, rngs={'dropout': dropout_rng, 'dn': dn_rng})
+                          targets=targets, train=True, rngs={'dropout': dropout_rng, 'dn': dn_rng, 'aux': aux_rng})
     return losses_lib.compute_losses(outputs, targets, config)
 
   return loss_fn
@@ -233,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       os.kill(os.getpid(), signal.SIGKILL)
 
   lr_schedule = train_lib.learning_rate_schedule(config, per_epoch)
-  step_keys = ('image', 'pad_mask', 'boxes', 'labels', 'box_valid')  # all the loss reads; the rest stays on host
+  step_keys = ('image', 'pad_mask') + TARGET_KEYS  # all the step reads; the rest stays on host
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
   window_start, window_steps = time.time(), 0

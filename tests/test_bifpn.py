@@ -111,7 +111,7 @@ def test_fusion_weight_selecting_one_input_cuts_the_others(bifpn_setup):
   assert float(jnp.abs(base[2] - moved[2]).max()) > 1e-3  # P4 still sees C2
   # And the selected node equals its single input through the block: block(P5_in / (1 + 1e-4)).
   p = params['input_proj_3']
-  p5_in = bifpn.InputProjection(8).apply({'params': p}, feats[3])
+  p5_in = bifpn.input_projection(8, 'group', 'auto', None, 'p').apply({'params': p}, feats[3])
   block = bifpn.SeparableConvBlock(8)
   expected = block.apply({'params': params['layer_0']['bu_conv_3']}, p5_in / (1 + 1e-4))
   np.testing.assert_allclose(np.asarray(base[3]), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 from configs import smoke
 
 from mrqm_jax.models import detector
+from mrqm_jax.ops import boxes as box_ops
 
 
 # --------------------------------------------------------------------------------------- pure functions
@@ -166,6 +167,7 @@ def _smoke_config() -> ml_collections.ConfigDict:
   config = smoke.get_config()
   with config.unlocked():
     config.iah.a_s = '4'  # resolved from the dataset in training; any number here
+    config.model.aux_heads = ('iah', 'atss', 'rcnn')   # every auxiliary head
   return config
 
 
@@ -187,16 +189,23 @@ def model_setup():
   targets = {'boxes': jnp.asarray(np.concatenate([centres, sizes], -1), jnp.float32),
              'labels': jnp.asarray(rng.integers(0, config.dataset.num_classes, (b, m)), jnp.int32),
              'box_valid': jnp.asarray(box_valid)}
-  variables = jax.jit(lambda r: model.init({'params': r, 'dropout': r, 'dn': r}, images, pad, train=False))(
+  targets['scale'] = jnp.asarray([0.5, 1.0], jnp.float32)
+  variables = jax.jit(lambda r: model.init({'params': r, 'dropout': r, 'dn': r, 'aux': r}, images, pad,
+                                           train=False))(
       jax.random.PRNGKey(0))
 
   def loss_and_outputs(params, targets, dn_rng):
     out = model.apply({**variables, 'params': params}, images, pad, targets=targets, train=True,
-                      rngs={'dn': dn_rng, 'dropout': dn_rng})
+                      rngs={'dn': dn_rng, 'dropout': dn_rng, 'aux': dn_rng})
     scalar = (out['pred_boxes'].sum() + out['pred_logits'].mean() + out['enc_outputs']['pred_boxes'].sum()
-              + out['dn_outputs']['pred_boxes'].sum() + out['iah_outputs']['query_boxes'].sum()
-              + out['iah_outputs']['cls_logits'].mean() + out['dn_outputs']['pred_logits'][-1, :, 0].sum()
-              + out['iah_outputs']['query_logits'][-1, :, :, 0].sum())
+              + out['dn_outputs']['pred_boxes'].sum() + out['dn_outputs']['pred_logits'][-1, :, 0].sum()
+              + out['iah_outputs']['cls_logits'].mean() + out['atss_outputs']['centerness'].mean()
+              + out['atss_outputs']['pred_boxes'].mean() + out['rcnn_outputs']['rpn_logits'].mean()
+              + out['rcnn_outputs']['rpn_deltas'].mean() + out['rcnn_outputs']['roi_logits'].mean()
+              + out['rcnn_outputs']['roi_boxes'].mean())
+    for head in ('iah', 'atss', 'rcnn'):
+      scalar += (out[f'{head}_outputs']['query_boxes'].sum()
+                 + out[f'{head}_outputs']['query_logits'][-1, :, :, 0].sum())
     return scalar, out
 
   train_fn = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))
@@ -218,7 +227,8 @@ def test_train_outputs_contract(model_setup, train_result):
   b, q, c, nl = 2, cfg.decoder.num_queries, cfg.dataset.num_classes, cfg.decoder.num_layers
   d = detector.dn_num_slots(cfg.dn.num_queries, min(cfg.dn.max_gt, cfg.dataset.max_boxes))
   k = cfg.iah.max_pos
-  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'dn_outputs', 'iah_outputs'}
+  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'dn_outputs', 'iah_outputs',
+                      'atss_outputs', 'rcnn_outputs'}
   assert out['pred_logits'].shape == (b, q, c) and out['pred_boxes'].shape == (b, q, 4)
   assert out['aux_outputs']['pred_logits'].shape == (nl - 1, b, q, c)
   assert out['aux_outputs']['pred_boxes'].shape == (nl - 1, b, q, 4)
@@ -237,6 +247,27 @@ def test_train_outputs_contract(model_setup, train_result):
   assert iah['query_gt'].shape == (b, k) and iah['query_valid'].shape == (b, k)
   assert np.all(np.asarray(iah['query_gt'])[~np.asarray(iah['query_valid'])] == -1)
   assert np.asarray(iah['query_valid']).any()
+  # ATSS: one anchor per aux location (5 aux levels of the 128 x 128 canvas: 32^2 + ... + 2^2).
+  atss = out['atss_outputs']
+  num_locations = sum((128 // s) ** 2 for s in (4, 8, 16, 32, 64))
+  assert atss['cls_logits'].shape == (b, num_locations, c) and atss['centerness'].shape == (b, num_locations)
+  assert atss['query_logits'].shape == (nl, b, cfg.atss.max_pos, c)
+  # R-CNN: sampled RPN anchors and RoIs; the query group holds the positive RoIs (IoU >= 0.5 with their gt).
+  r = out['rcnn_outputs']
+  assert r['rpn_logits'].shape == (b, cfg.rcnn.rpn_num_samples)
+  assert r['roi_logits'].shape == (b, cfg.rcnn.roi_num_samples, c + 1)
+  kr = min(cfg.rcnn.max_pos, int(cfg.rcnn.roi_num_samples * cfg.rcnn.roi_pos_fraction))
+  assert r['query_logits'].shape == (nl, b, kr, c) and r['query_valid'].shape == (b, kr)
+  gts = np.asarray(model_setup['targets']['boxes'])
+  for i in range(b):
+    valid = np.asarray(r['query_valid'][i])
+    assert valid.sum() >= int(model_setup['targets']['box_valid'][i].sum())   # every gt is its own RoI
+    refs = np.asarray(r['pos_ref_boxes'][i])[valid]
+    owners = gts[i][np.asarray(r['query_gt'][i])[valid]]
+    ious = np.diag(np.asarray(box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(refs), box_ops.cxcywh_to_xyxy(owners))))
+    assert np.all(ious >= 0.5 - 1e-5)
+    assert not np.any(np.asarray(r['rpn_pos'][i]) & ~np.asarray(r['rpn_valid'][i]))
+    assert int(np.asarray(r['rpn_valid'][i]).sum()) == cfg.rcnn.rpn_num_samples   # 12k anchors: always filled
   for leaf in jax.tree.leaves(out):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert np.all(np.isfinite(leaf))
@@ -253,8 +284,8 @@ def test_gradients_finite_and_reach_every_part(train_result):
   norms = {name: float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(grads[name]))))
            for name in grads}
   # DN label embedding, decoder, encoder, neck, backbone, IAH and the aux projections all get gradient.
-  for name in ('label_embedding', 'decoder', 'encoder', 'neck', 'backbone', 'iah', 'aux_pos_proj',
-               'aux_feat_proj', 'enc_box_head', 'query_embed'):
+  for name in ('label_embedding', 'decoder', 'encoder', 'neck', 'backbone', 'iah', 'atss', 'rcnn', 'aux_levels',
+               'aux_query_iah', 'aux_query_atss', 'aux_query_rcnn', 'enc_box_head', 'query_embed'):
     assert norms[name] > 0, (name, norms)
 
 
@@ -287,3 +318,17 @@ def test_eval_outputs_have_no_training_groups(model_setup, train_result):
   # head's last layer is zero, so the selected boxes are the token proposals themselves.
   boxes = np.asarray(out['enc_outputs']['pred_boxes'])
   assert np.all(boxes[1, :, 0] < 0.75) and np.any(boxes[0, :, 0] > 0.75)
+
+
+@pytest.mark.slow
+def test_inference_does_not_depend_on_auxiliary_heads(model_setup):
+  """Training-only heads: NaN in every auxiliary parameter leaves the inference outputs unchanged."""
+  s = model_setup
+  params = dict(s['variables']['params'])
+  aux_names = [n for n in params if n.startswith(('aux_', 'iah', 'atss', 'rcnn'))]
+  assert set(aux_names) >= {'aux_levels', 'iah', 'atss', 'rcnn', 'aux_query_iah'}
+  poisoned = {**params, **{n: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params[n]) for n in aux_names}}
+  base = s['eval_fn'](s['variables'])
+  out = s['eval_fn']({**s['variables'], 'params': poisoned})
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(out)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

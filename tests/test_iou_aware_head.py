@@ -257,42 +257,46 @@ def test_select_positives_round_robin_against_reference():
 
 
 # ----------------------------------------------------------------------------------------------- module
+def make_head(config, a_s=3.0):
+  i = config.iah
+  return iah.IoUAwareHead(config.dataset.num_classes, CANVAS, SIZES, tuple(i.anchor_ratios), tuple(i.anchor_scales),
+                          i, a_s=a_s, max_pos=i.max_pos)
+
+
 @pytest.fixture(scope='module')
 def head_setup():
   config = smoke.get_config()
   with config.unlocked():
-    config.input.image_size = CANVAS
     config.iah.max_pos = 16
-  shapes = SHAPES
-  num_tokens = sum(h * w for h, w in shapes)
   batch, dim, max_boxes = 2, 16, 8
   rng = np.random.default_rng(11)
-  memory = jnp.asarray(rng.normal(size=(batch, num_tokens, dim)), jnp.float32)
-  pad = np.zeros((batch, num_tokens), bool)
-  pad[1, :num_tokens // 3] = True                          # image 1: first third of the tokens are padding
+  maps = [jnp.asarray(rng.normal(size=(batch, h, w, dim)), jnp.float32) for h, w in SHAPES]
+  pad = [np.zeros((batch, h, w), bool) for h, w in SHAPES]
+  for p in pad:
+    p[1, :p.shape[1] // 3] = True                          # image 1: top third of every level is padding
+  pad = [jnp.asarray(p) for p in pad]
   boxes = np.stack([random_gts(rng, max_boxes) for _ in range(batch)])
   valid = np.zeros((batch, max_boxes), bool)
   valid[0, :5] = True                                      # image 1 has no objects
   targets = {'boxes': jnp.asarray(boxes), 'labels': jnp.zeros((batch, max_boxes), jnp.int32),
              'box_valid': jnp.asarray(valid)}
-  head = iah.IoUAwareHead(config, a_s=3.0)
-  variables = jax.jit(lambda r, m, p, t: head.init(r, m, p, shapes, t))(jax.random.PRNGKey(0), memory,
-                                                                         jnp.asarray(pad), targets)
-  apply = jax.jit(lambda v, m, p, t: head.apply(v, m, p, shapes, t))
-  return config, head, variables, apply, memory, jnp.asarray(pad), targets
+  head = make_head(config)
+  variables = jax.jit(head.init)(jax.random.PRNGKey(0), maps, pad, targets)
+  apply = jax.jit(head.apply)
+  return config, head, variables, apply, maps, pad, targets
 
 
 def test_module_outputs(head_setup):
-  config, _, variables, apply, memory, pad, targets = head_setup
-  out = apply(variables, memory, pad, targets)
+  config, _, variables, apply, maps, pad, targets = head_setup
+  out = apply(variables, maps, pad, targets)
   per_location = len(config.iah.anchor_scales) * len(config.iah.anchor_ratios)
   num_anchors = sum(h * w for h, w in SHAPES) * per_location
   k, c = config.iah.max_pos, config.dataset.num_classes
+  tokens = np.concatenate([np.asarray(m).reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
   assert out['cls_logits'].shape == (2, num_anchors, c)
   assert out['pred_boxes'].shape == (2, num_anchors, 4) and out['anchors'].shape == (num_anchors, 4)
-  assert out['pos_feat'].shape == (2, k, memory.shape[-1]) and out['pos_ref_boxes'].shape == (2, k, 4)
-  # Zero-initialized box deltas: the dense boxes start at the anchors; classifier starts at the 1% prior.
-  np.testing.assert_allclose(out['pred_boxes'][0], out['anchors'], rtol=1e-6)
+  assert out['pos_feat'].shape == (2, k, tokens.shape[-1]) and out['pos_ref_boxes'].shape == (2, k, 4)
+  # The classifier starts at the 1% prior.
   np.testing.assert_allclose(jax.nn.sigmoid(out['cls_logits'][0]).mean(), 0.01, rtol=0.1)
   # Image 0: every valid gt has a positive (the best-anchor rule) and a query (5 gts < K).
   assigned = np.asarray(out['assigned_gt'][0])
@@ -301,33 +305,43 @@ def test_module_outputs(head_setup):
   assert set(np.asarray(out['pos_gt'][0])[pos_valid]) == set(range(5))
   index = np.asarray(out['pos_anchor_index'][0])[pos_valid]
   np.testing.assert_array_equal(out['pos_ref_boxes'][0][pos_valid], out['anchors'][index])
-  np.testing.assert_array_equal(out['pos_feat'][0][pos_valid], memory[0][index // per_location])
+  np.testing.assert_array_equal(out['pos_feat'][0][pos_valid], tokens[0][index // per_location])
   np.testing.assert_array_equal(np.asarray(out['pos_gt'][0])[pos_valid], assigned[index])
   # Image 1 has no objects: no positive, no query.
   assert np.all(np.asarray(out['assigned_gt'][1]) == -1) and not np.any(out['pos_valid'][1])
-  np.testing.assert_array_equal(out['anchor_valid'], np.repeat(~np.asarray(pad), per_location, axis=1))
+  flat_pad = np.concatenate([np.asarray(p).reshape(2, -1) for p in pad], axis=1)
+  np.testing.assert_array_equal(out['anchor_valid'], np.repeat(~flat_pad, per_location, axis=1))
 
 
-def test_module_padding_tokens_never_positive_and_grads_finite(head_setup):
-  _, _, variables, apply, memory, pad, targets = head_setup
-  # Give image 1 objects; some lie over its padding tokens (top-left third of P2..P5).
+def test_module_padding_never_positive_and_grads_finite(head_setup):
+  _, _, variables, apply, maps, pad, targets = head_setup
+  # Give image 1 objects; some lie over its padding (top third of every level).
   targets = dict(targets, box_valid=jnp.ones_like(targets['box_valid']))
-  out = apply(variables, memory, pad, targets)
+  out = apply(variables, maps, pad, targets)
   assert np.all(np.asarray(out['assigned_gt'][1])[np.asarray(~out['anchor_valid'][1])] == -1)
 
-  def loss(params, mem):
-    o = apply({'params': params}, mem, pad, targets)
+  def loss(params, feature_maps):
+    o = apply({'params': params}, feature_maps, pad, targets)
     return (jnp.sum(o['cls_logits'] ** 2) + jnp.sum(o['pred_boxes']) +
             jnp.sum(jnp.where(o['pos_valid'][..., None], o['pos_feat'], 0.0)))
-  grads = jax.grad(loss, argnums=(0, 1))(variables['params'], memory)
+  grads = jax.grad(loss, argnums=(0, 1))(variables['params'], maps)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert float(jnp.abs(grads[1]).sum()) > 0     # pos_feat carries gradient to the encoder memory
+  assert float(sum(jnp.abs(g).sum() for g in grads[1])) > 0   # pos_feat carries gradient to the features
+
+
+def test_threshold_uses_original_pixels(head_setup):
+  """Eq. 8 takes w, h in original px: the same canvas box at scale 0.5 is twice as large in original px."""
+  config, *_ = head_setup
+  boxes = jnp.asarray([[0.5, 0.5, 0.1, 0.2]], jnp.float32)
+  at_half = iah.gt_thresholds(boxes[None], CANVAS, config.iah, a_s=3.0, scale=jnp.asarray([0.5]))
+  h, w = CANVAS
+  expected = iah.dynamic_iou_threshold(0.1 * w / 0.5, 0.2 * h / 0.5, t_b=config.iah.t_b, k=config.iah.k,
+                                       p=config.iah.p, a_s=3.0)
+  np.testing.assert_allclose(at_half[0, 0], expected, rtol=1e-6)
+  assert float(at_half[0, 0]) > float(iah.gt_thresholds(boxes[None], CANVAS, config.iah, a_s=3.0)[0, 0])
 
 
 def test_module_requires_resolved_a_s(head_setup):
-  config, _, variables, _, memory, pad, targets = head_setup
-  head = iah.IoUAwareHead(config)                 # config.iah.a_s is 'auto'
+  config, _, variables, _, maps, pad, targets = head_setup
   with pytest.raises(ValueError, match='auto'):
-    head.apply(variables, memory, pad, SHAPES, targets)
-  with pytest.raises(ValueError, match='spatial_shapes'):
-    iah.IoUAwareHead(config, a_s=3.0).apply(variables, memory, pad, SHAPES[:3], targets)
+    make_head(config, a_s=None).apply(variables, maps, pad, targets)     # config.iah.a_s is 'auto'

@@ -212,7 +212,7 @@ def test_terms_sum_to_total_and_names(loss_fn):
   total, terms = loss_fn(outputs, targets)
   assert np.isfinite(total) and abs(float(total) - sum(float(v) for v in terms.values())) < 1e-4
   expected = {f'{p}{k}' for k in ('cls', 'bbox', 'giou')
-              for p in ('', 'd0.', 'd1.', 'enc.', 'dn.', 'd0.dn.', 'd1.dn.', 'aux.', 'd0.aux.', 'd1.aux.')}
+              for p in ('', 'd0.', 'd1.', 'enc.', 'dn.', 'd0.dn.', 'd1.dn.', 'aux_iah.', 'd0.aux_iah.', 'd1.aux_iah.')}
   assert set(terms) == expected | {'iah.cls', 'iah.giou'}
 
 
@@ -276,7 +276,7 @@ def test_dn_aux_and_dense_terms_against_numpy(config, loss_fn):
   expected = sum(np_query_loss(iah['query_logits'][L - 1, b], iah['query_boxes'][L - 1, b],
                                np.where(qpos[b], iah['query_gt'][b], -1), iah['query_valid'][b],
                                targets['boxes'][b], targets['labels'][b], qpos.sum()) for b in range(B))
-  np.testing.assert_allclose([terms['aux.cls'], terms['aux.bbox'] / 5.0, terms['aux.giou'] / 2.0], expected,
+  np.testing.assert_allclose([terms['aux_iah.cls'], terms['aux_iah.bbox'] / 5.0, terms['aux_iah.giou'] / 2.0], expected,
                              rtol=1e-4)
   # Dense head: focal on valid anchors, GIoU on positives, / positives, x lambda_2 * L.
   assigned = iah['assigned_gt']
@@ -292,7 +292,7 @@ def test_dn_aux_and_dense_terms_against_numpy(config, loss_fn):
         t[targets['labels'][b, g]] = 1.0
         giou += 1 - np_iou_giou(iah['pred_boxes'][b, a], targets['boxes'][b, g])[1]
       cls += np_focal(iah['cls_logits'][b, a].astype(np.float64), t, 0.25, 2.0).sum()
-  scale = config.iah.loss_weight * L
+  scale = config.loss.aux_dense_weight * L
   np.testing.assert_allclose([terms['iah.cls'], terms['iah.giou']],
                              [cls / apos.sum() * scale, 2.0 * giou / apos.sum() * scale], rtol=1e-4)
 
@@ -357,6 +357,7 @@ def test_no_objects_and_900_objects_have_finite_gradients():
                'iah_outputs': {'cls_logits': rng.normal(size=(1, A, C)).astype(np.float32),
                                'pred_boxes': random_boxes(rng, (1, A)),
                                'assigned_gt': rng.integers(-1, 900 if num_gt else 1, (1, A)).astype(np.int32),
+                               'anchor_valid': np.ones((1, A), bool),
                                'query_logits': rng.normal(size=(L, 1, K, C)).astype(np.float32),
                                'query_boxes': random_boxes(rng, (L, 1, K)),
                                'query_gt': rng.integers(0, 900, (1, K)).astype(np.int32),
@@ -366,7 +367,7 @@ def test_no_objects_and_900_objects_have_finite_gradients():
         lambda f: losses.compute_losses(rebuild(f), targets, config), has_aux=True))(floats)
     assert np.isfinite(total) and all(np.all(np.isfinite(g)) for g in grads)
     if num_gt == 0:   # only "background" terms remain
-      assert float(terms['bbox']) == 0 and float(terms['iah.giou']) == 0 and float(terms['aux.cls']) == 0
+      assert float(terms['bbox']) == 0 and float(terms['iah.giou']) == 0 and float(terms['aux_iah.cls']) == 0
     else:
       assert float(terms['bbox']) > 0
 
@@ -404,8 +405,8 @@ def test_config_switches():
   outputs, targets = make_batch(seed=9)
   config = make_config(cls_type='focal')
   with config.unlocked():
-    config.iah.enabled = False
+    config.model.aux_heads = ()
   total, terms = jitted(config)(outputs, targets)
-  assert np.isfinite(total) and not any(k.startswith(('iah.', 'aux.', 'd0.aux.')) for k in terms)
+  assert np.isfinite(total) and not any(k.startswith(('iah.', 'aux_iah.', 'd0.aux_iah.')) for k in terms)
   with pytest.raises(ValueError, match='cls_type'):
     losses.compute_losses(outputs, targets, make_config(cls_type='ce'))

@@ -27,6 +27,10 @@ normalize their neck with GroupNorm), or none.
 
 FPN (Lin et al. 2017, mmdet's FPN without extra levels): lateral 1x1 -> top-down sum with nearest 2x
 upsampling -> 3x3 output conv -> norm.
+
+ChannelMapper (Co-DINO's neck, Table 3 rows I and III): conv 1x1 + GroupNorm per input level, and with
+`config.model.num_levels` above the inputs, extra levels by conv 3x3 stride 2 + GroupNorm, the first on the
+coarsest INPUT (C5, as mmdet's ChannelMapper), the next ones on the previous extra level; no activation.
 """
 
 from collections.abc import Sequence
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 
 from mrqm_jax.models import layers
 
-NECKS = ('bifpn', 'fpn')
+NECKS = ('bifpn', 'fpn', 'channel_mapper')
 
 
 def upsample_to(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -124,18 +128,10 @@ class BiFPNLayer(nn.Module):
     return out
 
 
-class InputProjection(nn.Module):
-  """conv1x1 -> norm to `features` channels: `[B, H, W, C] -> [B, H, W, features]`."""
-  features: int
-  norm: str = 'group'
-  conv_impl: str = 'auto'
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = layers.Conv2D(self.features, 1, use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype,
-                      name='conv')(x)
-    return layers.NeckNorm(self.norm, dtype=self.dtype, name='norm')(x)
+def input_projection(features: int, norm: str, conv_impl: str, dtype: Any, name: str) -> layers.ConvNorm:
+  """conv1x1 -> norm to `features` channels: `[B, H, W, C] -> [B, H, W, features]` (params 'conv', 'norm')."""
+  return layers.ConvNorm(features, 1, 1, norm, None, conv_impl, dtype, kernel_init=nn.initializers.lecun_normal(),
+                         name=name)
 
 
 def _check_pyramid(features: Sequence[jax.Array]) -> None:
@@ -159,7 +155,7 @@ class BiFPN(nn.Module):
     _check_pyramid(features)
     if self.repeats < 1:
       raise ValueError(f'config.model.bifpn_repeats must be >= 1, got {self.repeats}')
-    feats = [InputProjection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, name=f'input_proj_{l}')(c)
+    feats = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
              for l, c in enumerate(features)]
     for r in range(self.repeats):
       feats = BiFPNLayer(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
@@ -190,6 +186,30 @@ class FPN(nn.Module):
     return outs
 
 
+class ChannelMapper(nn.Module):
+  """[C2..C5] -> `num_levels` maps `[B, H_l, W_l, hidden_dim]` (module doc); levels past the inputs by stride 2."""
+  hidden_dim: int = 256
+  num_levels: int = 5
+  norm: str = 'group'
+  conv_impl: str = 'auto'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+    _check_pyramid(features)
+    if self.num_levels < len(features):
+      raise ValueError(f'ChannelMapper: config.model.num_levels={self.num_levels} is below the '
+                       f'{len(features)} backbone levels')
+    outs = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
+            for l, c in enumerate(features)]
+    x = features[-1]
+    for l in range(len(features), self.num_levels):
+      x = layers.ConvNorm(self.hidden_dim, 3, 2, self.norm, None, self.conv_impl, self.dtype,
+                          kernel_init=nn.initializers.lecun_normal(), name=f'extra_{l}')(x)
+      outs.append(x)
+    return outs
+
+
 def build_neck(config, name: str | None = None) -> nn.Module:
   """BiFPN or FPN from `config.model` (neck, hidden_dim, bifpn_repeats, neck_norm, conv_impl, dtype)."""
   m = config.model
@@ -199,4 +219,6 @@ def build_neck(config, name: str | None = None) -> nn.Module:
     raise ValueError(f'config.model.neck_norm must be one of {layers.NECK_NORMS}, got {m.neck_norm!r}')
   if m.neck == 'bifpn':
     return BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, name=name)
+  if m.neck == 'channel_mapper':
+    return ChannelMapper(m.hidden_dim, m.num_levels, m.neck_norm, m.conv_impl, m.dtype, name=name)
   return FPN(m.hidden_dim, m.neck_norm, m.conv_impl, m.dtype, name=name)

@@ -54,8 +54,10 @@ from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.models import bifpn
 from mrqm_jax.models import decoder as decoder_lib
 from mrqm_jax.models import encoder as encoder_lib
+from mrqm_jax.models import atss_head
+from mrqm_jax.models import aux_heads
 from mrqm_jax.models import iou_aware_head
-from mrqm_jax.models.position_encoding import box_sine_embedding
+from mrqm_jax.models import rcnn
 from mrqm_jax.ops import boxes as box_ops
 
 # DINO's proposal side on the finest level (doubling per level) and the valid range of proposal coordinates.
@@ -208,6 +210,45 @@ def make_dn_queries(rng: jax.Array, targets: dict, label_embedding: jax.Array, *
           'group': layout['group']}
 
 
+# ------------------------------------------------------------------------------------ auxiliary heads
+AUX_HEADS = ('iah', 'atss', 'rcnn')
+
+
+def placeholder_targets(batch: int, max_boxes: int) -> dict:
+  """Targets with no valid box (init of the training-only heads)."""
+  return {'boxes': jnp.zeros((batch, max_boxes, 4)), 'labels': jnp.zeros((batch, max_boxes), jnp.int32),
+          'box_valid': jnp.zeros((batch, max_boxes), bool)}
+
+
+def build_aux_head(cfg: ml_collections.ConfigDict, head_name: str, num_aux_levels: int, a_s=None) -> nn.Module:
+  """The one place that maps config -> fields of the auxiliary heads (`config.model.aux_heads` names)."""
+  canvas = tuple(int(v) for v in cfg.input.image_size)
+  strides = aux_heads.aux_level_strides(num_aux_levels - 1)
+  m = cfg.model
+  if head_name == 'iah':
+    i = cfg.iah
+    if len(i.anchor_sizes) != num_aux_levels:
+      raise ValueError(f'config.iah.anchor_sizes has {len(i.anchor_sizes)} entries; the aux heads see '
+                       f'{num_aux_levels} levels (model.num_levels + 1): give one base size per level')
+    return iou_aware_head.IoUAwareHead(
+        cfg.dataset.num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
+        i, a_s=a_s, max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm, conv_impl=m.conv_impl,
+        dtype=m.dtype, name='iah')
+  if head_name == 'atss':
+    a = cfg.atss
+    return atss_head.ATSSHead(cfg.dataset.num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
+                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, name='atss')
+  if head_name == 'rcnn':
+    r = cfg.rcnn
+    return rcnn.RCNNBranch(
+        cfg.dataset.num_classes, canvas, strides, r.rpn_octave_base_scale, r.rpn_scales_per_octave,
+        tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
+        r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
+        r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
+        m.conv_impl, m.dtype, name='rcnn')
+  raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
+
+
 # ------------------------------------------------------------------------------------------------- detector
 def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.model.hidden_dim % 2:
@@ -283,27 +324,23 @@ class MRQM(nn.Module):
     outputs.update({'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
                     'aux_outputs': {'pred_logits': logits[:-1], 'pred_boxes': boxes[:-1]}})
 
-    # IoU-aware head + its auxiliary query group. Also run at init so that its parameters exist.
-    if cfg.iah.enabled and (use_targets or self.is_initializing()):
-      iah_targets, a_s = targets, None
-      if not use_targets:  # init: placeholder targets (no valid gt) and a placeholder A_s
-        m = cfg.dataset.max_boxes
-        iah_targets = {'boxes': jnp.zeros((batch, m, 4)), 'labels': jnp.zeros((batch, m), jnp.int32),
-                       'box_valid': jnp.zeros((batch, m), bool)}
-        a_s = 1.0
-      iah = iou_aware_head.IoUAwareHead(cfg, a_s=a_s, name='iah')(memory, memory_pad_mask, enc.spatial_shapes,
-                                                                   iah_targets)
-      aux_valid = iah['pos_valid']
-      pos_embed = box_sine_embedding(iah['pos_ref_boxes'], dim // 2).astype(out_memory.dtype)
-      aux_queries = (nn.LayerNorm(dtype=dtype, name='aux_pos_norm')(
-          nn.Dense(dim, dtype=dtype, name='aux_pos_proj')(pos_embed))
-                     + nn.LayerNorm(dtype=dtype, name='aux_feat_norm')(
-                         nn.Dense(dim, dtype=dtype, name='aux_feat_proj')(iah['pos_feat'])))
-      k = aux_valid.shape[1]
-      aux_mask = aux_valid[:, None, :] | jnp.eye(k, dtype=bool)[None]
-      aux = decode(aux_queries, iah['pos_ref_boxes'], aux_mask)
-      if use_targets:
-        outputs['iah_outputs'] = dict(iah, query_logits=aux['pred_logits'], query_boxes=aux['pred_boxes'],
-                                      query_gt=jnp.where(aux_valid, iah['pos_gt'], -1).astype(jnp.int32),
-                                      query_valid=aux_valid)
+    # Collaborative auxiliary heads and their query groups (training only; also run at init so that their
+    # parameters exist).
+    if cfg.model.aux_heads and (use_targets or self.is_initializing()):
+      head_targets = targets if use_targets else placeholder_targets(batch, cfg.dataset.max_boxes)
+      maps = aux_heads.AuxLevels(cfg.model.neck_norm, cfg.model.conv_impl, dtype, name='aux_levels')(
+          memory, enc.spatial_shapes)
+      level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
+      for head_name in cfg.model.aux_heads:
+        head = build_aux_head(cfg, head_name, len(maps),
+                              a_s=None if use_targets else 1.0)(maps, level_pad, head_targets)
+        queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{head_name}')(
+            head['pos_ref_boxes'], head.get('pos_feat'))
+        if use_targets:   # (at init the decoder's parameters exist already)
+          valid = head['pos_valid']
+          mask = valid[:, None, :] | jnp.eye(valid.shape[1], dtype=bool)[None]
+          decoded = decode(queries.astype(dtype), head['pos_ref_boxes'], mask)
+          outputs[f'{head_name}_outputs'] = dict(
+              head, query_logits=decoded['pred_logits'], query_boxes=decoded['pred_boxes'],
+              query_gt=jnp.where(valid, head['pos_gt'], -1).astype(jnp.int32), query_valid=valid)
     return outputs

@@ -51,15 +51,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrqm_jax.models import layers
+from mrqm_jax.models import aux_heads
+from mrqm_jax.ops import box_coder
 from mrqm_jax.ops import boxes as box_ops
 
 # Box-delta parameterization of the dense box branch (mmdet DeltaXYWHBBoxCoder with Co-DETR's ATSS stds).
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
-# exp(dw) is clipped at 1000/16 (mmdet's wh_ratio_clip): keeps early-training boxes and gradients finite.
-MAX_LOG_SCALE = float(np.abs(np.log(16.0 / 1000.0)))
-# Prior probability of the dense classifier at initialization (RetinaNet/ATSS): logits start at -4.6.
-CLS_PRIOR_PROB = 0.01
 # Anchors processed per step in `assign_anchors`: bounds the IoU block to [chunk, M] instead of [A, M]
 # (at 800x1344 with 6 anchors per location A = 535,500; with M = 1000 that is 2 GB per image otherwise).
 # 16384 x 1000 floats = 64 MB per intermediate, and only ~33 sequential steps per pass at full size.
@@ -83,16 +80,20 @@ def dynamic_iou_threshold(w, h, *, t_b: float, k: float, p: float, a_s: float):
   return jnp.maximum(t_b, t_b + k * (side / a_s) ** p)
 
 
-def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], iah_config: ml_collections.ConfigDict, a_s=None):
+def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], iah_config: ml_collections.ConfigDict, a_s=None,
+                  scale=None):
   """Per-gt IoU threshold from `config.iah`: gt_boxes [..., M, 4] normalized cxcywh -> [..., M].
 
-  `iah.dynamic_threshold=False` gives the fixed threshold `iah.t_b` for every object. `a_s` overrides
-  `iah.a_s` (needed when the config says 'auto').
+  Eq. 8 is evaluated in ORIGINAL-image pixels, the frame of A_s (the smallest instance area of the dataset):
+  w, h are the boxes' canvas sizes divided by `scale` [...] (canvas px per original px, the batch's `scale`;
+  None = 1, i.e. images at their original size). `iah.dynamic_threshold=False` gives the fixed threshold
+  `iah.t_b` for every object. `a_s` overrides `iah.a_s` (needed when the config says 'auto').
   """
   if not iah_config.dynamic_threshold:
     return jnp.full(gt_boxes.shape[:-1], iah_config.t_b, jnp.float32)
   canvas_h, canvas_w = canvas_hw
-  return dynamic_iou_threshold(gt_boxes[..., 2] * canvas_w, gt_boxes[..., 3] * canvas_h,
+  to_orig = 1.0 if scale is None else 1.0 / jnp.maximum(jnp.asarray(scale, jnp.float32), 1e-6)[..., None]
+  return dynamic_iou_threshold(gt_boxes[..., 2] * canvas_w * to_orig, gt_boxes[..., 3] * canvas_h * to_orig,
                                t_b=iah_config.t_b, k=iah_config.k, p=iah_config.p,
                                a_s=resolve_a_s(iah_config.a_s if a_s is None else a_s))
 
@@ -257,16 +258,6 @@ def select_positives(assigned_gt, iou, max_pos: int):
   return anchor_index, valid
 
 
-def decode_deltas(anchors, deltas):
-  """Box from anchor + predicted deltas (mmdet DeltaXYWH, DELTA_STDS): [..., 4] cxcywh, [..., 4] -> [..., 4]."""
-  stds = jnp.asarray(DELTA_STDS, deltas.dtype)
-  d = deltas * stds
-  log_scale = jnp.clip(d[..., 2:], -MAX_LOG_SCALE, MAX_LOG_SCALE)
-  center = anchors[..., :2] + d[..., :2] * anchors[..., 2:]
-  size = anchors[..., 2:] * jnp.exp(log_scale)
-  return jnp.concatenate([center, size], axis=-1)
-
-
 def _static_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
   try:
     return tuple((int(h), int(w)) for h, w in np.asarray(spatial_shapes).reshape(-1, 2))
@@ -276,83 +267,69 @@ def _static_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
 
 
 class IoUAwareHead(nn.Module):
-  """Dense auxiliary head on the encoder memory + dynamic-threshold assignment + top-K positives.
+  """IoU-aware head in the place of Co-DINO's ATSS head: the same dense head (`aux_heads.DenseHead`, no
+  centerness) on the aux levels, anchors `anchor_sizes[l] x anchor_scales x anchor_ratios` per location,
+  assignment by IoU > T_I(gt) (eq. 8, `gt_thresholds`) plus each gt's best anchor, top-K positives.
 
-  Attributes:
-    config: the full config (uses `iah.*`, `input.image_size`, `dataset.num_classes`, `model.dtype`).
-    a_s: overrides `config.iah.a_s` (required when that is 'auto'; resolve it from the dataset statistics).
+  Attributes: num_classes, canvas_hw (H, W), anchor_sizes (one per aux level, canvas px), anchor_ratios,
+    anchor_scales, iah (the `config.iah` block: t_b, k, p, a_s, dynamic_threshold), a_s (resolved A_s,
+    overrides iah.a_s), max_pos (K), stacked_convs, norm, conv_impl, dtype.
 
-  Call: (memory [B, S, D], memory_pad_mask [B, S] bool (True = padding token), spatial_shapes L static
-  (H_l, W_l) with S = sum H_l W_l, targets {'boxes' [B, M, 4] cxcywh, 'labels' [B, M], 'box_valid' [B, M]})
-  -> dict with A = S * R (R = anchors per location = len(iah.anchor_scales) * len(iah.anchor_ratios)),
-  K = iah.max_pos, C = num_classes:
-    cls_logits [B, A, C]      dense class logits (sigmoid).
-    pred_boxes [B, A, 4]      dense boxes, normalized cxcywh (anchor + deltas).
-    anchors [A, 4]            normalized cxcywh (constant).
-    anchor_valid [B, A] bool  False for anchors on padding tokens (excluded from the dense loss).
-    assigned_gt [B, A] int32  gt index, -1 negative.   assigned_iou [B, A] IoU with it.
-    pos_anchor_index [B, K]   int32 anchor index of each selected positive.
-    pos_ref_boxes [B, K, 4]   C_pos: the positive anchors (normalized cxcywh, no gradient).
-    pos_feat [B, K, D]        F''_pos: memory at the positive's token (with gradient).
-    pos_gt [B, K] int32       assigned gt (0 in empty slots).   pos_valid [B, K] bool.
+  Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
+  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}) -> dict, A = R * sum H_l W_l:
+    cls_logits [B, A, C]   pred_boxes [B, A, 4] (anchor + deltas)   anchors [A, 4]   anchor_valid [B, A]
+    assigned_gt [B, A] int32 (-1 negative)   assigned_iou [B, A]
+    pos_ref_boxes [B, K, 4] (C_pos, the positive anchors; no gradient)   pos_feat [B, K, D] (F''_pos, the aux
+    map feature at the positive's location; with gradient)   pos_gt [B, K] int32   pos_valid [B, K]
   """
-  config: ml_collections.ConfigDict
+  num_classes: int
+  canvas_hw: tuple[int, int]
+  anchor_sizes: tuple[float, ...]
+  anchor_ratios: tuple[float, ...]
+  anchor_scales: tuple[float, ...]
+  iah: Any
   a_s: float | None = None
+  max_pos: int = 300
+  stacked_convs: int = 1
+  norm: str = 'group'
+  conv_impl: str = 'auto'
+  dtype: Any = None
 
   @nn.compact
-  def __call__(self, memory: jax.Array, memory_pad_mask: jax.Array, spatial_shapes: Any,
-               targets: dict) -> dict:
-    cfg = self.config
-    iah = cfg.iah
-    shapes = _static_shapes(spatial_shapes)
-    batch, num_tokens, dim = memory.shape
-    if sum(h * w for h, w in shapes) != num_tokens:
-      raise ValueError(f'IoUAwareHead: spatial_shapes {shapes} give {sum(h * w for h, w in shapes)} tokens but '
-                       f'memory has {num_tokens}')
-    if targets is None:
-      raise ValueError('IoUAwareHead needs targets (it is a training-only head)')
-    num_per_location = len(iah.anchor_scales) * len(iah.anchor_ratios)
-    num_classes = cfg.dataset.num_classes
-    dtype = jnp.dtype(cfg.model.dtype)
-
-    anchors = jnp.asarray(generate_anchors(shapes, cfg.input.image_size, iah.anchor_sizes, iah.anchor_ratios,
-                                           iah.anchor_scales))
-    num_anchors = anchors.shape[0]
-
-    # Dense branches: a shared-over-tokens 2-layer MLP each (Co-DETR's ATSS head: one conv tower per branch).
-    bias_prior = float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB))
-    cls_logits = layers.MLP(dim, num_per_location * num_classes, 2, dtype=dtype,
-                            last_kernel_init=nn.initializers.normal(0.01),
-                            last_bias_init=nn.initializers.constant(bias_prior), name='cls_branch')(memory)
-    deltas = layers.MLP(dim, num_per_location * 4, 2, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(),
-                        name='box_branch')(memory)
-    cls_logits = cls_logits.reshape(batch, num_anchors, num_classes).astype(jnp.float32)
-    deltas = deltas.reshape(batch, num_anchors, 4).astype(jnp.float32)
-    pred_boxes = decode_deltas(anchors[None], deltas)
-
-    anchor_valid = jnp.repeat(~jnp.asarray(memory_pad_mask, bool), num_per_location, axis=1)    # [B, A]
+  def __call__(self, maps, level_pad, targets: dict) -> dict:
+    shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
+    per_location = len(self.anchor_scales) * len(self.anchor_ratios)
+    anchors = jnp.asarray(generate_anchors(shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios,
+                                           self.anchor_scales))
+    dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
+                                self.conv_impl, self.dtype, name='dense')(maps)
+    pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], DELTA_STDS)
+    anchor_valid = jnp.repeat(~aux_heads.flatten_anchor_maps(
+        [jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0], per_location, axis=1)     # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
     gt_valid = jnp.asarray(targets['box_valid'], bool)
-    thresholds = gt_thresholds(gt_boxes, cfg.input.image_size, iah, a_s=self.a_s)
-    assigned_gt, assigned_iou = jax.vmap(
-        lambda g, v, t, av: assign_anchors(anchors, g, v, t, anchor_valid=av))(
-            gt_boxes, gt_valid, thresholds, anchor_valid)
-    pos_anchor_index, pos_valid = jax.vmap(lambda g, i: select_positives(g, i, iah.max_pos))(
+    thresholds = gt_thresholds(gt_boxes, self.canvas_hw, self.iah, a_s=self.a_s, scale=targets.get('scale'))
+    if self.is_initializing():   # parameters only: skip compiling the assignment, which holds none
+      assigned_gt = jnp.full(anchor_valid.shape, -1, jnp.int32)
+      assigned_iou = jnp.zeros(anchor_valid.shape, jnp.float32)
+    else:
+      assigned_gt, assigned_iou = jax.vmap(
+          lambda g, v, t, av: assign_anchors(anchors, g, v, t, anchor_valid=av))(
+              gt_boxes, gt_valid, thresholds, anchor_valid)
+    pos_anchor_index, pos_valid = jax.vmap(lambda g, i: select_positives(g, i, self.max_pos))(
         assigned_gt, assigned_iou)
-
-    pos_ref_boxes = jax.lax.stop_gradient(anchors[pos_anchor_index])                       # [B, K, 4]
-    pos_token = pos_anchor_index // num_per_location
-    pos_feat = jnp.take_along_axis(memory, pos_token[..., None], axis=1)                  # [B, K, D]
+    tokens = aux_heads.flatten_anchor_maps(maps, maps[0].shape[-1])                          # [B, T, D]
+    pos_feat = jnp.take_along_axis(tokens, (pos_anchor_index // per_location)[..., None], axis=1)
     pos_gt = jnp.where(pos_valid, jnp.take_along_axis(assigned_gt, pos_anchor_index, axis=1), 0)
     return {
-        'cls_logits': cls_logits,
+        'cls_logits': dense['cls_logits'],
         'pred_boxes': pred_boxes,
         'anchors': anchors,
         'anchor_valid': anchor_valid,
         'assigned_gt': assigned_gt,
         'assigned_iou': assigned_iou,
         'pos_anchor_index': pos_anchor_index,
-        'pos_ref_boxes': pos_ref_boxes,
+        'pos_ref_boxes': jax.lax.stop_gradient(anchors[pos_anchor_index]),
         'pos_feat': pos_feat,
         'pos_gt': pos_gt.astype(jnp.int32),
         'pos_valid': pos_valid,

@@ -242,6 +242,31 @@ class NeckNorm(nn.Module):
     raise ValueError(f'neck norm must be one of {NECK_NORMS} (config.model.neck_norm), got {self.kind!r}')
 
 
+class ConvNorm(nn.Module):
+  """Conv k x k -> NeckNorm -> optional activation: `[B, H, W, C] -> [B, H', W', features]`.
+
+  The conv-norm(-act) unit of the neck and the dense heads (mmcv's ConvModule with GN). The conv has no bias
+  when a norm follows (its mean subtraction would cancel it). `kernel_init` defaults to normal(0.01), the
+  init of mmdet's dense heads.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  norm: str = 'group'
+  activation: Callable[[jax.Array], jax.Array] | None = None
+  conv_impl: str = 'auto'
+  dtype: Any = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.normal(0.01)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Conv2D(self.features, self.kernel_size, self.strides, padding=self.kernel_size // 2,
+               use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
+               name='conv')(x)
+    x = NeckNorm(self.norm, dtype=self.dtype, name='norm')(x)
+    return x if self.activation is None else self.activation(x)
+
+
 class MLP(nn.Module):
   """`num_layers` Dense layers with `activation` between them (none after the last): `[..., Din] -> [..., output_dim]`.
 

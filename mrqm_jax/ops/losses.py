@@ -136,10 +136,7 @@ def match_queries(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_l
 # --------------------------------------------------------------------------------------------- per-query loss
 def _count(mask: jax.Array, axis_name: str | None) -> jax.Array:
   """Number of True in `mask` (over the whole batch and, with axis_name, over devices), at least 1."""
-  total = jnp.sum(mask).astype(jnp.float32)
-  if axis_name is not None:
-    total = jax.lax.psum(total, axis_name)
-  return jnp.maximum(total, 1.0)
+  return _weight_sum(jnp.asarray(mask, jnp.float32), axis_name)
 
 
 def _sanitize_targets(targets: dict, num_classes: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -223,12 +220,7 @@ def matched_losses(outputs: dict, gt: tuple, gt_count: jax.Array, config) -> dic
     query_gt = match_queries(lg, bx, gt_boxes, gt_labels, gt_valid, config)
     return supervised_query_loss(lg, bx, query_gt, jnp.ones(query_gt.shape, bool), gt_boxes, gt_labels,
                                  gt_valid, gt_count, config)
-  per_layer = _per_layer(logits, boxes, one_layer)
-  num_layers = logits.shape[0]
-  terms = {}
-  for layer in range(num_layers):
-    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()},
-                           _layer_prefix(layer, num_layers, ''), 1.0, config))
+  terms = _layer_terms(_per_layer(logits, boxes, one_layer), '', 1.0, config)
   enc = outputs.get('enc_outputs')
   if enc is not None:
     terms.update(_weighted(one_layer(enc['pred_logits'], enc['pred_boxes']), 'enc.', config.loss.enc_weight,
@@ -247,54 +239,129 @@ def denoising_losses(dn: dict, gt: tuple, config, axis_name) -> dict:
   normalizer = _count(positive, axis_name)
   per_layer = _per_layer(dn['pred_logits'], dn['pred_boxes'], lambda lg, bx: supervised_query_loss(
       lg, bx, query_gt, valid, gt_boxes, gt_labels, gt_valid, normalizer, config))
-  num_layers = dn['pred_logits'].shape[0]
-  terms = {}
-  for layer in range(num_layers):
-    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()}, _layer_prefix(layer, num_layers, 'dn'),
-                           config.loss.dn_weight, config))
-  return terms
+  return _layer_terms(per_layer, 'dn', config.loss.dn_weight, config)
+
+
+def _aux_scale(config) -> float:
+  """Co-DETR's lambda_2 * decoder layers: the factor of every auxiliary head's own losses."""
+  return config.loss.aux_dense_weight * config.decoder.num_layers
+
+
+def _assigned_targets(assigned, gt):
+  """assigned [B, A] gt index (-1 negative) -> (positive [B, A], target boxes [B, A, 4], labels [B, A])."""
+  gt_boxes, gt_labels, gt_valid = gt
+  gt_index = jnp.clip(assigned, 0, gt_boxes.shape[1] - 1)
+  positive = (assigned >= 0) & jnp.take_along_axis(gt_valid, gt_index, axis=1)
+  return (positive, jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1),
+          jnp.take_along_axis(gt_labels, gt_index, axis=1))
+
+
+def _dense_focal_giou(head_out: dict, gt: tuple, config, axis_name, giou_weights=None):
+  """Focal loss on every valid anchor and GIoU on positives of a dense head. Unweighted, with the positives."""
+  logits = head_out['cls_logits']                                                  # [B, A, C]
+  assigned = jnp.asarray(head_out['assigned_gt'], jnp.int32)
+  anchor_valid = jnp.asarray(head_out['anchor_valid'], bool)
+  positive, target_boxes, target_labels = _assigned_targets(assigned, gt)
+  positive &= anchor_valid
+  num_pos = _count(positive, axis_name)
+  logits = jnp.where(anchor_valid[..., None], logits, 0.0)
+  boxes = jnp.where(positive[..., None], head_out['pred_boxes'], jnp.asarray(_DUMMY_BOX, jnp.float32))
+  onehot = jax.nn.one_hot(target_labels, logits.shape[-1], dtype=logits.dtype) * positive[..., None]
+  cls = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha, config.loss.focal_gamma)
+  cls = jnp.sum(jnp.sum(cls, axis=-1) * anchor_valid) / num_pos
+  if giou_weights is None:
+    giou = jnp.sum(giou_loss(boxes, target_boxes) * positive) / num_pos
+  else:
+    weights = jnp.where(positive, giou_weights, 0.0)
+    giou = jnp.sum(giou_loss(boxes, target_boxes) * weights) / _weight_sum(weights, axis_name)
+  return cls, giou, positive, num_pos
+
+
+def _weight_sum(weights: jax.Array, axis_name: str | None) -> jax.Array:
+  """Sum of `weights` (over the whole batch and, with axis_name, over devices), at least 1."""
+  total = jnp.sum(weights).astype(jnp.float32)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return jnp.maximum(total, 1.0)
 
 
 def iah_dense_losses(iah_out: dict, gt: tuple, config, axis_name) -> dict:
   """Dense IoU-aware head: focal cls on valid anchors + GIoU on positives. Weighted terms."""
-  gt_boxes, gt_labels, gt_valid = gt
-  logits = iah_out['cls_logits']                                                   # [B, A, C]
-  boxes = iah_out['pred_boxes']
-  assigned = jnp.asarray(iah_out['assigned_gt'], jnp.int32)                        # [B, A]
-  anchor_valid = iah_out.get('anchor_valid')
-  anchor_valid = (jnp.ones(assigned.shape, bool) if anchor_valid is None
-                  else jnp.asarray(anchor_valid, bool))
-  gt_index = jnp.clip(assigned, 0, gt_boxes.shape[1] - 1)
-  positive = anchor_valid & (assigned >= 0) & jnp.take_along_axis(gt_valid, gt_index, axis=1)
-  normalizer = _count(positive, axis_name)
-  logits = jnp.where(anchor_valid[..., None], logits, 0.0)
-  boxes = jnp.where(positive[..., None], boxes, jnp.asarray(_DUMMY_BOX, boxes.dtype))
-  target_boxes = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)
-  target_labels = jnp.take_along_axis(gt_labels, gt_index, axis=1)
-  onehot = jax.nn.one_hot(target_labels, logits.shape[-1], dtype=logits.dtype) * positive[..., None]
-  cls = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha, config.loss.focal_gamma)
-  cls = jnp.sum(jnp.sum(cls, axis=-1) * anchor_valid) / normalizer
-  giou = jnp.sum(giou_loss(boxes, target_boxes) * positive) / normalizer
-  scale = config.iah.loss_weight * config.decoder.num_layers
+  cls, giou, _, _ = _dense_focal_giou(iah_out, gt, config, axis_name)
+  scale = _aux_scale(config)
   return {'iah.cls': cls * config.loss.cls_weight * scale, 'iah.giou': giou * config.loss.giou_weight * scale}
 
 
-def aux_query_losses(iah_out: dict, gt: tuple, config, axis_name) -> dict:
-  """Auxiliary queries Q_a of every layer (paper eq. 10): query_logits [L, B, K, C] ... Weighted terms."""
+def atss_losses(atss_out: dict, gt: tuple, config, axis_name) -> dict:
+  """Co-DINO's ATSS head (mmdet ATSSHead.loss): focal on valid anchors / #positives, GIoU on positives weighted by
+  their centerness target / the sum of those targets, centerness BCE on positives / #positives. Weighted terms."""
+  target = jnp.asarray(atss_out['centerness_target'], jnp.float32)
+  cls, giou, positive, num_pos = _dense_focal_giou(atss_out, gt, config, axis_name, giou_weights=target)
+  centerness = sigmoid_bce_with_logits(jnp.where(positive, atss_out['centerness'], 0.0), target)
+  centerness = jnp.sum(centerness * positive) / num_pos
+  a, scale = config.atss, _aux_scale(config)
+  return {'atss.cls': cls * a.cls_weight * scale, 'atss.giou': giou * a.giou_weight * scale,
+          'atss.centerness': centerness * a.centerness_weight * scale}
+
+
+def rcnn_losses(out: dict, gt: tuple, config, axis_name) -> dict:
+  """Faster R-CNN branch (mmdet RPNHead.loss + BBoxHead.loss with reg_decoded_bbox). Weighted terms.
+
+  RPN: sigmoid CE over the sampled anchors and L1 on the positives' deltas, both / #sampled (mmdet's
+  num_total_samples). RoI: softmax CE over the sampled RoIs / #sampled, GIoU of the decoded boxes of the
+  positives / #sampled (mmdet's avg_factor = bbox_targets.size(0)).
+  """
   gt_boxes, gt_labels, gt_valid = gt
-  valid = jnp.asarray(iah_out['query_valid'], bool)
-  query_gt = jnp.asarray(iah_out['query_gt'], jnp.int32)
+  num_classes = out['roi_logits'].shape[-1] - 1
+  rpn_valid, rpn_pos = jnp.asarray(out['rpn_valid'], bool), jnp.asarray(out['rpn_pos'], bool)
+  rpn_count = _count(rpn_valid, axis_name)
+  rpn_logits = jnp.where(rpn_valid, out['rpn_logits'], 0.0)
+  rpn_cls = jnp.sum(sigmoid_bce_with_logits(rpn_logits, rpn_pos.astype(jnp.float32)) * rpn_valid) / rpn_count
+  rpn_deltas = jnp.where(rpn_pos[..., None], out['rpn_deltas'], 0.0)
+  rpn_targets = jnp.where(rpn_pos[..., None], out['rpn_delta_targets'], 0.0)
+  rpn_bbox = jnp.sum(l1_loss(rpn_deltas, rpn_targets) * rpn_pos) / rpn_count
+
+  roi_valid = jnp.asarray(out['roi_valid'], bool)
+  positive, target_boxes, target_labels = _assigned_targets(jnp.asarray(out['roi_gt'], jnp.int32), gt)
+  positive &= roi_valid
+  roi_count = _count(roi_valid, axis_name)
+  labels = jnp.where(positive, target_labels, num_classes)
+  logits = jnp.where(roi_valid[..., None], out['roi_logits'], 0.0)
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
+  roi_cls = jnp.sum(ce * roi_valid) / roi_count
+  boxes = jnp.where(positive[..., None], out['roi_boxes'], jnp.asarray(_DUMMY_BOX, jnp.float32))
+  roi_giou = jnp.sum(giou_loss(boxes, target_boxes) * positive) / roi_count
+  r, scale = config.rcnn, _aux_scale(config)
+  return {'rpn.cls': rpn_cls * r.rpn_cls_weight * scale, 'rpn.bbox': rpn_bbox * r.rpn_bbox_weight * scale,
+          'roi.cls': roi_cls * r.roi_cls_weight * scale, 'roi.giou': roi_giou * r.roi_giou_weight * scale}
+
+
+def aux_query_losses(head_out: dict, gt: tuple, config, axis_name, group: str) -> dict:
+  """An auxiliary query group of every layer (paper eq. 10): query_logits [L, B, K, C] ..., supervised directly
+  by `query_gt` (no matching). Terms named '{group}.cls' (last layer), 'd{l}.{group}.cls'. Weighted terms."""
+  gt_boxes, gt_labels, gt_valid = gt
+  valid = jnp.asarray(head_out['query_valid'], bool)
+  query_gt = jnp.asarray(head_out['query_gt'], jnp.int32)
   positive = valid & (query_gt >= 0) & jnp.take_along_axis(
       gt_valid, jnp.clip(query_gt, 0, gt_valid.shape[1] - 1), axis=1)
   normalizer = _count(positive, axis_name)
-  per_layer = _per_layer(iah_out['query_logits'], iah_out['query_boxes'], lambda lg, bx: supervised_query_loss(
+  per_layer = _per_layer(head_out['query_logits'], head_out['query_boxes'], lambda lg, bx: supervised_query_loss(
       lg, bx, query_gt, valid, gt_boxes, gt_labels, gt_valid, normalizer, config))
-  num_layers = iah_out['query_logits'].shape[0]
+  return _layer_terms(per_layer, group, config.loss.aux_query_weight, config)
+
+
+def _layer_terms(per_layer: dict, group: str, scale: float, config) -> dict:
+  """{name: [L]} per-layer losses -> weighted terms with Co-DETR's layer prefixes."""
+  num_layers = next(iter(per_layer.values())).shape[0]
   terms = {}
   for layer in range(num_layers):
-    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()}, _layer_prefix(layer, num_layers, 'aux'),
-                           config.iah.query_loss_weight, config))
+    terms.update(_weighted({k: v[layer] for k, v in per_layer.items()}, _layer_prefix(layer, num_layers, group),
+                           scale, config))
   return terms
+
+
+# Own losses of each auxiliary head (`config.model.aux_heads` names -> loss function).
+AUX_HEAD_LOSSES = {'iah': iah_dense_losses, 'atss': atss_losses, 'rcnn': rcnn_losses}
 
 
 def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDict, *,
@@ -322,11 +389,14 @@ def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDi
   dn = outputs.get('dn_outputs')
   if dn is not None:
     terms.update(denoising_losses(dn, gt, config, axis_name))
-  iah_out = outputs.get('iah_outputs')
-  if config.iah.enabled and iah_out is not None:
-    terms.update(iah_dense_losses(iah_out, gt, config, axis_name))
-    if iah_out.get('query_logits') is not None:
-      terms.update(aux_query_losses(iah_out, gt, config, axis_name))
+  for head_name in config.model.aux_heads:
+    head_loss = AUX_HEAD_LOSSES[head_name]
+    head_out = outputs.get(f'{head_name}_outputs')
+    if head_out is None:
+      continue
+    terms.update(head_loss(head_out, gt, config, axis_name))
+    if head_out.get('query_logits') is not None:
+      terms.update(aux_query_losses(head_out, gt, config, axis_name, f'aux_{head_name}'))
   terms = {k: v.astype(jnp.float32) for k, v in terms.items()}
   total = sum(terms.values())
   return total, terms

@@ -1,0 +1,196 @@
+"""Building blocks of Co-DINO's collaborative auxiliary heads (training only).
+
+  AuxLevels        encoder memory -> per-level maps + one extra coarser level (the maps every aux head reads)
+  DenseHead        ATSS-style dense head: conv towers -> per-anchor class logits, box deltas, centerness
+  RPNHead          Faster R-CNN's region proposal head: conv 3x3 -> objectness logit and deltas per anchor
+  Shared2FCHead    Faster R-CNN's RoI box head: two shared FC layers -> (C + 1) class logits, C x 4 deltas
+  aux_query_group  the positives of a head -> the query group the shared decoder decodes
+
+Co-DETR (Sense-X/Co-DETR, `co_dino_head.py`) builds the aux levels from the encoder output: the memory
+reshaped back to its levels, plus `downsample` = conv 3x3 stride 2 + GroupNorm(32) on the coarsest level, so the
+heads see strides 4 .. 2x the coarsest encoder stride. Every dense output is flattened in the order of
+`iou_aware_head.generate_anchors`: (level, row, column, anchor).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrqm_jax.models import layers
+from mrqm_jax.models.position_encoding import box_sine_embedding
+
+# Prior probability of dense classifiers at initialization (RetinaNet/ATSS): logits start at -4.6.
+CLS_PRIOR_PROB = 0.01
+
+
+def prior_bias_init() -> Any:
+  """Bias init giving sigmoid(bias) = CLS_PRIOR_PROB (the one class-bias init of every sigmoid classifier)."""
+  return nn.initializers.constant(float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)))
+
+
+def aux_level_shapes(spatial_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+  """The encoder's level shapes plus the extra level: ceil(H / 2), ceil(W / 2) of the coarsest (static)."""
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  h, w = shapes[-1]
+  return shapes + ((-(-h // 2), -(-w // 2)),)
+
+
+def aux_level_strides(num_encoder_levels: int, finest_stride: int = 4) -> tuple[int, ...]:
+  """Nominal strides of the aux levels in canvas px: finest_stride * 2^l, one more level than the encoder."""
+  return tuple(finest_stride * 2 ** l for l in range(num_encoder_levels + 1))
+
+
+class AuxLevels(nn.Module):
+  """Encoder memory `[B, S, D]` (levels of `spatial_shapes`, level-major) -> L + 1 maps `[B, H_l, W_l, D]`.
+
+  The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`).
+  Parameters: 'downsample'.
+  """
+  norm: str = 'group'
+  conv_impl: str = 'auto'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
+    maps, start = [], 0
+    for h, w in spatial_shapes:
+      maps.append(memory[:, start:start + h * w].reshape(memory.shape[0], h, w, memory.shape[-1]))
+      start += h * w
+    if start != memory.shape[1]:
+      raise ValueError(f'AuxLevels: spatial_shapes {tuple(spatial_shapes)} give {start} tokens, memory has '
+                       f'{memory.shape[1]}')
+    extra = layers.ConvNorm(memory.shape[-1], 3, 2, self.norm, conv_impl=self.conv_impl, dtype=self.dtype,
+                            kernel_init=nn.initializers.lecun_normal(), name='downsample')(maps[-1])
+    return maps + [extra]
+
+
+def flatten_anchor_maps(maps: Sequence[jax.Array], per_anchor: int) -> jax.Array:
+  """[[B, H_l, W_l, R * per_anchor], ...] -> [B, sum_l H_l W_l R, per_anchor] in (level, row, col, anchor) order."""
+  return jnp.concatenate([m.reshape(m.shape[0], -1, per_anchor) for m in maps], axis=1)
+
+
+class DenseHead(nn.Module):
+  """ATSS-style dense head shared over levels (mmdet ATSSHead; the IoU-aware head uses it without centerness).
+
+  maps: L maps `[B, H_l, W_l, D]` -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with centerness
+  'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
+  Structure: `stacked_convs` x (conv 3x3 + GN + ReLU) per branch (class / box), then conv 3x3 to R * C logits,
+  R * 4 deltas (x a learnable per-level scale, init 1) and R centerness logits on the box tower.
+  Parameters: 'cls_tower_{i}', 'reg_tower_{i}', 'cls_out', 'reg_out', 'reg_scale_{l}', 'centerness_out'.
+  """
+  num_anchors: int
+  num_classes: int
+  stacked_convs: int = 1
+  with_centerness: bool = False
+  norm: str = 'group'
+  conv_impl: str = 'auto'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, maps: Sequence[jax.Array]) -> dict[str, jax.Array]:
+    dim = maps[0].shape[-1]
+    conv = lambda n, name, **kw: layers.Conv2D(n, 3, padding=1, impl=self.conv_impl, dtype=self.dtype,  # noqa
+                                               kernel_init=nn.initializers.normal(0.01), name=name, **kw)
+    cls_tower = [layers.ConvNorm(dim, 3, 1, self.norm, nn.relu, self.conv_impl, self.dtype, name=f'cls_tower_{i}')
+                 for i in range(self.stacked_convs)]
+    reg_tower = [layers.ConvNorm(dim, 3, 1, self.norm, nn.relu, self.conv_impl, self.dtype, name=f'reg_tower_{i}')
+                 for i in range(self.stacked_convs)]
+    cls_out = conv(self.num_anchors * self.num_classes, 'cls_out', bias_init=prior_bias_init())
+    reg_out = conv(self.num_anchors * 4, 'reg_out')
+    ctr_out = conv(self.num_anchors, 'centerness_out') if self.with_centerness else None
+    logits, deltas, centerness = [], [], []
+    for level, x in enumerate(maps):
+      c, r = x, x
+      for block in cls_tower:
+        c = block(c)
+      for block in reg_tower:
+        r = block(r)
+      scale = self.param(f'reg_scale_{level}', nn.initializers.ones_init(), (), jnp.float32)
+      logits.append(cls_out(c))
+      deltas.append(reg_out(r) * scale.astype(r.dtype))
+      if ctr_out is not None:
+        centerness.append(ctr_out(r))
+    out = {'cls_logits': flatten_anchor_maps(logits, self.num_classes).astype(jnp.float32),
+           'deltas': flatten_anchor_maps(deltas, 4).astype(jnp.float32)}
+    if ctr_out is not None:
+      out['centerness'] = flatten_anchor_maps(centerness, 1)[..., 0].astype(jnp.float32)
+    return out
+
+
+class RPNHead(nn.Module):
+  """mmdet RPNHead: conv 3x3 + ReLU (shared over levels) -> 1x1 objectness (sigmoid) and 1x1 deltas.
+
+  maps: L maps `[B, H_l, W_l, D]` -> {'logits' [B, A], 'deltas' [B, A, 4]}, A = R * sum_l H_l W_l.
+  Parameters: 'rpn_conv', 'rpn_cls', 'rpn_reg'.
+  """
+  num_anchors: int
+  feat_channels: int = 256
+  conv_impl: str = 'auto'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, maps: Sequence[jax.Array]) -> dict[str, jax.Array]:
+    init = nn.initializers.normal(0.01)
+    shared = layers.Conv2D(self.feat_channels, 3, padding=1, impl=self.conv_impl, dtype=self.dtype,
+                           kernel_init=init, name='rpn_conv')
+    cls = layers.Conv2D(self.num_anchors, 1, impl=self.conv_impl, dtype=self.dtype, kernel_init=init,
+                        name='rpn_cls')
+    reg = layers.Conv2D(self.num_anchors * 4, 1, impl=self.conv_impl, dtype=self.dtype, kernel_init=init,
+                        name='rpn_reg')
+    logits, deltas = [], []
+    for x in maps:
+      h = nn.relu(shared(x))
+      logits.append(cls(h))
+      deltas.append(reg(h))
+    return {'logits': flatten_anchor_maps(logits, 1)[..., 0].astype(jnp.float32),
+            'deltas': flatten_anchor_maps(deltas, 4).astype(jnp.float32)}
+
+
+class Shared2FCHead(nn.Module):
+  """mmdet Shared2FCBBoxHead: RoI features `[B, N, S, S, D]` -> {'cls_logits' [B, N, C + 1] (softmax, index C =
+  background), 'deltas' [B, N, C, 4] (class-specific)}. Two FC layers of `fc_dim` + ReLU shared by both outputs.
+  Parameters: 'shared_fc_0', 'shared_fc_1', 'fc_cls', 'fc_reg'.
+  """
+  num_classes: int
+  fc_dim: int = 1024
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, roi_feats: jax.Array) -> dict[str, jax.Array]:
+    b, n = roi_feats.shape[:2]
+    x = roi_feats.reshape(b, n, -1)
+    for i in range(2):
+      x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name=f'shared_fc_{i}')(x))
+    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
+                      name='fc_cls')(x)
+    deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),
+                      name='fc_reg')(x)
+    return {'cls_logits': logits.astype(jnp.float32),
+            'deltas': deltas.reshape(b, n, self.num_classes, 4).astype(jnp.float32)}
+
+
+class AuxQueryGroup(nn.Module):
+  """A head's positives -> its query group (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
+
+    Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F_pos))]
+
+  ref_boxes [B, K, 4] normalized cxcywh (no gradient), pos_feat [B, K, D] or None -> queries [B, K, D].
+  Co-DINO's own heads use the coordinate term only (`with_coord_feat=False`); the IoU-aware head adds the
+  encoder features at its positives (eq. 9). Parameters: 'pos_proj', 'pos_norm' (+ 'feat_proj', 'feat_norm').
+  """
+  hidden_dim: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, ref_boxes: jax.Array, pos_feat: jax.Array | None = None) -> jax.Array:
+    pe = box_sine_embedding(ref_boxes, self.hidden_dim // 2).astype(self.dtype or jnp.float32)
+    q = nn.LayerNorm(dtype=self.dtype, name='pos_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
+                                                                 name='pos_proj')(pe))
+    if pos_feat is not None:
+      q = q + nn.LayerNorm(dtype=self.dtype, name='feat_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
+                                                                        name='feat_proj')(pos_feat))
+    return q

@@ -1,0 +1,203 @@
+"""Co-DINO's collaborative Faster R-CNN branch (training only): RPN -> proposals -> sampled RoIs -> RoIAlign ->
+Shared2FC box head; its positive RoIs become a query group for the shared decoder.
+
+Static version of mmdet 2.x `RPNHead` + `CoStandardRoIHead` as `co_dino_5scale_r50_1x_coco.py` configures them:
+  RPN        anchors octave_base_scale x 2^(i / scales_per_octave) x stride, ratios (0.5, 1, 2), per aux level;
+             targets: `max_iou_assign` (0.7 / 0.3, min_pos_iou 0.3, low-quality matches), `random_sample` 256 at
+             0.5 positive; deltas with stds 1.
+  proposals  per level the `nms_pre` best anchors by objectness, decoded (no gradient), clipped to the canvas,
+             NMS at `nms_iou` per level (mmdet's batched_nms with level ids), the best `num_proposals` overall; a
+             static count with a validity mask (mmdet keeps a variable number up to max_per_img).
+  RoIs       the valid gts and the proposals (add_gt_as_proposals) -> `max_iou_assign` (0.5 / 0.5 / 0.5, no
+             low-quality) -> `random_sample` 512 at 0.25 positive (step RNG stream 'aux').
+  RoIAlign   7 x 7, aligned, level by `map_roi_levels` (finest_scale 56) over the first `num_roi_levels` aux
+             levels, `sampling_ratio` samples per bin side: a static count, where mmcv's 0 adapts it per RoI
+             (ceil(RoI size / 7)) — 2 is the fixed value torchvision / Detectron2 use.
+  box head   Shared2FC (1024), softmax over C + 1, class-specific deltas (stds 0.1, 0.1, 0.2, 0.2) decoded
+             for the GIoU loss (reg_decoded_bbox).
+Query group: the positive sampled RoIs (proposals or gts), in sample order (random), at most
+`min(max_pos, num_rois * pos_fraction)` per image; reference box = the RoI, target = its assigned gt.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrqm_jax.models import aux_heads
+from mrqm_jax.models import iou_aware_head
+from mrqm_jax.models.atss_head import to_pixel_xyxy
+from mrqm_jax.ops import assigners
+from mrqm_jax.ops import box_coder
+from mrqm_jax.ops import boxes as box_ops
+from mrqm_jax.ops import nms as nms_lib
+from mrqm_jax.ops import roi_align
+
+RPN_STDS = (1.0, 1.0, 1.0, 1.0)
+ROI_STDS = (0.1, 0.1, 0.2, 0.2)
+
+
+def rpn_anchor_sizes(strides, octave_base_scale: float, scales_per_octave: int):
+  """(base sizes per level, octave scales) of mmdet's AnchorGenerator(octave_base_scale, scales_per_octave)."""
+  return (tuple(float(octave_base_scale * s) for s in strides),
+          tuple(2.0 ** (i / scales_per_octave) for i in range(scales_per_octave)))
+
+
+def select_proposals(logits, deltas, anchors, anchor_valid, level_sizes, canvas_hw, *, nms_pre: int,
+                     nms_iou: float, num_proposals: int):
+  """RPN outputs of one image -> (proposals [P, 4] canvas-px xyxy, valid [P]), P = num_proposals (no gradient).
+
+  logits [A], deltas [A, 4], anchors [A, 4] normalized cxcywh, anchor_valid [A], level_sizes: anchors per
+  level (static). Per level: top min(nms_pre, A_l) by logit among valid anchors, decode, clip to the canvas,
+  drop empty boxes, NMS; then the num_proposals best survivors of all levels.
+  """
+  logits, deltas = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas)
+  h, w = canvas_hw
+  boxes_all, scores_all = [], []
+  start = 0
+  for size in level_sizes:
+    lg = jnp.where(anchor_valid[start:start + size], logits[start:start + size], -jnp.inf)
+    score, idx = jax.lax.top_k(lg, min(nms_pre, size))
+    idx = idx + start
+    boxes = to_pixel_xyxy(box_coder.decode_deltas(anchors[idx], deltas[idx], RPN_STDS), canvas_hw)
+    boxes = jnp.clip(boxes, 0.0, jnp.asarray([w, h, w, h], jnp.float32))
+    ok = jnp.isfinite(score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = nms_lib.nms(boxes, score, nms_iou, valid=ok)
+    boxes_all.append(boxes)
+    scores_all.append(jnp.where(keep, score, -jnp.inf))
+    start += size
+  boxes, scores = jnp.concatenate(boxes_all), jnp.concatenate(scores_all)
+  count = min(num_proposals, scores.shape[0])
+  best, idx = jax.lax.top_k(scores, count)
+  proposals, valid = boxes[idx], jnp.isfinite(best)
+  if count < num_proposals:
+    proposals = jnp.pad(proposals, ((0, num_proposals - count), (0, 0)))
+    valid = jnp.pad(valid, (0, num_proposals - count))
+  return proposals, valid
+
+
+class RCNNBranch(nn.Module):
+  """Attributes: num_classes, canvas_hw, strides (nominal px stride of each aux level), the RPN settings
+  (rpn_octave_base_scale, rpn_scales_per_octave, rpn_ratios, rpn_pos_iou, rpn_neg_iou, rpn_min_pos_iou,
+  rpn_num_samples, rpn_pos_fraction, nms_pre, nms_iou, num_proposals), the RoI settings (roi_pos_iou,
+  roi_num_samples, roi_pos_fraction, num_roi_levels, roi_size, sampling_ratio, finest_scale, fc_dim), max_pos,
+  conv_impl, dtype. RNG stream 'aux' (sampling).
+
+  Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
+  'labels' [B, M], 'box_valid' [B, M]}) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
+  K = min(max_pos, int(N * roi_pos_fraction))):
+    rpn_logits [B, S]  rpn_deltas [B, S, 4]  rpn_delta_targets [B, S, 4]  rpn_pos [B, S]  rpn_valid [B, S]
+    roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
+    roi_gt [B, N] (-1 background)  roi_valid [B, N]
+    proposals [B, P, 4] normalized cxcywh  proposal_valid [B, P]
+    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the query group)
+  """
+  num_classes: int
+  canvas_hw: tuple[int, int]
+  strides: tuple[int, ...]
+  rpn_octave_base_scale: float = 4.0
+  rpn_scales_per_octave: int = 3
+  rpn_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+  rpn_pos_iou: float = 0.7
+  rpn_neg_iou: float = 0.3
+  rpn_min_pos_iou: float = 0.3
+  rpn_num_samples: int = 256
+  rpn_pos_fraction: float = 0.5
+  nms_pre: int = 4000
+  nms_iou: float = 0.7
+  num_proposals: int = 1000
+  roi_pos_iou: float = 0.5
+  roi_num_samples: int = 512
+  roi_pos_fraction: float = 0.25
+  num_roi_levels: int = 5
+  roi_size: int = 7
+  sampling_ratio: int = 2
+  finest_scale: float = 56.0
+  fc_dim: int = 1024
+  max_pos: int = 300
+  conv_impl: str = 'auto'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, maps, level_pad, targets: dict) -> dict:
+    shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
+    sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
+    per_location = len(scales) * len(self.rpn_ratios)
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales))
+    anchors_px = to_pixel_xyxy(anchors, self.canvas_hw)
+    anchor_valid = jnp.repeat(~aux_heads.flatten_anchor_maps(
+        [jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0], per_location, axis=1)
+    rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
+
+    if self.is_initializing():   # parameters only: skip compiling assignment, proposals and sampling
+      batch, dim = maps[0].shape[0], maps[0].shape[-1]
+      aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(
+          jnp.zeros((batch, self.roi_num_samples, self.roi_size, self.roi_size, dim), maps[0].dtype))
+      k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
+      return {'pos_ref_boxes': jnp.full((batch, k, 4), 0.5), 'pos_gt': jnp.zeros((batch, k), jnp.int32),
+              'pos_valid': jnp.zeros((batch, k), bool)}
+
+    gt_valid = jnp.asarray(targets['box_valid'], bool)
+    gt_boxes = jnp.where(gt_valid[..., None], jnp.asarray(targets['boxes'], jnp.float32), 0.0)
+    gt_labels = jnp.where(gt_valid, jnp.asarray(targets['labels'], jnp.int32), 0)
+    gt_px = to_pixel_xyxy(gt_boxes, self.canvas_hw)
+    batch = gt_boxes.shape[0]
+    rpn_rng, roi_rng = jax.random.split(self.make_rng('aux'))
+
+    # RPN targets: assign every anchor, sample S.
+    assigned = jax.vmap(lambda g, v, av: assigners.max_iou_assign(
+        anchors_px, g, v, pos_iou_thr=self.rpn_pos_iou, neg_iou_thr=self.rpn_neg_iou,
+        min_pos_iou=self.rpn_min_pos_iou, match_low_quality=True, anchor_valid=av)[0])(gt_px, gt_valid, anchor_valid)
+    index, is_pos, sample_valid = jax.vmap(lambda r, a, av: assigners.random_sample(
+        r, a, self.rpn_num_samples, self.rpn_pos_fraction, valid=av))(
+            jax.random.split(rpn_rng, batch), assigned, anchor_valid)
+    take = lambda x: jnp.take_along_axis(x, index if x.ndim == 2 else index[..., None], axis=1)  # noqa: E731
+    sampled_gt = jnp.maximum(take(assigned), 0)
+    sampled_pos = is_pos & sample_valid
+    # Negatives and empty slots get their anchor as target (zero deltas, never read by the loss) so that no
+    # padded gt (zero size -> log 0) reaches the output.
+    target_boxes = jnp.where(sampled_pos[..., None], jnp.take_along_axis(gt_boxes, sampled_gt[..., None], axis=1),
+                             anchors[index])
+    rpn_delta_targets = box_coder.encode_deltas(anchors[index], target_boxes, RPN_STDS)
+
+    # Proposals (no gradient), then the RoIs: gts first (add_gt_as_proposals), assigned and sampled.
+    level_sizes = tuple(h * w * per_location for h, w in shapes)
+    proposals, proposal_valid = jax.vmap(lambda lg, d, av: select_proposals(
+        lg, d, anchors, av, level_sizes, self.canvas_hw, nms_pre=self.nms_pre, nms_iou=self.nms_iou,
+        num_proposals=self.num_proposals))(rpn['logits'], rpn['deltas'], anchor_valid)
+    candidates = jnp.concatenate([gt_px, proposals], axis=1)
+    candidate_valid = jnp.concatenate([gt_valid, proposal_valid], axis=1)
+    roi_assigned = jax.vmap(lambda c, g, v, cv: assigners.max_iou_assign(
+        c, g, v, pos_iou_thr=self.roi_pos_iou, neg_iou_thr=self.roi_pos_iou, min_pos_iou=self.roi_pos_iou,
+        match_low_quality=False, anchor_valid=cv)[0])(candidates, gt_px, gt_valid, candidate_valid)
+    roi_index, roi_is_pos, roi_valid = jax.vmap(lambda r, a, cv: assigners.random_sample(
+        r, a, self.roi_num_samples, self.roi_pos_fraction, valid=cv))(
+            jax.random.split(roi_rng, batch), roi_assigned, candidate_valid)
+    rois_px = jax.lax.stop_gradient(jnp.take_along_axis(candidates, roi_index[..., None], axis=1))
+    roi_gt = jnp.where(roi_is_pos & roi_valid, jnp.take_along_axis(roi_assigned, roi_index, axis=1), -1)
+
+    levels = min(self.num_roi_levels, len(maps))
+    feats = roi_align.multilevel_roi_align(list(maps[:levels]), rois_px, tuple(self.strides[:levels]),
+                                           output_size=self.roi_size, sampling_ratio=self.sampling_ratio,
+                                           finest_scale=self.finest_scale)
+    head = aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(feats)
+    target_class = jnp.take_along_axis(gt_labels, jnp.maximum(roi_gt, 0), axis=1)
+    deltas = jnp.take_along_axis(head['deltas'], target_class[..., None, None], axis=2)[:, :, 0]
+    h, w = self.canvas_hw
+    rois = box_ops.xyxy_to_cxcywh(rois_px / jnp.asarray([w, h, w, h], jnp.float32))
+    roi_boxes = box_coder.decode_deltas(rois, deltas, ROI_STDS)
+
+    k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
+    pos_valid = roi_is_pos[:, :k] & roi_valid[:, :k]
+    return {
+        'rpn_logits': take(rpn['logits']), 'rpn_deltas': take(rpn['deltas']),
+        'rpn_delta_targets': jax.lax.stop_gradient(rpn_delta_targets),
+        'rpn_pos': sampled_pos, 'rpn_valid': sample_valid,
+        'roi_logits': head['cls_logits'], 'roi_boxes': roi_boxes, 'roi_gt': roi_gt.astype(jnp.int32),
+        'roi_valid': roi_valid,
+        'proposals': box_ops.xyxy_to_cxcywh(proposals / jnp.asarray([w, h, w, h], jnp.float32)),
+        'proposal_valid': proposal_valid,
+        'pos_ref_boxes': rois[:, :k], 'pos_gt': jnp.where(pos_valid, roi_gt[:, :k], 0).astype(jnp.int32),
+        'pos_valid': pos_valid,
+    }
