@@ -10,14 +10,19 @@ Parameters come from `jax.eval_shape` of `MRQM.init` (nothing is computed), grou
   decoder    decoder layers, ref_point_head, final norm
   heads      per-layer decoder class/box heads, encoder-proposal heads (enc_output + norm, class, box),
              the learned content queries and the DN label embedding
-  iah        IoU-aware head and the auxiliary-query projections (training only)
-beside the paper's 60M (Tables 1-2, "Params").
+  aux levels Co-DINO's extra aux level (conv 3x3 stride 2 + GN)            } training only: the collaborative
+  iah / atss the dense auxiliary head (IoU-aware head or ATSS)              } heads of `model.aux_heads` and
+  rpn        the R-CNN branch's RPN head                                    } their query-group projections
+  roi head   the R-CNN branch's Shared2FC box head                          }
+  aux queries the query-group projections of every aux head               }
+beside the paper's count for the config (Table 2 "Params": MRQM 60M for configs/visdrone.py, Co-DINO 66M for
+configs/co_dino.py).
 
 Without --params-only (compiles, does not run, except for the timing):
   - FLOPs (XLA cost analysis of the compiled function) per module of the inference forward at the canvas
     (config.input.image_size, or --image_size), batch --batch: backbone, neck, encoder, decoder (one pass of
     the Q matching queries), query selection + heads (= the whole forward minus those), and the training-only
-    IAH (dense head + anchor assignment) and auxiliary decoder pass (K = iah.max_pos queries).
+    part of a training forward (DN group, auxiliary heads with their assignment, auxiliary query groups).
   - SAE vs plain deformable encoder: FLOPs ratio and measured forward wall time ratio (median of --repeats
     after compile and a warm-up) in the same run, same inputs. On CPU pass a smaller --image_size.
   - memory analysis of the compiled whole inference forward (arguments, outputs, temporaries).
@@ -42,11 +47,11 @@ from mrqm_jax.models import bifpn  # noqa: E402
 from mrqm_jax.models import decoder as decoder_lib  # noqa: E402
 from mrqm_jax.models import detector  # noqa: E402
 from mrqm_jax.models import encoder as encoder_lib  # noqa: E402
-from mrqm_jax.models import iou_aware_head  # noqa: E402
 
-PAPER_PARAMS = 60e6
+# Table 2 "Params" per config file name (the paper's counts); other configs are compared with MRQM's.
+PAPER_PARAMS = {'co_dino': 66e6, 'visdrone': 60e6}
 HEAD_KEYS = ('enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head', 'query_embed', 'label_embedding')
-IAH_KEYS = ('iah', 'aux_pos_proj', 'aux_pos_norm', 'aux_feat_proj', 'aux_feat_norm')
+TRAINING_ONLY = ('aux levels', 'iah', 'atss', 'rpn', 'roi head', 'aux queries')
 
 
 def load_config(path: str, image_size: str | None):
@@ -79,9 +84,13 @@ def param_groups(params) -> dict[str, int]:
   dec_heads = {k: v for k, v in dec.items() if k.startswith(('class_heads_', 'box_heads_'))}
   groups['decoder'] = count(dec) - count(dec_heads)
   groups['heads'] = count(dec_heads) + sum(count(params[k]) for k in HEAD_KEYS if k in params)
-  groups['iah'] = sum(count(params[k]) for k in IAH_KEYS if k in params)
-  listed = set(HEAD_KEYS) | set(IAH_KEYS) | {'backbone', 'neck', 'encoder', 'decoder'}
-  other = {k: v for k, v in params.items() if k not in listed}
+  rcnn = params.get('rcnn', {})
+  groups.update({'aux levels': count(params.get('aux_levels', {})), 'iah': count(params.get('iah', {})),
+                 'atss': count(params.get('atss', {})), 'rpn': count(rcnn.get('rpn', {})),
+                 'roi head': count(rcnn.get('bbox_head', {})),
+                 'aux queries': sum(count(v) for k, v in params.items() if k.startswith('aux_query_'))})
+  listed = set(HEAD_KEYS) | {'backbone', 'neck', 'encoder', 'decoder', 'aux_levels', 'iah', 'atss', 'rcnn'}
+  other = {k: v for k, v in params.items() if k not in listed and not k.startswith('aux_query_')}
   if other:
     groups['other (' + ','.join(sorted(other)) + ')'] = count(other)
   return groups
@@ -137,14 +146,18 @@ def main(argv=None):
   total = count(params)
   frozen = count({k: v for k, v in variables.items() if k != 'params'})
 
-  print(f'MRQM parameters — {args.config} ({config.model.backbone}, hidden {config.model.hidden_dim}, '
-        f'encoder {config.encoder.type} x{config.encoder.num_layers}, decoder x{config.decoder.num_layers}, '
-        f'{config.decoder.num_queries} queries, iah.enabled={config.iah.enabled})')
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  paper = PAPER_PARAMS.get(name, PAPER_PARAMS['visdrone'])
+  print(f'Parameters — {args.config} ({config.model.backbone}, neck {config.model.neck}, hidden '
+        f'{config.model.hidden_dim}, encoder {config.encoder.type} x{config.encoder.num_layers} over '
+        f'{config.model.num_levels} levels, decoder x{config.decoder.num_layers}, {config.decoder.num_queries} '
+        f'queries, aux_heads={tuple(config.model.aux_heads)})')
   print(f'{"module":<12} {"params":>14} {"share":>7}')
-  for name, n in groups.items():
-    print(f'{name:<12} {n:>14,d} {n / total:>7.1%}')
-  print(f'{"total":<12} {total:>14,d}   (paper: {PAPER_PARAMS / 1e6:.0f}M; ratio {total / PAPER_PARAMS:.2f})')
-  print(f'{"inference":<12} {total - groups["iah"]:>14,d}   (without the training-only IAH)')
+  for group, n in groups.items():
+    print(f'{group:<12} {n:>14,d} {n / total:>7.1%}')
+  print(f'{"total":<12} {total:>14,d}   (paper: {paper / 1e6:.0f}M; ratio {total / paper:.3f})')
+  training_only = sum(groups[g] for g in TRAINING_ONLY)
+  print(f'{"inference":<12} {total - training_only:>14,d}   (without the training-only auxiliary heads)')
   print(f'{"frozen BN":<12} {frozen:>14,d}   (batch statistics, not trained, not in the total)')
 
   if not args.params_only:
@@ -166,7 +179,7 @@ def cost_tables(config, model, variables, images, pad, b, repeats):
   shapes = tuple((int(p.shape[1]), int(p.shape[2])) for p in pyramid)
   masks = [jax.ShapeDtypeStruct((b, hh, ww), jnp.bool_) for hh, ww in shapes]
   s = sum(hh * ww for hh, ww in shapes)
-  d, q, k = config.model.hidden_dim, config.decoder.num_queries, config.iah.max_pos
+  d, q = config.model.hidden_dim, config.decoder.num_queries
   memory = jax.ShapeDtypeStruct((b, s, d), jnp.float32)
   memory_pad = jax.ShapeDtypeStruct((b, s), jnp.bool_)
 
@@ -191,18 +204,15 @@ def cost_tables(config, model, variables, images, pad, b, repeats):
     print(f'{name:<22} {f / 1e9:>10.1f} {f / total:>7.1%}')
   print(f'{"inference total":<22} {total / 1e9:>10.1f}')
 
-  if config.iah.enabled:
-    m = config.dataset.max_boxes
-    targets = {'boxes': jax.ShapeDtypeStruct((b, m, 4), jnp.float32),
-               'labels': jax.ShapeDtypeStruct((b, m), jnp.int32),
-               'box_valid': jax.ShapeDtypeStruct((b, m), jnp.bool_)}
-    head = iou_aware_head.IoUAwareHead(config)
-    iah_flops = flops_of(compile_fn(lambda v, mem, mp, t: head.apply(v, mem, mp, shapes, t),
-                                    sub_variables(variables, 'iah'), memory, memory_pad, targets))
-    aux_flops = flops_of(compile_fn(run_decoder, dec_vars, jax.ShapeDtypeStruct((b, k, d), jnp.float32),
-                                    jax.ShapeDtypeStruct((b, k, 4), jnp.float32), memory, memory_pad))
-    print(f'{"iah head+assign (train)":<22} {iah_flops / 1e9:>10.1f}   (M = {m} gt slots)')
-    print(f'{"aux decoder (train)":<22} {aux_flops / 1e9:>10.1f}   (K = {k} queries)')
+  m = config.dataset.max_boxes
+  targets = {'boxes': jax.ShapeDtypeStruct((b, m, 4), jnp.float32),
+             'labels': jax.ShapeDtypeStruct((b, m), jnp.int32),
+             'box_valid': jax.ShapeDtypeStruct((b, m), jnp.bool_), 'scale': jax.ShapeDtypeStruct((b,), jnp.float32)}
+  rngs = {n: jax.random.PRNGKey(0) for n in ('dn', 'aux', 'dropout')}
+  train_flops = flops_of(compile_fn(lambda v, x, mk, t: model.apply(v, x, mk, targets=t, train=True, rngs=rngs),
+                                    variables, images, pad, targets))
+  print(f'{"training-only part":<22} {(train_flops - total) / 1e9:>10.1f}   (DN group, aux heads '
+        f'{tuple(config.model.aux_heads)} with their assignment and query groups; M = {m} gt slots)')
 
   mem = forward.memory_analysis()
   if mem is not None:

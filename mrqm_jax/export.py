@@ -22,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mrqm_jax import evaluate
+from mrqm_jax.models import detector
 
 EXPORT_FILE = 'inference.stablehlo'
 
@@ -44,7 +45,7 @@ def inference_fn(model, num_detections: int):
 def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint: str | None = None
                  ) -> str:
   model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint)
-  params = variables['params']
+  params = detector.inference_params(variables['params'])   # the auxiliary heads are training-only
   model_state = {k: v for k, v in variables.items() if k != 'params'}
   os.makedirs(output, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the (async) save
@@ -55,7 +56,7 @@ def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, c
   h, w = config.input.image_size
   batch = jax.export.symbolic_shape('b')[0]
   exported = jax.export.export(jax.jit(inference_fn(model, config.eval.max_detections)))(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {'params': params, **model_state}),
       jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((batch, h, w), jnp.bool_))
   with open(os.path.join(output, EXPORT_FILE), 'wb') as f:
     f.write(exported.serialize())

@@ -9,6 +9,7 @@ import pytest
 
 from configs import smoke
 
+from mrqm_jax import export
 from mrqm_jax.models import detector
 from mrqm_jax.ops import boxes as box_ops
 
@@ -332,3 +333,21 @@ def test_inference_does_not_depend_on_auxiliary_heads(model_setup):
   out = s['eval_fn']({**s['variables'], 'params': poisoned})
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(out)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_export_has_no_auxiliary_branch(model_setup):
+  """The exported inference function of a model with every aux head lowers to the same StableHLO as the same
+  model built without aux heads, and the export's parameters hold none of them."""
+  s = model_setup
+  params = detector.inference_params(s['variables']['params'])
+  assert not any(k.startswith(detector.TRAINING_ONLY_PREFIXES) for k in params) and 'decoder' in params
+  variables = {**s['variables'], 'params': params}
+  plain_config = _smoke_config()
+  with plain_config.unlocked():
+    plain_config.model.aux_heads = ()
+  texts = []
+  for config in (s['config'], plain_config):
+    fn = export.inference_fn(detector.MRQM(config), config.eval.max_detections)
+    texts.append(jax.jit(fn).lower(variables, s['images'], s['pad']).as_text())
+  assert texts[0] == texts[1]

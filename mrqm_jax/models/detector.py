@@ -214,6 +214,14 @@ def make_dn_queries(rng: jax.Array, targets: dict, label_embedding: jax.Array, *
 AUX_HEADS = ('iah', 'atss', 'rcnn')
 
 
+TRAINING_ONLY_PREFIXES = ('aux_levels', 'aux_query_', 'iah', 'atss', 'rcnn')
+
+
+def inference_params(params: dict) -> dict:
+  """`params` without the training-only auxiliary heads (what inference reads; what an export ships)."""
+  return {k: v for k, v in params.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
 def placeholder_targets(batch: int, max_boxes: int) -> dict:
   """Targets with no valid box (init of the training-only heads)."""
   return {'boxes': jnp.zeros((batch, max_boxes, 4)), 'labels': jnp.zeros((batch, max_boxes), jnp.int32),
