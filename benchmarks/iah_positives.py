@@ -23,7 +23,10 @@ Anchor schemes (--schemes, comma list; a name below or a custom 'm<mult>:s<scale
 meaning base size = mult x stride, octave scales, h/w ratios; anchors per location = #scales x #ratios):
   atss      m8:s1:r1                      Co-DINO's ATSS anchors (under the IAH rules)
   rpn       m4:s1+1.26+1.587:r0.5+1+2     Co-DINO's RPN anchors (under the IAH rules)
-  cfg3x3    m2:s1+1.26+1.587:r0.5+1+2     the configured IAH anchors on the 5 levels
+  cfg3x3    m2:s1+1.26+1.587:r0.5+1+2     the IAH anchors configured before (one octave of scales per level)
+  x2s4r2    m2:s1+1.414+2+2.828:r1+2      scales over 1.5 octaves (every size on two levels), h/w 1 and 2
+  x2s3r3    m2:s1+1.587+2.52:r0.5+1+2     scales over 4/3 octave, h/w 0.5, 1, 2
+  x2.5s4r2  m2.5:s1+1.414+2+2.828:r1+2    as x2s4r2 with base 2.5 x stride
   ... (see SCHEMES in the code for the rest)
 
 A_s readings (--a_s, comma list; numbers are px^2 of an area or px of a side, as named):
@@ -32,12 +35,15 @@ A_s readings (--a_s, comma list; numbers are px^2 of an area or px of a side, as
   <number>  any other value, e.g. 144 (12^2, SODA-D's "extremely tiny" limit) or 1024 (32^2, the COCO/VisDrone
             small-object area limit used as a reference area)
 
-Columns, per VisDrone size band of ORIGINAL-pixel area (S <= 32^2 < M <= 96^2 < L):
+Columns, per VisDrone size band of ORIGINAL-pixel area (S <= 32^2 < M <= 96^2 < L; xS = the objects of S with
+area <= 16^2, shown separately because eq. 8 is about them):
   pos/obj   mean positive anchors per object (before the top-K selection)
   >thr      % of objects with at least one positive above their own threshold: IAH IoU > T_I (the rest
             have only the best-anchor fallback), RPN IoU >= 0.7 (the rest only low-quality matches), ATSS any
             positive (every ATSS positive is above its gt's mean + std; the rest have none)
   IoU       mean IoU of the positives with their object
+  hq        mean positives per object with IoU >= T_b (0.55): the count of "high-quality" positives, comparable
+            across heads whatever their thresholds
   q/obj     mean auxiliary queries per object after the top-K (iah.max_pos) selection; the same round-robin
             selection (`iou_aware_head.select_positives`) is applied to every head so that only the assignment
             differs (Co-DETR itself keeps a random subset of ATSS positives)
@@ -50,10 +56,13 @@ with `iou_aware_head.assign_anchors` / `select_positives` (dense JAX) on the fir
 and RPN with dense NumPy transcriptions of the mmdet assigners, and fails (exit 1) on any difference.
 
 Usage:
-  python benchmarks/iah_positives.py [--data ../shared/data/visdrone/val_dev] [--schemes cfg3x3,...]
-      [--a_s 3,1.732,1024] [--fixed 0.5] [--heads atss,rpn,iah] [--max_images N] [--check]
-Runtime on 2 shared CPU cores: about 1 s per image per IAH scheme (all --a_s settings share the IoUs) and
-~1 s per image for ATSS + RPN, i.e. a few minutes for all 142 val_dev images; --check adds ~1-2 min.
+  python benchmarks/iah_positives.py [--data ../shared/data/visdrone/val_dev] [--schemes x2s4r2,cfg3x3,...]
+      [--a_s 3,1.732,144,1024] [--fixed 0.55,0.5] [--heads atss,rpn,iah] [--max_images N] [--check]
+The anchor / A_s decision table (all 142 val_dev images):
+  python benchmarks/iah_positives.py --schemes x2s4r2,cfg3x3,x2s3r3,x2.5s3r3,rpn,atss
+Runtime on 2 shared CPU cores: ~0.2-0.6 s per image per IAH scheme (all threshold settings share one set of IoU
+pairs), ~0.3 s per image for ATSS + RPN: ~1-2 min per scheme on val_dev, ~8 min for the decision table;
+--check adds ~40 s (dense JAX head on 2 images).
 """
 
 import argparse
@@ -72,7 +81,8 @@ from configs import visdrone as visdrone_config  # noqa: E402
 from input_pipeline import visdrone  # noqa: E402
 from mrqm_jax.models import iou_aware_head as iah  # noqa: E402
 
-BANDS = (('S', 0.0, 32.0 ** 2), ('M', 32.0 ** 2, 96.0 ** 2), ('L', 96.0 ** 2, np.inf))
+# S, M, L: VisDrone's (COCO's) size bands; xS: the part of S with area <= 16^2 (an extra view, not a fourth band).
+BANDS = (('S', 0.0, 32.0 ** 2), ('M', 32.0 ** 2, 96.0 ** 2), ('L', 96.0 ** 2, np.inf), ('xS', 0.0, 16.0 ** 2))
 AUX_STRIDES = (4, 8, 16, 32, 64)
 EPS = np.float32(1e-9)          # box_ops.EPS
 CHECK_GTS = 40                  # gts per image in the dense NumPy references of --check (memory A x G)
@@ -84,6 +94,15 @@ SCHEMES = {
     'atss': (8.0, (1.0,), (1.0,)),
     'rpn': (4.0, OCT3, R3),
     'cfg3x3': (2.0, OCT3, R3),                        # configured IAH anchors (2 x stride, 3 scales, 3 ratios)
+    # Scales spanning more than one octave: every object size is matched on two adjacent levels.
+    'x2s4r2': (2.0, tuple(2.0 ** (i / 2) for i in range(4)), (1.0, 2.0)),
+    'x2s3r3': (2.0, tuple(2.0 ** (2 * i / 3) for i in range(3)), R3),
+    'x2.5s4r2': (2.5, tuple(2.0 ** (i / 2) for i in range(4)), (1.0, 2.0)),
+    'x3s4r2': (3.0, tuple(2.0 ** (i / 2) for i in range(4)), (1.0, 2.0)),
+    'x2.5s3r3': (2.5, tuple(2.0 ** (2 * i / 3) for i in range(3)), R3),
+    'x3s3r3': (3.0, tuple(2.0 ** (2 * i / 3) for i in range(3)), R3),
+    'x2s4r2b': (2.0, tuple(2.0 ** (2 * i / 3) for i in range(4)), (1.0, 2.0)),      # 2 octaves of scales
+    'x2s4r2w': (2.0, tuple(2.0 ** (i / 2) for i in range(4)), (0.6, 1.6)),
     'm2s9': (2.0, tuple(2.0 ** (i / 9) for i in range(9)), (1.0,)),          # squares, 9 scales per octave
     'm1.5x3x3': (1.5, OCT3, R3),
     'm1x3x3': (1.0, OCT3, R3),
@@ -116,9 +135,9 @@ def parse_args():
   here = pathlib.Path(__file__).resolve().parents[1]
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--data', default=str(here.parent / 'shared' / 'data' / 'visdrone' / 'val_dev'))
-  p.add_argument('--schemes', default='cfg3x3', help='comma list of IAH anchor schemes (names or m..:s..:r..)')
-  p.add_argument('--a_s', default='3,1.732,1024', help='comma list of A_s values for eq. 8 (empty: none)')
-  p.add_argument('--fixed', default='0.5', help='comma list of fixed IAH thresholds (empty: none)')
+  p.add_argument('--schemes', default='x2s4r2,cfg3x3', help='comma list of IAH anchor schemes (names or m..:s..:r..)')
+  p.add_argument('--a_s', default='3,1.732,144,1024', help='comma list of A_s values for eq. 8 (empty: none)')
+  p.add_argument('--fixed', default='0.55,0.5', help='comma list of fixed IAH thresholds (empty: none)')
   p.add_argument('--heads', default='atss,rpn,iah', help='comma list of atss, rpn, iah')
   p.add_argument('--max_images', type=int, default=-1)
   p.add_argument('--check', action='store_true',
@@ -409,10 +428,11 @@ def image_geometry(record, canvas_hw):
 
 class Stats:
   def __init__(self):
-    self.acc = {b: dict(n=0, pos=0, above=0, iou=0.0, q=0, t=0.0, none=0) for b, _, _ in BANDS}
+    self.acc = {b: dict(n=0, pos=0, above=0, iou=0.0, q=0, t=0.0, none=0, hq=0) for b, _, _ in BANDS}
 
-  def add(self, band_masks, num_gt, g, iou, above_mask, kept_g, thr):
+  def add(self, band_masks, num_gt, g, iou, above_mask, kept_g, thr, hq_iou):
     pos = np.bincount(g, minlength=num_gt)
+    hq = np.bincount(g[iou >= hq_iou], minlength=num_gt)
     iou_sum = np.bincount(g, iou.astype(np.float64), minlength=num_gt)
     above = np.bincount(g[above_mask], minlength=num_gt) > 0
     q = np.bincount(kept_g, minlength=num_gt)
@@ -425,6 +445,7 @@ class Stats:
       acc['q'] += int(q[sel].sum())
       acc['t'] += float(np.asarray(thr, np.float64)[sel].sum())
       acc['none'] += int((pos[sel] == 0).sum())
+      acc['hq'] += int(hq[sel].sum())
 
   def row(self, name, width):
     out = f'{name:<{width}}'
@@ -432,14 +453,14 @@ class Stats:
       acc = self.acc[band]
       n = max(acc['n'], 1)
       out += (f'| {acc["pos"] / n:7.2f} {100 * acc["above"] / n:4.0f}% {acc["iou"] / max(acc["pos"], 1):5.2f} '
-              f'{acc["q"] / n:5.2f} {acc["t"] / n:5.2f} {100 * acc["none"] / n:4.0f}% ')
+              f'{acc["hq"] / n:5.2f} {acc["q"] / n:5.2f} {acc["t"] / n:5.2f} {100 * acc["none"] / n:4.0f}% ')
     return out
 
 
 def header(width):
-  h = f'{"":<{width}}' + ''.join(f'| {b + " band":<41}' for b, _, _ in BANDS)
+  h = f'{"":<{width}}' + ''.join(f'| {b + " band":<47}' for b, _, _ in BANDS)
   h2 = f'{"head / setting":<{width}}' + ''.join(
-      f'| {"pos/obj":>7} {">thr":>5} {"IoU":>5} {"q/obj":>5} {"T":>5} {"none":>5} ' for _ in BANDS)
+      f'| {"pos/obj":>7} {">thr":>5} {"IoU":>5} {"hq":>5} {"q/obj":>5} {"T":>5} {"none":>5} ' for _ in BANDS)
   return h + '\n' + h2 + '\n' + '-' * len(h2)
 
 
@@ -484,7 +505,8 @@ def main():
   times = {}
   check_failures = []
 
-  print(f'canvas {canvas_hw[0]}x{canvas_hw[1]}, aux strides {AUX_STRIDES}, grids {atss_anchors.shapes if atss_anchors else ""}'
+  grids = [(-(-canvas_hw[0] // st), -(-canvas_hw[1] // st)) for st in AUX_STRIDES]
+  print(f'canvas {canvas_hw[0]}x{canvas_hw[1]}, aux strides {AUX_STRIDES}, grids {grids}'
         f'; T_b={t_b} k={k} p={p} (eq. 8 in original px); K={max_pos}; {len(records)} images')
   for i, record in enumerate(records):
     n = len(record.boxes)
@@ -502,7 +524,7 @@ def main():
       valid = atss_anchors.valid(img_h, img_w)
       g, a, iou, thr = assign_atss(atss_anchors, gt_xyxy, valid)
       kept = select_round_robin(g, a, iou, max_pos)
-      base_stats['ATSS top-9'].add(bands, n, g, iou, np.ones(len(g), bool), g[kept], thr)
+      base_stats['ATSS top-9'].add(bands, n, g, iou, np.ones(len(g), bool), g[kept], thr, t_b)
       times['ATSS'] = times.get('ATSS', 0) + time.time() - t0
       if check:
         sub = gt_xyxy[:CHECK_GTS]
@@ -519,7 +541,7 @@ def main():
       g_all, a_all, iou_all = overlapping_pairs(rpn_anchors, gt_xyxy, valid)
       g, a, iou = assign_maxiou(g_all, a_all, iou_all, n)
       kept = select_round_robin(g, a, iou, max_pos)
-      base_stats['RPN MaxIoU 0.7'].add(bands, n, g, iou, iou >= 0.7, g[kept], np.full(n, 0.7))
+      base_stats['RPN MaxIoU 0.7'].add(bands, n, g, iou, iou >= 0.7, g[kept], np.full(n, 0.7), t_b)
       times['RPN'] = times.get('RPN', 0) + time.time() - t0
       if check:
         sub = gt_xyxy[:CHECK_GTS]
@@ -541,13 +563,13 @@ def main():
           thr = np.full(n, fixed, np.float32)
         g, a, iou, forced = assign_iah(g_all, a_all, iou_all, thr)
         kept = select_round_robin(g, a, iou, max_pos)
-        iah_stats[name][s_i].add(bands, n, g, iou, iou > thr[g], g[kept], thr)
+        iah_stats[name][s_i].add(bands, n, g, iou, iou > thr[g], g[kept], thr, t_b)
         if check and s_i in (0, len(settings) - 1):
           check_failures += check_against_jax(i, name, anchors, cxcywh, thr, valid, g, a, iou, kept, max_pos)
       times[name] = times.get(name, 0) + time.time() - t0
 
   width = 26
-  counts = {b: base_stats['ATSS top-9'].acc[b]['n'] if atss_anchors else None for b, _, _ in BANDS}
+  counts = {b: base_stats['ATSS top-9'].acc[b]['n'] for b, _, _ in BANDS} if atss_anchors else {}
   if atss_anchors is not None or rpn_anchors is not None:
     print('\nCo-DINO auxiliary heads (their own anchors and assigners)')
     print(header(width))
