@@ -1,6 +1,6 @@
 r"""Does the smoke config learn? Trains configs/smoke.py on synthetic data and prints a table.
 
-  python benchmarks/smoke_learning.py [--steps=300] [--workdir=/tmp/mrqm_smoke_learning]
+  python benchmarks/smoke_learning.py [--steps=300] [--workdir=/tmp/mrqm_smoke_learning] [--aux_heads=iah,atss,rcnn]
 
 Prints: steps, wall minutes, loss at start and end, AP / AP50 on held-out synthetic images for the untrained
 and the trained model. The last line is one JSON object with the same numbers.
@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _STEPS = flags.DEFINE_integer('steps', 300, 'Training steps.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir (default: a fresh temporary folder).')
+_AUX_HEADS = flags.DEFINE_list('aux_heads', None, 'config.model.aux_heads (default: the smoke config\'s).')
 
 
-def run(steps: int, workdir: str) -> dict:
+def run(steps: int, workdir: str, aux_heads=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from configs import smoke  # pylint: disable=g-import-not-at-top
   from mrqm_jax import evaluate, parallel, train  # pylint: disable=g-import-not-at-top
@@ -31,6 +32,8 @@ def run(steps: int, workdir: str) -> dict:
   config.train.num_steps = steps
   config.train.eval_every_epochs = 1000  # evaluate at the end only
   config.train.checkpoint_every_steps = 10 ** 9
+  if aux_heads is not None:
+    config.model.aux_heads = tuple(aux_heads)
 
   # Untrained reference: same init as training, scored on the same held-out images.
   mesh = parallel.create_mesh()
@@ -48,7 +51,7 @@ def run(steps: int, workdir: str) -> dict:
   history = []
   after = train.train_and_evaluate(config, workdir, loss_history=history)
   minutes = (time.time() - start) / 60
-  return {'steps': steps, 'minutes': round(minutes, 2),
+  return {'steps': steps, 'minutes': round(minutes, 2), 'aux_heads': list(config.model.aux_heads),
           'loss_start': round(history[0][1], 4) if history else None,
           'loss_end': round(history[-1][1], 4) if history else None,
           'AP_untrained': round(before['AP'], 2), 'AP50_untrained': round(before['AP50'], 2),
@@ -60,7 +63,7 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='mrqm_smoke_learning_')
   if not _WORKDIR.value:
     shutil.rmtree(workdir)
-  result = run(_STEPS.value, workdir)
+  result = run(_STEPS.value, workdir, _AUX_HEADS.value)
   print()
   print(f'{"steps":>6} {"minutes":>8} {"loss start":>11} {"loss end":>9} {"AP0":>6} {"AP50_0":>7} '
         f'{"AP":>6} {"AP50":>6}')

@@ -37,7 +37,8 @@ _SCRIPT = textwrap.dedent('''
       boxes[b, :n] = np.concatenate([rng.uniform(0.2, 0.8, (n, 2)), rng.uniform(0.03, 0.2, (n, 2))], 1)
       valid[b, :n] = True
     batch = {'image': rng.normal(size=(B, H, W, 3)).astype(np.float32), 'pad_mask': np.zeros((B, H, W), bool),
-             'boxes': boxes, 'labels': rng.integers(0, 10, (B, M)).astype(np.int32), 'box_valid': valid}
+             'boxes': boxes, 'labels': rng.integers(0, 10, (B, M)).astype(np.int32), 'box_valid': valid,
+             'scale': np.full((B,), 0.5, np.float32)}
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), ('data',))

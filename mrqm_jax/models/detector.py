@@ -1,5 +1,7 @@
 """MRQM: backbone -> BiFPN -> encoder (SAE) -> two-stage mixed query selection + contrastive denoising -> DINO
-decoder, plus the IoU-aware head's auxiliary query group in training.
+decoder, plus Co-DINO's collaborative auxiliary heads and their query groups in training (`model.aux_heads`:
+'iah' the IoU-aware head, 'atss', 'rcnn'; the same class builds Co-DINO with a ChannelMapper neck and the plain
+encoder, configs/co_dino.py).
 
     MRQM(config)(images [B, H, W, 3], pad_mask [B, H, W] bool (True = padding), targets=None, train=False)
 
@@ -9,11 +11,16 @@ returns the output dict of the shared contract (L decoder layers, Q = decoder.nu
   enc_outputs {pred_logits [B, Q, C], pred_boxes [B, Q, 4]}     the selected encoder proposals
   dn_outputs  {pred_logits [L, B, D, C], pred_boxes [L, B, D, 4], gt_index [B, D] i32 (-1 = empty slot),
                positive [B, D], valid [B, D]}                   only when train, targets given, dn.enabled
-  iah_outputs {everything IoUAwareHead returns, plus query_logits [L, B, K, C], query_boxes [L, B, K, 4],
-               query_gt [B, K] i32 (-1 = empty slot), query_valid [B, K]}   only when train, targets, iah.enabled
-RNG streams: 'dn' (label flips and box jitter of the denoising queries) and 'dropout' (only when a dropout
-rate is > 0), both only with train=True. `init` with train=False creates every parameter (the DN label
-embedding, the IAH head and the auxiliary-query projections included), so a train-mode apply needs nothing more.
+  {head}_outputs for each head of model.aux_heads ('iah_outputs', 'atss_outputs', 'rcnn_outputs'): everything
+               the head returns (see IoUAwareHead, ATSSHead, RCNNBranch), plus its query group decoded by the
+               shared decoder: query_logits [L, B, K, C], query_boxes [L, B, K, 4], query_gt [B, K] i32
+               (-1 = empty slot), query_valid [B, K]                              only when train, targets given
+RNG streams: 'dn' (label flips and box jitter of the denoising queries), 'aux' (the R-CNN branch's anchor and RoI
+sampling) and 'dropout' (only when a dropout rate is > 0), all only with train=True. `init` with train=False
+creates every parameter (the DN label embedding, the auxiliary heads and their query projections included), so a
+train-mode apply needs nothing more; inference reads none of the auxiliary parameters (`inference_params`).
+Targets: boxes [B, M, 4] cxcywh, labels [B, M], box_valid [B, M], and scale [B] (canvas px per original px; eq. 8
+of the IoU-aware head works in original pixels).
 Everything is static-shaped: one compilation per input shape.
 
 Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_proposals`):
@@ -37,9 +44,11 @@ Contrastive denoising (Co-DINO `CdnQueryGenerator`, label noise 0.5, box noise 1
   Self-attention mask (`dn_self_attention_mask`): matching queries see only matching queries; a DN query sees
   the valid queries of its own group and all matching queries (as DINO); every query sees itself.
 
-Auxiliary queries of the IoU-aware head (paper eq. 9, Co-DINO `forward_aux` with coordinate features):
-  Q_a = LN(Dense(PE(C_pos))) + LN(Dense(F''_pos)), reference boxes C_pos; decoded by the SAME decoder in its own
-  call, each valid query seeing the valid auxiliary queries (empty slots are hidden).
+Collaborative auxiliary heads (Co-DINO `forward_train` + `forward_aux`): every head runs on the aux levels (the
+encoder memory as maps + one stride-2 level, `aux_heads.AuxLevels`) and returns its positives; each head's group
+Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F''_pos)) for the IoU-aware head, paper eq. 9] with reference boxes C_pos is
+decoded by the SAME decoder in its own call, each valid query seeing the valid queries of its group (empty slots
+are hidden), one group per head as Co-DINO's `num_co_heads`.
 """
 
 from typing import Any
@@ -268,7 +277,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 class MRQM(nn.Module):
   """The detector (module doc). Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm',
   'enc_class_head', 'enc_box_head', 'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with
-  iah.enabled 'iah', 'aux_pos_proj', 'aux_pos_norm', 'aux_feat_proj', 'aux_feat_norm'."""
+  auxiliary heads 'aux_levels', one of 'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'."""
   config: ml_collections.ConfigDict
 
   @nn.compact

@@ -2,29 +2,23 @@
 IoU threshold for one-to-many anchor assignment, and the top-K positives that become the auxiliary queries Q_a.
 
 Pipeline (all static-shaped, jittable):
-  1. `generate_anchors`: per-location anchors on every encoder level, normalized cxcywh on the padded canvas.
-  2. `dynamic_iou_threshold`: T_I = max(T_b, T_b + k * (sqrt(w h) / A_s) ** p) per ground truth (eq. 8, pixels).
+  1. `generate_anchors`: per-location anchors on every aux level, normalized cxcywh on the padded canvas.
+  2. `dynamic_iou_threshold`: T_I = max(T_b, T_b + k * (sqrt(w h) / A_s) ** p) per ground truth (eq. 8), with
+     w, h and A_s in original-image pixels (`gt_thresholds`).
   3. `assign_anchors`: an anchor is positive for a gt when IoU > T_I(gt); every valid gt also keeps its best-IoU
      anchor; conflicts go to the highest IoU.
   4. `select_positives`: at most K = `iah.max_pos` positive anchors per image for the auxiliary decoder branch.
-  5. `IoUAwareHead`: the trainable dense cls/box branches plus 1-4; returns what the detector needs to build
-     Q_a = Dense(PE(C_pos)) + Dense(F''_pos) (eq. 9) and what `ops.losses` needs for the dense loss.
+  5. `IoUAwareHead`: Co-DINO's dense head structure (`aux_heads.DenseHead`) in the ATSS head's place plus 1-4;
+     returns what the detector needs to build Q_a = Dense(PE(C_pos)) + Dense(F''_pos) (eq. 9) and what
+     `ops.losses` needs for the dense loss.
 
-Anchors (`config.iah.anchor_sizes` / `anchor_scales` / `anchor_ratios`): base size 2 x stride per level P2..P5
-= (8, 16, 32, 64) px at the canvas resolution, times RetinaNet's three octave scales 2^(0, 1/3, 2/3), times
-h/w ratios (0.5, 1, 2): 9 anchors per location, sides from ~5.7 to ~144 px. Why small: IoU of a centered w x w
-box with an s x s anchor is (w / s)^2 for w < s, so an anchor only reaches the paper's thresholds (T_b = 0.5 ..
-0.65, and T_I above it) for objects at least ~0.75 of its side. Co-DETR's ATSS head uses one anchor of
-8 x stride (32 px on P2): a 6 x 6 px object has IoU 0.035 with it, and every VisDrone object under ~25 px
-(66% of val_dev boxes are under 32 x 32 px at the original resolution) can only become a positive through
-the best-anchor fallback, with a poor reference box (mean IoU of small objects' positives 0.35 vs 0.67 here).
-Note that eq. 8 never lowers a threshold below T_b, and with A_s = 3 px^2 (VisDrone's smallest train box)
-T_I is 0.71 .. 0.97 at T_b = 0.55: then almost every object keeps only its fallback anchor (see the benchmark).
-Why three scales: with one size per level (2x apart) square objects near the geometric midpoints (11, 22, 45
-px) have IoU <= 0.5 with every anchor, below any T_I. `benchmarks/iah_positives.py` prints positives per
-object by size band on real VisDrone annotations (val_dev, 6318 small objects) for these choices, e.g. with a
-fixed threshold 0.5: 6.2 positives per small object and 96% of them with an anchor above the threshold, vs
-1.5 / 69% with one scale per level and 3.1 / 23% with Co-DETR's anchors.
+Anchors (`config.iah.anchor_sizes` / `anchor_scales` / `anchor_ratios`) and the reading of A_s were chosen from
+`benchmarks/iah_positives.py` on real VisDrone annotations (the table and the reasoning are in docs/DESIGN.md).
+Why small anchors with scales over more than an octave: the IoU of a centred w x w box with an s x s anchor is
+(w / s)^2 for w < s, so an anchor only passes T_I >= T_b for objects close to its own size, and scales spanning
+1.5 octaves let two pyramid levels cover every small size. Eq. 8 never lowers a threshold below T_b; with A_s =
+the smallest instance area (a few px^2) T_I is far above T_b for every object, so most objects keep only their
+best-anchor fallback — hence the recipes' reading of A_s as the bound of the smallest evaluated size class.
 
 Positive selection (step 4) deliberately differs from Co-DETR: Co-DETR keeps a uniformly random subset of
 max_pos_coords positives (in anchor order otherwise), which hands most auxiliary queries to the large objects
