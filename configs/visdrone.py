@@ -10,6 +10,8 @@ def get_config():
   c.dataset.eval_split = 'val'
   c.dataset.num_classes = 10
   c.dataset.max_boxes = 1000     # densest train image: 902 targets
-  c.eval.protocol = 'visdrone'
-  c.eval.max_detections = 500
+  c.eval.protocol = 'visdrone'   # headline: the paper's COCO-style AP..AP_L; toolkit_* beside it
+  # Co-DINO's test_cfg: soft-NMS (IoU 0.8, linear) over the top num_queries candidates, 300 kept per image.
+  c.eval.soft_nms = True
+  c.eval.max_detections = 300
   return c
