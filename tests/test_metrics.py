@@ -192,6 +192,44 @@ def test_visdrone_detection_half_inside_ignore_is_dropped(inside, counted):
   assert _evaluate('visdrone', records, detections)['toolkit_AP'] == pytest.approx(50.0 if counted else 100.0)
 
 
+def test_visdrone_score_zero_objects_are_ignore_flagged_ground_truth_of_their_class():
+  # 'a': a found class-0 object; an ignored class-0 object (VisDrone score-0 row, ignore_labels 0) with a class-0
+  # detection on it (excused) and a class-1 detection on it (a false positive: the flag is class 0's only); a
+  # class-1 object found below that false positive. 'b': only an ignored class-2 object.
+  flagged = [100, 100, 130, 130]
+  records = [ImageRecord(0, 'a', '', 400, 300, [[10, 10, 30, 30], [200, 10, 230, 40]], [0, 1], [flagged],
+                         ignore_labels=[0]),
+             ImageRecord(1, 'b', '', 400, 300, np.zeros((0, 4)), [], [flagged], ignore_labels=[2])]
+  detections = {'a': _dets([flagged, flagged, [10, 10, 30, 30], [200, 10, 230, 40]], [0.9, 0.8, 0.5, 0.3],
+                           [0, 1, 0, 1])}
+  values = _evaluate('visdrone', records, detections)
+  # Toolkit (evalRes.m / calcAccuracy.m): ignore-flagged ground truth counts in the recall denominator and in
+  # the class's images: class 0 recall 1/2 at precision 1 -> 50; class 1 precision 1/2 at recall 1 -> 50;
+  # class 2 (only an ignored object, never found) -> 0; one image each.
+  assert values['toolkit_AP'] == pytest.approx((50.0 + 50.0 + 0.0) / 3.0)
+  assert values['toolkit_AR500'] == pytest.approx((50.0 + 100.0 + 0.0) / 3.0)
+  # COCO-style: crowd boxes of their class; class 2 has no real ground truth and is left out.
+  assert values['AP'] == pytest.approx((100.0 + 50.0) / 2.0)
+  # As regions of every class (ignore_labels -1) the class-1 detection would be excused too.
+  for r in records:
+    r.ignore_labels = np.full((len(r.ignore),), -1, np.int32)
+  assert _evaluate('visdrone', records, detections)['AP'] == pytest.approx(100.0)
+
+
+def test_visdrone_detection_on_an_others_object_is_a_false_positive(tmp_path):
+  from input_pipeline import visdrone as visdrone_reader  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / 'images')
+  os.makedirs(tmp_path / 'annotations')
+  Image.new('RGB', (120, 80)).save(tmp_path / 'images' / 'a.jpg')
+  (tmp_path / 'annotations' / 'a.txt').write_text('10,10,20,20,1,1,0,0\r\n60,30,20,20,1,11,0,0\r\n')
+  records, _ = visdrone_reader.read_split(str(tmp_path))
+  # A pedestrian detection on the 'others' object, scored above the true positive.
+  detections = {'a': _dets([[60, 30, 80, 50], [10, 10, 30, 30]], [0.9, 0.5], [0, 0])}
+  values = metrics.evaluate_detections('visdrone', records, detections, num_classes=10)
+  assert values['toolkit_AP'] == pytest.approx(50.0)  # VOC all-point: precision 1/2 at recall 1
+  assert values['AP'] == pytest.approx(50.0)  # 101-point: precision 1/2 at every recall level
+
+
 def test_coco_ignore_regions_excuse_detections_inside_them():
   records = [_record('a', [[200, 10, 220, 30]], [0], ignore=[[0, 190, 120, 220]])]
   detections = {'a': _dets([[200, 10, 220, 30], [0, 200, 100, 210]], [0.5, 0.9], [0, 1])}

@@ -19,17 +19,21 @@ Protocols
   Headline, COCO-style, as Co-DETR's mmdet `CocoDataset.evaluate` computes it on a COCO-json conversion of
   VisDrone (classes 1..10): pycocotools with params.maxDets = [100, 300, 1000] and its summarize() stats[0..5],
   so AP is at 100 detections per image and class while AP50, AP75, AP_S, AP_M, AP_L are at 1000 (summarize()
-  asks for maxDets=100 only in stats[0] and for maxDets[2] elsewhere). Ignore regions (category 0) are crowd
-  regions of every class, as in 'coco'. Keys: AP, AP50, AP75, AP_S, AP_M, AP_L.
+  asks for maxDets=100 only in stats[0] and for maxDets[2] elsewhere); every detection is scored (Co-DINO's
+  head keeps at most 300 per image). Ignore regions (category 0) are crowd regions of every class, as in
+  'coco'. Keys: AP, AP50, AP75, AP_S, AP_M, AP_L.
   Toolkit (evalDET.m / calcAccuracy.m; see `visdrone.py` for its four differences from COCO: >= 50%-in-ignored-
   region drop of ground truths AND detections, maxDets counted per image over all classes, VOC all-point AP,
   class mean weighted by the number of images containing the class), under prefixed keys: toolkit_AP,
   toolkit_AP50, toolkit_AP75 (maxDets 500), toolkit_AR1, toolkit_AR10, toolkit_AR100, toolkit_AR500.
-  Records' ignore regions play the toolkit's 'ignored region' (category 0) role. The VisDrone reader keeps
+  Records' ignore regions with ignore_labels -1 play the toolkit's 'ignored region' (category 0) role; those
+  with a class c (VisDrone score-0 rows of classes 1..10, none in val_dev or the 6,471 train files) are its
+  ignore-flagged ground truth of class c (evalRes.m: a detection of class c matched to one by intersection
+  over the detection's area is neither true nor false positive; it still counts in the recall denominator and
+  in the class's image count), and crowd boxes of class c in the headline. The VisDrone reader keeps
   'others' (11) rows out of the records, which is what the toolkit's result amounts to: it keeps them as
   class-11 ground truth but scores classes 1..10 one at a time, so they are never matched and a detection on
-  one is a false positive of its class. Score-0 rows of classes 1..10 (none in val_dev or the 6,471 train
-  files) are ignore regions of every class here and ignore-flagged ground truth of their class there.
+  one is a false positive of its class (in the headline too: a COCO conversion has no class 11).
 
 'soda': SODA-D's SODADeval (see `soda.py`). AP means: the mean over the 9 classes (those with ground truth in
   the band) and over IoU thresholds .50:.05:.95 of 101-point interpolated precision on the 'Small' band:
@@ -156,9 +160,11 @@ def _coco_style(per_image, num_classes, caps, *, ap_cap, other_cap, crowd=True, 
   for record, dets in per_image:
     gt_boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4)
     gt_labels = np.asarray(record.labels, np.int64).reshape(-1)
-    regions = np.asarray(record.ignore, np.float64).reshape(-1, 4) if crowd else np.zeros((0, 4))
+    regions, flagged, flagged_labels = _ignore_parts(record, num_classes)
+    if not crowd:
+      regions, flagged, flagged_labels = np.zeros((0, 4)), np.zeros((0, 4)), np.zeros((0,), np.int64)
     in_range = (dets.labels >= 0) & (dets.labels < num_classes)
-    gts.append((gt_boxes, gt_labels, regions))
+    gts.append((gt_boxes, gt_labels, regions, flagged, flagged_labels))
     dts.append((dets.boxes[in_range], dets.scores[in_range], dets.labels[in_range],
                 np.flatnonzero(in_range)))
   evaluator, _ = _run_cocoeval(gts, dts, num_classes, area_ranges, caps)
@@ -182,24 +188,38 @@ def _toolkit(per_image, num_classes, caps) -> dict[str, float]:
   for record, dets in per_image:
     gt_boxes = np.asarray(record.boxes, np.float64).reshape(-1, 4)
     gt_labels = np.asarray(record.labels, np.int64).reshape(-1)
-    ignore = np.asarray(record.ignore, np.float64).reshape(-1, 4)
-    keep_gt = visdrone.outside_ignored(gt_boxes, ignore, record.width, record.height)
-    keep = visdrone.outside_ignored(dets.boxes, ignore, record.width, record.height)
+    regions, flagged, flagged_labels = _ignore_parts(record, num_classes)
+    keep_gt = visdrone.outside_ignored(gt_boxes, regions, record.width, record.height)
+    keep_flagged = visdrone.outside_ignored(flagged, regions, record.width, record.height)
+    keep = visdrone.outside_ignored(dets.boxes, regions, record.width, record.height)
     order = np.argsort(-dets.scores[keep], kind='mergesort')[:caps[-1]]
     dets = Detections(*(a[keep][order] for a in dets))
     in_range = (dets.labels >= 0) & (dets.labels < num_classes)
     rank = np.arange(len(dets.scores))[in_range]  # position in the image's (cut) list, over all labels
-    gts.append((gt_boxes[keep_gt], gt_labels[keep_gt], np.zeros((0, 4))))
+    gts.append((gt_boxes[keep_gt], gt_labels[keep_gt], np.zeros((0, 4)), flagged[keep_flagged],
+                flagged_labels[keep_flagged]))
     dts.append((dets.boxes[in_range], dets.scores[in_range], dets.labels[in_range], rank))
   evaluator, dt_rank = _run_cocoeval(gts, dts, num_classes, COCO_AREA_RANGES[:1], caps)
   return visdrone.toolkit_scores(_toolkit_inputs(evaluator, dt_rank), caps)
+
+
+def _ignore_parts(record, num_classes):
+  """A record's ignore list split by `ignore_labels`: (regions of every class [R, 4], ignored objects [G, 4] of
+  one class each, their labels [G]); ignored objects of a class outside [0, num_classes) are dropped."""
+  ignore = np.asarray(record.ignore, np.float64).reshape(-1, 4)
+  labels = getattr(record, 'ignore_labels', None)
+  labels = np.full((len(ignore),), -1, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
+  flagged = (labels >= 0) & (labels < num_classes)
+  return ignore[labels < 0], ignore[flagged], labels[flagged]
 
 
 def _run_cocoeval(gts, dts, num_classes, area_ranges, caps):
   """Runs COCOeval.evaluate() and accumulate() on in-memory ground truth and detections, silently.
 
   Args:
-    gts: per image (boxes [G, 4] xyxy, labels [G] 0-based, crowd regions [R, 4] xyxy for every class).
+    gts: per image (boxes [G, 4] xyxy, labels [G] 0-based, crowd regions [R, 4] xyxy for every class, crowd
+      boxes [F, 4] of one class each, their labels [F]); pycocotools matches a detection to a crowd box by
+      intersection over the detection's area and ignores it then.
     dts: per image (boxes [D, 4] xyxy, scores [D], labels [D] 0-based, rank [D] int).
     num_classes: categories 1..num_classes (pycocotools ids = label + 1).
     area_ranges: ((suffix, label, lo, hi), ...), the first one the 'all' band.
@@ -211,7 +231,7 @@ def _run_cocoeval(gts, dts, num_classes, area_ranges, caps):
   images = [{'id': i + 1} for i in range(len(gts))]
   categories = [{'id': c + 1, 'name': str(c)} for c in range(num_classes)]
   gt_anns = []
-  for image_id, (boxes, labels, crowd) in enumerate(gts, start=1):
+  for image_id, (boxes, labels, crowd, crowd_boxes, crowd_labels) in enumerate(gts, start=1):
     for box, label in zip(_xywh(boxes), labels):
       gt_anns.append({'image_id': image_id, 'category_id': int(label) + 1, 'bbox': box,
                       'area': box[2] * box[3], 'iscrowd': 0, 'ignore': 0})
@@ -219,6 +239,9 @@ def _run_cocoeval(gts, dts, num_classes, area_ranges, caps):
       for c in range(num_classes):
         gt_anns.append({'image_id': image_id, 'category_id': c + 1, 'bbox': box, 'area': box[2] * box[3],
                         'iscrowd': 1, 'ignore': 1})
+    for box, label in zip(_xywh(crowd_boxes), crowd_labels):
+      gt_anns.append({'image_id': image_id, 'category_id': int(label) + 1, 'bbox': box, 'area': box[2] * box[3],
+                      'iscrowd': 1, 'ignore': 1})
   dt_anns, ranks = [], [-1]
   for image_id, (boxes, scores, labels, rank) in enumerate(dts, start=1):
     for box, score, label in zip(_xywh(boxes), scores.tolist(), labels):
@@ -282,21 +305,27 @@ def _toolkit_inputs(evaluator, dt_rank: np.ndarray) -> list[dict]:
   num_thresholds = len(params.iouThrs)
   per_class = []
   for k in range(len(params.catIds)):
-    scores, tps, ranks = [], [], []
+    scores, tps, ranks, ignored = [], [], [], []
     num_gt = num_images_with_gt = 0
     for i in range(num_images):
       image_eval = evaluator.evalImgs[(k * num_areas) * num_images + i]  # area index 0 = 'all'
       if image_eval is None:
         continue
-      real_gt = int(np.count_nonzero(np.asarray(image_eval['gtIgnore']) == 0))
-      num_gt += real_gt
-      num_images_with_gt += real_gt > 0
+      # The toolkit counts ignore-flagged ground truths (here: the crowd boxes of this class; no area band
+      # applies) in the recall denominator and in the class's image count (calcAccuracy.m: numel(gtMatch),
+      # evalClass).
+      all_gt = len(image_eval['gtIgnore'])
+      num_gt += all_gt
+      num_images_with_gt += all_gt > 0
+      dt_ignore = np.asarray(image_eval['dtIgnore'], bool).reshape(num_thresholds, -1)
       scores.append(np.asarray(image_eval['dtScores'], np.float64))
-      tps.append((np.asarray(image_eval['dtMatches']) > 0) & ~np.asarray(image_eval['dtIgnore'], bool))
+      tps.append((np.asarray(image_eval['dtMatches']) > 0) & ~dt_ignore)
+      ignored.append(dt_ignore)
       ranks.append(dt_rank[np.asarray(image_eval['dtIds'], np.int64)])
     per_class.append({
         'scores': np.concatenate(scores) if scores else np.zeros((0,)),
         'tp': np.concatenate(tps, axis=1) if tps else np.zeros((num_thresholds, 0), bool),
+        'ignored': np.concatenate(ignored, axis=1) if ignored else np.zeros((num_thresholds, 0), bool),
         'rank': np.concatenate(ranks) if ranks else np.zeros((0,), np.int64),
         'num_gt': num_gt,
         'num_images': num_images_with_gt,
