@@ -13,6 +13,7 @@ Protocols
   Records' ignore regions become crowd regions (a detection inside one, by intersection over the detection's
   area >= the IoU threshold, is neither a true nor a false positive) for EVERY class, because records do not
   keep the class of a crowd annotation; COCO's own crowd regions only excuse detections of their class.
+  (Records' ignored objects of one class, `ignore_labels` c >= 0, are crowd boxes of class c only.)
   Keys: AP, AP50, AP75, AP_S, AP_M, AP_L, AR1, AR10, AR100, AR_S, AR_M, AR_L.
 
 'visdrone': what the paper reports for VisDrone (its Table 2) as the headline, plus the official toolkit's numbers.
