@@ -208,8 +208,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = 'visdrone'           # 'coco' | 'visdrone' | 'soda'
   c.eval.batch_size = 2
-  c.eval.max_detections = 500            # VisDrone toolkit maxDets 500
+  c.eval.max_detections = 500            # detections kept per image (per patch when slicing)
   c.eval.score_threshold = 0.0
+  # Co-DINO's test-time soft-NMS (co_dino_5scale_r50_1x_coco.py test_cfg: max_per_img=300,
+  # nms=dict(type='soft_nms', iou_threshold=0.8); mmcv soft_nms defaults method='linear', sigma=0.5,
+  # min_score=1e-3), class-aware as mmcv's batched_nms, inside the jitted eval/predict function
+  # (ops/postprocess.soft_nms): top decoder.num_queries (query, class) candidates -> soft-NMS -> the first
+  # eval.max_detections. False: plain top eval.max_detections (DINO, no NMS). The metrics' own caps
+  # (maxDets) are the protocol's, not eval.max_detections.
+  c.eval.soft_nms = False
+  c.eval.soft_nms_iou = 0.8
+  c.eval.soft_nms_method = 'linear'      # 'linear' | 'gaussian' | 'naive' (mmcv's names)
+  c.eval.soft_nms_sigma = 0.5            # gaussian only
+  c.eval.soft_nms_min_score = 1e-3
   c.eval.num_images = -1                 # > 0 evaluates only the first N images
 
   c.predict = ml_collections.ConfigDict()

@@ -30,6 +30,9 @@ class ImageRecord:
     ignore: [R, 4] float32 ignore regions, xyxy pixels.
     source_id: the image's id in its source annotation file (COCO / SODA-D json `images[].id`), so results
       can be written against the user's own ground truth; -1 when the source has no ids (VisDrone txt).
+    ignore_labels: [R] int32, one per ignore region: -1 = a region of every class (the default; VisDrone
+      category 0, COCO crowd), c >= 0 = an ignored object of class c only (VisDrone score-0 rows of classes
+      1..10, which the toolkit keeps as ignore-flagged ground truth of their class). Only the metrics read it.
   """
   image_id: int
   name: str
@@ -40,6 +43,7 @@ class ImageRecord:
   labels: np.ndarray
   ignore: np.ndarray
   source_id: int = -1
+  ignore_labels: np.ndarray | None = None
 
   def __post_init__(self):
     self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -47,3 +51,8 @@ class ImageRecord:
     self.ignore = np.asarray(self.ignore, np.float32).reshape(-1, 4)
     if len(self.boxes) != len(self.labels):
       raise ValueError(f'{self.name}: {len(self.boxes)} boxes but {len(self.labels)} labels')
+    if self.ignore_labels is None:
+      self.ignore_labels = np.full((len(self.ignore),), -1, np.int32)
+    self.ignore_labels = np.asarray(self.ignore_labels, np.int32).reshape(-1)
+    if len(self.ignore_labels) != len(self.ignore):
+      raise ValueError(f'{self.name}: {len(self.ignore)} ignore regions but {len(self.ignore_labels)} ignore_labels')

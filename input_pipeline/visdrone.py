@@ -1,9 +1,18 @@
 """VisDrone2019-DET reader: official `images/NAME.jpg` + `annotations/NAME.txt` folders -> ImageRecords.
 
 Annotation lines are `bbox_left,bbox_top,bbox_width,bbox_height,score,object_category,truncation,occlusion`
-(the released files use CRLF line endings and a few lines end with a trailing comma). Categories 1..10 with a
-non-zero score are targets (label = category - 1); category 0 (ignored region), 11 ('others') and every score-0
-row become ignore regions, which the VisDrone protocol excludes from both matching and evaluation.
+(the released files use CRLF line endings and a few lines end with a trailing comma). As the official toolkit
+reads them (evalDET.m: saveAnnoRes.m, dropObjectsInIgr.m, calcAccuracy.m):
+  * categories 1..10 with a non-zero score are targets (label = category - 1);
+  * category 0 rows (any score) are ignored regions of every class (ignore_labels -1): the toolkit drops ground
+    truths and detections >= 50% inside them;
+  * score-0 rows of categories 1..10 are ignored objects of their class (ignore_labels = category - 1): the
+    toolkit keeps them as ignore-flagged ground truth of that class (saveAnnoRes.m flips the score column into
+    evalRes.m's ignore flag);
+  * category 11 ('others') rows are not kept: the toolkit keeps them as class-11 ground truth but scores only
+    classes 1..10, one at a time, so they never match anything and are no ignored region (a detection on an
+    'others' object is a false positive of its class). They are counted in the report's ignore rows and noted.
+The losses do not use ignore regions (see mrqm_jax/ops/losses.py); only the metrics read them.
 """
 
 import math
@@ -17,6 +26,7 @@ from input_pipeline import records as records_lib
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 NUM_FIELDS = 8
 NUM_CATEGORIES = 12   # 0 ignored region, 1..10 targets, 11 others
+OTHERS = 11
 
 
 def resolve_split_dir(root: str, split: str | None, annotations_only: bool | None = False) -> str:
@@ -52,9 +62,11 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
     report: receives row counts and every problem, with `path:line`.
 
   Returns:
-    boxes [N, 4] float32 xyxy pixels, labels [N] int32, ignore [R, 4] float32 xyxy pixels.
+    boxes [N, 4] float32 xyxy pixels, labels [N] int32, ignore [R, 4] float32 xyxy pixels, ignore_labels [R]
+    int32 (-1: ignored region of every class; c: ignored object of class c), and the number of 'others' rows
+    (not kept; see the module docstring).
   """
-  boxes, labels, ignore = [], [], []
+  boxes, labels, ignore, ignore_labels, num_others = [], [], [], [], 0
   for line_no, raw in enumerate(text.splitlines(), start=1):
     line = raw.strip()
     if not line:
@@ -83,6 +95,9 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
       report.target_rows += 1
     else:
       report.ignore_rows += 1
+    if category == OTHERS:
+      num_others += 1
+      continue
     what = 'box' if is_target else 'ignore region'
     if w < 0 or h < 0:
       report.add('negative_size', path, line_no, f'{what} width/height {fields[2]},{fields[3]} < 0',
@@ -100,8 +115,9 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
       labels.append(category - 1)
     else:
       ignore.append(box)
+      ignore_labels.append(category - 1)  # category 0 -> -1: every class
   return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
-          np.asarray(ignore, np.float32).reshape(-1, 4))
+          np.asarray(ignore, np.float32).reshape(-1, 4), np.asarray(ignore_labels, np.int32), num_others)
 
 
 def _files_by_stem(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
@@ -158,6 +174,7 @@ def read_split(root: str, split: str | None = None, *, annotations_only: bool | 
     names = sorted(set(images) | set(annotations))
 
   records = []
+  num_others = 0
   for name in names:
     if annotations_only:
       width = height = 0
@@ -175,14 +192,20 @@ def read_split(root: str, split: str | None = None, *, annotations_only: bool | 
     if name in annotations:
       with open(annotations[name], 'rb') as f:
         text = f.read().decode('utf-8', errors='replace')
-      boxes, labels, ignore = parse_annotation_text(text, annotations[name], width, height, report)
+      boxes, labels, ignore, ignore_labels, others = parse_annotation_text(text, annotations[name], width, height,
+                                                                           report)
+      num_others += others
     else:
       if os.path.isdir(annotation_dir):
         report.add('missing_annotation', file_name, None,
                    f'no {name}.txt in {annotation_dir}: kept with no boxes')
       boxes, labels, ignore = np.zeros((0, 4), np.float32), np.zeros((0,), np.int32), np.zeros((0, 4), np.float32)
+      ignore_labels = np.zeros((0,), np.int32)
     records.append(records_lib.ImageRecord(
         image_id=len(records), name=name, file_name=file_name, width=width, height=height,
-        boxes=boxes, labels=labels, ignore=ignore))
+        boxes=boxes, labels=labels, ignore=ignore, ignore_labels=ignore_labels))
   report.num_images = len(records)
+  if num_others:
+    report.note(f"{num_others} 'others' (category 11) rows not kept: the VisDrone toolkit never scores them and "
+                'they are no ignored region')
   return records, report

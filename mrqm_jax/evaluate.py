@@ -24,15 +24,24 @@ def make_predict_fn(model, config: ml_collections.ConfigDict, mesh):
   """Jitted (variables, batch) -> {'boxes' [B,K,4] original-pixel xyxy, 'scores' [B,K], 'labels' [B,K]}.
 
   K = config.eval.max_detections. Inputs sharded over 'data', outputs replicated (every host sees all).
+  With `eval.soft_nms`, Co-DINO's test path: the top decoder.num_queries candidates, soft-NMS, the first K.
   """
   num_detections = config.eval.max_detections
+  soft_nms = bool(config.eval.soft_nms)
 
   def predict(variables, batch):
     outputs = model.apply(variables, batch['image'], batch['pad_mask'], train=False)
-    return postprocess.detections_from_outputs(
+    candidates = min(config.decoder.num_queries, outputs['pred_logits'].shape[1] * outputs['pred_logits'].shape[2])
+    dets = postprocess.detections_from_outputs(
         outputs['pred_logits'], outputs['pred_boxes'], canvas_hw=tuple(config.input.image_size),
         scale=batch['scale'], patch_origin=batch['patch_origin'], orig_size=batch['orig_size'],
-        num_detections=num_detections)
+        num_detections=candidates if soft_nms else num_detections)
+    if soft_nms:
+      dets = postprocess.soft_nms(
+          dets['boxes'], dets['scores'], dets['labels'], max_detections=num_detections,
+          iou_threshold=config.eval.soft_nms_iou, method=config.eval.soft_nms_method,
+          sigma=config.eval.soft_nms_sigma, min_score=config.eval.soft_nms_min_score)
+    return dets
 
   return jax.jit(predict, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.replicated(mesh))
@@ -92,8 +101,9 @@ def evaluate_params(model, config: ml_collections.ConfigDict, params, model_stat
     d = detections.get(r.image_id)
     by_name[r.name] = d if d is not None else metrics_lib.Detections(
         np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32))
-  metrics = metrics_lib.evaluate_detections(config.eval.protocol, records, by_name,
-                                            num_classes=len(class_names), max_dets=config.eval.max_detections)
+  # The protocol's own maxDets (e.g. visdrone: Co-DETR's 100/300/1000 and the toolkit's 500), not the model's
+  # per-image output count eval.max_detections.
+  metrics = metrics_lib.evaluate_detections(config.eval.protocol, records, by_name, num_classes=len(class_names))
   logging.info('eval on %d images in %.1fs: %s', len(records), time.time() - start, metrics)
   return metrics
 

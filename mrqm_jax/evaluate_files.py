@@ -5,10 +5,12 @@ r"""Scores a folder of VisDrone-DET result files against a dataset folder.
 --dataset: VisDrone layout, DIR/images/NAME.jpg and DIR/annotations/NAME.txt (read by input_pipeline.visdrone).
 --results: one NAME.txt per image, lines `x,y,w,h,score,category,-1,-1` (category 1..10), as the official
 toolkit reads them. An image without a result file has no detections (counted and logged).
---protocol: 'visdrone' (official toolkit), 'coco' or 'soda' (size bands of SODA-D); see mrqm_jax/metrics/coco.py.
+--protocol: 'visdrone' (the paper's COCO-style AP, AP50, AP75, AP_S, AP_M, AP_L, plus the official toolkit's
+numbers as toolkit_AP, toolkit_AP50, toolkit_AP75, toolkit_AR1..toolkit_AR500), 'coco' or 'soda' (size bands of
+SODA-D); see mrqm_jax/metrics/coco.py. --max_dets sets the toolkit's cap in 'visdrone'.
 
-Logs go to stderr; stdout's LAST line is the metrics as one JSON object, e.g. {"AP": 31.2, "AP50": ...}
-(percent; -1.0 = undefined). Missing folders and unreadable or malformed files print one line naming the
+Logs go to stderr; stdout's LAST line is the metrics as one JSON object, e.g. {"AP": 31.2, "AP50": ...,
+"toolkit_AP": 27.0, ...} (percent; -1.0 = undefined). Missing folders and unreadable or malformed files print one line naming the
 problem (file and line) and exit with code 2.
 """
 

@@ -8,6 +8,7 @@
   iah_positives(config, ...)     where the IoU-Aware Head's positive anchors fall for one canvas's ground truth
   write_figure2(restored, ...)   per image: detections, encoder-proposal heatmap, IAH-positive heatmap (Fig. 2)
   size_band_ap / plot_size_band_ap   AP per object-size band of an eval run (S/M/L or eS/rS/gS/N)
+  format_metrics                 eval metrics as labelled lines (visdrone: paper's COCO-style vs toolkit_*)
   mirror_tree(src, dst)          copies a folder to any tf.io.gfile path (gs://bucket/...)
 
 Nothing here is needed for training; it only wraps the package's public functions for interactive use.
@@ -330,6 +331,26 @@ def show_figure2(panels: list[dict[str, str]], width: float = 4.0):
 
 
 # ------------------------------------------------------------------------------------------ AP per size band
+def format_metrics(metrics: dict[str, float]) -> str:
+  """Eval metrics as labelled lines: the headline and, for 'visdrone', the official toolkit's numbers apart.
+
+  'visdrone' headline = the paper's Table 2 columns (COCO-style, Co-DETR's evaluation); toolkit_* = the
+  VisDrone-DET toolkit's (VOC all-point AP, maxDets 500), see mrqm_jax/metrics/coco.py.
+  """
+  from mrqm_jax.metrics import coco as metrics_lib  # pylint: disable=g-import-not-at-top
+  prefix = metrics_lib.TOOLKIT_PREFIX
+  toolkit = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+  headline = {k: v for k, v in metrics.items() if not k.startswith(prefix)}
+
+  def row(values):
+    return ', '.join(f'{k} {v:.2f}' for k, v in values.items())
+
+  if not toolkit:
+    return 'metrics: ' + row(headline)
+  return ('COCO-style (as the paper reports, Co-DETR evaluation): ' + row(headline) + '\n'
+          'VisDrone toolkit (VOC all-point, maxDets 500): ' + row(toolkit))
+
+
 def size_band_ap(metrics: dict[str, float], protocol: str) -> list[tuple[str, float]]:
   """[(band, AP in percent)] for the protocol's size bands; -1 (pycocotools: no ground truth there) kept."""
   if protocol not in SIZE_BANDS:

@@ -59,8 +59,9 @@ def test_perfect_detections_score_100_and_none_score_0(protocol):
 
 def test_metric_keys_per_protocol():
   records = [_record('a', GT_BOXES, GT_LABELS)]
-  assert set(_evaluate('visdrone', records, {})) == {'AP', 'AP50', 'AP75', 'AR1', 'AR10', 'AR100', 'AR500',
-                                                     'AP_S', 'AP_M', 'AP_L'}
+  assert set(_evaluate('visdrone', records, {})) == {
+      'AP', 'AP50', 'AP75', 'AP_S', 'AP_M', 'AP_L', 'toolkit_AP', 'toolkit_AP50', 'toolkit_AP75', 'toolkit_AR1',
+      'toolkit_AR10', 'toolkit_AR100', 'toolkit_AR500'}
   assert {'AP', 'AP50', 'AP75', 'AP_S', 'AP_M', 'AP_L', 'AR1', 'AR10', 'AR100'} <= set(
       _evaluate('coco', records, {}))
   assert {'AP', 'AP50', 'AP75', 'AP_eS', 'AP_rS', 'AP_gS', 'AP_N', 'AR100', 'AR1000'} <= set(
@@ -82,9 +83,10 @@ def test_visdrone_half_recall_is_50_under_all_point_interpolation():
   # The toolkit's VOCap integrates the precision envelope over recall: 0.5 recall at precision 1 -> 50.
   records = [_record('a', [[10, 10, 30, 30], [60, 60, 80, 80]], [0, 0])]
   values = _evaluate('visdrone', records, {'a': _dets([[10, 10, 30, 30]], [0.9], [0])})
-  assert values['AP'] == pytest.approx(50.0)
-  assert values['AR500'] == pytest.approx(50.0)
-  assert values['AP_S'] == pytest.approx(100.0 * np.mean(RECALL_THRESHOLDS <= 0.5))  # COCO-style band
+  assert values['toolkit_AP'] == pytest.approx(50.0)
+  assert values['toolkit_AR500'] == pytest.approx(50.0)
+  # The headline is COCO's 101-point interpolation (the paper's numbers).
+  assert values['AP'] == values['AP_S'] == pytest.approx(100.0 * np.mean(RECALL_THRESHOLDS <= 0.5))
 
 
 def test_visdrone_class_mean_is_weighted_by_images_containing_the_class():
@@ -92,9 +94,84 @@ def test_visdrone_class_mean_is_weighted_by_images_containing_the_class():
   # The toolkit repeats a class's AP once per image containing it: (2 * 100 + 1 * 0) / 3.
   records = [_record('a', [[10, 10, 30, 30], [50, 50, 70, 70]], [0, 1]), _record('b', [[10, 10, 30, 30]], [0])]
   detections = {'a': _dets([[10, 10, 30, 30]], [0.9], [0]), 'b': _dets([[10, 10, 30, 30]], [0.8], [0])}
-  assert _evaluate('visdrone', records, detections)['AP'] == pytest.approx(200.0 / 3.0)
-  # COCO's class mean is unweighted: (100 + 0) / 2.
-  assert _evaluate('coco', records, detections)['AP'] == pytest.approx(50.0)
+  values = _evaluate('visdrone', records, detections)
+  assert values['toolkit_AP'] == pytest.approx(200.0 / 3.0)
+  # COCO's class mean (the visdrone headline) is unweighted: (100 + 0) / 2.
+  assert values['AP'] == _evaluate('coco', records, detections)['AP'] == pytest.approx(50.0)
+
+
+def test_visdrone_headline_ap_is_at_100_per_image_and_the_rest_at_1000():
+  # pycocotools' summarize() with Co-DETR's maxDets [100, 300, 1000]: stats[0] (AP) asks for maxDets=100, while
+  # stats[1..5] (AP50, AP75, AP_S/M/L) use maxDets[2] = 1000. The only true positive is ranked 101st of its class.
+  gt = [[10, 10, 30, 30]]
+  records = [_record('a', gt, [0], width=2000, height=2000)]
+  false = [[40 + 15 * (i % 100), 40 + 15 * (i // 100), 50 + 15 * (i % 100), 50 + 15 * (i // 100)]
+           for i in range(100)]
+  detections = {'a': _dets(false + gt, np.linspace(0.9, 0.5, 101), [0] * 101)}
+  values = _evaluate('visdrone', records, detections)
+  assert values['AP'] == 0.0
+  expected = 100.0 * np.mean(RECALL_THRESHOLDS <= 1.0) / 101.0  # precision 1/101 at every recall level
+  assert values['AP50'] == pytest.approx(expected) and values['AP_S'] == pytest.approx(expected)
+
+
+def _pycocotools_summarize(records, detections, num_classes, tmp_path):
+  """Co-DETR's mmdet CocoDataset.evaluate path: json files, COCO.loadRes, COCOeval, maxDets [100, 300, 1000],
+  summarize(); ignore regions written as iscrowd annotations of every class. Returns stats[0..5]."""
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+  images, annotations, results = [], [], []
+  for image_id, r in enumerate(records, start=1):
+    images.append({'id': image_id, 'width': r.width, 'height': r.height, 'file_name': r.name})
+    for (x0, y0, x1, y1), label in zip(r.boxes.tolist(), r.labels.tolist()):
+      annotations.append({'image_id': image_id, 'category_id': label + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
+                          'area': (x1 - x0) * (y1 - y0), 'iscrowd': 0})
+    for x0, y0, x1, y1 in r.ignore.tolist():
+      for c in range(num_classes):
+        annotations.append({'image_id': image_id, 'category_id': c + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
+                            'area': (x1 - x0) * (y1 - y0), 'iscrowd': 1})
+    d = detections[r.name]
+    for (x0, y0, x1, y1), score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
+      results.append({'image_id': image_id, 'category_id': label + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
+                      'score': score})
+  for i, a in enumerate(annotations, start=1):
+    a['id'] = i
+  gt_file = tmp_path / 'gt.json'
+  gt_file.write_text(json.dumps({'images': images, 'annotations': annotations,
+                                 'categories': [{'id': c + 1, 'name': str(c)} for c in range(num_classes)]}))
+  ground_truth = COCO(str(gt_file))
+  evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), 'bbox')
+  evaluator.params.catIds = list(range(1, num_classes + 1))
+  evaluator.params.imgIds = list(range(1, len(records) + 1))
+  evaluator.params.maxDets = [100, 300, 1000]
+  evaluator.evaluate()
+  evaluator.accumulate()
+  evaluator.summarize()
+  return dict(zip(('AP', 'AP50', 'AP75', 'AP_S', 'AP_M', 'AP_L'), 100.0 * evaluator.stats[:6]))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_visdrone_headline_equals_pycocotools_summarize_as_mmdet_calls_it(seed, tmp_path):
+  rng = np.random.default_rng(seed)
+  records, detections = [], {}
+  for i in range(5):
+    n = rng.integers(1, 40)
+    xy = rng.uniform(0, 400, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 150, (n, 2))], axis=1)  # S, M and L objects
+    labels = rng.integers(0, 3, n)
+    ignore = [[0, 0, 60, 60]] if i % 2 else []
+    records.append(_record(f'img{i}', boxes, labels, ignore=ignore, width=600, height=600))
+    # Many detections per class, so the 100-per-image-and-class cut of AP matters.
+    k = 250
+    idx = rng.integers(0, n, k)
+    jittered = boxes[idx] + rng.normal(0, 6, (k, 4))
+    jittered[:, 2:] = np.maximum(jittered[:, 2:], jittered[:, :2] + 1)
+    det_labels = np.where(rng.random(k) < 0.8, labels[idx], rng.integers(0, 3, k))
+    detections[f'img{i}'] = _dets(jittered, rng.random(k), det_labels)
+  ours = _evaluate('visdrone', records, detections)
+  reference = _pycocotools_summarize(records, detections, 3, tmp_path)
+  assert reference['AP'] < reference['AP50']  # a non-trivial case
+  for key, value in reference.items():
+    assert ours[key] == pytest.approx(value, abs=1e-9), key
 
 
 @pytest.mark.parametrize('inside, counted', [(0.50, False), (0.49, True)])
@@ -103,7 +180,7 @@ def test_visdrone_ground_truth_half_inside_ignore_is_dropped(inside, counted):
   region = [0, 190, 100 * inside, 220]
   records = [_record('a', [[200, 10, 220, 30], [0, 200, 100, 210]], [0, 0], ignore=[region])]
   values = _evaluate('visdrone', records, {'a': _dets([[200, 10, 220, 30]], [0.9], [0])})
-  assert values['AP'] == pytest.approx(50.0 if counted else 100.0)
+  assert values['toolkit_AP'] == pytest.approx(50.0 if counted else 100.0)
 
 
 @pytest.mark.parametrize('inside, counted', [(0.50, False), (0.49, True)])
@@ -112,7 +189,45 @@ def test_visdrone_detection_half_inside_ignore_is_dropped(inside, counted):
   region = [0, 190, 100 * inside, 220]
   records = [_record('a', [[200, 10, 220, 30]], [0], ignore=[region])]
   detections = {'a': _dets([[200, 10, 220, 30], [0, 200, 100, 210]], [0.5, 0.9], [0, 0])}
-  assert _evaluate('visdrone', records, detections)['AP'] == pytest.approx(50.0 if counted else 100.0)
+  assert _evaluate('visdrone', records, detections)['toolkit_AP'] == pytest.approx(50.0 if counted else 100.0)
+
+
+def test_visdrone_score_zero_objects_are_ignore_flagged_ground_truth_of_their_class():
+  # 'a': a found class-0 object; an ignored class-0 object (VisDrone score-0 row, ignore_labels 0) with a class-0
+  # detection on it (excused) and a class-1 detection on it (a false positive: the flag is class 0's only); a
+  # class-1 object found below that false positive. 'b': only an ignored class-2 object.
+  flagged = [100, 100, 130, 130]
+  records = [ImageRecord(0, 'a', '', 400, 300, [[10, 10, 30, 30], [200, 10, 230, 40]], [0, 1], [flagged],
+                         ignore_labels=[0]),
+             ImageRecord(1, 'b', '', 400, 300, np.zeros((0, 4)), [], [flagged], ignore_labels=[2])]
+  detections = {'a': _dets([flagged, flagged, [10, 10, 30, 30], [200, 10, 230, 40]], [0.9, 0.8, 0.5, 0.3],
+                           [0, 1, 0, 1])}
+  values = _evaluate('visdrone', records, detections)
+  # Toolkit (evalRes.m / calcAccuracy.m): ignore-flagged ground truth counts in the recall denominator and in
+  # the class's images: class 0 recall 1/2 at precision 1 -> 50; class 1 precision 1/2 at recall 1 -> 50;
+  # class 2 (only an ignored object, never found) -> 0; one image each.
+  assert values['toolkit_AP'] == pytest.approx((50.0 + 50.0 + 0.0) / 3.0)
+  assert values['toolkit_AR500'] == pytest.approx((50.0 + 100.0 + 0.0) / 3.0)
+  # COCO-style: crowd boxes of their class; class 2 has no real ground truth and is left out.
+  assert values['AP'] == pytest.approx((100.0 + 50.0) / 2.0)
+  # As regions of every class (ignore_labels -1) the class-1 detection would be excused too.
+  for r in records:
+    r.ignore_labels = np.full((len(r.ignore),), -1, np.int32)
+  assert _evaluate('visdrone', records, detections)['AP'] == pytest.approx(100.0)
+
+
+def test_visdrone_detection_on_an_others_object_is_a_false_positive(tmp_path):
+  from input_pipeline import visdrone as visdrone_reader  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / 'images')
+  os.makedirs(tmp_path / 'annotations')
+  Image.new('RGB', (120, 80)).save(tmp_path / 'images' / 'a.jpg')
+  (tmp_path / 'annotations' / 'a.txt').write_text('10,10,20,20,1,1,0,0\r\n60,30,20,20,1,11,0,0\r\n')
+  records, _ = visdrone_reader.read_split(str(tmp_path))
+  # A pedestrian detection on the 'others' object, scored above the true positive.
+  detections = {'a': _dets([[60, 30, 80, 50], [10, 10, 30, 30]], [0.9, 0.5], [0, 0])}
+  values = metrics.evaluate_detections('visdrone', records, detections, num_classes=10)
+  assert values['toolkit_AP'] == pytest.approx(50.0)  # VOC all-point: precision 1/2 at recall 1
+  assert values['AP'] == pytest.approx(50.0)  # 101-point: precision 1/2 at every recall level
 
 
 def test_coco_ignore_regions_excuse_detections_inside_them():
@@ -152,9 +267,10 @@ def test_max_dets_counts_all_classes_in_visdrone_and_each_class_in_coco():
   detections = {'a': _dets([[200, 200, 220, 220], [250, 250, 270, 270]] + gt, [0.9, 0.8, 0.5, 0.4, 0.3],
                            [1, 1, 0, 0, 0])}
   toolkit = _evaluate('visdrone', records, detections, max_dets=3)
-  assert toolkit['AP'] == pytest.approx(100.0 / 3.0)  # only one true positive survives the 3-per-image cut
-  assert toolkit['AR1'] == 0.0 and toolkit['AR3'] == pytest.approx(100.0 / 3.0)
-  assert _evaluate('visdrone', records, detections)['AP'] == pytest.approx(100.0)  # default 500
+  assert toolkit['toolkit_AP'] == pytest.approx(100.0 / 3.0)  # only one true positive survives the 3-per-image cut
+  assert toolkit['toolkit_AR1'] == 0.0 and toolkit['toolkit_AR3'] == pytest.approx(100.0 / 3.0)
+  assert toolkit['AP'] == pytest.approx(100.0)  # the headline's caps (per class) do not follow max_dets
+  assert _evaluate('visdrone', records, detections)['toolkit_AP'] == pytest.approx(100.0)  # default 500
   assert _evaluate('coco', records, detections, max_dets=3)['AP'] == pytest.approx(100.0)  # 3 per class
   assert _evaluate('coco', records, detections, max_dets=2)['AR2'] == pytest.approx(200.0 / 3.0)
 
@@ -166,9 +282,10 @@ def test_out_of_range_labels_take_a_visdrone_slot_and_are_logged(caplog):
   detections = {'a': _dets([[200, 200, 220, 220]] + gt, [0.9, 0.5], [3, 0])}
   with caplog.at_level(logging.WARNING):
     values = _evaluate('visdrone', records, detections, max_dets=1)
-  assert values['AP'] == 0.0  # the unscored detection used the only slot
+  assert values['toolkit_AP'] == 0.0  # the unscored detection used the only slot
+  assert values['AP'] == pytest.approx(100.0)  # COCO-style: never scored, takes no slot
   assert any('label outside [0, 3)' in r.getMessage() for r in caplog.records)
-  assert _evaluate('visdrone', records, detections, max_dets=2)['AP'] == pytest.approx(100.0)
+  assert _evaluate('visdrone', records, detections, max_dets=2)['toolkit_AP'] == pytest.approx(100.0)
 
 
 def test_bad_inputs_raise_naming_the_problem(caplog):
@@ -271,7 +388,7 @@ def test_visdrone_matches_an_independent_restatement_of_the_toolkit(seed, max_de
   reference = _reference_visdrone(records, detections, 3, max_dets)
   assert 0 < reference['AP'] < reference['AP50'] < 100  # a non-trivial case
   for key, value in reference.items():
-    assert ours[key] == pytest.approx(value, abs=1e-9), key
+    assert ours[f'toolkit_{key}'] == pytest.approx(value, abs=1e-9), key
 
 
 # --------------------------------------------------------------------------------- ignored-region geometry
@@ -381,8 +498,11 @@ def test_cli_end_to_end(tmp_path):
   assert done.returncode == 0, done.stderr
   values = json.loads(done.stdout.strip().splitlines()[-1])
   # Classes 1 and 4 are found (AP 100), class 10 missed (AP 0); each is in one image: mean 200/3.
-  assert values['AP'] == pytest.approx(200.0 / 3.0, abs=1e-3)
-  assert len(rows) == 2 and set(values) >= {'AP', 'AP50', 'AP75', 'AR1', 'AR10', 'AR100', 'AR500'}
+  assert values['toolkit_AP'] == pytest.approx(200.0 / 3.0, abs=1e-3)
+  assert values['AP'] == pytest.approx(200.0 / 3.0, abs=1e-3)  # COCO-style: also one image per class
+  assert len(rows) == 2 and set(values) == {'AP', 'AP50', 'AP75', 'AP_S', 'AP_M', 'AP_L', 'toolkit_AP',
+                                            'toolkit_AP50', 'toolkit_AP75', 'toolkit_AR1', 'toolkit_AR10',
+                                            'toolkit_AR100', 'toolkit_AR500'}
 
   done = _run_cli('--protocol=coco', f'--dataset={tmp_path / "data"}', f'--results={results}')
   assert done.returncode == 0, done.stderr
@@ -413,6 +533,11 @@ def test_real_val_dev_ground_truth_as_detections_scores_100(visdrone_val_dev):
   assert len(records) == 142
   detections = {r.name: Detections(r.boxes, np.linspace(1.0, 0.5, len(r.labels)), r.labels) for r in records}
   values = metrics.evaluate_detections('visdrone', records, detections, num_classes=10)
-  for key in ('AP', 'AP50', 'AP75', 'AR500', 'AP_S', 'AP_M', 'AP_L'):
+  for key in ('AP50', 'AP75', 'AP_S', 'AP_M', 'AP_L', 'toolkit_AP', 'toolkit_AP50', 'toolkit_AP75',
+              'toolkit_AR500'):
     assert values[key] == pytest.approx(100.0), key
-  assert values['AR1'] < values['AR10'] < values['AR100'] <= 100.0
+  # The headline AP keeps 100 detections per image and class; some val_dev images hold more than 100 objects
+  # of one class, so even the ground truth itself cannot reach 100 there.
+  most = max(int(np.bincount(r.labels).max()) for r in records if len(r.labels))
+  assert most > 100 and 99.0 < values['AP'] < 100.0
+  assert values['toolkit_AR1'] < values['toolkit_AR10'] < values['toolkit_AR100'] <= 100.0

@@ -172,6 +172,14 @@ def test_canvas_to_image_xy_undoes_resize_and_patch_offset():
   np.testing.assert_allclose(got, [[0.5 * 200 / 0.5 + 10, 0.25 * 100 / 0.5 + 20], [410, 220]])
 
 
+def test_format_metrics_labels_the_two_visdrone_sets():
+  text = notebook_utils.format_metrics({'AP': 31.9, 'AP50': 51.4, 'toolkit_AP': 27.25, 'toolkit_AR500': 40.0})
+  headline, toolkit = text.splitlines()
+  assert headline.startswith('COCO-style') and 'AP 31.90, AP50 51.40' in headline and 'toolkit' not in headline
+  assert toolkit.startswith('VisDrone toolkit') and toolkit.endswith('AP 27.25, AR500 40.00')
+  assert notebook_utils.format_metrics({'AP': 5.0, 'AP_eS': 1.0}) == 'metrics: AP 5.00, AP_eS 1.00'
+
+
 def test_size_band_ap_and_chart():
   visdrone = {'AP': 20.0, 'AP_S': 10.0, 'AP_M': 30.0, 'AP_L': -1.0}
   assert notebook_utils.size_band_ap(visdrone, 'visdrone') == [('S', 10.0), ('M', 30.0), ('L', -1.0)]

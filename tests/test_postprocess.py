@@ -70,3 +70,108 @@ def test_closed_form_box():
 def test_too_many_detections_is_a_clear_error():
   with pytest.raises(ValueError, match='max_detections'):
     postprocess.topk_queries_classes(np.zeros((1, 3, 2), np.float32), 7)
+
+
+# ------------------------------------------------------------------------------------------ soft-NMS
+
+
+def _mmcv_soft_nms_reference(boxes, scores, iou_threshold, sigma, min_score, method):
+  """mmcv's softnms_cpu kernel, statement by statement (swap-with-last discarding, float32 arithmetic).
+
+  Returns (kept input indices in selection order, their decayed scores)."""
+  x1, y1, x2, y2 = (boxes[:, i].astype(np.float32).copy() for i in range(4))
+  sc = scores.astype(np.float32).copy()
+  areas = (x2 - x1) * (y2 - y1)
+  inds = np.arange(len(sc))
+  out_scores = np.zeros(len(sc), np.float32)
+  n = len(sc)
+  i = 0
+  while i < n:
+    max_pos = i
+    for pos in range(i + 1, n):
+      if sc[max_pos] < sc[pos]:
+        max_pos = pos
+    for arr in (x1, y1, x2, y2, sc, areas, inds):
+      arr[i], arr[max_pos] = arr[max_pos], arr[i]
+    out_scores[i] = sc[i]
+    pos = i + 1
+    while pos < n:
+      w = max(np.float32(0), min(x2[i], x2[pos]) - max(x1[i], x1[pos]))
+      h = max(np.float32(0), min(y2[i], y2[pos]) - max(y1[i], y1[pos]))
+      inter = np.float32(w * h)
+      ovr = np.float32(inter / (areas[i] + areas[pos] - inter))
+      weight = np.float32(1.0)
+      if method == 'naive' and ovr >= iou_threshold:
+        weight = np.float32(0.0)
+      elif method == 'linear' and ovr >= iou_threshold:
+        weight = np.float32(1.0) - ovr
+      elif method == 'gaussian':
+        weight = np.float32(np.exp(-(ovr * ovr) / np.float32(sigma)))
+      sc[pos] = np.float32(sc[pos] * weight)
+      if sc[pos] < min_score:
+        for arr in (x1, y1, x2, y2, sc, areas, inds):
+          arr[pos] = arr[n - 1]
+        n -= 1
+        pos -= 1
+      pos += 1
+    i += 1
+  return inds[:n], out_scores[:n]
+
+
+def _codino_reference(boxes, scores, labels, max_per_img, **kwargs):
+  """Co-DINO's with_nms test path after the top-k: score > 0, mmcv batched_nms (class offsets), [:max_per_img]."""
+  valid = scores > 0
+  boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+  offsets = labels.astype(np.float32) * (boxes.max() + np.float32(1))
+  keep, kept_scores = _mmcv_soft_nms_reference(boxes + offsets[:, None], scores, **kwargs)
+  return boxes[keep][:max_per_img], kept_scores[:max_per_img], labels[keep][:max_per_img]
+
+
+def _clustered_candidates(rng, b, k, num_classes):
+  """Boxes in tight clusters (IoU often >= 0.8 within a cluster), several classes, sorted scores as top-k gives."""
+  centers = rng.uniform(20, 180, (b, k // 6 + 1, 2))
+  sizes = rng.uniform(15, 30, (b, k // 6 + 1, 2))
+  which = rng.integers(0, centers.shape[1], (b, k))
+  xy = np.take_along_axis(centers, which[..., None], axis=1) + rng.normal(0, 1.0, (b, k, 2))
+  wh = np.take_along_axis(sizes, which[..., None], axis=1) + rng.normal(0, 1.0, (b, k, 2))
+  boxes = np.concatenate([xy - wh / 2, xy + wh / 2], -1).clip(0, 200).astype(np.float32)
+  scores = -np.sort(-rng.uniform(0.0005, 1.0, (b, k)), axis=1).astype(np.float32)
+  labels = rng.integers(0, num_classes, (b, k)).astype(np.int32)
+  return boxes, scores, labels
+
+
+@pytest.mark.parametrize('method, iou_threshold', [('linear', 0.8), ('gaussian', 0.8), ('naive', 0.5)])
+def test_soft_nms_matches_the_mmcv_kernel_reference(method, iou_threshold):
+  rng = np.random.default_rng(3)
+  b, k, m = 3, 60, 50
+  boxes, scores, labels = _clustered_candidates(rng, b, k, 3)
+  kwargs = dict(iou_threshold=iou_threshold, sigma=0.5, min_score=1e-3, method=method)
+  got = jax.jit(lambda *a: postprocess.soft_nms(*a, max_detections=m, **kwargs))(boxes, scores, labels)
+  assert got['boxes'].shape == (b, m, 4) and got['scores'].shape == (b, m) and got['labels'].dtype == np.int32
+  changed = 0
+  for i in range(b):
+    want_boxes, want_scores, want_labels = _codino_reference(boxes[i], scores[i], labels[i], m, **kwargs)
+    n = len(want_scores)
+    np.testing.assert_array_equal(got['labels'][i, :n], want_labels)
+    np.testing.assert_array_equal(got['boxes'][i, :n], want_boxes)
+    np.testing.assert_allclose(got['scores'][i, :n], want_scores, rtol=1e-5)
+    assert np.all(got['scores'][i, n:] == 0)
+    _, all_kept, _ = _codino_reference(boxes[i], scores[i], labels[i], k, **kwargs)
+    changed += int(np.sum(~np.isin(want_scores, scores[i]))) + (k - len(all_kept))
+  assert changed > 0  # the overlaps mattered: some kept scores were lowered or some boxes discarded
+
+
+def test_soft_nms_linear_closed_form_and_class_awareness():
+  # Two same-class boxes with IoU 0.81 (>= 0.8): the second is kept with score 0.5 * (1 - 0.81); a third box of
+  # another class at the same place is untouched; a fourth with IoU < 0.8 to both is untouched.
+  boxes = np.array([[[0, 0, 100, 100], [0, 0, 100, 81], [0, 0, 100, 100], [0, 0, 100, 60]]], np.float32)
+  scores = np.array([[0.9, 0.5, 0.8, 0.4]], np.float32)
+  labels = np.array([[0, 0, 1, 0]], np.int32)
+  got = postprocess.soft_nms(boxes, scores, labels, max_detections=5)
+  np.testing.assert_allclose(got['scores'][0], [0.9, 0.8, 0.4, 0.5 * 0.19, 0.0], rtol=1e-5)
+  np.testing.assert_array_equal(got['labels'][0], [0, 1, 0, 0, 0])
+  # Discarded below min_score: 0.5 * (1 - 1.0) = 0 for an identical box.
+  same = postprocess.soft_nms(boxes[:, [0, 0]], scores[:, :2], labels[:, :2], max_detections=2)
+  np.testing.assert_allclose(same['scores'][0], [0.9, 0.0], atol=1e-7)
+  with pytest.raises(ValueError, match='method'):
+    postprocess.soft_nms(boxes, scores, labels, max_detections=2, method='cubic')

@@ -36,13 +36,14 @@ def _visdrone_folder(root, annotations: dict[str, str], images=None):
 
 
 def _reference_parse(path):
-  """Independent parse of a clean VisDrone file with numpy: (targets xyxy, labels, ignore xyxy)."""
+  """Independent parse of a clean VisDrone file with numpy: (targets xyxy, labels, ignore xyxy, ignore labels)."""
   rows = np.loadtxt([l.strip().rstrip(',') for l in open(path) if l.strip()], delimiter=',', ndmin=2)
   if rows.size == 0:
     rows = np.zeros((0, 8))
   xyxy = np.concatenate([rows[:, :2], rows[:, :2] + rows[:, 2:4]], axis=1)
   target = (rows[:, 4] != 0) & (rows[:, 5] >= 1) & (rows[:, 5] <= 10)
-  return xyxy[target], rows[target, 5].astype(int) - 1, xyxy[~target]
+  ignore = ~target & (rows[:, 5] != 11)  # 'others' rows are not kept
+  return xyxy[target], rows[target, 5].astype(int) - 1, xyxy[ignore], rows[ignore, 5].astype(int) - 1
 
 
 # ------------------------------------------------------------------ real VisDrone data
@@ -67,12 +68,16 @@ def test_real_visdrone_counts_match_the_data_readme(request, fixture, num_images
 
 
 def test_real_val_dev_boxes_equal_an_independent_parse(visdrone_val_dev):
-  records, _ = visdrone.read_split(str(visdrone_val_dev))
-  for record in records[::10]:
-    boxes, labels, ignore = _reference_parse(os.path.join(visdrone_val_dev, 'annotations', f'{record.name}.txt'))
+  records, report = visdrone.read_split(str(visdrone_val_dev))
+  for record in records:
+    boxes, labels, ignore, ignore_labels = _reference_parse(
+        os.path.join(visdrone_val_dev, 'annotations', f'{record.name}.txt'))
     np.testing.assert_array_equal(record.boxes, boxes.astype(np.float32))
     np.testing.assert_array_equal(record.labels, labels)
     np.testing.assert_array_equal(record.ignore, ignore.astype(np.float32))
+    np.testing.assert_array_equal(record.ignore_labels, ignore_labels)
+  # val_dev's 4 'others' rows are counted and noted, not kept.
+  assert any("4 'others' (category 11) rows not kept" in note for note in report.notes)
 
 
 def test_split_folder_resolution(visdrone_train_sample, tmp_path):
@@ -92,15 +97,18 @@ def test_crlf_trailing_comma_categories_and_score_zero(tmp_path):
   text = ('1,2,10,8,1,4,0,0\r\n'        # car -> label 3
           '3,4,5,6,1,1,0,1,\r\n'        # pedestrian with a trailing comma -> label 0
           '0,0,7,7,0,0,0,0\r\n'         # ignored region
-          '5,5,4,4,1,11,0,0\r\n'        # 'others' -> ignore
-          '6,6,3,3,0,4,0,0\r\n'         # score 0 on a target class -> ignore
+          '5,5,4,4,1,11,0,0\r\n'        # 'others' -> not kept (the toolkit never scores it; no ignored region)
+          '6,6,3,3,0,4,0,0\r\n'         # score 0 on a target class -> ignored object of that class (label 3)
+          '8,1,2,2,1,0,0,0\r\n'         # ignored region with score 1 -> still an ignored region
           '\r\n')
   root = _visdrone_folder(tmp_path, {'a': text})
   (record,), report = visdrone.read_split(root)
   np.testing.assert_array_equal(record.boxes, [[1, 2, 11, 10], [3, 4, 8, 10]])
   np.testing.assert_array_equal(record.labels, [3, 0])
-  np.testing.assert_array_equal(record.ignore, [[0, 0, 7, 7], [5, 5, 9, 9], [6, 6, 9, 9]])
-  assert (report.target_rows, report.ignore_rows, report.num_problems) == (2, 3, 0)
+  np.testing.assert_array_equal(record.ignore, [[0, 0, 7, 7], [6, 6, 9, 9], [8, 1, 10, 3]])
+  np.testing.assert_array_equal(record.ignore_labels, [-1, 3, -1])
+  assert (report.target_rows, report.ignore_rows, report.num_problems) == (2, 4, 0)
+  assert any("1 'others' (category 11) rows not kept" in note for note in report.notes)
 
 
 BAD_LINES = [

@@ -117,8 +117,10 @@ def toolkit_scores(per_class: list[dict], max_dets: tuple[int, ...]) -> dict[str
     per_class: one dict per class with
       'scores' [D] float: every scored detection of the class (all images, at most max_dets[-1] per image),
       'tp' [T, D] bool: matched to a ground truth at IoU threshold t (T = 10: .50:.05:.95),
+      'ignored' [T, D] bool (optional): matched to an ignore-flagged ground truth at t, so neither a true nor a
+        false positive (evalRes.m match -1),
       'rank' [D] int: the detection's position in its image's score order over all classes (0 = best),
-      'num_gt' int: ground truths of the class (after the ignored-region drop),
+      'num_gt' int: ground truths of the class (after the ignored-region drop), ignore-flagged ones included,
       'num_images' int: images with at least one such ground truth (the class's weight).
     max_dets: recall caps; AP uses detections of every rank (callers cut at max_dets[-1]).
 
@@ -132,11 +134,12 @@ def toolkit_scores(per_class: list[dict], max_dets: tuple[int, ...]) -> dict[str
   for k, c in enumerate(per_class):
     order = np.argsort(-c['scores'], kind='mergesort')  # MATLAB's sort is stable too
     tp = c['tp'][:, order]
+    ignored = c.get('ignored', np.zeros_like(c['tp']))[:, order]
     in_cap = c['rank'][order][None, :] < np.asarray(max_dets)[:, None]      # [M, D]
     gt_count = max(1, c['num_gt'])
     for t in range(num_thresholds):
       tp_cum = np.cumsum(tp[t])
-      fp_cum = np.cumsum(~tp[t])
+      fp_cum = np.cumsum(~tp[t] & ~ignored[t])
       recall = tp_cum / gt_count
       precision = tp_cum / np.maximum(1, tp_cum + fp_cum)
       ap[k, t] = voc_average_precision(recall, precision)

@@ -66,3 +66,90 @@ def detections_from_outputs(pred_logits: jax.Array, pred_boxes: jax.Array, *, ca
   boxes = jnp.take_along_axis(pred_boxes, query_index[..., None], axis=1)  # [B, K, 4]
   boxes = canvas_to_original_xyxy(boxes, canvas_hw, scale, patch_origin, orig_size)
   return {'boxes': boxes, 'scores': scores, 'labels': labels}
+
+
+SOFT_NMS_METHODS = ('linear', 'gaussian', 'naive')
+
+
+def soft_nms(boxes: jax.Array, scores: jax.Array, labels: jax.Array, *, max_detections: int,
+             iou_threshold: float = 0.8, method: str = 'linear', sigma: float = 0.5, min_score: float = 1e-3,
+             score_threshold: float = 0.0) -> dict[str, jax.Array]:
+  """Co-DINO's test-time soft-NMS on fixed-size detections (jittable; vmapped over the batch).
+
+  Co-DINO's query head with `test_cfg.nms` (co_dino_5scale_r50_1x_coco.py: max_per_img=300,
+  nms=dict(type='soft_nms', iou_threshold=0.8)) takes the top num_query (query, class) candidates, keeps scores
+  > score_thr (0), maps boxes to the original image, runs mmcv's `batched_nms` with mmcv's `soft_nms` and keeps
+  the first max_per_img (`CoDeformDETRHead._get_bboxes_single`). mmcv's soft_nms defaults: method 'linear',
+  sigma 0.5, min_score 1e-3, offset 0. Its CPU kernel, reproduced here: repeatedly select the highest current
+  score; every remaining box gets score *= weight with ovr = IoU to the selected box and weight = 1 - ovr if
+  ovr >= iou_threshold (linear), exp(-ovr^2 / sigma) (gaussian) or 0 if ovr >= iou_threshold (naive); a box
+  whose score drops below min_score is discarded. Output order is selection order, with the decayed scores
+  (mmcv 1.x batched_nms returns dets[:, -1]). Class-aware as batched_nms: boxes are shifted by
+  label * (max coordinate + 1) so that different classes never overlap (IoUs are computed on the shifted
+  float32 coordinates, as there). Only the first `max_detections` selections are computed: later ones cannot
+  change them. Exact ties in score are broken by lowest input index (the kernel's swap order may differ).
+
+  Args:
+    boxes [B, K, 4] xyxy (original-image pixels), scores [B, K], labels [B, K] int: candidates.
+    max_detections: M, kept per image (Co-DINO max_per_img).
+
+  Returns:
+    {'boxes': [B, M, 4], 'scores': [B, M] (selection order, non-increasing), 'labels': [B, M] i32}; slots past
+    the number kept have score 0, box 0 and label 0 (dropped by eval.score_threshold >= 0).
+  """
+  if method not in SOFT_NMS_METHODS:
+    raise ValueError(f'soft-NMS method must be one of {", ".join(SOFT_NMS_METHODS)}, got {method!r}')
+  num_candidates = boxes.shape[1]
+  if not 0 < max_detections:
+    raise ValueError(f'max_detections must be >= 1, got {max_detections}')
+  steps = min(max_detections, num_candidates)
+
+  def single(boxes, scores, labels):
+    boxes = boxes.astype(jnp.float32)
+    scores = scores.astype(jnp.float32)
+    alive = scores > score_threshold
+    max_coordinate = jnp.max(jnp.where(alive[:, None], boxes, -jnp.inf))
+    shifted = boxes + (labels.astype(jnp.float32) * (max_coordinate + 1.0))[:, None]
+    x1, y1, x2, y2 = (shifted[:, i] for i in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+
+    def overlaps(m):  # IoU of box m with every box, written as the kernel computes it
+      w = jnp.maximum(0.0, jnp.minimum(x2[m], x2) - jnp.maximum(x1[m], x1))
+      h = jnp.maximum(0.0, jnp.minimum(y2[m], y2) - jnp.maximum(y1[m], y1))
+      inter = w * h
+      return inter / (areas[m] + areas - inter)
+
+    def step(i, carry):
+      current, alive, picked, picked_score, picked_valid = carry
+      m = jnp.argmax(jnp.where(alive, current, -jnp.inf))
+      valid = alive[m]
+      picked = picked.at[i].set(m)
+      picked_score = picked_score.at[i].set(current[m])
+      picked_valid = picked_valid.at[i].set(valid)
+      alive = alive.at[m].set(False) & valid
+      ovr = overlaps(m)
+      if method == 'linear':
+        weight = jnp.where(ovr >= iou_threshold, 1.0 - ovr, 1.0)
+      elif method == 'gaussian':
+        weight = jnp.exp(-(ovr * ovr) / sigma)
+      else:
+        weight = jnp.where(ovr >= iou_threshold, 0.0, 1.0)
+      current = jnp.where(alive, current * weight, current)
+      alive = alive & ~(current < min_score)
+      return current, alive, picked, picked_score, picked_valid
+
+    init = (scores, alive, jnp.zeros((steps,), jnp.int32), jnp.zeros((steps,), jnp.float32),
+            jnp.zeros((steps,), bool))
+    _, _, picked, picked_score, picked_valid = jax.lax.fori_loop(0, steps, step, init)
+    out_boxes = jnp.where(picked_valid[:, None], boxes[picked], 0.0)
+    out_scores = jnp.where(picked_valid, picked_score, 0.0)
+    out_labels = jnp.where(picked_valid, labels[picked], 0).astype(jnp.int32)
+    if steps < max_detections:  # fewer candidates than slots
+      pad = max_detections - steps
+      out_boxes = jnp.pad(out_boxes, ((0, pad), (0, 0)))
+      out_scores = jnp.pad(out_scores, (0, pad))
+      out_labels = jnp.pad(out_labels, (0, pad))
+    return out_boxes, out_scores, out_labels
+
+  out_boxes, out_scores, out_labels = jax.vmap(single)(boxes, scores, labels)
+  return {'boxes': out_boxes, 'scores': out_scores, 'labels': out_labels}
