@@ -18,19 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mrqm_jax.models import layers
 from mrqm_jax.models.position_encoding import box_sine_embedding
-
-# Prior probability of dense classifiers at initialization (RetinaNet/ATSS): logits start at -4.6.
-CLS_PRIOR_PROB = 0.01
-
-
-def prior_bias_init() -> Any:
-  """Bias init giving sigmoid(bias) = CLS_PRIOR_PROB (the one class-bias init of every sigmoid classifier)."""
-  return nn.initializers.constant(float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)))
-
 
 def aux_level_shapes(spatial_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
   """The encoder's level shapes plus the extra level: ceil(H / 2), ceil(W / 2) of the coarsest (static)."""
@@ -99,7 +89,7 @@ class DenseHead(nn.Module):
                  for i in range(self.stacked_convs)]
     reg_tower = [layers.ConvNorm(dim, 3, 1, self.norm, nn.relu, self.conv_impl, self.dtype, name=f'reg_tower_{i}')
                  for i in range(self.stacked_convs)]
-    cls_out = conv(self.num_anchors * self.num_classes, 'cls_out', bias_init=prior_bias_init())
+    cls_out = conv(self.num_anchors * self.num_classes, 'cls_out', bias_init=layers.prior_bias_init())
     reg_out = conv(self.num_anchors * 4, 'reg_out')
     ctr_out = conv(self.num_anchors, 'centerness_out') if self.with_centerness else None
     logits, deltas, centerness = [], [], []

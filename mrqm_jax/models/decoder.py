@@ -31,7 +31,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mrqm_jax.models import layers
 from mrqm_jax.models.deformable_attention import MSDeformAttn, SpatialShapes
@@ -39,18 +38,12 @@ from mrqm_jax.models.position_encoding import box_sine_embedding
 
 # Co-DINO clamps to 1e-3 wherever a reference box re-enters logit space (decoder refinement and head).
 INVERSE_SIGMOID_EPS = 1e-3
-# Classification bias at init: sigmoid(bias) = 0.01 (mmdet `bias_init_with_prob(0.01)`).
-CLS_PRIOR_PROB = 0.01
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
   """log(x / (1 - x)) with x clipped to [0, 1] and both x and 1 - x floored at eps: `[...] -> [...]`."""
   x = jnp.clip(x, 0.0, 1.0)
   return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
-
-
-def class_bias_init() -> Any:
-  return nn.initializers.constant(float(-np.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)))
 
 
 def box_head(hidden_dim: int, dtype: Any = None, name: str | None = None) -> layers.MLP:
@@ -153,7 +146,7 @@ class DINODecoder(nn.Module):
                            x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, not train)
       head_in = final_norm(x)
       bbox_head = box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}')
-      logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=class_bias_init(),
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(),
                         name=f'class_heads_{lid}')(head_in)
       boxes = jax.nn.sigmoid(bbox_head(head_in).astype(jnp.float32) + inverse_sigmoid(ref_for_pred))
       all_logits.append(logits.astype(jnp.float32))

@@ -66,6 +66,7 @@ from mrqm_jax.models import encoder as encoder_lib
 from mrqm_jax.models import atss_head
 from mrqm_jax.models import aux_heads
 from mrqm_jax.models import iou_aware_head
+from mrqm_jax.models import layers
 from mrqm_jax.models import rcnn
 from mrqm_jax.ops import boxes as box_ops
 
@@ -306,7 +307,7 @@ class MRQM(nn.Module):
     out_memory = jnp.where(token_valid[..., None], memory, 0.0)
     out_memory = nn.LayerNorm(dtype=dtype, name='enc_output_norm')(nn.Dense(dim, dtype=dtype,
                                                                              name='enc_output')(out_memory))
-    enc_logits = nn.Dense(num_classes, dtype=dtype, bias_init=decoder_lib.class_bias_init(),
+    enc_logits = nn.Dense(num_classes, dtype=dtype, bias_init=layers.prior_bias_init(),
                           name='enc_class_head')(out_memory).astype(jnp.float32)
     enc_boxes_logit = (decoder_lib.box_head(dim, dtype, name='enc_box_head')(out_memory).astype(jnp.float32)
                        + jnp.asarray(proposals_logit)[None])

@@ -20,6 +20,7 @@ Frozen BatchNorm keeps its four tensors in the `'batch_stats'` collection (FROZE
 """
 
 from collections.abc import Callable, Sequence
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -240,6 +241,15 @@ class NeckNorm(nn.Module):
       return nn.GroupNorm(num_groups=num_groups_for(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype,
                           name='gn')(x)
     raise ValueError(f'neck norm must be one of {NECK_NORMS} (config.model.neck_norm), got {self.kind!r}')
+
+
+# Prior probability of every sigmoid classifier at initialization (RetinaNet / DETR family): logits start at -4.6.
+CLS_PRIOR_PROB = 0.01
+
+
+def prior_bias_init() -> Callable[..., jax.Array]:
+  """Bias init giving sigmoid(bias) = CLS_PRIOR_PROB (the class-bias init of every sigmoid classifier)."""
+  return nn.initializers.constant(-math.log((1.0 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB))
 
 
 class ConvNorm(nn.Module):
