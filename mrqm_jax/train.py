@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mrqm_jax import checkpointing, evaluate, parallel, train_lib
+from mrqm_jax import checkpointing, errors, evaluate, parallel, train_lib
 from mrqm_jax.models import detector as detector_lib
 from mrqm_jax.ops import losses as losses_lib
 
@@ -35,8 +35,7 @@ SYNTHETIC_TRAIN_IMAGES = 256
 SYNTHETIC_EVAL_IMAGES = 48
 
 
-class TrainingError(Exception):
-  """Training cannot go on (NaN loss, bad data); the message says why and where."""
+TrainingError = errors.TrainingError
 
 
 @dataclasses.dataclass
@@ -63,10 +62,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     with config.unlocked():
       config.dataset.root = root
       config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
-  train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
-  eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  try:
+    readers.check_distinct_splits(config.dataset)
+    train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
+    eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  except ValueError as e:  # a config value that disagrees with the data (format, num_classes, splits)
+    raise errors.ConfigError(str(e)) from None
   if not train_records:
-    raise TrainingError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
+    raise errors.UsageError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
   return Data(train_records, eval_records, class_names,
               train_report.summary() + '\n' + eval_report.summary())
 
@@ -74,8 +77,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
   """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
   if str(config.iah.a_s) != 'auto':
-    float(config.iah.a_s)  # a clear ValueError now rather than inside the jitted step
-    return
+    return  # a positive number (config_validation)
+  if not any(len(r.boxes) for r in train_records):
+    raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
+                            'annotations)')
   from input_pipeline import stats  # pylint: disable=g-import-not-at-top
   min_area = float(stats.dataset_stats(train_records)['min_area'])
   config.iah.a_s = f'{min_area:g}'
@@ -170,9 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   config = ml_collections.ConfigDict(config.to_dict())  # a private, mutable copy (a_s, resolved root)
   data = prepare_data(config, workdir)
+  if not any(len(r.boxes) for r in data.train_records):
+    raise errors.UsageError(f'no box in the {len(data.train_records)} training images of {config.dataset.root} '
+                            f'(split {config.dataset.train_split!r}): nothing to learn; check the annotations')
   resolve_a_s(config, data.train_records)
   config.lock()
-  batch_size = parallel.global_batch_size(config)
+  try:
+    batch_size = parallel.global_batch_size(config)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
   per_epoch = steps_per_epoch(num_examples, batch_size)
   num_steps = total_steps(config, per_epoch)
@@ -185,6 +196,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
           f'{len(data.eval_records)} eval images, global batch {batch_size}, {per_epoch} steps/epoch, {num_steps} steps')
     print(data.report)
+
+  # Before anything compiles: a finished run asked for fewer steps than it holds would otherwise save the
+  # newest parameters under a smaller step number.
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  newest = ckpt.latest_step()
+  if newest is not None and newest > num_steps:
+    ckpt.close()
+    raise errors.UsageError(f'{ckpt.directory} already holds step {newest} > train.num_steps={num_steps}: '
+                            'nothing to train and nothing written (raise num_steps to continue, or use a new '
+                            '--workdir)')
 
   model = make_model(config)
   rng = jax.random.PRNGKey(config.train.seed)
@@ -203,21 +224,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=parallel.replicated(mesh))(params, model_state, rng=state_rng)
 
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = 0
   if ckpt.latest_step() is not None:
-    state, start_step, _ = ckpt.restore(state)
+    state, start_step, _ = ckpt.restore(state, move_damaged=is_chief)
     # Same shardings/types as a fresh state, so the step compiles once, not once more after a resume.
     state = jax.jit(lambda s: s, out_shardings=parallel.replicated(mesh))(state)
     if is_chief:
-      print(f'mrqm_jax: resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start_step})')
+      print(f'mrqm_jax: resumed from {ckpt.directory}/{start_step} (step {start_step})')
 
   train_step = train_lib.make_train_step(make_loss_fn(model, config), tx, mesh,
                                          grad_accum_steps=config.train.grad_accum_steps)
   train_iter = pipeline.train_iterator(config, data.train_records, global_batch_size=batch_size,
                                        start_step=start_step, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'), just_logging=not is_chief)
+  writer = metric_writers.create_default_writer(str(checkpointing.to_path(workdir) / 'tensorboard'),
+                                               just_logging=not is_chief)
+  predict_fn = evaluate.make_predict_fn(model, config, mesh)  # one jit for every evaluation of the run
   eval_every = max(1, int(round(config.train.eval_every_epochs * per_epoch)))
   eval_metrics: dict[str, float] = {}
   last_saved = start_step
@@ -268,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return eval_metrics
       if step % eval_every == 0 or step == num_steps:
         eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
-                                                data.eval_records, mesh, data.class_names)
+                                                data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if is_chief:
           tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
