@@ -34,9 +34,13 @@ CheckpointError = errors.CheckpointError
 
 
 def to_path(path: str | epath.PathLike) -> epath.Path:
-  """An epath.Path; local paths made absolute (Orbax wants them), URLs (gs://, file://) untouched."""
-  p = epath.Path(path)
-  return p if '://' in str(path) else epath.Path(p.expanduser().absolute())
+  """An epath.Path; local paths (and file:// URLs) made absolute (Orbax wants them), buckets (gs://) untouched."""
+  text = str(path)
+  if text.startswith('file://'):
+    text = text[len('file://'):]
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(epath.Path(text).expanduser().absolute())
 
 
 def reason(e: BaseException) -> str:

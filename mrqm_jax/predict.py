@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mrqm_jax import errors, evaluate, parallel, visualize
+from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -70,15 +71,15 @@ def image_records(paths: list[str]) -> tuple[list[records_lib.ImageRecord], list
   """Records without annotations for the images; unreadable files are skipped and returned by name."""
   records, skipped = [], []
   names = dict(zip(paths, output_names(paths)))
+  report = readers.ReadReport(source='predict input')
   for path in paths:
-    try:
-      with Image.open(path) as im:
-        width, height = im.size
-        im.verify()
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('skipping unreadable image %s: %s', path, e)
+    # The header, and for a JPEG its end marker: a truncated file is skipped here, not predicted as blank.
+    size = readers.image_size(path, report)
+    if size is None:
+      logging.warning('skipping unreadable image %s', path)
       skipped.append(path)
       continue
+    width, height = size
     records.append(records_lib.ImageRecord(
         image_id=len(records), name=names[path], file_name=os.path.abspath(path),
         width=width, height=height, boxes=np.zeros((0, 4)), labels=np.zeros((0,)), ignore=np.zeros((0, 4))))
