@@ -103,6 +103,10 @@ class Checkpointer:
         metrics=metrics, force=force)
     return saved
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got a preemption notice (JAX's sync service)."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

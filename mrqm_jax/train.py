@@ -128,13 +128,22 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+  """Preemption (SIGTERM) as a decision the loop checks after every step: save that step, then exit cleanly.
 
-  def __init__(self):
+  One process: our SIGTERM handler sets a flag. Several processes (multi-host): Orbax's `reached_preemption`
+  (JAX's preemption sync service, which catches SIGTERM itself) tells every host the same step to save at,
+  even when only some hosts got the signal; a per-process flag would let hosts save different steps.
+  """
+
+  def __init__(self, ckpt: checkpointing.Checkpointer | None = None):
     self.requested = False
+    self._ckpt = ckpt
+    self._multi = jax.process_count() > 1 and ckpt is not None
     self._previous = None
 
   def __enter__(self):
+    if self._multi:
+      return self  # JAX's preemption service owns SIGTERM; a Python handler would hide the notice from it
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -145,6 +154,12 @@ class _Preemption:
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and exiting')
     self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Called by every process after every step (the multi-host sync needs each step)."""
+    if self._multi and not self.requested:
+      self.requested = self._ckpt.reached_preemption(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -259,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
   window_start, window_steps = time.time(), 0
-  with _Preemption() as preemption:
+  with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
@@ -267,8 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step += 1
       window_steps += 1
       progress.update(1)
+      preempted = preemption.should_stop(step)
       saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
-                or preemption.requested)
+                or preempted)
       # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
       if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
         scalars = _scalars(metrics)
@@ -281,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if loss_history is not None:
           loss_history.append((step, scalars['loss']))
         progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["images_per_sec"]:.1f}')
-      if preemption.requested:
+      if preempted:
         save(step)
         ckpt.wait()
         progress.close()
