@@ -77,7 +77,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
   """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
   if str(config.iah.a_s) != 'auto':
-    return  # a positive number (config_validation)
+    float(config.iah.a_s)  # ValueError for direct callers; the CLI's config_validation said so earlier
+    return
   if not any(len(r.boxes) for r in train_records):
     raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
                             'annotations)')
@@ -221,6 +222,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise errors.UsageError(f'{ckpt.directory} already holds step {newest} > train.num_steps={num_steps}: '
                             'nothing to train and nothing written (raise num_steps to continue, or use a new '
                             '--workdir)')
+  if newest == num_steps:
+    ckpt.close()
+    if is_chief:
+      print(f'mrqm_jax: {ckpt.directory} already holds the final step {num_steps}: nothing to train')
+    return {}
 
   model = make_model(config)
   rng = jax.random.PRNGKey(config.train.seed)

@@ -88,6 +88,9 @@ def test_a_finished_workdir_asked_for_fewer_steps_writes_nothing(tmp_path):
     train.train_and_evaluate(_config(tmp_path, num_steps=4), str(work))
   assert sorted(os.listdir(work / 'checkpoints')) == before == ['10']
   assert not (work / 'tensorboard').exists()
+  # The same num_steps: nothing to do, said so, nothing compiled or written.
+  assert train.train_and_evaluate(_config(tmp_path, num_steps=10), str(work)) == {}
+  assert sorted(os.listdir(work / 'checkpoints')) == ['10'] and not (work / 'tensorboard').exists()
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):
