@@ -1,5 +1,6 @@
 """The CLI's usage errors: one line naming the problem, exit code 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,21 @@ def test_unwritable_workdir_is_one_line_before_any_compile(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f'mrqm_jax: error: --workdir {blocker / "run"} is not writable '
                                                 '(Not a directory)']
+
+
+def test_compilation_cache_is_on_by_default_in_the_user_cache_dir_and_switchable(tmp_path):
+  code = ('import jax; from mrqm_jax import main; print(main.enable_compilation_cache({!r})); '
+          'print(jax.config.jax_compilation_cache_dir)')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS='cpu')
+
+  def run(setting):
+    out = subprocess.run([sys.executable, '-c', code.format(setting)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+  expected = str(tmp_path / 'mrqm_jax' / 'jax')
+  assert run('auto') == [expected, expected] and os.path.isdir(expected)
+  assert run('') == ['None', 'None']
+  assert run(str(tmp_path / 'mine')) == [str(tmp_path / 'mine')] * 2
