@@ -113,9 +113,6 @@ def validate(config, workdir: str, mode: str) -> None:
       raise UsageError('--mode=predict needs --input=FILE_OR_DIR')
     if not os.path.exists(_INPUT.value):
       raise UsageError(f'--input not found: {_INPUT.value!r}')
-    if _OUTPUT.value:
-      from mrqm_jax import predict  # pylint: disable=g-import-not-at-top
-      predict.check_output_folder(_INPUT.value, _OUTPUT.value)
   if _CHECKPOINT.value and not _is_url(_CHECKPOINT.value) and not os.path.exists(_CHECKPOINT.value):
     raise UsageError(f'--checkpoint not found: {_CHECKPOINT.value!r}')
 
@@ -155,6 +152,9 @@ def main(argv):
     if mode in ('train', 'eval'):
       check_writable(workdir, '--workdir')
     output = _OUTPUT.value or os.path.join(workdir, 'predictions' if mode == 'predict' else 'export')
+    if mode == 'predict':  # before creating it: the output must not be (in) the input folder
+      from mrqm_jax import predict  # pylint: disable=g-import-not-at-top
+      predict.check_output_folder(_INPUT.value, output)
     if mode in ('predict', 'export'):
       check_writable(output, '--output')
     if mode != 'train':  # the checkpoint and its stored config, before anything compiles
