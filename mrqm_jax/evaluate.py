@@ -6,7 +6,6 @@ WORKDIR, or `--checkpoint=DIR`). With SODA-D slicing, patch detections are merge
 """
 
 import json
-import os
 import time
 
 from absl import logging
