@@ -227,5 +227,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.score_threshold = 0.3        # for drawn PNGs only; txt/json keep every detection
   c.predict.slice_large_images = False
 
+  # ---------------------------------------------------------------- runtime
+  # JAX's persistent compilation cache: a rerun skips recompiling the init, train step and eval (README has
+  # the startup times). 'auto' = $XDG_CACHE_HOME/mrqm_jax/jax (~/.cache/mrqm_jax/jax); '' = off; or a folder.
+  c.compilation_cache_dir = 'auto'
+
   c.lock()
   return c

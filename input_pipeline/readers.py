@@ -171,3 +171,38 @@ def read_dataset(config_dataset: Any, split: str
     raise ValueError(f'config.dataset.num_classes={config_dataset.num_classes} but the {fmt} dataset at '
                      f'{root!r} has {len(class_names)} classes: {", ".join(class_names)}')
   return records, report, tuple(class_names)
+
+
+def split_source(config_dataset: Any, split: str) -> str | None:
+  """The folder or file `split` is read from (None when it cannot be found; read_dataset then names it)."""
+  root = config_dataset.root
+  try:
+    if config_dataset.format == 'visdrone':
+      from input_pipeline import visdrone  # pylint: disable=g-import-not-at-top
+      return os.path.realpath(visdrone.resolve_split_dir(root, split))
+    if config_dataset.format in ('coco', 'soda_d'):
+      from input_pipeline import coco  # pylint: disable=g-import-not-at-top
+      candidates = ([f'Annotations/{split}.json'] if config_dataset.format == 'soda_d' else
+                    [f'annotations/instances_{split}.json']) + [f'annotations/{split}.json', f'{split}.json']
+      return os.path.realpath(coco.first_existing_file(root, split, candidates))
+  except FileNotFoundError:
+    return None
+  return None
+
+
+def check_distinct_splits(config_dataset: Any) -> None:
+  """ValueError when train_split and eval_split are different names that resolve to the same data.
+
+  A VisDrone root that directly holds images/ + annotations/ answers every split name, so evaluation would
+  silently run on the training images. Setting eval_split equal to train_split says it is meant.
+  """
+  train, eval_ = config_dataset.train_split, config_dataset.eval_split
+  if train == eval_:
+    logging.warning('dataset.eval_split == dataset.train_split (%r): evaluating on the training images', train)
+    return
+  a, b = split_source(config_dataset, train), split_source(config_dataset, eval_)
+  if a is not None and a == b:
+    raise ValueError(
+        f'config.dataset.train_split={train!r} and config.dataset.eval_split={eval_!r} both resolve to {a} '
+        f'(config.dataset.root holds a single split): put each split in ROOT/<split>/, or set '
+        f'--config.dataset.eval_split={train} to evaluate on the training images on purpose')

@@ -5,23 +5,56 @@ Each checkpoint (one folder per step) holds three items:
   config  the run's config as JSON, so a checkpoint is self-describing (eval/predict/export read it)
   data    the data position {'step': int}, so a resumed run replays the same batches
 Preservation: the latest `keep` checkpoints, plus the one with the highest eval AP ever saved.
+A damaged newest checkpoint (truncated file, missing metadata) is reported with a warning naming it and the
+newest readable one is used instead; nothing is ever deleted (training moves the damaged folder aside to
+WORKDIR/checkpoints_damaged/ so its step number can be saved again).
+Paths go through etils.epath, so workdirs on buckets (gs://...) and local paths take the same code.
 """
 
 import json
-import os
+import re
+import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
 
+from mrqm_jax import errors
+
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'checkpoints_damaged'
+CONFIG_FILE = 'config/metadata'   # where ocp.args.JsonSave puts the 'config' item inside a step folder
+EXPORT_CONFIG_FILE = 'config.json'
+
+CheckpointError = errors.CheckpointError
 
 
-class CheckpointError(Exception):
-  """A checkpoint that cannot be read; the message names the folder."""
+def to_path(path: str | epath.PathLike) -> epath.Path:
+  """An epath.Path; local paths (and file:// URLs) made absolute (Orbax wants them), buckets (gs://) untouched."""
+  text = str(path)
+  if text.startswith('file://'):
+    text = text[len('file://'):]
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(epath.Path(text).expanduser().absolute())
+
+
+def reason(e: BaseException) -> str:
+  """One short line for why Orbax/TensorStore could not read a checkpoint (their messages dump whole specs)."""
+  text = str(e)
+  files = re.findall(r'local file "([^"]+)"', text)
+  where = f' ({files[-1]})' if files else ''
+  if any(code in text for code in ('OUT_OF_RANGE', 'DATA_LOSS', 'Error reading Byte range', 'Error decoding')):
+    return f'a data file is truncated or corrupt{where}'
+  if isinstance(e, json.JSONDecodeError) or 'JSONDecodeError' in type(e).__name__:
+    return 'a metadata file is truncated or not JSON'
+  if isinstance(e, FileNotFoundError):
+    return f'a file is missing: {errors.one_line(e, 160)}'
+  return f'{type(e).__name__}: {errors.one_line(e, 160)}'
 
 
 def _metric_for_best(metrics) -> float:
@@ -32,9 +65,8 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with our item layout and policies."""
 
   def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False, async_save: bool = False):
-    # Cloud buckets (gs://...) pass through untouched; Orbax writes to them via its path library.
-    joined = os.path.join(workdir, CHECKPOINT_DIR)
-    self.directory = joined if '://' in joined else os.path.abspath(joined)
+    self.workdir = to_path(workdir)
+    self.directory = self.workdir / CHECKPOINT_DIR
     policy = policy_lib.AnyPreservationPolicy([
         policy_lib.LatestN(n=max(1, keep)),
         policy_lib.BestN(get_metric_fn=_metric_for_best, reverse=False, n=1,
@@ -71,74 +103,147 @@ class Checkpointer:
         metrics=metrics, force=force)
     return saved
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got a preemption notice (JAX's sync service)."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int, dict]:
-    """Restores (state, data_step, config_dict) at `step` (default latest) into `abstract_state`'s structure.
+  def restore(self, abstract_state: Any, step: int | None = None, move_damaged: bool = False
+              ) -> tuple[Any, int, dict]:
+    """Restores (state, data_step, config_dict) into `abstract_state`'s structure.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings) or arrays giving the target layout.
+    With `step` None, the newest readable checkpoint: each damaged newer one is warned about by name (and with
+    `move_damaged`, moved to WORKDIR/checkpoints_damaged/STEP so training can save that step again).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                        config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for truncated/corrupt files
-      raise CheckpointError(f'cannot read checkpoint {os.path.join(self.directory, str(step))}: '
-                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
-    logging.info('Restored checkpoint step %d from %s', step, self.directory)
-    return restored['state'], int(restored['data']['step']), dict(restored['config'])
+    damaged = []
+    for s in steps:
+      try:
+        restored = self._manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                       config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many types for damaged files)
+        damaged.append(f'{self.directory / str(s)}: {reason(e)}')
+        logging.warning('cannot read checkpoint %s: %s', self.directory / str(s), reason(e))
+        continue
+      if damaged:
+        print(f'mrqm_jax: warning: {len(damaged)} newer checkpoint(s) unreadable ({"; ".join(damaged)}); '
+              f'using step {s}')
+        if move_damaged:
+          self._move_aside([d for d in steps if d > s])
+      logging.info('Restored checkpoint step %d from %s', s, self.directory)
+      return restored['state'], int(restored['data']['step']), dict(restored['config'])
+    raise CheckpointError(f'cannot read checkpoint {damaged[0]}' if len(damaged) == 1 else
+                          f'no readable checkpoint in {self.directory}: {"; ".join(damaged)}')
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves damaged step folders to WORKDIR/checkpoints_damaged/ (kept for inspection, never deleted)."""
+    target = self.workdir / DAMAGED_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for s in steps:
+      dest = target / f'{s}-{int(time.time())}'
+      (self.directory / str(s)).rename(dest)
+      print(f'mrqm_jax: moved damaged checkpoint {self.directory / str(s)} to {dest}')
+    self._manager.reload()
 
   def restore_config(self, step: int | None = None) -> dict:
     """The config stored with a checkpoint (for eval/predict/export of a finished run)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except Exception as e:
-      raise CheckpointError(f'cannot read the config of checkpoint {step} in {self.directory}: {e}') from e
-    return dict(restored['config'])
+    return read_stored_config(self.directory / str(step))
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
 
 
-def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, Any]:
-  """Restores (params, model_state or None) from a checkpoint folder given by the user (`--checkpoint=DIR`).
+def _step_folders(directory: epath.Path) -> list[epath.Path]:
+  """Step folders of a CheckpointManager directory, newest first."""
+  return [directory / str(n) for n in sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                                             reverse=True)]
 
-  DIR may be a CheckpointManager directory (latest step is used), one step folder inside it, or an export folder.
+
+def checkpoint_candidates(path: str | epath.PathLike) -> list[epath.Path]:
+  """The folders `--checkpoint=PATH` (or a workdir) may mean, best first; checked without reading arrays.
+
+  PATH may be a workdir, a CheckpointManager directory (its steps, newest first), one step folder, or an
+  export folder. Raises CheckpointError when PATH does not exist or holds none of these.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = to_path(path)
+  if not path.is_dir():
     raise CheckpointError(f'checkpoint folder not found: {path}')
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
-    path = os.path.join(path, CHECKPOINT_DIR)
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-  if steps:  # a CheckpointManager directory: its latest step
-    path = os.path.join(path, str(steps[-1]))
+  if (path / CHECKPOINT_DIR).is_dir():  # a workdir
+    path = path / CHECKPOINT_DIR
+  steps = _step_folders(path)
+  if steps:
+    return steps
+  if (path / 'state').is_dir() or (path / 'params').is_dir():
+    return [path]
+  raise CheckpointError(f'no checkpoint in {path} (expected a workdir, a checkpoints/ folder, a step folder or '
+                        'an export folder)')
+
+
+def read_stored_config(folder: str | epath.PathLike) -> dict:
+  """The config saved with a step folder (config/metadata) or an export folder (config.json); {} if none."""
+  folder = to_path(folder)
+  for name in (CONFIG_FILE, EXPORT_CONFIG_FILE):
+    if (folder / name).exists():
+      try:
+        return json.loads((folder / name).read_text())
+      except (ValueError, OSError) as e:
+        raise CheckpointError(f'cannot read the config stored in {folder / name}: {reason(e)}') from None
+  return {}
+
+
+def restore_params_from_path(path: str | epath.PathLike, abstract_params: Any) -> tuple[Any, Any, epath.Path]:
+  """Restores (params, model_state or None, folder used) from `--checkpoint=PATH` (see checkpoint_candidates).
+
+  The newest readable step is used; damaged newer ones are warned about by name.
+  """
+  damaged = []
+  for folder in checkpoint_candidates(path):
+    try:
+      params, model_state = _restore_params(folder, abstract_params)
+    except CheckpointError as e:
+      damaged.append(str(e))
+      logging.warning('%s', e)
+      continue
+    if damaged:
+      print(f'mrqm_jax: warning: {len(damaged)} newer checkpoint(s) unreadable ({"; ".join(damaged)}); '
+            f'using {folder}')
+    return params, model_state, folder
+  raise CheckpointError(damaged[0] if len(damaged) == 1 else f'no readable checkpoint: {"; ".join(damaged)}')
+
+
+def _restore_params(folder: epath.Path, abstract_params: Any) -> tuple[Any, Any]:
   # A step folder holds the train state in 'state'; an export folder holds 'params'. Both are dicts with
   # 'params' and 'model_state'.
-  item_dir = next((os.path.join(path, item) for item in ('state', 'params')
-                   if os.path.isdir(os.path.join(path, item))), None)
+  item_dir = next((folder / item for item in ('state', 'params') if (folder / item).is_dir()), None)
   if item_dir is None:
-    raise CheckpointError(f'no "state" or "params" item in {path}')
+    raise CheckpointError(f'cannot read checkpoint {folder}: no "state" or "params" item')
   try:
     restored = ocp.PyTreeCheckpointer().restore(item_dir)
-  except Exception as e:
-    raise CheckpointError(f'cannot read checkpoint {item_dir}: {type(e).__name__}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'cannot read checkpoint {item_dir}: {reason(e)}') from None
   if not isinstance(restored, dict) or 'params' not in restored:
-    raise CheckpointError(f'checkpoint {item_dir} holds no "params"')
+    raise CheckpointError(f'cannot read checkpoint {item_dir}: it holds no "params"')
   params, model_state = restored['params'], restored.get('model_state')
   if abstract_params is not None:
     want = jax.tree.structure(abstract_params)
     got = jax.tree.structure(params)
     if want != got:
-      raise CheckpointError(f'checkpoint {item_dir} does not match this config\'s model '
+      raise CheckpointError(f'checkpoint {item_dir} does not match the model of its config '
                             f'({got.num_leaves} arrays stored, {want.num_leaves} expected)')
+    bad = [jax.tree_util.keystr(k) for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                                                        jax.tree.leaves(params)) if tuple(a.shape) != tuple(b.shape)]
+    if bad:
+      raise CheckpointError(f'checkpoint {item_dir} does not match the model of its config: {len(bad)} arrays '
+                            f'differ in shape, e.g. {bad[0]}')
   return params, model_state

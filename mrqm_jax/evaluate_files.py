@@ -4,23 +4,28 @@ r"""Scores a folder of VisDrone-DET result files against a dataset folder.
 
 --dataset: VisDrone layout, DIR/images/NAME.jpg and DIR/annotations/NAME.txt (read by input_pipeline.visdrone).
 --results: one NAME.txt per image, lines `x,y,w,h,score,category,-1,-1` (category 1..10), as the official
-toolkit reads them. An image without a result file has no detections (counted and logged).
+toolkit reads them (NAME.jpg.txt, as `--mode=predict` names results of images sharing a stem, is read as
+NAME.txt). An image without a result file has no detections (counted and logged); result files that match no
+image are counted and logged; when NO result file matches an image, that is an error (exit 2), not AP 0.
 --protocol: 'visdrone' (the paper's COCO-style AP, AP50, AP75, AP_S, AP_M, AP_L, plus the official toolkit's
 numbers as toolkit_AP, toolkit_AP50, toolkit_AP75, toolkit_AR1..toolkit_AR500), 'coco' or 'soda' (size bands of
 SODA-D); see mrqm_jax/metrics/coco.py. --max_dets sets the toolkit's cap in 'visdrone'.
 
 Logs go to stderr; stdout's LAST line is the metrics as one JSON object, e.g. {"AP": 31.2, "AP50": ...,
-"toolkit_AP": 27.0, ...} (percent; -1.0 = undefined). Missing folders and unreadable or malformed files print one line naming the
-problem (file and line) and exit with code 2.
+"toolkit_AP": 27.0, ...} (percent; -1.0 = undefined). Missing folders and unreadable or malformed files print
+one line naming the problem (file and line) and exit with code 2 (every such error is an `errors.UsageError`).
 """
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from mrqm_jax import errors
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 _PROTOCOL = flags.DEFINE_enum('protocol', 'visdrone', ['visdrone', 'coco', 'soda'], 'Metric protocol.')
 _DATASET = flags.DEFINE_string('dataset', None, 'Dataset folder with images/ and annotations/.')
@@ -28,13 +33,11 @@ _RESULTS = flags.DEFINE_string('results', None, 'Folder of NAME.txt result files
 _MAX_DETS = flags.DEFINE_integer('max_dets', None, 'Detections per image for AP (default: the protocol\'s).')
 
 
-class UsageError(Exception):
-  """A user mistake reported as one line and exit code 2."""
+UsageError = errors.UsageError
 
 
-def _fail(message: str) -> None:
-  print(f'evaluate_files: error: {message}', file=sys.stderr)
-  sys.exit(2)
+def _fail(message: str, exit_code: int = 2) -> None:
+  errors.fail('evaluate_files', message, exit_code)
 
 
 def _parse_flags(argv):
@@ -81,6 +84,16 @@ def evaluate_folder(protocol: str, dataset: str, results: str, max_dets: int | N
   except OSError as e:
     raise UsageError(f'cannot read a result file: {e}') from None
   names = {r.name for r in records}
+  detections = match_result_names(detections, names)
+  unmatched = sorted(set(detections) - names)
+  if len(unmatched) == len(detections):
+    raise UsageError(f'none of the {len(detections)} result files in {results} matches an image of {dataset} '
+                     f'(expected NAME.txt for images/NAME.jpg; e.g. '
+                     f'{", ".join(unmatched[:2]) or "no .txt file at all"})')
+  if unmatched:
+    logging.warning('%d result files match no image in %s and are ignored (e.g. %s)', len(unmatched), dataset,
+                    ', '.join(unmatched[:3]))
+    detections = {k: v for k, v in detections.items() if k in names}
   missing = sorted(names - set(detections))
   if missing:
     logging.warning('%d of %d images have no result file in %s and are scored as having no detections '
@@ -90,13 +103,23 @@ def evaluate_folder(protocol: str, dataset: str, results: str, max_dets: int | N
                                      num_classes=len(records_lib.VISDRONE_CLASSES), max_dets=max_dets)
 
 
+def match_result_names(detections: dict, names: set[str]) -> dict:
+  """Result keys 'NAME.jpg' (file NAME.jpg.txt) renamed to 'NAME' when NAME is an image and has no NAME.txt."""
+  out = dict(detections)
+  for key in list(detections):
+    stem, ext = os.path.splitext(key)
+    if key not in names and ext.lower() in IMAGE_EXTENSIONS and stem in names and stem not in out:
+      out[stem] = out.pop(key)
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     values = evaluate_folder(_PROTOCOL.value, _DATASET.value, _RESULTS.value, _MAX_DETS.value)
   except UsageError as e:
-    _fail(str(e))
+    _fail(str(e), e.exit_code)
   print(json.dumps({k: round(v, 4) for k, v in values.items()}))
 
 

@@ -14,14 +14,13 @@ returns a callable; any runtime that executes StableHLO (jax, IREE, XLA PJRT) ca
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mrqm_jax import evaluate
+from mrqm_jax import checkpointing, evaluate
 from mrqm_jax.models import detector
 
 EXPORT_FILE = 'inference.stablehlo'
@@ -42,34 +41,32 @@ def inference_fn(model, num_detections: int):
   return fn
 
 
-def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint: str | None = None
-                 ) -> str:
-  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint)
+def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint: str | None = None,
+                 overrides=()) -> str:
+  """Writes OUTPUT (see above) from `checkpoint` or WORKDIR's newest readable checkpoint; returns OUTPUT."""
+  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, overrides=overrides)
   params = detector.inference_params(variables['params'])   # the auxiliary heads are training-only
   model_state = {k: v for k, v in variables.items() if k != 'params'}
-  os.makedirs(output, exist_ok=True)
+  out = checkpointing.to_path(output)
+  out.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the (async) save
-    checkpointer.save(os.path.join(os.path.abspath(output), 'params'),
-                      {'params': params, 'model_state': model_state}, force=True)
-  with open(os.path.join(output, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
+    checkpointer.save(out / 'params', {'params': params, 'model_state': model_state}, force=True)
+  (out / checkpointing.EXPORT_CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
   h, w = config.input.image_size
   batch = jax.export.symbolic_shape('b')[0]
   exported = jax.export.export(jax.jit(inference_fn(model, config.eval.max_detections)))(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {'params': params, **model_state}),
       jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((batch, h, w), jnp.bool_))
-  with open(os.path.join(output, EXPORT_FILE), 'wb') as f:
-    f.write(exported.serialize())
+  (out / EXPORT_FILE).write_bytes(exported.serialize())
   print(f'mrqm_jax: exported params, config and {EXPORT_FILE} to {output}')
   return output
 
 
 def load_exported(output: str):
   """Loads an export folder without the model code: returns (call(image, pad_mask) -> outputs, config dict)."""
-  with open(os.path.join(output, EXPORT_FILE), 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(output), 'params'))
+  out = checkpointing.to_path(output)
+  exported = jax.export.deserialize(bytearray((out / EXPORT_FILE).read_bytes()))
+  variables = ocp.StandardCheckpointer().restore(out / 'params')
   variables = {'params': variables['params'], **variables['model_state']}
-  with open(os.path.join(output, 'config.json')) as f:
-    config = json.load(f)
+  config = json.loads((out / checkpointing.EXPORT_CONFIG_FILE).read_text())
   return (lambda image, pad_mask: exported.call(variables, image, pad_mask)), config

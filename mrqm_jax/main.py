@@ -3,8 +3,10 @@ r"""mrqm_jax command line: train, evaluate, predict or export.
   python -m mrqm_jax.main --config=configs/visdrone.py --workdir=DIR [--mode=train|eval|predict|export] \
       [--config.dataset.root=/data/VisDrone] [--config.train.num_steps=1000]
 
-Usage errors (unknown config key, bad mode, missing dataset folder, missing input) print one line naming the
-problem and exit with code 2, without a traceback.
+Before anything compiles, the flags, every config value (mrqm_jax/config_validation.py), the folders that must
+be written and, for eval/predict/export, the checkpoint and its stored config are checked. A problem prints one
+line naming it and exits with code 2, without a traceback: every error meant for the user is an
+`errors.UsageError`, the one class caught here (a non-finite loss, `errors.TrainingError`, exits with 1).
 """
 
 import importlib
@@ -20,7 +22,11 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mrqm_jax import config_validation  # noqa: E402
+from mrqm_jax import errors  # noqa: E402
+
 MODES = ('train', 'eval', 'predict', 'export')
+PROG = 'mrqm_jax'
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
@@ -32,14 +38,11 @@ _INPUT = flags.DEFINE_string('input', None, 'predict: an image file or a folder 
 _OUTPUT = flags.DEFINE_string('output', None, 'predict/export: output directory.')
 _HEATMAPS = flags.DEFINE_bool('heatmaps', False, 'predict: also write query heatmaps (paper Fig. 2).')
 
-
-class UsageError(Exception):
-  """A user mistake reported as one line and exit code 2."""
+UsageError = errors.UsageError
 
 
-def _fail(message: str) -> None:
-  print(f'mrqm_jax: error: {message}', file=sys.stderr)
-  sys.exit(2)
+def _fail(message: str, exit_code: int = 2) -> None:
+  errors.fail(PROG, message, exit_code)
 
 
 def _parse_flags(argv):
@@ -77,20 +80,65 @@ def _short(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
+def _is_url(path: str) -> bool:
+  return '://' in str(path)
+
+
+def check_writable(folder: str, what: str) -> None:
+  """Creates `folder` if needed and writes a probe file there; UsageError (one line) if it cannot."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(folder)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.mrqm_write_probe_{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally; bucket libraries raise their own)
+    why = getattr(e, 'strerror', None) or errors.one_line(e, 160)
+    raise UsageError(f'{what} {folder} is not writable ({why})') from None
+
+
 def validate(config, workdir: str, mode: str) -> None:
   """Checks what a user can get wrong before anything heavy starts; raises UsageError."""
   if mode not in MODES:
     raise UsageError(f'--mode={mode!r} is not one of {", ".join(MODES)}')
   if not workdir:
     raise UsageError('--workdir is required')
+  config_validation.validate(config, mode)
   root = config.dataset.root
-  if mode in ('train', 'eval') and root and not os.path.isdir(root):
+  if mode in ('train', 'eval') and root and not _is_url(root) and not os.path.isdir(root):
     raise UsageError(f'dataset folder not found: config.dataset.root={root!r}')
   if mode == 'predict':
     if not _INPUT.value:
       raise UsageError('--mode=predict needs --input=FILE_OR_DIR')
     if not os.path.exists(_INPUT.value):
       raise UsageError(f'--input not found: {_INPUT.value!r}')
+  if _CHECKPOINT.value and not _is_url(_CHECKPOINT.value) and not os.path.exists(_CHECKPOINT.value):
+    raise UsageError(f'--checkpoint not found: {_CHECKPOINT.value!r}')
+
+
+def enable_compilation_cache(setting: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (config.compilation_cache_dir); returns the folder or None.
+
+  'auto' = $XDG_CACHE_HOME/mrqm_jax/jax (~/.cache/...); '' = off. A folder set by JAX_COMPILATION_CACHE_DIR
+  wins. An unwritable cache folder only costs the speed-up, so it is a warning.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not setting or jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir or None
+  if setting == 'auto':
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    setting = os.path.join(base, 'mrqm_jax', 'jax')
+  try:
+    if not _is_url(setting):
+      os.makedirs(setting, exist_ok=True)
+  except OSError as e:
+    print(f'{PROG}: warning: compilation cache off: cannot create {setting} ({e.strerror})', file=sys.stderr)
+    return None
+  jax.config.update('jax_compilation_cache_dir', setting)
+  # Cache every program that took a second to compile (the train step, init, eval), not tiny helpers.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  return setting
 
 
 def main(argv):
@@ -98,30 +146,36 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   workdir, mode = _WORKDIR.value, _MODE.value
+  overrides = config_validation.overridden_keys(sys.argv[1:])
   try:
     validate(config, workdir, mode)
-    if '://' not in workdir:  # bucket paths (gs://...) need no local folder
-      os.makedirs(workdir, exist_ok=True)
+    if mode in ('train', 'eval'):
+      check_writable(workdir, '--workdir')
+    output = _OUTPUT.value or os.path.join(workdir, 'predictions' if mode == 'predict' else 'export')
+    if mode == 'predict':  # before creating it: the output must not be (in) the input folder
+      from mrqm_jax import predict  # pylint: disable=g-import-not-at-top
+      predict.check_output_folder(_INPUT.value, output)
+    if mode in ('predict', 'export'):
+      check_writable(output, '--output')
+    if mode != 'train':  # the checkpoint and its stored config, before anything compiles
+      from mrqm_jax import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.inference_config(config, workdir, _CHECKPOINT.value, overrides)
+    enable_compilation_cache(config.compilation_cache_dir)
     if mode == 'train':
       _mode_module('train').train_and_evaluate(config, workdir)
     elif mode == 'eval':
-      _mode_module('evaluate').evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value)
+      _mode_module('evaluate').evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value,
+                                                   overrides=overrides)
     elif mode == 'predict':
-      _mode_module('predict').predict_files(config, workdir, _INPUT.value, _OUTPUT.value or os.path.join(workdir, 'predictions'),
-                            checkpoint=_CHECKPOINT.value, heatmaps=_HEATMAPS.value)
+      _mode_module('predict').predict_files(config, workdir, _INPUT.value, output, checkpoint=_CHECKPOINT.value,
+                                            heatmaps=_HEATMAPS.value, overrides=overrides)
     elif mode == 'export':
-      _mode_module('export').export_model(config, workdir, _OUTPUT.value or os.path.join(workdir, 'export'),
-                          checkpoint=_CHECKPOINT.value)
+      _mode_module('export').export_model(config, workdir, output, checkpoint=_CHECKPOINT.value,
+                                          overrides=overrides)
   except UsageError as e:
-    _fail(str(e))
+    _fail(str(e), e.exit_code)
   except (FileNotFoundError, NotADirectoryError) as e:  # dataset / checkpoint paths found missing late
     _fail(str(e))
-  except Exception as e:  # pylint: disable=broad-except
-    # Errors our own modules raise for the user (unreadable checkpoint, NaN loss) are one line, not a trace.
-    if type(e).__name__ in ('CheckpointError', 'TrainingError'):
-      print(f'mrqm_jax: error: {e}', file=sys.stderr)
-      sys.exit(1 if type(e).__name__ == 'TrainingError' else 2)
-    raise
 
 
 def _mode_module(name: str):

@@ -1,11 +1,15 @@
 """`--mode=predict`: images (a file or a folder) -> VisDrone txt, COCO json, and drawn PNGs.
 
-Outputs in OUTPUT:
+Outputs in OUTPUT (which must not be the input folder or inside it: predict never writes over its input):
   NAME.txt              one line per detection, VisDrone-DET toolkit format `x,y,w,h,score,category,-1,-1`
                         (category 1-based, as the dataset's own ids)
   detections.json       COCO results list [{image_id, file_name, category_id, bbox [x,y,w,h], score}]
   NAME.png              the image with boxes, class names and scores (score >= predict.score_threshold)
   NAME_heatmap.png      with --heatmaps: where the selected encoder proposals (decoder anchors) fall
+NAME is the image's file name without its extension when that is unique in the input; images that share a
+stem (x.jpg and x.png, or X.jpg and x.jpg on a case-insensitive disk) keep their extension instead: x.jpg.txt,
+x.png.txt. An image that cannot be drawn or written (e.g. a truncated JPEG) is reported and counted; the other
+images and detections.json are still written.
 Large images can be sliced into patches and merged back (`predict.slice_large_images`).
 """
 
@@ -13,12 +17,14 @@ import json
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from mrqm_jax import evaluate, parallel, visualize
+from mrqm_jax import errors, evaluate, parallel, visualize
+from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -33,20 +39,49 @@ def list_images(path: str) -> list[str]:
   return files
 
 
+def check_output_folder(input_path: str, output: str) -> None:
+  """UsageError when `output` is the input folder or inside it (drawn PNGs would replace input images)."""
+  if '://' in str(output):
+    return
+  source = os.path.realpath(input_path if os.path.isdir(input_path) else os.path.dirname(input_path) or '.')
+  target = os.path.realpath(output)
+  if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+    raise errors.UsageError(f'--output={output} is {"the input folder" if target == source else "inside the input folder"}'
+                            f' {source}: predict would write next to (or over) its input images; choose another folder')
+
+
+def output_names(paths: list[str]) -> list[str]:
+  """Output file stems, one per input, never two alike: the stem where unique, else the file name."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  counts: dict[str, int] = {}
+  for stem in stems:
+    counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
+  names = [stem if counts[stem.lower()] == 1 else os.path.basename(p) for stem, p in zip(stems, paths)]
+  # NAME_heatmap.png of one image must not be another image's NAME.png; a file name keeps them apart.
+  taken = {n.lower() for n in names}
+  names = [os.path.basename(p) if n.lower().endswith('_heatmap') and n.lower()[:-len('_heatmap')] in taken else n
+           for n, p in zip(names, paths)]
+  if len({n.lower() for n in names}) != len(names):  # e.g. 'x.jpg' (a stem) next to x.jpg.png
+    names = [os.path.relpath(p, os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(p))
+             .replace(os.sep, '__') for p in paths]
+  return names
+
+
 def image_records(paths: list[str]) -> tuple[list[records_lib.ImageRecord], list[str]]:
   """Records without annotations for the images; unreadable files are skipped and returned by name."""
   records, skipped = [], []
+  names = dict(zip(paths, output_names(paths)))
+  report = readers.ReadReport(source='predict input')
   for path in paths:
-    try:
-      with Image.open(path) as im:
-        width, height = im.size
-        im.verify()
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('skipping unreadable image %s: %s', path, e)
+    # The header, and for a JPEG its end marker: a truncated file is skipped here, not predicted as blank.
+    size = readers.image_size(path, report)
+    if size is None:
+      logging.warning('skipping unreadable image %s', path)
       skipped.append(path)
       continue
+    width, height = size
     records.append(records_lib.ImageRecord(
-        image_id=len(records), name=os.path.splitext(os.path.basename(path))[0], file_name=os.path.abspath(path),
+        image_id=len(records), name=names[path], file_name=os.path.abspath(path),
         width=width, height=height, boxes=np.zeros((0, 4)), labels=np.zeros((0,)), ignore=np.zeros((0, 4))))
   return records, skipped
 
@@ -61,10 +96,16 @@ def class_names_for(config) -> tuple[str, ...]:
 
 def write_outputs(output: str, records, detections: dict, class_names, score_threshold: float,
                   draw: bool = True) -> dict:
-  """Writes txt/json/PNG for each record; returns a summary {images, detections, files}."""
-  os.makedirs(output, exist_ok=True)
+  """Writes txt/json/PNG for each record; returns a summary {images, detections, failed: [(file, reason)]}.
+
+  A failure on one image (drawing a truncated JPEG, a full disk) is logged and listed; the other images and
+  detections.json are still written.
+  """
+  out = epath.Path(output)
+  out.mkdir(parents=True, exist_ok=True)
   coco_results = []
   total = 0
+  failed = []
   for r in records:
     d = detections.get(r.image_id)
     boxes = np.zeros((0, 4)) if d is None else np.asarray(d.boxes)
@@ -73,40 +114,51 @@ def write_outputs(output: str, records, detections: dict, class_names, score_thr
     order = np.argsort(-scores, kind='stable')
     boxes, scores, labels = boxes[order], scores[order], labels[order]
     total += len(scores)
-    with open(os.path.join(output, f'{r.name}.txt'), 'w') as f:
-      for (x0, y0, x1, y1), s, c in zip(boxes, scores, labels):
-        f.write(f'{x0:.1f},{y0:.1f},{x1 - x0:.1f},{y1 - y0:.1f},{s:.4f},{int(c) + 1},-1,-1\n')
-        coco_results.append({'image_id': r.image_id, 'file_name': os.path.basename(r.file_name),
-                             'category_id': int(c) + 1,
-                             'bbox': [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
-                                      round(float(y1 - y0), 2)], 'score': round(float(s), 5)})
-    if draw:
-      with Image.open(r.file_name) as im:
-        picture = visualize.draw_detections(im.convert('RGB'), boxes, labels, scores, class_names,
-                                            score_threshold=score_threshold)
-      picture.save(os.path.join(output, f'{r.name}.png'))
-  with open(os.path.join(output, 'detections.json'), 'w') as f:
-    json.dump(coco_results, f)
-  return {'images': len(records), 'detections': total}
+    lines = []
+    for (x0, y0, x1, y1), s, c in zip(boxes, scores, labels):
+      lines.append(f'{x0:.1f},{y0:.1f},{x1 - x0:.1f},{y1 - y0:.1f},{s:.4f},{int(c) + 1},-1,-1\n')
+      coco_results.append({'image_id': r.image_id, 'file_name': os.path.basename(r.file_name),
+                           'category_id': int(c) + 1,
+                           'bbox': [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
+                                    round(float(y1 - y0), 2)], 'score': round(float(s), 5)})
+    try:
+      (out / f'{r.name}.txt').write_text(''.join(lines))
+      if draw:
+        with Image.open(r.file_name) as im:
+          picture = visualize.draw_detections(im.convert('RGB'), boxes, labels, scores, class_names,
+                                              score_threshold=score_threshold)
+        with (out / f'{r.name}.png').open('wb') as f:
+          picture.save(f, format='PNG')
+    except Exception as e:  # pylint: disable=broad-except  (PIL and file systems raise many types)
+      logging.warning('could not write the outputs of %s: %s', r.file_name, e)
+      failed.append((r.file_name, errors.one_line(e, 120)))
+  (out / 'detections.json').write_text(json.dumps(coco_results))
+  return {'images': len(records), 'detections': total, 'failed': failed}
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
-                  checkpoint: str | None = None, heatmaps: bool = False) -> dict:
+                  checkpoint: str | None = None, heatmaps: bool = False, overrides=()) -> dict:
   """Runs the model on every image under `input_path` and writes the outputs described above."""
+  check_output_folder(input_path, output)
   mesh = parallel.create_mesh()
   config = ml_collections.ConfigDict(config.to_dict())
   if config.predict.slice_large_images:
     config.dataset.slicing.enabled = True
   records, skipped = image_records(list_images(input_path))
-  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, mesh)
+  if not records:
+    raise errors.UsageError(f'no readable image in {input_path} ({len(skipped)} unreadable: {", ".join(skipped[:3])})')
+  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, mesh, overrides)
   predict_fn = evaluate.make_predict_fn(model, config, mesh)
   detections = evaluate.predict_records(predict_fn, variables, config, records, mesh, desc='predict')
   summary = write_outputs(output, records, detections, class_names_for(config), config.predict.score_threshold)
   if heatmaps:
     write_heatmaps(model, config, variables, records, mesh, output)
   summary['skipped_unreadable'] = len(skipped)
+  failed = summary['failed']
   print(f'mrqm_jax: {summary["detections"]} detections on {summary["images"]} images written to {output}'
-        + (f'; skipped {len(skipped)} unreadable: {", ".join(skipped[:5])}' if skipped else ''))
+        + (f'; skipped {len(skipped)} unreadable: {", ".join(skipped[:5])}' if skipped else '')
+        + (f'; {len(failed)} image(s) could not be drawn or written: '
+           + ', '.join(f'{f} ({why})' for f, why in failed[:5]) if failed else ''))
   return summary
 
 
@@ -131,6 +183,11 @@ def write_heatmaps(model, config, variables, records, mesh, output: str) -> None
       scale = float(host_batch['scale'][i])
       origin = np.asarray(host_batch['patch_origin'][i], np.float64)
       centers = boxes[i, :, :2] * np.array([w, h]) / scale + origin
-      with Image.open(r.file_name) as im:
-        visualize.heatmap_overlay(im.convert('RGB'), centers, scores[i]).save(
-            os.path.join(output, f'{r.name}_heatmap.png'))
+      try:
+        with Image.open(r.file_name) as im:
+          overlay = visualize.heatmap_overlay(im.convert('RGB'), centers, scores[i])
+        with (epath.Path(output) / f'{r.name}_heatmap.png').open('wb') as f:
+          overlay.save(f, format='PNG')
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('could not write the heatmap of %s: %s', r.file_name, e)
+        print(f'mrqm_jax: warning: no heatmap for {r.file_name}: {errors.one_line(e, 120)}')

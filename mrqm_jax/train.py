@@ -20,10 +20,9 @@ from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
-from mrqm_jax import checkpointing, evaluate, parallel, train_lib
+from mrqm_jax import checkpointing, errors, evaluate, parallel, train_lib
 from mrqm_jax.models import detector as detector_lib
 from mrqm_jax.ops import losses as losses_lib
 
@@ -35,8 +34,7 @@ SYNTHETIC_TRAIN_IMAGES = 256
 SYNTHETIC_EVAL_IMAGES = 48
 
 
-class TrainingError(Exception):
-  """Training cannot go on (NaN loss, bad data); the message says why and where."""
+TrainingError = errors.TrainingError
 
 
 @dataclasses.dataclass
@@ -63,10 +61,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     with config.unlocked():
       config.dataset.root = root
       config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
-  train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
-  eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  try:
+    readers.check_distinct_splits(config.dataset)
+    train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
+    eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  except ValueError as e:  # a config value that disagrees with the data (format, num_classes, splits)
+    raise errors.ConfigError(str(e)) from None
   if not train_records:
-    raise TrainingError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
+    raise errors.UsageError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
   return Data(train_records, eval_records, class_names,
               train_report.summary() + '\n' + eval_report.summary())
 
@@ -74,8 +76,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
   """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
   if str(config.iah.a_s) != 'auto':
-    float(config.iah.a_s)  # a clear ValueError now rather than inside the jitted step
+    float(config.iah.a_s)  # ValueError for direct callers; the CLI's config_validation said so earlier
     return
+  if not any(len(r.boxes) for r in train_records):
+    raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
+                            'annotations)')
   from input_pipeline import stats  # pylint: disable=g-import-not-at-top
   min_area = float(stats.dataset_stats(train_records)['min_area'])
   config.iah.a_s = f'{min_area:g}'
@@ -127,13 +132,22 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+  """Preemption (SIGTERM) as a decision the loop checks after every step: save that step, then exit cleanly.
 
-  def __init__(self):
+  One process: our SIGTERM handler sets a flag. Several processes (multi-host): Orbax's `reached_preemption`
+  (JAX's preemption sync service, which catches SIGTERM itself) tells every host the same step to save at,
+  even when only some hosts got the signal; a per-process flag would let hosts save different steps.
+  """
+
+  def __init__(self, ckpt: checkpointing.Checkpointer | None = None):
     self.requested = False
+    self._ckpt = ckpt
+    self._multi = jax.process_count() > 1 and ckpt is not None
     self._previous = None
 
   def __enter__(self):
+    if self._multi:
+      return self  # JAX's preemption service owns SIGTERM; a Python handler would hide the notice from it
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -144,6 +158,12 @@ class _Preemption:
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and exiting')
     self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Called by every process after every step (the multi-host sync needs each step)."""
+    if self._multi and not self.requested:
+      self.requested = self._ckpt.reached_preemption(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -174,9 +194,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   config = ml_collections.ConfigDict(config.to_dict())  # a private, mutable copy (a_s, resolved root)
   data = prepare_data(config, workdir)
+  if not any(len(r.boxes) for r in data.train_records):
+    raise errors.UsageError(f'no box in the {len(data.train_records)} training images of {config.dataset.root} '
+                            f'(split {config.dataset.train_split!r}): nothing to learn; check the annotations')
   resolve_a_s(config, data.train_records)
   config.lock()
-  batch_size = parallel.global_batch_size(config)
+  try:
+    batch_size = parallel.global_batch_size(config)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
   per_epoch = steps_per_epoch(num_examples, batch_size)
   num_steps = total_steps(config, per_epoch)
@@ -189,6 +215,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
           f'{len(data.eval_records)} eval images, global batch {batch_size}, {per_epoch} steps/epoch, {num_steps} steps')
     print(data.report)
+
+  # Before anything compiles: a finished run asked for fewer steps than it holds would otherwise save the
+  # newest parameters under a smaller step number.
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  newest = ckpt.latest_step()
+  if newest is not None and newest > num_steps:
+    ckpt.close()
+    raise errors.UsageError(f'{ckpt.directory} already holds step {newest} > train.num_steps={num_steps}: '
+                            'nothing to train and nothing written (raise num_steps to continue, or use a new '
+                            '--workdir)')
+  if newest == num_steps:
+    ckpt.close()
+    if is_chief:
+      print(f'mrqm_jax: {ckpt.directory} already holds the final step {num_steps}: nothing to train')
+    return {}
 
   model = make_model(config)
   rng = jax.random.PRNGKey(config.train.seed)
@@ -207,21 +248,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=parallel.replicated(mesh))(params, model_state, rng=state_rng)
 
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = 0
   if ckpt.latest_step() is not None:
-    state, start_step, _ = ckpt.restore(state)
+    state, start_step, _ = ckpt.restore(state, move_damaged=is_chief)
     # Same shardings/types as a fresh state, so the step compiles once, not once more after a resume.
     state = jax.jit(lambda s: s, out_shardings=parallel.replicated(mesh))(state)
     if is_chief:
-      print(f'mrqm_jax: resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start_step})')
+      print(f'mrqm_jax: resumed from {ckpt.directory}/{start_step} (step {start_step})')
 
   train_step = train_lib.make_train_step(make_loss_fn(model, config), tx, mesh,
                                          grad_accum_steps=config.train.grad_accum_steps)
   train_iter = pipeline.train_iterator(config, data.train_records, global_batch_size=batch_size,
                                        start_step=start_step, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'), just_logging=not is_chief)
+  writer = metric_writers.create_default_writer(str(checkpointing.to_path(workdir) / 'tensorboard'),
+                                               just_logging=not is_chief)
+  predict_fn = evaluate.make_predict_fn(model, config, mesh)  # one jit for every evaluation of the run
   eval_every = max(1, int(round(config.train.eval_every_epochs * per_epoch)))
   eval_metrics: dict[str, float] = {}
   last_saved = start_step
@@ -241,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
   window_start, window_steps = time.time(), 0
-  with _Preemption() as preemption:
+  with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
@@ -249,8 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step += 1
       window_steps += 1
       progress.update(1)
+      preempted = preemption.should_stop(step)
       saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
-                or preemption.requested)
+                or preempted)
       # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
       if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
         scalars = _scalars(metrics)
@@ -263,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if loss_history is not None:
           loss_history.append((step, scalars['loss']))
         progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["images_per_sec"]:.1f}')
-      if preemption.requested:
+      if preempted:
         save(step)
         ckpt.wait()
         progress.close()
@@ -272,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return eval_metrics
       if step % eval_every == 0 or step == num_steps:
         eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
-                                                data.eval_records, mesh, data.class_names)
+                                                data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if is_chief:
           tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))

@@ -1,5 +1,6 @@
 """The CLI's usage errors: one line naming the problem, exit code 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,15 @@ def _run(*args):
     (['--config.train.num_steps=abc'], 'config.train.num_steps=abc'),
     (['--mode=predict'], '--mode=predict needs --input'),
     (['--mode=predict', '--input=/no/such/image.jpg'], "--input not found: '/no/such/image.jpg'"),
+    # Values the parser accepts but the code cannot use: named with what the key accepts, before any compile.
+    (['--config.input.image_size=abc'], "config.input.image_size=('abc',): expected a tuple of 2 integers"),
+    (['--config.dataset.format=bogus'], "config.dataset.format='bogus': expected one of"),
+    (['--config.model.backbone=resnet999'], "config.model.backbone='resnet999': expected one of 'resnet18'"),
+    (['--config.train.per_device_batch_size=0'], 'config.train.per_device_batch_size=0: expected an integer >= 1'),
+    (['--config.model.pretrained=x.pth'], "config.model.pretrained='x.pth': expected '' or an existing"),
+    (['--mode=eval', '--checkpoint=/nonexistent'], "--checkpoint not found: '/nonexistent'"),
+    (['--mode=eval'], 'no checkpoint in'),
+    (['--mode=export'], 'train first or pass --checkpoint'),
 ])
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, expected):
   result = _run('--config=configs/smoke.py', f'--workdir={tmp_path}', *args)
@@ -52,3 +62,42 @@ def test_recipes_load_and_lock():
   for module in (visdrone, sodad, smoke):
     with pytest.raises(AttributeError):
       module.get_config().train.no_such_key = 1
+
+
+def test_predict_refuses_to_write_into_its_input_folder(tmp_path):
+  images = tmp_path / 'images'
+  images.mkdir()
+  (images / 'a.png').write_bytes(b'not decoded before the check')
+  for output in (images, images / 'out'):
+    result = _run('--config=configs/smoke.py', f'--workdir={tmp_path / "w"}', '--mode=predict', f'--input={images}',
+                  f'--output={output}')
+    assert result.returncode == 2 and 'input folder' in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert sorted(p.name for p in images.iterdir()) == ['a.png']   # nothing created in the input folder
+
+
+def test_unwritable_workdir_is_one_line_before_any_compile(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  result = _run('--config=configs/smoke.py', f'--workdir={blocker / "run"}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'mrqm_jax: error: --workdir {blocker / "run"} is not writable '
+                                                '(Not a directory)']
+
+
+def test_compilation_cache_is_on_by_default_in_the_user_cache_dir_and_switchable(tmp_path):
+  code = ('import jax; from mrqm_jax import main; print(main.enable_compilation_cache({!r})); '
+          'print(jax.config.jax_compilation_cache_dir)')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS='cpu')
+
+  def run(setting):
+    out = subprocess.run([sys.executable, '-c', code.format(setting)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+  expected = str(tmp_path / 'mrqm_jax' / 'jax')
+  assert run('auto') == [expected, expected] and os.path.isdir(expected)
+  assert run('') == ['None', 'None']
+  assert run(str(tmp_path / 'mine')) == [str(tmp_path / 'mine')] * 2

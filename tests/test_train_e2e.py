@@ -171,3 +171,36 @@ def test_sigterm_saves_and_exits_cleanly(trained, tmp_path):
   assert 'preempted; saved step' in out
   saved = int(out.split('preempted; saved step ')[1].split()[0])
   assert saved >= 3 and (tmp_path / 'checkpoints' / str(saved)).is_dir()
+
+
+def test_model_override_disagreeing_with_the_checkpoint_is_one_line_before_compiling(trained):
+  import time  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained
+  start = time.time()
+  result = _cli(workdir, '--mode=eval', '--config.model.hidden_dim=64', check=False)
+  assert result.returncode == 2
+  assert ('config.model.hidden_dim=64 disagrees with the checkpoint, which was trained with model.hidden_dim=32'
+          in result.stderr)
+  assert 'Traceback' not in result.stderr
+  assert time.time() - start < 60   # no model was compiled
+
+
+def test_another_recipe_predicts_with_the_model_stored_in_the_checkpoint(trained, tmp_path):
+  """configs/visdrone.py describes a ResNet-50 model; the smoke checkpoint's stored config builds the tiny one."""
+  workdir, _ = trained
+  image = sorted((workdir / 'data' / 'val' / 'images').iterdir())[0]
+  result = subprocess.run([sys.executable, '-m', 'mrqm_jax.main', '--config=configs/visdrone.py',
+                           f'--workdir={workdir}', '--mode=predict', f'--input={image}', f'--output={tmp_path}',
+                           '--config.eval.max_detections=100'], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len((tmp_path / f'{image.stem}.txt').read_text().splitlines()) > 0
+
+
+def test_a_finished_run_asked_for_fewer_steps_writes_nothing(trained):
+  workdir, _ = trained
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  result = _cli(workdir, *COMMON[1:], '--config.train.num_steps=4', check=False)
+  assert result.returncode == 2
+  assert f'already holds step {STEPS} > train.num_steps=4' in result.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before

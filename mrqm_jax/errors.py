@@ -1,0 +1,39 @@
+"""The errors our CLIs report as one line (no traceback), and how they report them.
+
+Every error meant for the user derives from `UsageError`; `mrqm_jax.main` and `mrqm_jax.evaluate_files` catch
+that one base class and print `PROG: error: MESSAGE` with the class's `exit_code`. Modules raise the most
+specific subclass (a missing checkpoint is a `CheckpointError`, a NaN loss a `TrainingError`).
+"""
+
+import sys
+
+
+class UsageError(Exception):
+  """A mistake in the command line, config, inputs or workdir: one line, exit code 2."""
+  exit_code = 2
+
+
+class ConfigError(UsageError):
+  """A config value the code cannot use; the message names the key and what it accepts."""
+
+
+class CheckpointError(UsageError):
+  """A checkpoint that is missing or cannot be read; the message names the folder."""
+
+
+class TrainingError(UsageError):
+  """Training cannot go on (non-finite loss); the message says why and where. Exit code 1: not the user's input."""
+  exit_code = 1
+
+
+def one_line(message: object, limit: int = 300) -> str:
+  """The first line of `message`, at most `limit` characters (library errors can dump whole specs)."""
+  text = str(message).strip()
+  line = text.splitlines()[0] if text else ''
+  return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+def fail(prog: str, message: object, exit_code: int = 2) -> None:
+  """Prints `prog: error: message` (one line) to stderr and exits."""
+  print(f'{prog}: error: {one_line(message, limit=1000)}', file=sys.stderr)
+  sys.exit(exit_code)

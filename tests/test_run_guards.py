@@ -1,0 +1,130 @@
+"""Guards that stop a run before anything compiles: splits that resolve to the same data, a training set
+without boxes, a finished workdir asked for fewer steps, an unwritable workdir; evaluate_files matching no
+result file. Each is one line (a UsageError) and none writes anything."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+from PIL import Image
+import pytest
+
+from input_pipeline import readers
+from mrqm_jax import checkpointing, errors, evaluate_files, main, train
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from configs import smoke  # noqa: E402  pylint: disable=g-import-not-at-top
+
+BOX = '2,3,10,8,1,4,0,0\n'   # x, y, w, h, score, category 4 (car), truncation, occlusion
+
+
+def _split(folder, annotations):
+  """folder/images/NAME.jpg + folder/annotations/NAME.txt."""
+  os.makedirs(folder / 'images', exist_ok=True)
+  os.makedirs(folder / 'annotations', exist_ok=True)
+  for name, text in annotations.items():
+    Image.new('RGB', (40, 30), (90, 120, 30)).save(folder / 'images' / f'{name}.jpg')
+    (folder / 'annotations' / f'{name}.txt').write_text(text)
+  return folder
+
+
+def _config(root, **train):
+  c = ml_collections.ConfigDict(smoke.get_config().to_dict())
+  c.dataset.root = str(root)
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def test_a_root_holding_one_split_is_not_used_for_both_train_and_eval(tmp_path):
+  _split(tmp_path, {'a': BOX, 'b': BOX})
+  c = _config(tmp_path)
+  with pytest.raises(ValueError, match=r"train_split='train' and config.dataset.eval_split='val' both resolve to"):
+    readers.check_distinct_splits(c.dataset)
+  with pytest.raises(errors.ConfigError, match='eval_split=train to evaluate on the training images on purpose'):
+    train.prepare_data(c, str(tmp_path / 'work'))
+  c.dataset.eval_split = 'train'   # the user's explicit choice
+  data = train.prepare_data(c, str(tmp_path / 'work'))
+  assert len(data.train_records) == len(data.eval_records) == 2
+
+
+def test_separate_split_folders_pass(tmp_path):
+  _split(tmp_path / 'train', {'a': BOX})
+  _split(tmp_path / 'val', {'b': BOX})
+  readers.check_distinct_splits(_config(tmp_path).dataset)
+  data = train.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
+  assert [r.name for r in data.train_records] == ['a'] and [r.name for r in data.eval_records] == ['b']
+
+
+def test_num_classes_disagreeing_with_the_data_is_a_config_error(tmp_path):
+  _split(tmp_path / 'train', {'a': BOX})
+  _split(tmp_path / 'val', {'b': BOX})
+  c = _config(tmp_path)
+  c.dataset.num_classes = 3
+  with pytest.raises(errors.ConfigError, match='config.dataset.num_classes=3 but the visdrone dataset'):
+    train.prepare_data(c, str(tmp_path / 'work'))
+
+
+def test_a_training_set_without_boxes_is_one_line(tmp_path):
+  _split(tmp_path / 'train', {'a': '', 'b': ''})
+  _split(tmp_path / 'val', {'c': BOX})
+  with pytest.raises(errors.UsageError, match=r'no box in the 2 training images'):
+    train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'work'))
+  assert not (tmp_path / 'work' / 'checkpoints').exists()
+
+
+def test_a_finished_workdir_asked_for_fewer_steps_writes_nothing(tmp_path):
+  _split(tmp_path / 'train', {'a': BOX})
+  _split(tmp_path / 'val', {'b': BOX})
+  work = tmp_path / 'work'
+  ckpt = checkpointing.Checkpointer(str(work))
+  ckpt.save(10, {'w': jnp.ones(3)}, _config(tmp_path), data_step=10)
+  ckpt.close()
+  before = sorted(os.listdir(work / 'checkpoints'))
+  with pytest.raises(errors.UsageError, match=r'already holds step 10 > train.num_steps=4: nothing to train'):
+    train.train_and_evaluate(_config(tmp_path, num_steps=4), str(work))
+  assert sorted(os.listdir(work / 'checkpoints')) == before == ['10']
+  assert not (work / 'tensorboard').exists()
+  # The same num_steps: nothing to do, said so, nothing compiled or written.
+  assert train.train_and_evaluate(_config(tmp_path, num_steps=10), str(work)) == {}
+  assert sorted(os.listdir(work / 'checkpoints')) == ['10'] and not (work / 'tensorboard').exists()
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  with pytest.raises(errors.UsageError, match=r'--workdir .*a_file/sub is not writable'):
+    main.check_writable(str(blocker / 'sub'), '--workdir')
+  main.check_writable(str(tmp_path / 'new' / 'dir'), '--workdir')
+  assert os.listdir(tmp_path / 'new' / 'dir') == []   # the probe is removed
+
+
+def test_evaluate_files_with_no_matching_result_file_is_an_error(tmp_path):
+  data = _split(tmp_path / 'data', {'a': BOX, 'b': BOX})
+  results = tmp_path / 'results'
+  results.mkdir()
+  with pytest.raises(errors.UsageError, match=r'none of the 0 result files .* no .txt file at all'):
+    evaluate_files.evaluate_folder('visdrone', str(data), str(results))
+  (results / 'zzz.txt').write_text('2,3,10,8,0.9,4,-1,-1\n')
+  with pytest.raises(errors.UsageError, match=r'none of the 1 result files'):
+    evaluate_files.evaluate_folder('visdrone', str(data), str(results))
+  # NAME.jpg.txt (predict's name for images sharing a stem) is read as NAME's result.
+  (results / 'a.jpg.txt').write_text('2,3,10,8,0.9,4,-1,-1\n')
+  (results / 'b.jpg.txt').write_text('2,3,10,8,0.9,4,-1,-1\n')
+  metrics = evaluate_files.evaluate_folder('visdrone', str(data), str(results))
+  assert max(metrics.values()) == pytest.approx(100.0)   # a perfect detection, whatever the metric keys
+
+
+def test_evaluate_files_cli_empty_results_exit_2(tmp_path):
+  data = _split(tmp_path / 'data', {'a': BOX})
+  (tmp_path / 'results').mkdir()
+  result = subprocess.run([sys.executable, '-m', 'mrqm_jax.evaluate_files', f'--dataset={data}',
+                           f'--results={tmp_path / "results"}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if 'evaluate_files' in l]
+  assert lines and lines[-1].startswith('evaluate_files: error: none of the 0 result files')
+  assert 'Traceback' not in result.stderr
