@@ -13,7 +13,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 
@@ -42,7 +41,7 @@ def _number(value) -> float | None:
 
 def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_label: Mapping[int, int],
                       ignore_category_ids: Iterable[int] = (), *, check_images: bool = True,
-                      max_messages: int = 20) -> tuple[list[records_lib.ImageRecord], readers.ReadReport]:
+                      max_messages: int = 20) -> tuple[list[records_lib.ImageRecord], records_lib.ReadReport]:
   """Turns a loaded COCO-style dict into records.
 
   Args:
@@ -57,7 +56,7 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
   Returns:
     (records sorted by name = file_name without extension, image_id = position, source_id = json id; report).
   """
-  report = readers.ReadReport(source=json_path, max_messages=max_messages)
+  report = records_lib.ReadReport(source=json_path, max_messages=max_messages)
   ignore_category_ids = set(ignore_category_ids)
 
   images = {}
@@ -73,7 +72,7 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
       continue
     file_name = os.path.join(image_dir, entry['file_name'])
     if check_images:
-      size = readers.image_size(file_name, report)
+      size = records_lib.image_size(file_name, report)
       if size is None:
         images[entry['id']] = None  # known id, skipped image: its annotations go with it
         continue
@@ -127,7 +126,7 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
     if w < 0 or h < 0:
       report.add('negative_size', where, None, f'{what} width/height {w:g},{h:g} < 0', target=not is_ignore)
       continue
-    box, changed = readers.clip_box(x, y, x + w, y + h, image['width'], image['height'])
+    box, changed = records_lib.clip_box(x, y, x + w, y + h, image['width'], image['height'])
     if box[2] <= box[0] or box[3] <= box[1]:
       detail = 'outside the image' if changed else f'width/height {w:g},{h:g}'
       report.add('zero_area', where, None, f'{what} has no area ({detail}), dropped', target=not is_ignore)
@@ -176,7 +175,7 @@ def pick_image_dir(root: str, data: dict, image_dir_candidates: list[str]) -> st
 
 
 def read_split(root: str, split: str, *, check_images: bool = True, max_messages: int = 20
-               ) -> tuple[list[records_lib.ImageRecord], readers.ReadReport, list[str], dict[int, int]]:
+               ) -> tuple[list[records_lib.ImageRecord], records_lib.ReadReport, list[str], dict[int, int]]:
   """Reads split `split` of a COCO-layout folder.
 
   Json: ROOT/annotations/instances_<split>.json, ROOT/annotations/<split>.json or ROOT/<split>.json.

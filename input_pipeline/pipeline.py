@@ -28,7 +28,7 @@ Evaluation
 
 Slicing (`config.dataset.slicing.enabled`): examples are the patches of `slicing.slice_records` (training
 patches for training, every window for evaluation); `image_id` stays the source image's, so patch detections
-are merged per image (`slicing.merge_patch_detections`).
+are merged per image (`mrqm_jax.ops.postprocess.merge_patch_detections`).
 
 Bad data
   * More annotations than config.dataset.max_boxes / max_ignore: capped in Python when the dataset is built,

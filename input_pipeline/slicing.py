@@ -17,9 +17,10 @@ mmdet/datasets/sodad.py (`merge_dets`), re-implemented here:
     the <= 40 % parts that become ignore regions, as the script keeps any patch with annotations), and the image
     is first cut to its annotations' extent + 5 px (`min(W, x_max + 5)`, then at least one patch), which moves
     the last window away from empty image borders. Evaluation (`train=False`): every window of every image.
-  * Merge: patch detections, shifted by the patch origin into image pixels, are pooled per image and reduced
-    by class-wise greedy NMS at IoU 0.5 (a box is suppressed when its IoU with a kept box of its class is
-    strictly greater than the threshold, as mmcv's nms).
+  * Merge (mrqm_jax/ops/postprocess.py `merge_patch_detections`, with the other detection post-processing):
+    patch detections, shifted by the patch origin into image pixels, are pooled per image and reduced by
+    class-wise greedy NMS at IoU 0.5 (a box is suppressed when its IoU with a kept box of its class is strictly
+    greater than the threshold, as mmcv's nms).
 
 Differences from the script, on purpose: the script paints the image's ignore regions (category 10) black in the
 training patches and drops them; here they stay ignore regions of the patch (pixels untouched; the losses do not
@@ -33,13 +34,12 @@ source image (the pipeline decodes only the window; merging groups detections by
 """
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from absl import logging
 import numpy as np
 
 from input_pipeline import records as records_lib
-from mrqm_jax.metrics.detections import Detections
 
 
 @dataclasses.dataclass
@@ -153,83 +153,3 @@ def slice_records_for_config(config, records: Sequence[records_lib.ImageRecord],
   s = config.dataset.slicing
   return slice_records(records, s.patch_size, s.overlap, ignore_inside_fraction=s.ignore_inside_fraction,
                        train=train)
-
-
-# ---------------------------------------------------------------------------------------------- merging
-def shift_detections(detections: Detections, origin_xy: Sequence[float]) -> Detections:
-  """Patch-pixel detections -> source-image pixels (adds the patch origin (x, y) to the boxes)."""
-  x, y = origin_xy
-  boxes = np.asarray(detections.boxes, np.float64).reshape(-1, 4) + np.array([x, y, x, y], np.float64)
-  return Detections(boxes, np.asarray(detections.scores), np.asarray(detections.labels))
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-  """Greedy NMS of one class: indices [K] of the kept boxes, highest score first.
-
-  boxes [N, 4] xyxy; scores [N]. A box is suppressed when its IoU with an already kept box is strictly greater
-  than `iou_threshold` (mmcv). Ties in score keep input order. Each step compares the kept box with all
-  remaining ones at once, so the loop runs once per kept box.
-  """
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
-  areas = _area(boxes)
-  keep = []
-  while order.size:
-    best, rest = order[0], order[1:]
-    keep.append(best)
-    lo = np.maximum(boxes[best, :2], boxes[rest, :2])
-    hi = np.minimum(boxes[best, 2:], boxes[rest, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    union = areas[best] + areas[rest] - inter
-    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    order = rest[iou <= iou_threshold]
-  return np.asarray(keep, np.int64)
-
-
-def classwise_nms(detections: Detections, iou_threshold: float) -> Detections:
-  """`nms` within each label; the result is sorted by descending score (stable)."""
-  boxes = np.asarray(detections.boxes, np.float64).reshape(-1, 4)
-  scores = np.asarray(detections.scores, np.float64).reshape(-1)
-  labels = np.asarray(detections.labels).reshape(-1)
-  keep = [np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou_threshold)]
-          for c in np.unique(labels)]
-  keep = np.concatenate(keep) if keep else np.zeros([0], np.int64)
-  keep = keep[np.argsort(-scores[keep], kind='stable')]
-  return Detections(boxes[keep], scores[keep], labels[keep])
-
-
-def merge_patch_detections(per_image: Mapping[int, Sequence[Detections]],
-                           records: Sequence[records_lib.ImageRecord], *, iou_threshold: float = 0.5,
-                           max_detections: int | None = None) -> dict[int, Detections]:
-  """Pools each image's patch detections and removes the duplicates that overlapping patches produce.
-
-  Args:
-    per_image: source image_id -> the Detections of its patches, ALREADY in source-image pixels (the model's
-      postprocess adds `patch_origin`; use `shift_detections` for patch-pixel results).
-    records: the source images (not the patches); every one gets an entry in the result.
-    iou_threshold: class-wise NMS threshold (config.dataset.slicing.merge_nms_iou; the benchmark's 0.5).
-    max_detections: keep at most this many per image, highest scores first, after NMS; None = all (the
-      benchmark does not cap merged results; its evaluator caps per class).
-
-  Returns:
-    {image_id: Detections (boxes [K, 4] f64 xyxy, scores [K] descending, labels [K])} for every record.
-
-  Raises:
-    ValueError if `per_image` names an image_id that is no record.
-  """
-  known = {r.image_id for r in records}
-  unknown = set(per_image) - known
-  if unknown:
-    raise ValueError(f'patch detections for image ids that are no record: {sorted(unknown)[:5]}')
-  merged = {}
-  for record in records:
-    parts = per_image.get(record.image_id, ())
-    pooled = Detections(
-        np.concatenate([np.asarray(p.boxes, np.float64).reshape(-1, 4) for p in parts] + [np.zeros((0, 4))]),
-        np.concatenate([np.asarray(p.scores, np.float64).reshape(-1) for p in parts] + [np.zeros(0)]),
-        np.concatenate([np.asarray(p.labels, np.int64).reshape(-1) for p in parts] + [np.zeros(0, np.int64)]))
-    kept = classwise_nms(pooled, iou_threshold)
-    if max_detections is not None:
-      kept = Detections(*(a[:max_detections] for a in kept))
-    merged[record.image_id] = kept
-  return merged

@@ -9,7 +9,6 @@ traffic-light, traffic-camera, warning-cone; label = id - 1); category 10 'ignor
 import re
 
 from input_pipeline import coco
-from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 CATEGORY_TO_LABEL = {category_id: category_id - 1 for category_id in range(1, 10)}
@@ -36,7 +35,7 @@ def check_categories(data: dict, json_path: str) -> None:
 
 
 def read_split(root: str, split: str, *, check_images: bool = True, max_messages: int = 20
-               ) -> tuple[list[records_lib.ImageRecord], readers.ReadReport]:
+               ) -> tuple[list[records_lib.ImageRecord], records_lib.ReadReport]:
   """Reads one SODA-D split.
 
   Args:

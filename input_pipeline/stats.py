@@ -9,14 +9,17 @@ not clipped to the image; the output says so. `dataset_stats` is also what train
 (the smallest training instance area, paper eq. 8).
 """
 
+import argparse
 import json
 import sys
 from typing import Sequence
 
 import numpy as np
 
-from input_pipeline import readers
+from input_pipeline import coco
 from input_pipeline import records as records_lib
+from input_pipeline import soda_d
+from input_pipeline import visdrone
 
 # Area bands in px^2 of the original image, upper bounds inclusive, as the two benchmarks' evaluators use them.
 VISDRONE_BANDS = (('S', 0, 32 ** 2), ('M', 32 ** 2, 96 ** 2), ('L', 96 ** 2, np.inf))
@@ -30,7 +33,7 @@ def _band_counts(areas: np.ndarray) -> dict[str, int]:
 
 
 def dataset_stats(records: Sequence[records_lib.ImageRecord], class_names: Sequence[str] | None = None,
-                  report: readers.ReadReport | None = None) -> dict:
+                  report: records_lib.ReadReport | None = None) -> dict:
   """Statistics of a list of records (what a reader returned).
 
   Args:
@@ -122,25 +125,21 @@ def format_table(stats: dict) -> str:
 def read_for_stats(fmt: str, root: str, split: str | None, annotations_only: bool | None):
   """(records, report, class names) for the CLI; annotations_only None = automatic (VisDrone: no images/)."""
   if fmt == 'visdrone':
-    from input_pipeline import visdrone  # pylint: disable=g-import-not-at-top
     records, report = visdrone.read_split(root, split or None, annotations_only=annotations_only)
     return records, report, records_lib.VISDRONE_CLASSES
   if not split:
     raise ValueError(f'--split is required for --format={fmt} (one json per split)')
   check_images = not annotations_only
   if fmt == 'soda_d':
-    from input_pipeline import soda_d  # pylint: disable=g-import-not-at-top
     records, report = soda_d.read_split(root, split, check_images=check_images)
     return records, report, records_lib.SODA_D_CLASSES
   if fmt == 'coco':
-    from input_pipeline import coco  # pylint: disable=g-import-not-at-top
     records, report, class_names, _ = coco.read_split(root, split, check_images=check_images)
     return records, report, class_names
   raise ValueError(f"--format={fmt!r} is not one of visdrone, soda_d, coco")
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m input_pipeline.stats', description=__doc__.split('\n\n')[0])
   parser.add_argument('--format', required=True, choices=('visdrone', 'soda_d', 'coco'))
   parser.add_argument('--root', required=True, help='dataset folder')

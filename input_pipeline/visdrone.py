@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 
-from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -52,7 +51,7 @@ def resolve_split_dir(root: str, split: str | None, annotations_only: bool | Non
   raise FileNotFoundError(f'VisDrone split {split!r} not found: looked for {looked}')
 
 
-def parse_annotation_text(text: str, path: str, width: int, height: int, report: readers.ReadReport):
+def parse_annotation_text(text: str, path: str, width: int, height: int, report: records_lib.ReadReport):
   """Parses one annotation file's text.
 
   Args:
@@ -103,7 +102,7 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
       report.add('negative_size', path, line_no, f'{what} width/height {fields[2]},{fields[3]} < 0',
                  target=is_target)
       continue
-    box, changed = readers.clip_box(x, y, x + w, y + h, width, height)
+    box, changed = records_lib.clip_box(x, y, x + w, y + h, width, height)
     if box[2] <= box[0] or box[3] <= box[1]:
       detail = 'outside the image' if changed else f'width/height {fields[2]},{fields[3]}'
       report.add('zero_area', path, line_no, f'{what} has no area ({detail}), dropped', target=is_target)
@@ -133,7 +132,7 @@ def _files_by_stem(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
 
 
 def read_split(root: str, split: str | None = None, *, annotations_only: bool | None = False,
-               max_messages: int = 20) -> tuple[list[records_lib.ImageRecord], readers.ReadReport]:
+               max_messages: int = 20) -> tuple[list[records_lib.ImageRecord], records_lib.ReadReport]:
   """Reads a VisDrone-DET folder.
 
   Args:
@@ -158,7 +157,7 @@ def read_split(root: str, split: str | None = None, *, annotations_only: bool | 
     annotation_dir = folder  # a bare folder of .txt files (annotations-only)
   if annotations_only is None:
     annotations_only = not os.path.isdir(image_dir)
-  report = readers.ReadReport(source=folder, max_messages=max_messages)
+  report = records_lib.ReadReport(source=folder, max_messages=max_messages)
   if not annotations_only and not os.path.isdir(image_dir):
     raise FileNotFoundError(f'VisDrone images folder not found: {image_dir} (pass annotations_only=True to '
                             'read annotations alone)')
@@ -185,7 +184,7 @@ def read_split(root: str, split: str | None = None, *, annotations_only: bool | 
                    f'no image {name}{{{",".join(IMAGE_EXTENSIONS)}}} in {image_dir}')
         continue
       file_name = images[name]
-      size = readers.image_size(file_name, report)
+      size = records_lib.image_size(file_name, report)
       if size is None:
         continue
       width, height = size

@@ -73,10 +73,10 @@ def predict_records(predict_fn, variables, config, records, mesh, desc='eval') -
       per_image.setdefault(int(ids[i]), []).append(metrics_lib.Detections(
           boxes=dets['boxes'][i][keep], scores=dets['scores'][i][keep], labels=dets['labels'][i][keep]))
   if config.dataset.slicing.enabled:
-    from input_pipeline import slicing  # pylint: disable=g-import-not-at-top
     # No cap after merging: the SODA-D evaluator caps per class itself (as the benchmark does).
-    return slicing.merge_patch_detections(per_image, records, iou_threshold=config.dataset.slicing.merge_nms_iou,
-                                          max_detections=None)
+    return postprocess.merge_patch_detections(per_image, records,
+                                              iou_threshold=config.dataset.slicing.merge_nms_iou,
+                                              max_detections=None)
   return {image_id: parts[0] for image_id, parts in per_image.items()}
 
 

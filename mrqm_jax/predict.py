@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from mrqm_jax import errors, evaluate, parallel, visualize
-from input_pipeline import readers
 from input_pipeline import records as records_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -71,10 +70,10 @@ def image_records(paths: list[str]) -> tuple[list[records_lib.ImageRecord], list
   """Records without annotations for the images; unreadable files are skipped and returned by name."""
   records, skipped = [], []
   names = dict(zip(paths, output_names(paths)))
-  report = readers.ReadReport(source='predict input')
+  report = records_lib.ReadReport(source='predict input')
   for path in paths:
     # The header, and for a JPEG its end marker: a truncated file is skipped here, not predicted as blank.
-    size = readers.image_size(path, report)
+    size = records_lib.image_size(path, report)
     if size is None:
       logging.warning('skipping unreadable image %s', path)
       skipped.append(path)

@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from input_pipeline import records as records_lib
+from mrqm_jax.metrics.detections import Detections
 from mrqm_jax.ops import postprocess
 
 
@@ -175,3 +177,60 @@ def test_soft_nms_linear_closed_form_and_class_awareness():
   np.testing.assert_allclose(same['scores'][0], [0.9, 0.0], atol=1e-7)
   with pytest.raises(ValueError, match='method'):
     postprocess.soft_nms(boxes, scores, labels, max_detections=2, method='cubic')
+
+
+# ------------------------------------------------ host-side merging of patch detections (SODA-D slicing)
+def _brute_nms(boxes, scores, thr):
+  """Reference greedy NMS: pick the best remaining, drop every remaining box overlapping it by IoU > thr."""
+  remaining = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))
+  keep = []
+  while remaining:
+    i = remaining.pop(0)
+    keep.append(i)
+    survivors = []
+    for j in remaining:
+      ix = max(0.0, min(boxes[i][2], boxes[j][2]) - max(boxes[i][0], boxes[j][0]))
+      iy = max(0.0, min(boxes[i][3], boxes[j][3]) - max(boxes[i][1], boxes[j][1]))
+      area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+      union = area(boxes[i]) + area(boxes[j]) - ix * iy
+      if not (union > 0 and ix * iy / union > thr):
+        survivors.append(j)
+    remaining = survivors
+  return keep
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_nms_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  xy = rng.uniform(0, 60, (80, 2))
+  wh = rng.uniform(1, 30, (80, 2))
+  boxes = np.concatenate([xy, xy + wh], axis=1)
+  scores = np.round(rng.uniform(0, 1, 80), 1)  # ties on purpose
+  assert postprocess.nms(boxes, scores, 0.5).tolist() == _brute_nms(boxes.tolist(), scores.tolist(), 0.5)
+
+
+def test_nms_threshold_is_strict_and_classwise():
+  a = [0, 0, 10, 10]
+  b = [0, 0, 10, 10]  # a duplicate of a, but of another class
+  half = [0, 0, 10, 5]  # IoU with a = 0.5 exactly
+  boxes = np.array([a, half, b], np.float64)
+  kept = postprocess.classwise_nms(Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1])), 0.5)
+  # `half` survives (IoU == 0.5 is not > 0.5); `b` equals `a` but has another label.
+  np.testing.assert_array_equal(kept.boxes, boxes)
+  np.testing.assert_array_equal(kept.scores, [0.9, 0.8, 0.7])
+
+
+def test_merge_caps_and_rejects_unknown_images():
+  record = records_lib.ImageRecord(image_id=7, name='img', file_name='img.jpg', width=100, height=100,
+                                  boxes=np.zeros((0, 4)), labels=np.zeros(0), ignore=np.zeros((0, 4)))
+  dets = [Detections(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([0.2, 0.9]), np.array([0, 1]))]
+  merged = postprocess.merge_patch_detections({7: dets}, [record], max_detections=1)
+  np.testing.assert_array_equal(merged[7].boxes, [[50, 50, 60, 60]])
+  assert set(postprocess.merge_patch_detections({}, [record])) == {7}
+  with pytest.raises(ValueError, match='no record'):
+    postprocess.merge_patch_detections({8: dets}, [record])
+
+
+def test_shift_detections():
+  d = postprocess.shift_detections(Detections(np.array([[1, 2, 3, 4]]), np.array([1.0]), np.array([2])), (650, 100))
+  np.testing.assert_array_equal(d.boxes, [[651, 102, 653, 104]])

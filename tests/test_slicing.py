@@ -8,6 +8,7 @@ import pytest
 from input_pipeline import records as records_lib
 from input_pipeline import slicing
 from mrqm_jax.metrics.detections import Detections
+from mrqm_jax.ops import postprocess
 
 
 def _record(boxes, labels=None, ignore=(), width=2000, height=1500, name='img', image_id=0):
@@ -118,61 +119,6 @@ def test_annotations_only_record_is_refused():
     slicing.slice_record(_record([[0, 0, 1, 1]], width=0, height=0), train=False)
 
 
-def _brute_nms(boxes, scores, thr):
-  """Reference greedy NMS: pick the best remaining, drop every remaining box overlapping it by IoU > thr."""
-  remaining = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))
-  keep = []
-  while remaining:
-    i = remaining.pop(0)
-    keep.append(i)
-    survivors = []
-    for j in remaining:
-      ix = max(0.0, min(boxes[i][2], boxes[j][2]) - max(boxes[i][0], boxes[j][0]))
-      iy = max(0.0, min(boxes[i][3], boxes[j][3]) - max(boxes[i][1], boxes[j][1]))
-      area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
-      union = area(boxes[i]) + area(boxes[j]) - ix * iy
-      if not (union > 0 and ix * iy / union > thr):
-        survivors.append(j)
-    remaining = survivors
-  return keep
-
-
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_nms_matches_brute_force(seed):
-  rng = np.random.default_rng(seed)
-  xy = rng.uniform(0, 60, (80, 2))
-  wh = rng.uniform(1, 30, (80, 2))
-  boxes = np.concatenate([xy, xy + wh], axis=1)
-  scores = np.round(rng.uniform(0, 1, 80), 1)  # ties on purpose
-  assert slicing.nms(boxes, scores, 0.5).tolist() == _brute_nms(boxes.tolist(), scores.tolist(), 0.5)
-
-
-def test_nms_threshold_is_strict_and_classwise():
-  a = [0, 0, 10, 10]
-  b = [0, 0, 10, 10]  # a duplicate of a, but of another class
-  half = [0, 0, 10, 5]  # IoU with a = 0.5 exactly
-  boxes = np.array([a, half, b], np.float64)
-  kept = slicing.classwise_nms(Detections(boxes, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 1])), 0.5)
-  # `half` survives (IoU == 0.5 is not > 0.5); `b` equals `a` but has another label.
-  np.testing.assert_array_equal(kept.boxes, boxes)
-  np.testing.assert_array_equal(kept.scores, [0.9, 0.8, 0.7])
-
-
-def test_merge_caps_and_rejects_unknown_images():
-  record = _record([], width=100, height=100, image_id=7)
-  dets = [Detections(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([0.2, 0.9]), np.array([0, 1]))]
-  merged = slicing.merge_patch_detections({7: dets}, [record], max_detections=1)
-  np.testing.assert_array_equal(merged[7].boxes, [[50, 50, 60, 60]])
-  assert set(slicing.merge_patch_detections({}, [record])) == {7}
-  with pytest.raises(ValueError, match='no record'):
-    slicing.merge_patch_detections({8: dets}, [record])
-
-
-def test_shift_detections():
-  d = slicing.shift_detections(Detections(np.array([[1, 2, 3, 4]]), np.array([1.0]), np.array([2])), (650, 100))
-  np.testing.assert_array_equal(d.boxes, [[651, 102, 653, 104]])
-
-
 # ---------------------------------------------------------------------------------------------- real data
 def _iou_matrix(a, b):
   lo = np.maximum(a[:, None, :2], b[None, :, :2])
@@ -252,14 +198,14 @@ def test_round_trip_ground_truth_through_patches(val_dev_records):
   # Exact: only parts that are whole boxes (score 1) -> NMS removes the copies from overlapping windows.
   whole = {i: [Detections(d.boxes[d.scores == 1], d.scores[d.scores == 1], d.labels[d.scores == 1]) for d in ds]
            for i, ds in per_image.items()}
-  merged = slicing.merge_patch_detections(whole, records, iou_threshold=0.5)
+  merged = postprocess.merge_patch_detections(whole, records, iou_threshold=0.5)
   for r in records:
     got = np.concatenate([merged[r.image_id].boxes, merged[r.image_id].labels[:, None]], 1)
     want = np.concatenate([r.boxes, r.labels[:, None]], 1).astype(np.float64)
     np.testing.assert_allclose(got[np.lexsort(got.T[::-1])], want[np.lexsort(want.T[::-1])], atol=1e-4)
 
   # With the cut parts too (lower scores): every box still comes back whole, and AP is 100.
-  merged = slicing.merge_patch_detections(per_image, records, iou_threshold=0.5)
+  merged = postprocess.merge_patch_detections(per_image, records, iou_threshold=0.5)
   for r in records:
     top = merged[r.image_id].scores == 1
     assert top.sum() == len(r.boxes)

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 
-from input_pipeline import readers
 from input_pipeline import records as records_lib
 from input_pipeline import stats
 from input_pipeline import synthetic
@@ -33,7 +32,7 @@ def test_size_bands_use_inclusive_upper_edges():
 
 
 def test_report_rows_define_boxes_and_ignored():
-  report = readers.ReadReport(source='x', target_rows=5, ignore_rows=3)
+  report = records_lib.ReadReport(source='x', target_rows=5, ignore_rows=3)
   s = stats.dataset_stats([_record('a', [[0, 0, 2, 3]] * 4, [0] * 4, [[0, 0, 1, 1]])], report=report)
   assert (s['boxes'], s['valid_boxes'], s['dropped_boxes'], s['ignored'], s['ignore_regions']) == (5, 4, 1, 3, 1)
   assert s['per_class'] == {'label_0': 4} and s['min_area'] == 6.0
