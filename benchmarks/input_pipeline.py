@@ -52,12 +52,12 @@ def train_step_images_per_sec(config: ml_collections.ConfigDict, records: list, 
   """Images/s of the jitted train step (full MRQM + objective) on this machine, on real pipeline batches."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from mrqm_jax import parallel, train, train_lib  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import datasets, model_lib, parallel, train, train_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
-  train.resolve_a_s(config, records)
+  datasets.resolve_a_s(config, records)
   mesh = parallel.create_mesh()
-  model = train.make_model(config)
-  variables = jax.jit(functools.partial(train.init_variables, model, config),
+  model = model_lib.make_model(config)
+  variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
   params = variables['params']
   model_state = {k: v for k, v in variables.items() if k != 'params'}

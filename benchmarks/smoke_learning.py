@@ -26,7 +26,7 @@ _AUX_HEADS = flags.DEFINE_list('aux_heads', None, 'config.model.aux_heads (defau
 def run(steps: int, workdir: str, aux_heads=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mrqm_jax import evaluate, parallel, train  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import datasets, evaluate, model_lib, parallel, train  # pylint: disable=g-import-not-at-top
 
   config = smoke.get_config()
   config.train.num_steps = steps
@@ -38,11 +38,11 @@ def run(steps: int, workdir: str, aux_heads=None) -> dict:
   # Untrained reference: same init as training, scored on the same held-out images.
   mesh = parallel.create_mesh()
   cfg = train.ml_collections.ConfigDict(config.to_dict())
-  data = train.prepare_data(cfg, workdir)
-  train.resolve_a_s(cfg, data.train_records)
+  data = datasets.prepare_data(cfg, workdir)
+  datasets.resolve_a_s(cfg, data.train_records)
   cfg.lock()
-  model = train.make_model(cfg)
-  variables = train.init_variables(model, cfg, jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0])
+  model = model_lib.make_model(cfg)
+  variables = model_lib.init_variables(model, cfg, jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0])
   before = evaluate.evaluate_params(model, cfg, variables['params'],
                                     {k: v for k, v in variables.items() if k != 'params'},
                                     data.eval_records, mesh, data.class_names)

@@ -3,8 +3,11 @@
 Every error meant for the user derives from `UsageError`; `mrqm_jax.main` and `mrqm_jax.evaluate_files` catch
 that one base class and print `PROG: error: MESSAGE` with the class's `exit_code`. Modules raise the most
 specific subclass (a missing checkpoint is a `CheckpointError`, a NaN loss a `TrainingError`).
+
+Also the argument guards a CLI runs before loading anything heavy (`check_output_folder`), so the error is instant.
 """
 
+import os
 import sys
 
 
@@ -37,3 +40,14 @@ def fail(prog: str, message: object, exit_code: int = 2) -> None:
   """Prints `prog: error: message` (one line) to stderr and exits."""
   print(f'{prog}: error: {one_line(message, limit=1000)}', file=sys.stderr)
   sys.exit(exit_code)
+
+
+def check_output_folder(input_path: str, output: str) -> None:
+  """UsageError when `output` is the input folder or inside it (drawn PNGs would replace input images)."""
+  if '://' in str(output):
+    return
+  source = os.path.realpath(input_path if os.path.isdir(input_path) else os.path.dirname(input_path) or '.')
+  target = os.path.realpath(output)
+  if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+    raise UsageError(f'--output={output} is {"the input folder" if target == source else "inside the input folder"}'
+                     f' {source}: predict would write next to (or over) its input images; choose another folder')

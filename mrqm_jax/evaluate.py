@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mrqm_jax import checkpointing, config_validation, parallel
+from input_pipeline import pipeline
+from mrqm_jax import checkpointing, datasets, model_lib, parallel
 from mrqm_jax.metrics import coco as metrics_lib
 from mrqm_jax.ops import postprocess
 
@@ -54,7 +55,6 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
 
 def predict_records(predict_fn, variables, config, records, mesh, desc='eval') -> dict:
   """Runs the model over `records`; returns {image_id: Detections} (patch results merged when slicing)."""
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   batch_size = eval_batch_size(config)
   iterator = pipeline.eval_iterator(config, records, global_batch_size=batch_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -110,86 +110,14 @@ def evaluate_params(model, config: ml_collections.ConfigDict, params, model_stat
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
                         overrides=()) -> dict[str, float]:
   """`--mode=eval`: restores the latest readable checkpoint of WORKDIR (or `checkpoint`) and prints the metrics."""
-  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed()
   mesh = parallel.create_mesh()
-  config = inference_config(config, workdir, checkpoint, overrides)
-  data = train.prepare_data(config, workdir)
-  model, config, variables = restore_for_inference(config, workdir, checkpoint, mesh)
-  metrics = evaluate_params(model, config, variables['params'],
-                            {k: v for k, v in variables.items() if k != 'params'}, data.eval_records, mesh,
-                            data.class_names)
+  config = model_lib.inference_config(config, workdir, checkpoint, overrides)
+  data = datasets.prepare_data(config, workdir)
+  model, config, variables = model_lib.restore_for_inference(config, workdir, checkpoint, mesh)
+  params, model_state = model_lib.split_variables(variables)
+  metrics = evaluate_params(model, config, params, model_state, data.eval_records, mesh, data.class_names)
   if jax.process_index() == 0:
     (checkpointing.to_path(workdir) / 'eval_metrics.json').write_text(json.dumps(metrics, indent=1))
   print(json.dumps(metrics))
   return metrics
-
-
-def inference_config(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
-                     overrides=()) -> ml_collections.ConfigDict:
-  """`config` with the model keys of the config stored with the checkpoint; checks the checkpoint exists.
-
-  Cheap (reads folder listings and one JSON file), so a wrong --checkpoint or a model override that disagrees
-  with the checkpoint fails before anything compiles. Raises CheckpointError / ConfigError.
-  """
-  try:
-    candidates = checkpointing.checkpoint_candidates(checkpoint or workdir)
-  except checkpointing.CheckpointError as e:
-    if checkpoint:
-      raise
-    raise checkpointing.CheckpointError(f'{e}: train first or pass --checkpoint=DIR') from None
-  stored = {}
-  for folder in candidates:  # the newest folder whose config is readable
-    try:
-      stored = checkpointing.read_stored_config(folder)
-      break
-    except checkpointing.CheckpointError as e:
-      logging.warning('%s', e)
-  if not stored:
-    logging.warning('no config stored with %s: the model is built from the given config', candidates[0])
-  merged, changed = config_validation.merge_stored_model_config(config, stored, overrides)
-  if changed:
-    logging.info('model keys from the checkpoint\'s config: %s', ', '.join(changed))
-  config_validation.validate(merged, mode='eval')
-  return merged
-
-
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
-                          mesh=None, overrides=()):
-  """(model, locked config copy, variables) restored from `checkpoint` or WORKDIR's latest, for eval/predict/export.
-
-  The model is built from the config stored with the checkpoint (`inference_config`). Its variables' shapes
-  come from `jax.eval_shape` of the init (nothing compiles); the arrays are then read from the checkpoint.
-  `iah.a_s` only shapes the training-time IoU-aware branch, which inference never runs, so 'auto' needs no
-  training-set scan here.
-  """
-  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
-  mesh = mesh or parallel.create_mesh()
-  config = inference_config(config, workdir, checkpoint, overrides)
-  if str(config.iah.a_s) == 'auto':
-    config.iah.a_s = '1'
-  config.lock()
-  model = train.make_model(config)
-  abstract = jax.eval_shape(lambda r: train.init_variables(model, config, r), jax.random.PRNGKey(0))
-  params, stored_state, _ = checkpointing.restore_params_from_path(checkpoint or workdir, abstract['params'])
-  model_state = stored_state
-  if not model_state:
-    model_state = {k: v for k, v in abstract.items() if k != 'params'}
-    if jax.tree.leaves(model_state):
-      # An old export without model_state: its initial values (this compiles the init once).
-      variables = jax.jit(lambda r: train.init_variables(model, config, r))(jax.random.PRNGKey(0))
-      model_state = {k: v for k, v in variables.items() if k != 'params'}
-  variables = jax.device_put({'params': params, **model_state}, parallel.replicated(mesh))
-  return model, config, variables
-
-
-def load_params(config, workdir, checkpoint, variables):
-  """Params (+ non-trainable model state) from `checkpoint` or WORKDIR's newest readable checkpoint.
-
-  `variables` (arrays or ShapeDtypeStructs) give the expected structure; its non-params collections are the
-  model state when the checkpoint stores none.
-  """
-  del config
-  params, stored_state, folder = checkpointing.restore_params_from_path(checkpoint or workdir, variables['params'])
-  logging.info('restored params from %s', folder)
-  return params, stored_state if stored_state else {k: v for k, v in variables.items() if k != 'params'}

@@ -23,7 +23,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# None of these imports jax or tensorflow, so `--help` and usage errors stay fast.
+from input_pipeline import records as records_lib
+from input_pipeline import visdrone as visdrone_reader
 from mrqm_jax import errors
+from mrqm_jax.metrics import coco as metrics
+from mrqm_jax.metrics import visdrone
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -53,12 +58,6 @@ def evaluate_folder(protocol: str, dataset: str, results: str, max_dets: int | N
   Raises:
     UsageError for missing folders, an empty dataset, or an unreadable/malformed file (message names it).
   """
-  # Imported here so `--help` and usage errors stay fast.
-  from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
-  from input_pipeline import visdrone as visdrone_reader  # pylint: disable=g-import-not-at-top
-  from mrqm_jax.metrics import coco as metrics  # pylint: disable=g-import-not-at-top
-  from mrqm_jax.metrics import visdrone  # pylint: disable=g-import-not-at-top
-
   if not dataset:
     raise UsageError('--dataset=DIR is required')
   if not results:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mrqm_jax import checkpointing, evaluate
+from mrqm_jax import checkpointing, model_lib
 from mrqm_jax.models import detector
 
 EXPORT_FILE = 'inference.stablehlo'
@@ -44,9 +44,9 @@ def inference_fn(model, num_detections: int):
 def export_model(config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint: str | None = None,
                  overrides=()) -> str:
   """Writes OUTPUT (see above) from `checkpoint` or WORKDIR's newest readable checkpoint; returns OUTPUT."""
-  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, overrides=overrides)
-  params = detector.inference_params(variables['params'])   # the auxiliary heads are training-only
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  model, config, variables = model_lib.restore_for_inference(config, workdir, checkpoint, overrides=overrides)
+  params, model_state = model_lib.split_variables(variables)
+  params = detector.inference_params(params)   # the auxiliary heads are training-only
   out = checkpointing.to_path(output)
   out.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the (async) save

@@ -153,13 +153,12 @@ def main(argv):
       check_writable(workdir, '--workdir')
     output = _OUTPUT.value or os.path.join(workdir, 'predictions' if mode == 'predict' else 'export')
     if mode == 'predict':  # before creating it: the output must not be (in) the input folder
-      from mrqm_jax import predict  # pylint: disable=g-import-not-at-top
-      predict.check_output_folder(_INPUT.value, output)
+      errors.check_output_folder(_INPUT.value, output)
     if mode in ('predict', 'export'):
       check_writable(output, '--output')
     if mode != 'train':  # the checkpoint and its stored config, before anything compiles
-      from mrqm_jax import evaluate  # pylint: disable=g-import-not-at-top
-      evaluate.inference_config(config, workdir, _CHECKPOINT.value, overrides)
+      from mrqm_jax import model_lib  # pylint: disable=g-import-not-at-top
+      model_lib.inference_config(config, workdir, _CHECKPOINT.value, overrides)
     enable_compilation_cache(config.compilation_cache_dir)
     if mode == 'train':
       _mode_module('train').train_and_evaluate(config, workdir)

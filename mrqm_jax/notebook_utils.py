@@ -26,9 +26,15 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
+import tensorflow as tf
 
-from mrqm_jax import visualize
+from input_pipeline import pipeline
+from input_pipeline import readers
+from mrqm_jax import checkpointing, datasets, evaluate, model_lib, parallel, predict, visualize
+from mrqm_jax.metrics import coco as metrics_lib
 from mrqm_jax.models import aux_heads
+from mrqm_jax.models import detector
 from mrqm_jax.models import iou_aware_head
 
 # Metric keys of each protocol's size bands, in band order (mrqm_jax/metrics/coco.py documents them).
@@ -76,7 +82,7 @@ class LiveLossPlot(list):
 
   def figure(self):
     """A new matplotlib figure of the curve (the caller closes it)."""
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    import matplotlib.pyplot as plt  # optional, plots only: pylint: disable=g-import-not-at-top
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if self:
       steps, losses = zip(*self)
@@ -92,8 +98,8 @@ class LiveLossPlot(list):
 
   def draw(self) -> None:
     """Shows the current curve, replacing the previous drawing of this plot in the cell's output."""
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    from IPython import display  # pylint: disable=g-import-not-at-top
+    import matplotlib.pyplot as plt  # optional, plots only: pylint: disable=g-import-not-at-top
+    from IPython import display  # optional, notebooks only: pylint: disable=g-import-not-at-top
     fig = self.figure()
     if self._handle is None:
       self._handle = display.display(fig, display_id=True)
@@ -129,7 +135,6 @@ class Restored:
 
 def latest_checkpoint_step(workdir: str) -> int | None:
   """The newest checkpoint step in WORKDIR/checkpoints, or None when there is none (or no folder)."""
-  from mrqm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
     return None
   with _quiet_checkpoint_reads():
@@ -139,52 +144,26 @@ def latest_checkpoint_step(workdir: str) -> int | None:
 def eval_records(config: ml_collections.ConfigDict, workdir: str) -> list:
   """The eval split's records (with ground truth). With `dataset.root` unset (smoke) the synthetic set is
   written into WORKDIR/data first, exactly as training does."""
-  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
-  from mrqm_jax import train  # pylint: disable=g-import-not-at-top
   if not config.dataset.root:
-    return train.prepare_data(ml_collections.ConfigDict(config.to_dict()), workdir).eval_records
+    return datasets.prepare_data(ml_collections.ConfigDict(config.to_dict()), workdir).eval_records
   records, report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
   print(report.summary())
   return records
 
 
-def stored_a_s(workdir: str) -> str | None:
-  """`iah.a_s` as resolved by the training run (stored with WORKDIR's latest checkpoint), or None."""
-  from mrqm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
-    return None
-  try:
-    with _quiet_checkpoint_reads():
-      a_s = checkpointing.Checkpointer(workdir, read_only=True).restore_config().get('iah', {}).get('a_s')
-  except checkpointing.CheckpointError:
-    return None
-  return None if a_s in (None, 'auto') else str(a_s)
-
-
 def restore_model(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> Restored:
   """Builds the model of `config` and restores its params (latest checkpoint of WORKDIR, or `checkpoint`).
 
-  `iah.a_s = 'auto'` is taken from the checkpoint's stored config (what training used); without one it is
-  recomputed from the training split (`train.resolve_a_s`). A checkpoint of another model size raises
-  `checkpointing.CheckpointError` naming the folder.
+  The one restore path of eval/predict/export (`model_lib.restore_for_inference`): the model keys come from
+  the checkpoint's stored config, `iah.a_s` included (what training resolved); when that is still 'auto' (no
+  stored config) it is recomputed from the training split (`datasets.resolve_a_s`). A checkpoint of another
+  model size raises `checkpointing.CheckpointError` naming the folder.
   """
-  from mrqm_jax import evaluate, parallel, predict, train  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh()
-  config = ml_collections.ConfigDict(config.to_dict())
-  if str(config.iah.a_s) == 'auto':
-    a_s = stored_a_s(workdir)
-    if a_s is None:
-      data = train.prepare_data(config, workdir)
-      train.resolve_a_s(config, data.train_records)
-    else:
-      config.iah.a_s = a_s
-  config.lock()
-  model = train.make_model(config)
-  variables = jax.jit(lambda r: train.init_variables(model, config, r),
-                      out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
   with _quiet_checkpoint_reads():
-    params, model_state = evaluate.load_params(config, workdir, checkpoint, variables)
-  return Restored(model, config, {'params': params, **model_state}, mesh, predict.class_names_for(config))
+    model, config, variables = model_lib.restore_for_inference(config, workdir, checkpoint, mesh,
+                                                               a_s_from_data=True)
+  return Restored(model, config, variables, mesh, predict.class_names_for(config))
 
 
 # ------------------------------------------------------------------------------------------ IAH positives
@@ -227,7 +206,6 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
     a_s: A_s override (needed when config.iah.a_s is 'auto').
     scale: canvas px per original px of this canvas (the batch's `scale`): eq. 8 works in original pixels.
   """
-  from mrqm_jax.models import detector  # pylint: disable=g-import-not-at-top
   iah = config.iah
   canvas_hw = tuple(int(v) for v in config.input.image_size)
   shapes = aux_heads.aux_level_shapes(encoder_spatial_shapes(config))   # the IAH runs on the aux levels
@@ -264,7 +242,6 @@ def write_iah_heatmaps(config: ml_collections.ConfigDict, records: list, output:
   positives are the ones training would assign. selected_only: the <= iah.max_pos anchors that become
   auxiliary queries; False: every positive anchor. Returns {name: [P, 2] centres in original pixels}.
   """
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   canvas_hw = tuple(int(v) for v in config.input.image_size)
   by_id = {r.image_id: r for r in records}
   centres: dict[int, list] = {r.image_id: [] for r in records}
@@ -289,7 +266,6 @@ def write_iah_heatmaps(config: ml_collections.ConfigDict, records: list, output:
 
 def _outline_boxes(picture: Image.Image, boxes_xyxy: np.ndarray) -> Image.Image:
   """Thin white ground-truth outlines, so positives can be compared with the objects that own them."""
-  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   draw = ImageDraw.Draw(picture)
   for x0, y0, x1, y1 in np.asarray(boxes_xyxy, np.float64).reshape(-1, 4):
     draw.rectangle([x0, y0, x1, y1], outline=(255, 255, 255), width=1)
@@ -302,7 +278,6 @@ def write_figure2(restored: Restored, records: list, output: str) -> list[dict[s
 
   Returns one {'detections', 'proposals', 'iah'} dict of PNG paths per record.
   """
-  from mrqm_jax import evaluate, predict  # pylint: disable=g-import-not-at-top
   config = restored.config
   predict_fn = evaluate.make_predict_fn(restored.model, config, restored.mesh)
   detections = evaluate.predict_records(predict_fn, restored.variables, config, records, restored.mesh,
@@ -317,7 +292,7 @@ def write_figure2(restored: Restored, records: list, output: str) -> list[dict[s
 
 def show_figure2(panels: list[dict[str, str]], width: float = 4.0):
   """A matplotlib figure: one row per image, columns detections | encoder proposals | IAH positives."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional, plots only: pylint: disable=g-import-not-at-top
   titles = {'detections': 'detections', 'proposals': 'selected encoder proposals', 'iah': 'IAH positive anchors'}
   fig, axes = plt.subplots(len(panels), 3, figsize=(3 * width, width * len(panels)), squeeze=False)
   for row, paths in zip(axes, panels):
@@ -337,7 +312,6 @@ def format_metrics(metrics: dict[str, float]) -> str:
   'visdrone' headline = the paper's Table 2 columns (COCO-style, Co-DETR's evaluation); toolkit_* = the
   VisDrone-DET toolkit's (VOC all-point AP, maxDets 500), see mrqm_jax/metrics/coco.py.
   """
-  from mrqm_jax.metrics import coco as metrics_lib  # pylint: disable=g-import-not-at-top
   prefix = metrics_lib.TOOLKIT_PREFIX
   toolkit = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
   headline = {k: v for k, v in metrics.items() if not k.startswith(prefix)}
@@ -363,7 +337,7 @@ def size_band_ap(metrics: dict[str, float], protocol: str) -> list[tuple[str, fl
 
 def plot_size_band_ap(metrics: dict[str, float], protocol: str, ax=None, title: str | None = None):
   """Bar chart of AP per size band; bands without ground truth (-1) are marked 'n/a'. Returns the figure."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional, plots only: pylint: disable=g-import-not-at-top
   bands = size_band_ap(metrics, protocol)
   if ax is None:
     _, ax = plt.subplots(figsize=(1.2 * len(bands) + 2, 3))
@@ -384,7 +358,6 @@ def plot_size_band_ap(metrics: dict[str, float], protocol: str, ax=None, title: 
 def mirror_tree(src: str, dst: str) -> int:
   """Copies every file under `src` to `dst` (local or any tf.io.gfile URL such as gs://bucket/run); returns
   the number of files copied. Existing files are overwritten, nothing is deleted."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   count = 0
   for folder, _, files in tf.io.gfile.walk(src):
     target = dst.rstrip('/') + '/' + os.path.relpath(folder, src).replace(os.sep, '/')

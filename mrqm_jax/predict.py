@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mrqm_jax import errors, evaluate, parallel, visualize
+from input_pipeline import pipeline
 from input_pipeline import records as records_lib
+from mrqm_jax import errors, evaluate, model_lib, parallel, visualize
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -36,17 +37,6 @@ def list_images(path: str) -> list[str]:
   if not files:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {path}')
   return files
-
-
-def check_output_folder(input_path: str, output: str) -> None:
-  """UsageError when `output` is the input folder or inside it (drawn PNGs would replace input images)."""
-  if '://' in str(output):
-    return
-  source = os.path.realpath(input_path if os.path.isdir(input_path) else os.path.dirname(input_path) or '.')
-  target = os.path.realpath(output)
-  if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
-    raise errors.UsageError(f'--output={output} is {"the input folder" if target == source else "inside the input folder"}'
-                            f' {source}: predict would write next to (or over) its input images; choose another folder')
 
 
 def output_names(paths: list[str]) -> list[str]:
@@ -138,7 +128,7 @@ def write_outputs(output: str, records, detections: dict, class_names, score_thr
 def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None, heatmaps: bool = False, overrides=()) -> dict:
   """Runs the model on every image under `input_path` and writes the outputs described above."""
-  check_output_folder(input_path, output)
+  errors.check_output_folder(input_path, output)
   mesh = parallel.create_mesh()
   config = ml_collections.ConfigDict(config.to_dict())
   if config.predict.slice_large_images:
@@ -146,7 +136,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: s
   records, skipped = image_records(list_images(input_path))
   if not records:
     raise errors.UsageError(f'no readable image in {input_path} ({len(skipped)} unreadable: {", ".join(skipped[:3])})')
-  model, config, variables = evaluate.restore_for_inference(config, workdir, checkpoint, mesh, overrides)
+  model, config, variables = model_lib.restore_for_inference(config, workdir, checkpoint, mesh, overrides)
   predict_fn = evaluate.make_predict_fn(model, config, mesh)
   detections = evaluate.predict_records(predict_fn, variables, config, records, mesh, desc='predict')
   summary = write_outputs(output, records, detections, class_names_for(config), config.predict.score_threshold)
@@ -163,7 +153,6 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: s
 
 def write_heatmaps(model, config, variables, records, mesh, output: str) -> None:
   """NAME_heatmap.png: the encoder proposals selected as decoder anchors (paper Fig. 2), score-weighted."""
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   batch_size = evaluate.eval_batch_size(config)
 
   @jax.jit

@@ -7,96 +7,32 @@ checkpoints every `train.checkpoint_every_steps` and at the end, and on SIGTERM 
 A NaN or Inf loss stops training naming the step; the last good checkpoint stays.
 """
 
-import dataclasses
 import functools
 import math
 import os
 import signal
 import time
-from typing import Any
 
 from absl import logging
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from mrqm_jax import checkpointing, errors, evaluate, parallel, train_lib
-from mrqm_jax.models import detector as detector_lib
+from input_pipeline import pipeline
+from mrqm_jax import checkpointing, datasets, errors, evaluate, model_lib, parallel, train_lib, weights
+from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.ops import losses as losses_lib
 
 # Test hook: after saving the checkpoint of this step, the process kills itself with SIGKILL (no cleanup), so a
 # test can check that a hard-killed run resumes exactly. Unset in normal use.
 KILL_AFTER_CHECKPOINT_ENV = 'MRQM_TEST_SIGKILL_AFTER_CHECKPOINT_STEP'
 
-SYNTHETIC_TRAIN_IMAGES = 256
-SYNTHETIC_EVAL_IMAGES = 48
-
-
 TrainingError = errors.TrainingError
 
-
-@dataclasses.dataclass
-class Data:
-  train_records: list
-  eval_records: list
-  class_names: tuple
-  report: str
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-  """Reads both splits; with `dataset.root` unset (smoke), writes synthetic VisDrone-layout data first."""
-  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
-  if not config.dataset.root:
-    from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-    root = os.path.join(workdir, 'data')
-    h, w = config.input.image_size
-    for split, count, seed in (('train', SYNTHETIC_TRAIN_IMAGES, config.train.seed),
-                               ('val', SYNTHETIC_EVAL_IMAGES, config.train.seed + 10_000)):
-      out = os.path.join(root, split)
-      if not os.path.isdir(os.path.join(out, 'annotations')):
-        logging.info('dataset.root is unset: writing %d synthetic images to %s', count, out)
-        synthetic.generate(out, count, seed=seed, size=(w, h))
-    with config.unlocked():
-      config.dataset.root = root
-      config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
-  try:
-    readers.check_distinct_splits(config.dataset)
-    train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
-    eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
-  except ValueError as e:  # a config value that disagrees with the data (format, num_classes, splits)
-    raise errors.ConfigError(str(e)) from None
-  if not train_records:
-    raise errors.UsageError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
-  return Data(train_records, eval_records, class_names,
-              train_report.summary() + '\n' + eval_report.summary())
-
-
-def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
-  """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
-  if str(config.iah.a_s) != 'auto':
-    float(config.iah.a_s)  # ValueError for direct callers; the CLI's config_validation said so earlier
-    return
-  if not any(len(r.boxes) for r in train_records):
-    raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
-                            'annotations)')
-  from input_pipeline import stats  # pylint: disable=g-import-not-at-top
-  min_area = float(stats.dataset_stats(train_records)['min_area'])
-  config.iah.a_s = f'{min_area:g}'
-  logging.info('iah.a_s = auto -> smallest training instance area %s px^2', config.iah.a_s)
-
-
-def make_model(config: ml_collections.ConfigDict) -> Any:
-  return detector_lib.MRQM(config)
-
-
-def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-  """Model variables for the static input shape (no data needed)."""
-  h, w = config.input.image_size
-  images = jnp.zeros((1, h, w, 3), jnp.float32)
-  pad_mask = jnp.zeros((1, h, w), bool)
-  return model.init({'params': rng, 'dropout': rng, 'dn': rng, 'aux': rng}, images, pad_mask, train=False)
+# benchmarks/train_step.py and older callers build the model through train.*; model_lib owns it.
+make_model = model_lib.make_model
+init_variables = model_lib.init_variables
 
 
 # Batch arrays the model and the loss read in training ('scale' maps canvas px to original px for eq. 8).
@@ -118,7 +54,6 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
 
 def _frozen_predicate(config):
   """Which param paths the optimizer must not touch (backbone stem + first `frozen_stages` stages)."""
-  from mrqm_jax.models import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
   prefixes = set(backbone_lib.frozen_prefixes(config.model.frozen_stages))
   return lambda names: len(names) > 1 and names[0] == train_lib.BACKBONE_KEY and names[1] in prefixes
 
@@ -188,16 +123,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   loss_history: if given, (step, loss) is appended at every logged step (benchmarks, tests, notebooks).
   """
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed()
   mesh = parallel.create_mesh()
   is_chief = jax.process_index() == 0
   config = ml_collections.ConfigDict(config.to_dict())  # a private, mutable copy (a_s, resolved root)
-  data = prepare_data(config, workdir)
+  data = datasets.prepare_data(config, workdir)
   if not any(len(r.boxes) for r in data.train_records):
     raise errors.UsageError(f'no box in the {len(data.train_records)} training images of {config.dataset.root} '
                             f'(split {config.dataset.train_split!r}): nothing to learn; check the annotations')
-  resolve_a_s(config, data.train_records)
+  datasets.resolve_a_s(config, data.train_records)
   config.lock()
   try:
     batch_size = parallel.global_batch_size(config)
@@ -231,19 +165,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'mrqm_jax: {ckpt.directory} already holds the final step {num_steps}: nothing to train')
     return {}
 
-  model = make_model(config)
+  model = model_lib.make_model(config)
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, state_rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(init_variables, model, config),
+  variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(init_rng)
   if config.model.pretrained:
-    from mrqm_jax import weights  # pylint: disable=g-import-not-at-top
     variables, report = weights.load_pretrained(config, jax.device_get(variables))
     variables = jax.device_put(variables, parallel.replicated(mesh))
     if is_chief:
       print(f'mrqm_jax: pretrained backbone {config.model.pretrained}: {report.summary()}')
-  params = variables['params']
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, per_epoch, frozen=_frozen_predicate(config))
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=parallel.replicated(mesh))(params, model_state, rng=state_rng)

@@ -16,12 +16,12 @@ _SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     from configs import smoke
-    from mrqm_jax import parallel, train, train_lib
+    from mrqm_jax import model_lib, parallel, train, train_lib
     assert jax.device_count() == 4, jax.devices()
     config = smoke.get_config()
     config.iah.a_s = '16'
-    model = train.make_model(config)
-    variables = train.init_variables(model, config, jax.random.PRNGKey(0))
+    model = model_lib.make_model(config)
+    variables = model_lib.init_variables(model, config, jax.random.PRNGKey(0))
     params = variables['params']
     model_state = {k: v for k, v in variables.items() if k != 'params'}
     # Plain SGD with lr 1: the update IS the gradient. (Adam's first step is ~lr*sign(g), which turns harmless

@@ -22,15 +22,15 @@ def _image(path, size=(40, 30), color=(200, 10, 10)):
 def test_output_inside_the_input_folder_is_refused(tmp_path, output):
   _image(tmp_path / 'a.png')
   with pytest.raises(errors.UsageError, match='input folder'):
-    predict.check_output_folder(str(tmp_path), str(tmp_path / output))
+    errors.check_output_folder(str(tmp_path), str(tmp_path / output))
 
 
 def test_output_next_to_a_single_input_file_is_refused_and_elsewhere_allowed(tmp_path):
   f = _image(tmp_path / 'a.png')
   with pytest.raises(errors.UsageError):
-    predict.check_output_folder(f, str(tmp_path))
-  predict.check_output_folder(str(tmp_path), str(tmp_path.parent / 'elsewhere'))   # no error
-  predict.check_output_folder(str(tmp_path), str(tmp_path) + '_out')   # a sibling with the same prefix
+    errors.check_output_folder(f, str(tmp_path))
+  errors.check_output_folder(str(tmp_path), str(tmp_path.parent / 'elsewhere'))   # no error
+  errors.check_output_folder(str(tmp_path), str(tmp_path) + '_out')   # a sibling with the same prefix
 
 
 def test_output_names_keep_unique_stems_and_add_the_extension_where_stems_collide(tmp_path):

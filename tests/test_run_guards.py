@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 from input_pipeline import readers
-from mrqm_jax import checkpointing, errors, evaluate_files, main, train
+from mrqm_jax import checkpointing, datasets, errors, evaluate_files, main, train
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO))
@@ -45,9 +45,9 @@ def test_a_root_holding_one_split_is_not_used_for_both_train_and_eval(tmp_path):
   with pytest.raises(ValueError, match=r"train_split='train' and config.dataset.eval_split='val' both resolve to"):
     readers.check_distinct_splits(c.dataset)
   with pytest.raises(errors.ConfigError, match='eval_split=train to evaluate on the training images on purpose'):
-    train.prepare_data(c, str(tmp_path / 'work'))
+    datasets.prepare_data(c, str(tmp_path / 'work'))
   c.dataset.eval_split = 'train'   # the user's explicit choice
-  data = train.prepare_data(c, str(tmp_path / 'work'))
+  data = datasets.prepare_data(c, str(tmp_path / 'work'))
   assert len(data.train_records) == len(data.eval_records) == 2
 
 
@@ -55,7 +55,7 @@ def test_separate_split_folders_pass(tmp_path):
   _split(tmp_path / 'train', {'a': BOX})
   _split(tmp_path / 'val', {'b': BOX})
   readers.check_distinct_splits(_config(tmp_path).dataset)
-  data = train.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
+  data = datasets.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
   assert [r.name for r in data.train_records] == ['a'] and [r.name for r in data.eval_records] == ['b']
 
 
@@ -65,7 +65,7 @@ def test_num_classes_disagreeing_with_the_data_is_a_config_error(tmp_path):
   c = _config(tmp_path)
   c.dataset.num_classes = 3
   with pytest.raises(errors.ConfigError, match='config.dataset.num_classes=3 but the visdrone dataset'):
-    train.prepare_data(c, str(tmp_path / 'work'))
+    datasets.prepare_data(c, str(tmp_path / 'work'))
 
 
 def test_a_training_set_without_boxes_is_one_line(tmp_path):

@@ -136,13 +136,9 @@ np.savez({str(tmp_path / 'exported.npz')!r}, boxes=boxes, scores=scores, labels=
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(REPO))
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mrqm_jax import evaluate, export, train  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  with config.unlocked():
-    config.iah.a_s = '1'
-  model = train.make_model(config)
-  variables = train.init_variables(model, config, jax.random.PRNGKey(0))
-  params, model_state = evaluate.load_params(config, str(workdir), None, variables)
+  from mrqm_jax import export, model_lib  # pylint: disable=g-import-not-at-top
+  model, config, variables = model_lib.restore_for_inference(smoke.get_config(), str(workdir))
+  params, model_state = model_lib.split_variables(variables)
   h, w = config.input.image_size
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)

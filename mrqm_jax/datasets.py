@@ -1,0 +1,68 @@
+"""The run's data as training, eval and the notebooks read it, and what the data decides in the config.
+
+`prepare_data` reads both configured splits (with `dataset.root` unset, as in the smoke config, it first writes
+a synthetic VisDrone-layout set into WORKDIR/data); `resolve_a_s` turns `iah.a_s = 'auto'` into the smallest
+training instance area. Shared by train.py, evaluate.py, model_lib.py and notebook_utils.py, so none of them
+imports another for it.
+"""
+
+import dataclasses
+import os
+
+from absl import logging
+import ml_collections
+
+from input_pipeline import readers
+from input_pipeline import stats
+from input_pipeline import synthetic
+from mrqm_jax import errors
+
+SYNTHETIC_TRAIN_IMAGES = 256
+SYNTHETIC_EVAL_IMAGES = 48
+
+
+@dataclasses.dataclass
+class Data:
+  train_records: list
+  eval_records: list
+  class_names: tuple
+  report: str
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """Reads both splits; with `dataset.root` unset (smoke), writes synthetic VisDrone-layout data first."""
+  if not config.dataset.root:
+    root = os.path.join(workdir, 'data')
+    h, w = config.input.image_size
+    for split, count, seed in (('train', SYNTHETIC_TRAIN_IMAGES, config.train.seed),
+                               ('val', SYNTHETIC_EVAL_IMAGES, config.train.seed + 10_000)):
+      out = os.path.join(root, split)
+      if not os.path.isdir(os.path.join(out, 'annotations')):
+        logging.info('dataset.root is unset: writing %d synthetic images to %s', count, out)
+        synthetic.generate(out, count, seed=seed, size=(w, h))
+    with config.unlocked():
+      config.dataset.root = root
+      config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
+  try:
+    readers.check_distinct_splits(config.dataset)
+    train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
+    eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+  except ValueError as e:  # a config value that disagrees with the data (format, num_classes, splits)
+    raise errors.ConfigError(str(e)) from None
+  if not train_records:
+    raise errors.UsageError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
+  return Data(train_records, eval_records, class_names,
+              train_report.summary() + '\n' + eval_report.summary())
+
+
+def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
+  """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
+  if str(config.iah.a_s) != 'auto':
+    float(config.iah.a_s)  # ValueError for direct callers; the CLI's config_validation said so earlier
+    return
+  if not any(len(r.boxes) for r in train_records):
+    raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
+                            'annotations)')
+  min_area = float(stats.dataset_stats(train_records)['min_area'])
+  config.iah.a_s = f'{min_area:g}'
+  logging.info('iah.a_s = auto -> smallest training instance area %s px^2', config.iah.a_s)
