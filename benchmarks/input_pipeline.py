@@ -59,8 +59,7 @@ def train_step_images_per_sec(config: ml_collections.ConfigDict, records: list, 
   model = model_lib.make_model(config)
   variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  params = variables['params']
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, 1000)
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=parallel.replicated(mesh))(params, model_state, rng=jax.random.PRNGKey(1))

@@ -43,9 +43,8 @@ def run(steps: int, workdir: str, aux_heads=None) -> dict:
   cfg.lock()
   model = model_lib.make_model(cfg)
   variables = model_lib.init_variables(model, cfg, jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0])
-  before = evaluate.evaluate_params(model, cfg, variables['params'],
-                                    {k: v for k, v in variables.items() if k != 'params'},
-                                    data.eval_records, mesh, data.class_names)
+  before = evaluate.evaluate_params(model, cfg, *model_lib.split_variables(variables), data.eval_records, mesh,
+                                    data.class_names)
 
   start = time.time()
   history = []

@@ -83,10 +83,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The kept step with the highest stored AP (None when no checkpoint has metrics)."""
-    scored = [(float(m['AP']), step) for step in self._manager.all_steps()
-              if (m := self._manager.metrics(step)) and 'AP' in m]
-    return max(scored)[1] if scored else None
+    """The kept step with the highest stored AP (None when no checkpoint has metrics); `best_fn` ranks them."""
+    return self._manager.best_step() if self._manager.all_steps() else None
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())

@@ -9,9 +9,9 @@ A NaN or Inf loss stops training naming the step; the last good checkpoint stays
 
 import functools
 import math
-import os
 import signal
 import time
+from typing import Callable
 
 from absl import logging
 from clu import metric_writers
@@ -24,9 +24,9 @@ from mrqm_jax import checkpointing, datasets, errors, evaluate, model_lib, paral
 from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.ops import losses as losses_lib
 
-# Test hook: after saving the checkpoint of this step, the process kills itself with SIGKILL (no cleanup), so a
-# test can check that a hard-killed run resumes exactly. Unset in normal use.
-KILL_AFTER_CHECKPOINT_ENV = 'MRQM_TEST_SIGKILL_AFTER_CHECKPOINT_STEP'
+# Called as hook(step, checkpointer) after every checkpoint save, in order. Empty in normal use; a caller (the
+# resume test: SIGKILL right after a save) appends its own.
+AFTER_SAVE_HOOKS: list[Callable[[int, checkpointing.Checkpointer], None]] = []
 
 TrainingError = errors.TrainingError
 
@@ -206,9 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return
     ckpt.save(step, state, config, data_step=step, metrics=metrics)
     last_saved = step
-    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
-      ckpt.wait()
-      os.kill(os.getpid(), signal.SIGKILL)
+    for hook in AFTER_SAVE_HOOKS:
+      hook(step, ckpt)
 
   lr_schedule = train_lib.learning_rate_schedule(config, per_epoch)
   step_keys = ('image', 'pad_mask') + TARGET_KEYS  # all the step reads; the rest stays on host

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import numpy as np
 
 from mrqm_jax.models import layers
@@ -91,14 +92,6 @@ def _to_mutable(tree):
   return tree
 
 
-def _flat_paths(tree, prefix=()):
-  if isinstance(tree, Mapping):
-    for k, v in tree.items():
-      yield from _flat_paths(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
 def import_torch_state_dict(variables: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
                             module_path: Sequence[str] = ('backbone',), source_prefix: str = ''
                             ) -> tuple[dict[str, Any], ImportReport]:
@@ -151,7 +144,8 @@ def import_torch_state_dict(variables: Mapping[str, Any], state_dict: Mapping[st
     subtree = _subtree(new_vars.get(collection), module_path)
     if subtree is None:
       continue
-    for path, _ in _flat_paths(subtree, (collection,) + module_path):
+    for path in traverse_util.flatten_dict(subtree):
+      path = (collection,) + module_path + path
       if path not in filled:
         report.missing.append('/'.join(path))
   return new_vars, report

@@ -22,8 +22,7 @@ _SCRIPT = textwrap.dedent('''
     config.iah.a_s = '16'
     model = model_lib.make_model(config)
     variables = model_lib.init_variables(model, config, jax.random.PRNGKey(0))
-    params = variables['params']
-    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    params, model_state = model_lib.split_variables(variables)
     # Plain SGD with lr 1: the update IS the gradient. (Adam's first step is ~lr*sign(g), which turns harmless
     # float-summation-order differences of near-zero gradients into full-size update differences.)
     import optax

@@ -39,6 +39,22 @@ def _cli(workdir, *args, env=None, check=True):
   return result
 
 
+# The CLI with a hook that SIGKILLs the process (no cleanup) right after the checkpoint of step 3 is written.
+_KILLED_AFTER_STEP_3 = '''
+import os, signal, sys
+from mrqm_jax import main, train
+
+def kill_after_step_3(step, ckpt):
+  if step == 3:
+    ckpt.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+train.AFTER_SAVE_HOOKS.append(kill_after_step_3)
+sys.argv[0] = 'mrqm_jax.main'
+main.run()
+'''
+
+
 def _final_params(workdir):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   restored = ocp.PyTreeCheckpointer().restore(str(workdir / 'checkpoints' / str(STEPS) / 'state'))
@@ -64,7 +80,9 @@ def test_training_prints_mesh_progress_and_writes_events(trained):
 
 def test_sigkill_then_resume_equals_uninterrupted(trained, tmp_path):
   workdir, _ = trained
-  killed = _cli(tmp_path, *COMMON, env=_env(MRQM_TEST_SIGKILL_AFTER_CHECKPOINT_STEP='3'), check=False)
+  killed = subprocess.run([sys.executable, '-c', _KILLED_AFTER_STEP_3, '--config=configs/smoke.py',
+                           f'--workdir={tmp_path}', *COMMON], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert not (tmp_path / 'checkpoints' / str(STEPS)).exists()
   resumed = _cli(tmp_path, *COMMON)
