@@ -53,7 +53,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from mrqm_jax import parallel, train, train_lib  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import model_lib, parallel, train, train_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
   if str(config.iah.a_s) == 'auto':
@@ -61,12 +61,11 @@ def main(argv):
   config.lock()
   mesh = parallel.create_mesh()
   batch_size = config.train.per_device_batch_size * jax.device_count()
-  model = train.make_model(config)
+  model = model_lib.make_model(config)
   start = time.perf_counter()
-  variables = train.init_variables(model, config, jax.random.PRNGKey(0))
+  variables = jax.jit(lambda r: model_lib.init_variables(model, config, r))(jax.random.PRNGKey(0))
   init_seconds = time.perf_counter() - start
-  params = variables['params']
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, steps_per_epoch=1000)
   state = jax.jit(lambda p, s: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1)),
                   out_shardings=parallel.replicated(mesh))(params, model_state)

@@ -30,11 +30,6 @@ AFTER_SAVE_HOOKS: list[Callable[[int, checkpointing.Checkpointer], None]] = []
 
 TrainingError = errors.TrainingError
 
-# benchmarks/train_step.py and older callers build the model through train.*; model_lib owns it.
-make_model = model_lib.make_model
-init_variables = model_lib.init_variables
-
-
 # Batch arrays the model and the loss read in training ('scale' maps canvas px to original px for eq. 8).
 TARGET_KEYS = ('boxes', 'labels', 'box_valid', 'scale')
 
