@@ -135,7 +135,7 @@ class Restored:
 
 def latest_checkpoint_step(workdir: str) -> int | None:
   """The newest checkpoint step in WORKDIR/checkpoints, or None when there is none (or no folder)."""
-  if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
+  if not (checkpointing.to_path(workdir) / checkpointing.CHECKPOINT_DIR).is_dir():   # gs://, file:// too
     return None
   with _quiet_checkpoint_reads():
     return checkpointing.Checkpointer(workdir, read_only=True).latest_step()

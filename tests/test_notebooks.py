@@ -7,7 +7,6 @@ tests/test_train_e2e.py also compiles.
 """
 
 import json
-import os
 import pathlib
 import time
 
@@ -16,9 +15,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from mrqm_jax import notebook_utils
+from mrqm_jax import checkpointing, notebook_utils
 from mrqm_jax.models import backbone as backbone_lib
 from tests.conftest import REPO
+from tests.test_checkpointing import _config, _state
 
 NOTEBOOKS = ('train_tpu.ipynb', 'inference_demo.ipynb')
 CELL_TIMEOUT_S = 600
@@ -219,3 +219,13 @@ def test_mirror_tree_copies_nested_files(tmp_path):
   assert notebook_utils.mirror_tree(str(src), str(tmp_path / 'dst')) == 2
   assert (tmp_path / 'dst' / 'top.txt').read_text() == '1'
   assert (tmp_path / 'dst' / 'a' / 'b' / 'deep.bin').read_bytes() == b'\x00\x01'
+
+
+def test_latest_checkpoint_step_reads_url_workdirs(tmp_path):
+  """Notebook workdirs go through etils.epath like training's: a file:// URL (the local URL scheme) works."""
+  url = f'file://{tmp_path}'
+  assert notebook_utils.latest_checkpoint_step(url) is None
+  ckpt = checkpointing.Checkpointer(url, keep=2)
+  ckpt.save(3, _state(3), _config(), data_step=3)
+  ckpt.close()
+  assert notebook_utils.latest_checkpoint_step(url) == 3
