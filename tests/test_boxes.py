@@ -218,3 +218,11 @@ def test_jit_and_vmap_agree_with_eager():
   eager = B.pairwise_giou(a, b)
   np.testing.assert_allclose(np.asarray(jax.jit(B.pairwise_giou)(a, b)), np.asarray(eager), atol=1e-6)
   np.testing.assert_allclose(np.asarray(jax.vmap(B.pairwise_giou)(a, b)), np.asarray(eager), atol=1e-6)
+
+
+def test_pixel_frame_round_trip_and_closed_form():
+  """Normalized cxcywh <-> canvas-pixel xyxy: a closed-form case and the round trip."""
+  canvas = (100, 200)   # H, W
+  box = jnp.asarray([[0.5, 0.25, 0.1, 0.2]])
+  np.testing.assert_allclose(B.cxcywh_to_pixel_xyxy(box, canvas), [[90.0, 15.0, 110.0, 35.0]], rtol=1e-6)
+  np.testing.assert_allclose(B.pixel_xyxy_to_cxcywh(B.cxcywh_to_pixel_xyxy(box, canvas), canvas), box, rtol=1e-6)

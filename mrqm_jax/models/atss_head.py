@@ -20,9 +20,6 @@ from mrqm_jax.ops import assigners
 from mrqm_jax.ops import box_coder
 from mrqm_jax.ops import boxes as box_ops
 
-DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
-
-
 def centerness_target(anchors, gt_boxes):
   """ATSS centerness of anchor centres inside their gts: anchors [..., 4], gt [..., 4] cxcywh -> [...] in [0, 1].
 
@@ -35,12 +32,6 @@ def centerness_target(anchors, gt_boxes):
   ratio_x = jnp.minimum(left, right) / jnp.maximum(jnp.maximum(left, right), box_ops.EPS)
   ratio_y = jnp.minimum(top, bottom) / jnp.maximum(jnp.maximum(top, bottom), box_ops.EPS)
   return jnp.sqrt(ratio_x * ratio_y)
-
-
-def to_pixel_xyxy(boxes, canvas_hw):
-  """Normalized cxcywh [..., 4] -> canvas-pixel xyxy [..., 4]."""
-  h, w = canvas_hw
-  return box_ops.cxcywh_to_xyxy(boxes) * jnp.asarray([w, h, w, h], jnp.float32)
 
 
 class ATSSHead(nn.Module):
@@ -73,19 +64,19 @@ class ATSSHead(nn.Module):
         shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,)))
     dense = aux_heads.DenseHead(1, self.num_classes, self.stacked_convs, True, self.norm, self.conv_impl,
                                 self.dtype, name='dense')(maps)
-    pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], DELTA_STDS)
-    anchor_valid = ~aux_heads.flatten_anchor_maps([jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0]
+    pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
+    anchor_valid = aux_heads.anchor_valid_mask(level_pad, 1)
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     gt_boxes = jnp.where(gt_valid[..., None], gt_boxes, 0.0)
     per_level = tuple(h * w for h, w in shapes)
-    anchors_px = to_pixel_xyxy(anchors, self.canvas_hw)
+    anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
     if self.is_initializing():   # parameters only: skip compiling the assignment, which holds none
       assigned_gt = jnp.full(anchor_valid.shape, -1, jnp.int32)
       assigned_iou = jnp.zeros(anchor_valid.shape, jnp.float32)
     else:
       assigned_gt, assigned_iou = jax.vmap(lambda g, v, av: assigners.atss_assign(
-          anchors_px, per_level, to_pixel_xyxy(g, self.canvas_hw), v, topk=self.topk, anchor_valid=av))(
+          anchors_px, per_level, box_ops.cxcywh_to_pixel_xyxy(g, self.canvas_hw), v, topk=self.topk, anchor_valid=av))(
               gt_boxes, gt_valid, anchor_valid)
     target = jnp.take_along_axis(gt_boxes, jnp.maximum(assigned_gt, 0)[..., None], axis=1)
     ctr_target = jnp.where(assigned_gt >= 0, centerness_target(anchors[None], target), 0.0)

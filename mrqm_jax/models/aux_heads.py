@@ -63,6 +63,13 @@ def flatten_anchor_maps(maps: Sequence[jax.Array], per_anchor: int) -> jax.Array
   return jnp.concatenate([m.reshape(m.shape[0], -1, per_anchor) for m in maps], axis=1)
 
 
+def anchor_valid_mask(level_pad: Sequence[jax.Array], per_location: int) -> jax.Array:
+  """L padding masks [B, H_l, W_l] (True = padding) -> [B, A] bool, True for anchors on image pixels (A =
+  per_location * sum H_l W_l, the order of `flatten_anchor_maps`)."""
+  pad = flatten_anchor_maps([jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0]
+  return jnp.repeat(~pad, per_location, axis=1)
+
+
 class DenseHead(nn.Module):
   """ATSS-style dense head shared over levels (mmdet ATSSHead; the IoU-aware head uses it without centerness).
 

@@ -49,8 +49,6 @@ from mrqm_jax.models import aux_heads
 from mrqm_jax.ops import box_coder
 from mrqm_jax.ops import boxes as box_ops
 
-# Box-delta parameterization of the dense box branch (mmdet DeltaXYWHBBoxCoder with Co-DETR's ATSS stds).
-DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
 # Anchors processed per step in `assign_anchors`: bounds the IoU block to [chunk, M] instead of [A, M]
 # (at 800x1344 with 6 anchors per location A = 535,500; with M = 1000 that is 2 GB per image otherwise).
 # 16384 x 1000 floats = 64 MB per intermediate, and only ~33 sequential steps per pass at full size.
@@ -252,14 +250,6 @@ def select_positives(assigned_gt, iou, max_pos: int):
   return anchor_index, valid
 
 
-def _static_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
-  try:
-    return tuple((int(h), int(w)) for h, w in np.asarray(spatial_shapes).reshape(-1, 2))
-  except (TypeError, jax.errors.ConcretizationTypeError) as e:
-    raise ValueError('IoUAwareHead: spatial_shapes must be static (Python ints or a NumPy array), '
-                     f'got {type(spatial_shapes)}') from e
-
-
 class IoUAwareHead(nn.Module):
   """IoU-aware head in the place of Co-DINO's ATSS head: the same dense head (`aux_heads.DenseHead`, no
   centerness) on the aux levels, anchors `anchor_sizes[l] x anchor_scales x anchor_ratios` per location,
@@ -297,9 +287,8 @@ class IoUAwareHead(nn.Module):
                                            self.anchor_scales))
     dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
                                 self.conv_impl, self.dtype, name='dense')(maps)
-    pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], DELTA_STDS)
-    anchor_valid = jnp.repeat(~aux_heads.flatten_anchor_maps(
-        [jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0], per_location, axis=1)     # [B, A]
+    pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
+    anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)                            # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     thresholds = gt_thresholds(gt_boxes, self.canvas_hw, self.iah, a_s=self.a_s, scale=targets.get('scale'))

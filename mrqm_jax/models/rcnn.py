@@ -27,16 +27,11 @@ import jax.numpy as jnp
 
 from mrqm_jax.models import aux_heads
 from mrqm_jax.models import iou_aware_head
-from mrqm_jax.models.atss_head import to_pixel_xyxy
 from mrqm_jax.ops import assigners
 from mrqm_jax.ops import box_coder
 from mrqm_jax.ops import boxes as box_ops
 from mrqm_jax.ops import nms as nms_lib
 from mrqm_jax.ops import roi_align
-
-RPN_STDS = (1.0, 1.0, 1.0, 1.0)
-ROI_STDS = (0.1, 0.1, 0.2, 0.2)
-
 
 def rpn_anchor_sizes(strides, octave_base_scale: float, scales_per_octave: int):
   """(base sizes per level, octave scales) of mmdet's AnchorGenerator(octave_base_scale, scales_per_octave)."""
@@ -60,7 +55,8 @@ def select_proposals(logits, deltas, anchors, anchor_valid, level_sizes, canvas_
     lg = jnp.where(anchor_valid[start:start + size], logits[start:start + size], -jnp.inf)
     score, idx = jax.lax.top_k(lg, min(nms_pre, size))
     idx = idx + start
-    boxes = to_pixel_xyxy(box_coder.decode_deltas(anchors[idx], deltas[idx], RPN_STDS), canvas_hw)
+    boxes = box_ops.cxcywh_to_pixel_xyxy(
+        box_coder.decode_deltas(anchors[idx], deltas[idx], box_coder.UNIT_STDS), canvas_hw)
     boxes = jnp.clip(boxes, 0.0, jnp.asarray([w, h, w, h], jnp.float32))
     ok = jnp.isfinite(score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     keep = nms_lib.nms(boxes, score, nms_iou, valid=ok)
@@ -125,9 +121,8 @@ class RCNNBranch(nn.Module):
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
     anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales))
-    anchors_px = to_pixel_xyxy(anchors, self.canvas_hw)
-    anchor_valid = jnp.repeat(~aux_heads.flatten_anchor_maps(
-        [jnp.asarray(p, bool)[..., None] for p in level_pad], 1)[..., 0], per_location, axis=1)
+    anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
+    anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
     rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
 
     if self.is_initializing():   # parameters only: skip compiling assignment, proposals and sampling
@@ -141,7 +136,7 @@ class RCNNBranch(nn.Module):
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     gt_boxes = jnp.where(gt_valid[..., None], jnp.asarray(targets['boxes'], jnp.float32), 0.0)
     gt_labels = jnp.where(gt_valid, jnp.asarray(targets['labels'], jnp.int32), 0)
-    gt_px = to_pixel_xyxy(gt_boxes, self.canvas_hw)
+    gt_px = box_ops.cxcywh_to_pixel_xyxy(gt_boxes, self.canvas_hw)
     batch = gt_boxes.shape[0]
     rpn_rng, roi_rng = jax.random.split(self.make_rng('aux'))
 
@@ -159,7 +154,7 @@ class RCNNBranch(nn.Module):
     # padded gt (zero size -> log 0) reaches the output.
     target_boxes = jnp.where(sampled_pos[..., None], jnp.take_along_axis(gt_boxes, sampled_gt[..., None], axis=1),
                              anchors[index])
-    rpn_delta_targets = box_coder.encode_deltas(anchors[index], target_boxes, RPN_STDS)
+    rpn_delta_targets = box_coder.encode_deltas(anchors[index], target_boxes, box_coder.UNIT_STDS)
 
     # Proposals (no gradient), then the RoIs: gts first (add_gt_as_proposals), assigned and sampled.
     level_sizes = tuple(h * w * per_location for h, w in shapes)
@@ -184,9 +179,8 @@ class RCNNBranch(nn.Module):
     head = aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(feats)
     target_class = jnp.take_along_axis(gt_labels, jnp.maximum(roi_gt, 0), axis=1)
     deltas = jnp.take_along_axis(head['deltas'], target_class[..., None, None], axis=2)[:, :, 0]
-    h, w = self.canvas_hw
-    rois = box_ops.xyxy_to_cxcywh(rois_px / jnp.asarray([w, h, w, h], jnp.float32))
-    roi_boxes = box_coder.decode_deltas(rois, deltas, ROI_STDS)
+    rois = box_ops.pixel_xyxy_to_cxcywh(rois_px, self.canvas_hw)
+    roi_boxes = box_coder.decode_deltas(rois, deltas, box_coder.DELTA_STDS)
 
     k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
     pos_valid = roi_is_pos[:, :k] & roi_valid[:, :k]
@@ -196,7 +190,7 @@ class RCNNBranch(nn.Module):
         'rpn_pos': sampled_pos, 'rpn_valid': sample_valid,
         'roi_logits': head['cls_logits'], 'roi_boxes': roi_boxes, 'roi_gt': roi_gt.astype(jnp.int32),
         'roi_valid': roi_valid,
-        'proposals': box_ops.xyxy_to_cxcywh(proposals / jnp.asarray([w, h, w, h], jnp.float32)),
+        'proposals': box_ops.pixel_xyxy_to_cxcywh(proposals, self.canvas_hw),
         'proposal_valid': proposal_valid,
         'pos_ref_boxes': rois[:, :k], 'pos_gt': jnp.where(pos_valid, roi_gt[:, :k], 0).astype(jnp.int32),
         'pos_valid': pos_valid,

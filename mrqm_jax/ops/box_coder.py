@@ -15,6 +15,10 @@ DEFAULT_MAX_LOG_SCALE = abs(math.log(16.0 / 1000.0))
 
 Stds = Union[Sequence[float], jnp.ndarray]
 
+# target_stds of Co-DINO's dense heads (ATSS, and so the IAH) and of its RoI box head; its RPN uses UNIT_STDS.
+DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
+UNIT_STDS = (1.0, 1.0, 1.0, 1.0)
+
 
 def encode_deltas(anchors: jnp.ndarray, boxes: jnp.ndarray, stds: Stds) -> jnp.ndarray:
   """Regression targets of `boxes` w.r.t. `anchors`: [..., 4] cxcywh each (broadcastable) -> [..., 4].

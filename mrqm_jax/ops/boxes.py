@@ -30,6 +30,18 @@ def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
   return jnp.stack([0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0], axis=-1)
 
 
+def cxcywh_to_pixel_xyxy(boxes: jnp.ndarray, canvas_hw) -> jnp.ndarray:
+  """[..., 4] cxcywh normalized by the canvas (H, W) -> [..., 4] canvas-pixel xyxy."""
+  h, w = canvas_hw
+  return cxcywh_to_xyxy(boxes) * jnp.asarray([w, h, w, h], jnp.float32)
+
+
+def pixel_xyxy_to_cxcywh(boxes: jnp.ndarray, canvas_hw) -> jnp.ndarray:
+  """Inverse of `cxcywh_to_pixel_xyxy`: [..., 4] canvas-pixel xyxy -> [..., 4] canvas-normalized cxcywh."""
+  h, w = canvas_hw
+  return xyxy_to_cxcywh(boxes / jnp.asarray([w, h, w, h], jnp.float32))
+
+
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
   """[..., 4] xyxy -> [...] area; inverted boxes have area 0."""
   x0, y0, x1, y1 = jnp.moveaxis(boxes, -1, 0)
