@@ -56,11 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
   # for every conv; 'auto' = 'lax' off CPU, and on XLA:CPU per layer: matmuls for 1x1 and depthwise kernels
   # (whose lax gradients are slow there), lax for dense kxk (benchmarks/conv_cpu.py).
   c.model.conv_impl = 'auto'
-  # Rematerialize encoder/decoder layers in the backward pass (trade compute for activation memory). Measured
-  # with XLA:CPU memory analysis at 800x1344, batch 2: 29.4 GiB of temporaries without, 28.6 GiB with, so it is
-  # off by default until measured on an accelerator (benchmarks/model_cost.py prints the memory analysis).
+  # Rematerialize in the backward pass (trade compute for activation memory): every backbone block of the
+  # trained stages, every BiFPN layer, encoder and decoder layer keeps only its inputs and recomputes the rest.
+  # Same results (tests/test_remat.py); README's measured table has the memory and time it costs.
   c.model.remat = False
-  c.model.dtype = 'float32'              # activation dtype inside the model; see train.dtype
+  # 'bfloat16': activations and matmuls in bf16; params, optimizer state, box math, matching costs, losses and
+  # the IAH's IoUs stay float32.
+  c.model.dtype = 'float32'
 
   c.encoder = ml_collections.ConfigDict()
   c.encoder.type = 'sae'                 # 'sae' (Scale-Aware Encoder) | 'deformable' (plain, for ablation)
@@ -197,7 +199,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.lr_drop_epochs = (11,)
   c.train.lr_drop_factor = 0.1
   c.train.warmup_steps = 0
-  c.train.dtype = 'float32'              # 'bfloat16' runs activations in bf16, params stay f32
   c.train.seed = 0
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3

@@ -217,7 +217,6 @@ CHECKS: dict[str, Check] = {
     'train.lr_drop_epochs': numbers_tuple(None, lo=0, integers=True),
     'train.lr_drop_factor': _POSITIVE,
     'train.warmup_steps': integer(0),
-    'train.dtype': choice('float32', 'bfloat16'),
     'train.seed': integer(0),
     'train.checkpoint_every_steps': _COUNT,
     'train.keep_checkpoints': _COUNT,

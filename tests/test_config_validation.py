@@ -52,7 +52,7 @@ def _with(**values):
     ('iah__t_b', 1.5, 'config.iah.t_b=1.5: expected a number >= 0 and <= 1'),
     ('train__learning_rate', 0.0, 'config.train.learning_rate=0.0: expected a number > 0'),
     ('model__frozen_stages', 7, 'config.model.frozen_stages=7: expected an integer in [0, 4]'),
-    ('train__dtype', 'float16', "config.train.dtype='float16'"),
+    ('model__dtype', 'float16', "config.model.dtype='float16'"),
     ('encoder__num_heads', 5, 'config.encoder.num_heads=5: must divide config.model.hidden_dim=32'),
     ('dataset__slicing__overlap', 900, 'config.dataset.slicing.overlap=900: must be smaller than'),
 ])

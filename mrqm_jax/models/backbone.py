@@ -118,10 +118,13 @@ class Stage(nn.Module):
   stride: int
   conv_impl: str = 'auto'
   dtype: Any = None
+  remat: bool = False   # recompute each block's activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls)
     for i in range(self.num_blocks):
       x = block_cls(self.width, self.stride if i == 0 else 1, self.conv_impl, self.dtype, name=str(i))(x)
     return x
@@ -139,6 +142,7 @@ class ResNet(nn.Module):
   frozen_stages: int = 1
   conv_impl: str = 'auto'
   dtype: Any = None
+  remat: bool = False   # per block, in the trained stages (frozen ones keep no activations for backward)
 
   @nn.compact
   def __call__(self, image: jax.Array) -> list[jax.Array]:
@@ -156,7 +160,7 @@ class ResNet(nn.Module):
     features = []
     for stage, num_blocks in enumerate(blocks_per_stage, start=1):
       x = Stage(block, num_blocks, self.width * 2**(stage - 1), 1 if stage == 1 else 2, self.conv_impl,
-                self.dtype, name=f'layer{stage}')(x)
+                self.dtype, self.remat and stage > self.frozen_stages, name=f'layer{stage}')(x)
       if stage <= self.frozen_stages:
         x = lax.stop_gradient(x)
       features.append(x)
@@ -176,7 +180,7 @@ def build_backbone(config, name: str | None = None) -> ResNet:
   """ResNet from `config.model` (backbone, backbone_width, frozen_stages, conv_impl, dtype)."""
   m = config.model
   return ResNet(depth=parse_backbone_name(m.backbone), width=m.backbone_width, frozen_stages=m.frozen_stages,
-                conv_impl=m.conv_impl, dtype=m.dtype, name=name)
+                conv_impl=m.conv_impl, dtype=m.dtype, remat=m.remat, name=name)
 
 
 def frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:

@@ -149,6 +149,7 @@ class BiFPN(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  remat: bool = False   # recompute each layer's activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
@@ -157,8 +158,9 @@ class BiFPN(nn.Module):
       raise ValueError(f'config.model.bifpn_repeats must be >= 1, got {self.repeats}')
     feats = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
              for l, c in enumerate(features)]
+    layer_cls = nn.remat(BiFPNLayer) if self.remat else BiFPNLayer
     for r in range(self.repeats):
-      feats = BiFPNLayer(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
+      feats = layer_cls(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
     return feats
 
 
@@ -218,7 +220,7 @@ def build_neck(config, name: str | None = None) -> nn.Module:
   if m.neck_norm not in layers.NECK_NORMS:
     raise ValueError(f'config.model.neck_norm must be one of {layers.NECK_NORMS}, got {m.neck_norm!r}')
   if m.neck == 'bifpn':
-    return BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, name=name)
+    return BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, m.remat, name=name)
   if m.neck == 'channel_mapper':
     return ChannelMapper(m.hidden_dim, m.num_levels, m.neck_norm, m.conv_impl, m.dtype, name=name)
   return FPN(m.hidden_dim, m.neck_norm, m.conv_impl, m.dtype, name=name)

@@ -86,7 +86,7 @@ class DecoderLayer(nn.Module):
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=self.hidden_dim, out_features=self.hidden_dim,
         dropout_rate=self.dropout, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        name='self_attn')(qk, qk, x, mask=attn_mask, deterministic=deterministic)
+        force_fp32_for_softmax=True, name='self_attn')(qk, qk, x, mask=attn_mask, deterministic=deterministic)
     x = nn.LayerNorm(dtype=self.dtype, name='norm1')(x + drop(y))
     y = MSDeformAttn(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, dtype=self.dtype,
                      name='cross_attn')(x + query_pos, ref_boxes, memory, spatial_shapes, memory_pad_mask)

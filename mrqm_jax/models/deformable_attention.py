@@ -68,9 +68,39 @@ def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
                      f'{attention_weights.shape}')
 
 
+def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.vmap(jax.vmap(lambda t, i: t[i]))(table, index)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_rows_impl(table: jax.Array, index: jax.Array, num_rows: int) -> jax.Array:
+  del num_rows
+  return _take_rows(table, index)
+
+
+def _gather_rows_fwd(table, index, num_rows):
+  del num_rows
+  return _take_rows(table, index), index
+
+
+def _gather_rows_bwd(num_rows, index, grad):
+  # The table's cotangent is a scatter-add into zeros. Left to autodiff, those zeros are a copy of one
+  # broadcast constant per gather, which depends on nothing, so XLA's scheduler materializes every layer's
+  # [B, M, N, C] zero buffer near the start of the backward pass and they are all live at its peak. The
+  # optimization barrier ties the zeros to this gather's incoming cotangent, so each is created when its
+  # scatter runs.
+  b, m, _, c = grad.shape
+  zeros, grad = lax.optimization_barrier((jnp.zeros((b, m, num_rows, c), grad.dtype), grad))
+  table_grad = jax.vmap(jax.vmap(lambda z, i, g: z.at[i].add(g)))(zeros, index, grad)
+  return table_grad, None
+
+
+_gather_rows_impl.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def _gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
   """table [B, M, N, C], index [B, M, K] int -> [B, M, K, C] (table[b, m, index[b, m, k]])."""
-  return jax.vmap(jax.vmap(lambda t, i: t[i]))(table, index)
+  return _gather_rows_impl(table, index, table.shape[2])
 
 
 def _weighted_sum(weights: jax.Array, samples: jax.Array, use_einsum: bool, precision: Any) -> jax.Array:
@@ -107,8 +137,11 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
   table = _neighbour_table(value, spatial_shapes, packed_neighbours)
   sample = functools.partial(_sample, spatial_shapes=spatial_shapes, packed_neighbours=packed_neighbours,
                              use_einsum=use_einsum, precision=precision)
+  # Rematerialized: the backward pass keeps only the table, locations and weights and gathers again, instead
+  # of keeping the [B, M, Q, L*P*4, D] samples (64 per query and head) of every attention layer until then.
+  body = jax.checkpoint(sample)
   if query_chunk_size is None or query_chunk_size >= q:
-    out = sample(table, sampling_locations, attention_weights)
+    out = body(table, sampling_locations, attention_weights)
   else:
     if query_chunk_size < 1:
       raise ValueError(f'ms_deform_attn_core: query_chunk_size must be >= 1, got {query_chunk_size}')
@@ -119,7 +152,6 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
       x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
       return jnp.swapaxes(x.reshape(b, chunks, query_chunk_size, *x.shape[2:]), 0, 1)
 
-    body = jax.checkpoint(sample)
     out = lax.map(lambda lw: body(table, *lw), (to_chunks(sampling_locations), to_chunks(attention_weights)))
     out = jnp.swapaxes(out, 0, 1).reshape(b, chunks * query_chunk_size, *out.shape[3:])[:, :q]
   return out

@@ -78,7 +78,8 @@ class EncoderLayer(nn.Module):
 
   x = LN(query + Drop(MSDeformAttn(query + query_pos, reference_points, value)));
   out = LN(x + Drop(W2 Drop(relu(W1 x)))).
-  query_pos [B, Q, D]; reference_points [B, Q, 2] (same point on every level); value_pad_mask [B, S].
+  query_pos [B, Q, D]; reference_points [B, Q, 2] (same point on every level); value [B, S, D] or a tuple of
+  parts [B, S_i, D] that concatenate to it; value_pad_mask [B, S].
   """
   d_model: int = 256
   num_heads: int = 8
@@ -93,6 +94,10 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, query, query_pos, reference_points, value, spatial_shapes, value_pad_mask,
                deterministic: bool = True):
+    if isinstance(value, (tuple, list)):
+      # Value given in parts (the SAE's [F_L, F_H]): concatenated here, so that a rematerialized layer keeps
+      # its parts, one of them shared by every layer, rather than its own concatenated copy of all tokens.
+      value = jnp.concatenate(value, axis=1)
     attn = MSDeformAttn(self.d_model, self.num_heads, self.num_levels, self.num_points,
                         packed_neighbours=self.packed_neighbours, query_chunk_size=self.query_chunk_size,
                         dtype=self.dtype, name='self_attn')
@@ -170,11 +175,10 @@ class ScaleAwareEncoder(_EncoderBase):
     split = sum(h * w for h, w in shapes[:self.num_low_levels])  # F_L tokens come first (level order)
     low, high = tokens[:, :split], tokens[:, split:]
     for i in range(self.num_layers):  # eqs. (2)-(4): Q = F_H, V = [F_L (never updated here), F_H]
-      high = self._layer(f'high_layers_{i}')(high, pos[:, split:], ref[:, split:],
-                                             jnp.concatenate([low, high], axis=1), shapes, mask, deterministic)
+      high = self._layer(f'high_layers_{i}')(high, pos[:, split:], ref[:, split:], (low, high), shapes, mask,
+                                             deterministic)
     # eqs. (5)-(7): Q = original F_L, V = F' = [F_L, F'_H]; output F'' = [F'_L, F'_H].
-    low = self._layer('low_layer')(low, pos[:, :split], ref[:, :split], jnp.concatenate([low, high], axis=1),
-                                   shapes, mask, deterministic)
+    low = self._layer('low_layer')(low, pos[:, :split], ref[:, :split], (low, high), shapes, mask, deterministic)
     return EncoderOutput(jnp.concatenate([low, high], axis=1), mask, shapes, level_start_index(shapes))
 
 
