@@ -184,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'mrqm_jax: resumed from {ckpt.directory}/{start_step} (step {start_step})')
 
   train_step = train_lib.make_train_step(make_loss_fn(model, config), tx, mesh,
-                                         grad_accum_steps=config.train.grad_accum_steps)
+                                         grad_accum_steps=config.train.grad_accum_steps,
+                                         minimize_memory=config.model.remat)
   train_iter = pipeline.train_iterator(config, data.train_records, global_batch_size=batch_size,
                                        start_step=start_step, process_index=jax.process_index(),
                                        process_count=jax.process_count())

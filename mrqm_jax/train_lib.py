@@ -77,7 +77,7 @@ LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    grad_accum_steps: int = 1, donate: bool = True):
+                    grad_accum_steps: int = 1, donate: bool = True, minimize_memory: bool = False):
   """The jitted step: (state, batch) -> (state, metrics), data-parallel over `mesh`.
 
   batch: dict of global arrays with leading axis B (the global batch), sharded over 'data'. With
@@ -86,6 +86,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax
   sharding, so each device processes B/(A * num_devices) examples at a time.
 
   metrics: {'loss', 'grad_norm', 'lr_scale' ..., and every loss term}, means over the batch.
+
+  minimize_memory (set with config.model.remat): on XLA:CPU, compile with its memory-optimized scheduler.
+  The default CPU scheduler starts independent work as early as possible (for thread-level concurrency), so
+  it runs every layer's rematerialized forward and every zero-initialized gradient buffer at the start of the
+  backward pass, and remat then saves little. GPU and TPU schedulers already order by memory.
   """
 
   def step(state: TrainState, batch: dict):
@@ -121,7 +126,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax
 
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+                 out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else (),
+                 compiler_options=memory_compiler_options() if minimize_memory else None)
+
+
+def memory_compiler_options() -> dict[str, str] | None:
+  """XLA options that order a compiled step for the least live memory on this backend (None: its default)."""
+  if jax.default_backend() == 'cpu':
+    return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+  return None
 
 
 def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTransformation,

@@ -8,6 +8,7 @@ from benchmarks.train_step import random_batch
 from configs import smoke
 from mrqm_jax import model_lib
 from mrqm_jax import train
+from mrqm_jax import train_lib
 from mrqm_jax.models import decoder as decoder_lib
 from mrqm_jax.models import encoder as encoder_lib
 
@@ -70,7 +71,8 @@ def test_whole_step_remat_same_loss_and_gradients_less_memory():
     config = _step_config(remat)
     model = model_lib.make_model(config)
     params, model_state = model_lib.split_variables(model_lib.init_variables(model, config, jax.random.PRNGKey(0)))
-    grad_fn = jax.jit(jax.value_and_grad(train.make_loss_fn(model, config), has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(train.make_loss_fn(model, config), has_aux=True),
+                      compiler_options=train_lib.memory_compiler_options())
     compiled = grad_fn.lower(params, model_state, batch, jax.random.PRNGKey(1)).compile()
     temp_bytes.append(compiled.memory_analysis().temp_size_in_bytes)
     results.append(compiled(params, model_state, batch, jax.random.PRNGKey(1)))

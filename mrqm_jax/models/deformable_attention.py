@@ -36,6 +36,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mrqm_jax.models import layers
+
 SpatialShapes = Sequence[tuple[int, int]]
 
 
@@ -85,12 +87,11 @@ def _gather_rows_fwd(table, index, num_rows):
 
 def _gather_rows_bwd(num_rows, index, grad):
   # The table's cotangent is a scatter-add into zeros. Left to autodiff, those zeros are a copy of one
-  # broadcast constant per gather, which depends on nothing, so XLA's scheduler materializes every layer's
-  # [B, M, N, C] zero buffer near the start of the backward pass and they are all live at its peak. The
-  # optimization barrier ties the zeros to this gather's incoming cotangent, so each is created when its
-  # scatter runs.
+  # broadcast constant per gather, which depends on nothing, so a scheduler may create every layer's
+  # [B, M, N, C] zero buffer at the start of the backward pass, all live at its peak (XLA:CPU's does). Computed
+  # from this gather's incoming cotangent, each is created when its scatter runs.
   b, m, _, c = grad.shape
-  zeros, grad = lax.optimization_barrier((jnp.zeros((b, m, num_rows, c), grad.dtype), grad))
+  zeros = layers.depends_on(jnp.zeros((b, m, num_rows, c), grad.dtype), grad)
   table_grad = jax.vmap(jax.vmap(lambda z, i, g: z.at[i].add(g)))(zeros, index, grad)
   return table_grad, None
 

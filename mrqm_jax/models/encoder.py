@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrqm_jax.models import layers
 from mrqm_jax.models.deformable_attention import MSDeformAttn, SpatialShapes, level_start_index
 from mrqm_jax.models.position_encoding import sine_pe_2d
 
@@ -127,11 +128,16 @@ class _EncoderBase(nn.Module):
   # at 800x1344 the P2 tokens' FFN activations alone are ~1 GiB per tensor per layer.
   remat: bool = False
 
-  def _layer(self, name: str) -> EncoderLayer:
-    # static: spatial_shapes (arg 5) and deterministic (arg 7), counting `self` as 0 as flax does.
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(5, 7)) if self.remat else EncoderLayer
-    return layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                        self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)
+  def _layer(self, name: str, query, query_pos, reference_points, value, spatial_shapes, value_pad_mask,
+             deterministic: bool):
+    """One EncoderLayer named `name` applied to the arguments, rematerialized when `remat`."""
+    layer = EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+                         self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)
+    if not self.remat:
+      return layer(query, query_pos, reference_points, value, spatial_shapes, value_pad_mask, deterministic)
+    return layers.call_rematerialized(
+        layer, lambda mdl, *a: mdl(*a[:4], spatial_shapes, a[4], deterministic),
+        query, query_pos, reference_points, value, value_pad_mask)
 
   def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
     """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2]."""
@@ -175,10 +181,10 @@ class ScaleAwareEncoder(_EncoderBase):
     split = sum(h * w for h, w in shapes[:self.num_low_levels])  # F_L tokens come first (level order)
     low, high = tokens[:, :split], tokens[:, split:]
     for i in range(self.num_layers):  # eqs. (2)-(4): Q = F_H, V = [F_L (never updated here), F_H]
-      high = self._layer(f'high_layers_{i}')(high, pos[:, split:], ref[:, split:], (low, high), shapes, mask,
-                                             deterministic)
+      high = self._layer(f'high_layers_{i}', high, pos[:, split:], ref[:, split:], (low, high), shapes, mask,
+                         deterministic)
     # eqs. (5)-(7): Q = original F_L, V = F' = [F_L, F'_H]; output F'' = [F'_L, F'_H].
-    low = self._layer('low_layer')(low, pos[:, :split], ref[:, :split], (low, high), shapes, mask, deterministic)
+    low = self._layer('low_layer', low, pos[:, :split], ref[:, :split], (low, high), shapes, mask, deterministic)
     return EncoderOutput(jnp.concatenate([low, high], axis=1), mask, shapes, level_start_index(shapes))
 
 
@@ -193,7 +199,7 @@ class DeformableEncoder(_EncoderBase):
                deterministic: bool = True) -> EncoderOutput:
     tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks)
     for i in range(self.num_layers):
-      tokens = self._layer(f'layers_{i}')(tokens, pos, ref, tokens, shapes, mask, deterministic)
+      tokens = self._layer(f'layers_{i}', tokens, pos, ref, tokens, shapes, mask, deterministic)
     return EncoderOutput(tokens, mask, shapes, level_start_index(shapes))
 
 

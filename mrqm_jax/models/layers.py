@@ -321,3 +321,41 @@ def conv_fan_out_init() -> Callable[..., jax.Array]:
   """He-normal with fan_out, torchvision ResNet's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`."""
   return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+
+
+def depends_on(values: Any, anchor: Any) -> Any:
+  """`values` unchanged, but computed from one element of `anchor`: a data dependency that orders them after it.
+
+  (Optimization barriers would say the same, but XLA:CPU removes them before it schedules.)
+  """
+  first = jax.tree.leaves(anchor)[0].reshape(-1)[0].astype(jnp.float32)
+  # x + 0 * s is x for every finite s; XLA keeps a float multiply by zero (it could be NaN), so it keeps the
+  # dependency. The where makes it 0 for inf / NaN as well.
+  zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
+
+  def tie(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x + zero.astype(x.dtype)
+    return x
+
+  return jax.tree.map(tie, values)
+
+
+def call_rematerialized(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+  """`fn(module, *args)`, rematerialized: keeps only `args` and the params, recomputes the rest in backward.
+
+  Unlike `nn.remat`, the recomputation takes a data dependency on the incoming cotangent, so it cannot run
+  before this call's backward step is reached. With `nn.remat` alone, a scheduler is free to run every layer's
+  recomputation at the start of the backward pass (XLA:CPU's does, also with its memory-ordered scheduler,
+  and optimization barriers do not survive to its scheduling), and then all recomputed activations are live
+  at once. Parameter names are the module's own; same values and gradients as calling it directly.
+  `args` may hold arrays, None and pytrees of them; static arguments go into `fn`'s closure.
+  """
+
+  def forward(mdl, *a):
+    return nn.vjp(nn.remat(fn), mdl, *a)
+
+  def backward(vjp_fn, cotangent):
+    return depends_on(vjp_fn, cotangent)(cotangent)
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(module, *args)
