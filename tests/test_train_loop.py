@@ -5,7 +5,7 @@ import pytest
 
 from configs import smoke
 from input_pipeline import records as records_lib
-from mrqm_jax import datasets, train
+from mrqm_jax import datasets, errors, train
 
 
 def test_non_finite_loss_names_step_terms_and_last_checkpoint():
@@ -31,12 +31,12 @@ def _record(i, boxes):
 
 def test_a_s_auto_is_smallest_training_area_and_numbers_pass():
   config = smoke.get_config()
-  config.iah.a_s = 'auto'
+  config.iah.a_s = -1.0   # auto
   datasets.resolve_a_s(config, [_record(0, [[0, 0, 10, 10], [5, 5, 8, 7]]), _record(1, [[0, 0, 4, 2.5]])])
-  assert float(config.iah.a_s) == pytest.approx(6.0)   # 3 x 2 px
-  config.iah.a_s = '12.5'
+  assert isinstance(config.iah.a_s, float) and config.iah.a_s == pytest.approx(6.0)   # 3 x 2 px
+  config.iah.a_s = 12.5
   datasets.resolve_a_s(config, [])
-  assert config.iah.a_s == '12.5'
-  config.iah.a_s = 'tiny'
-  with pytest.raises(ValueError):
-    datasets.resolve_a_s(config, [])
+  assert config.iah.a_s == 12.5
+  config.iah.a_s = -1.0
+  with pytest.raises(errors.UsageError):   # auto needs a box
+    datasets.resolve_a_s(config, [_record(0, np.zeros((0, 4)))])

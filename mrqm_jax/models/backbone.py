@@ -172,13 +172,6 @@ def parse_backbone_name(name: str) -> int:
   return int(name[len('resnet'):])
 
 
-def build_backbone(config, name: str | None = None) -> ResNet:
-  """ResNet from `config.model` (backbone, backbone_width, frozen_stages, conv_impl, dtype)."""
-  m = config.model
-  return ResNet(depth=parse_backbone_name(m.backbone), width=m.backbone_width, frozen_stages=m.frozen_stages,
-                conv_impl=m.conv_impl, dtype=m.dtype, name=name)
-
-
 def frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:
   """Top-level backbone parameter names that `frozen_stages` freezes: ('conv1', 'layer1', ...)."""
   if frozen_stages < 1:

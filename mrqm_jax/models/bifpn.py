@@ -208,17 +208,3 @@ class ChannelMapper(nn.Module):
                           kernel_init=nn.initializers.lecun_normal(), name=f'extra_{l}')(x)
       outs.append(x)
     return outs
-
-
-def build_neck(config, name: str | None = None) -> nn.Module:
-  """BiFPN or FPN from `config.model` (neck, hidden_dim, bifpn_repeats, neck_norm, conv_impl, dtype)."""
-  m = config.model
-  if m.neck not in NECKS:
-    raise ValueError(f'config.model.neck must be one of {NECKS}, got {m.neck!r}')
-  if m.neck_norm not in layers.NECK_NORMS:
-    raise ValueError(f'config.model.neck_norm must be one of {layers.NECK_NORMS}, got {m.neck_norm!r}')
-  if m.neck == 'bifpn':
-    return BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, name=name)
-  if m.neck == 'channel_mapper':
-    return ChannelMapper(m.hidden_dim, m.num_levels, m.neck_norm, m.conv_impl, m.dtype, name=name)
-  return FPN(m.hidden_dim, m.neck_norm, m.conv_impl, m.dtype, name=name)

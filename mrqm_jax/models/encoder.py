@@ -191,18 +191,3 @@ class DeformableEncoder(_EncoderBase):
     for i in range(self.num_layers):
       tokens = self._layer(f'layers_{i}')(tokens, pos, ref, tokens, shapes, mask, deterministic)
     return EncoderOutput(tokens, mask, shapes, level_start_index(shapes))
-
-
-def build_encoder(config, name: str | None = None) -> _EncoderBase:
-  """The encoder chosen by `config.encoder.type` ('sae' | 'deformable'), sized from config.model/encoder."""
-  e, m = config.encoder, config.model
-  kwargs = dict(hidden_dim=m.hidden_dim, num_layers=e.num_layers, num_heads=e.num_heads,
-                num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
-                pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
-                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype,
-                remat=m.remat, name=name)
-  if e.type == 'sae':
-    return ScaleAwareEncoder(**kwargs)
-  if e.type == 'deformable':
-    return DeformableEncoder(**kwargs)
-  raise ValueError(f'config.encoder.type must be one of {ENCODER_TYPES}, got {e.type!r}')
