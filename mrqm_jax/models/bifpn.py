@@ -94,10 +94,10 @@ class SeparableConvBlock(nn.Module):
     x = nn.swish(x)
     x = layers.Conv2D(x.shape[-1], 3, padding=1, feature_group_count=x.shape[-1], use_bias=False,
                       impl=self.conv_impl, dtype=self.dtype, name='depthwise')(x)
-    # A bias before GroupNorm would be cancelled by its mean subtraction.
-    x = layers.Conv2D(self.features, 1, use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype,
-                      name='pointwise')(x)
-    return layers.NeckNorm(self.norm, dtype=self.dtype, name='norm')(x)
+    pointwise = layers.ConvNorm(self.features, 1, 1, self.norm, None, self.conv_impl, self.dtype,
+                                kernel_init=nn.initializers.lecun_normal(), conv_name='pointwise')
+    nn.share_scope(self, pointwise)   # params stay 'pointwise', 'norm' of this block
+    return pointwise(x)
 
 
 class BiFPNLayer(nn.Module):
@@ -180,9 +180,11 @@ class FPN(nn.Module):
       merged[l] = lateral[l] + upsample_to(merged[l + 1], lateral[l].shape[1:3])
     outs = []
     for l, m in enumerate(merged):
-      y = layers.Conv2D(self.hidden_dim, 3, padding=1, use_bias=self.norm == 'none', impl=self.conv_impl,
-                        dtype=self.dtype, name=f'output_{l}')(m)
-      outs.append(layers.NeckNorm(self.norm, dtype=self.dtype, name=f'norm_{l}')(y))
+      output = layers.ConvNorm(self.hidden_dim, 3, 1, self.norm, None, self.conv_impl, self.dtype,
+                               kernel_init=nn.initializers.lecun_normal(), conv_name=f'output_{l}',
+                               norm_name=f'norm_{l}')
+      nn.share_scope(self, output)   # params stay 'output_{l}', 'norm_{l}' of the FPN
+      outs.append(output(m))
     return outs
 
 

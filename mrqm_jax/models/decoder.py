@@ -90,9 +90,9 @@ class DecoderLayer(nn.Module):
     y = MSDeformAttn(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, dtype=self.dtype,
                      name='cross_attn')(x + query_pos, ref_boxes, memory, spatial_shapes, memory_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='ffn_in')(x)
-    y = nn.Dense(self.hidden_dim, dtype=self.dtype, name='ffn_out')(drop(nn.relu(y)))
-    return nn.LayerNorm(dtype=self.dtype, name='norm3')(x + drop(y))
+    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'ffn_in', 'ffn_out', 'norm3')
+    nn.share_scope(self, ffn)   # params stay 'ffn_in', 'ffn_out', 'norm3' of this layer
+    return ffn(x, deterministic)
 
 
 class DINODecoder(nn.Module):

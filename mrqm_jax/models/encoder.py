@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrqm_jax.models import layers
 from mrqm_jax.models.deformable_attention import MSDeformAttn, SpatialShapes, level_start_index
 from mrqm_jax.models.position_encoding import sine_pe_2d
 
@@ -99,9 +100,9 @@ class EncoderLayer(nn.Module):
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)  # noqa: E731
     y = attn(query + query_pos.astype(query.dtype), reference_points, value, spatial_shapes, value_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm1')(query + drop(y))
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='linear1')(x)
-    y = nn.Dense(self.d_model, dtype=self.dtype, name='linear2')(drop(nn.relu(y)))
-    return nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'linear1', 'linear2', 'norm2')
+    nn.share_scope(self, ffn)   # params stay 'linear1', 'linear2', 'norm2' of this layer
+    return ffn(x, deterministic)
 
 
 class _EncoderBase(nn.Module):
