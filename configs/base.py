@@ -56,9 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   # for every conv; 'auto' = 'lax' off CPU, and on XLA:CPU per layer: matmuls for 1x1 and depthwise kernels
   # (whose lax gradients are slow there), lax for dense kxk (benchmarks/conv_cpu.py).
   c.model.conv_impl = 'auto'
-  # Rematerialize encoder/decoder layers in the backward pass (trade compute for activation memory). Measured
-  # with XLA:CPU memory analysis at 800x1344, batch 2: 29.4 GiB of temporaries without, 28.6 GiB with, so it is
-  # off by default until measured on an accelerator (benchmarks/model_cost.py prints the memory analysis).
+  # Rematerialize encoder/decoder layers in the backward pass (trade compute for activation memory). Off by
+  # default: XLA:CPU's memory analysis showed it saving little (README, measured table); to be re-measured on an
+  # accelerator (benchmarks/train_step.py --memory-only).
   c.model.remat = False
   c.model.dtype = 'float32'              # activation dtype inside the model; see train.dtype
 
@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.encoder.pe_temperature = 20.0
   c.encoder.pe_offset = 0.0
   # Deformable attention processes queries in rematerialized chunks of this many (0 = all at once): bounds the
-  # gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344 image) and was 2x faster on XLA:CPU
-  # (benchmarks/deformable_attention.py --chunk). Only layers with more queries than this are chunked.
+  # gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344 image), and was faster on XLA:CPU too
+  # (README, measured table; benchmarks/deformable_attention.py --chunk). Only layers with more queries are chunked.
   c.encoder.query_chunk_size = 8192
 
   c.decoder = ml_collections.ConfigDict()

@@ -61,7 +61,7 @@ class LiveLossPlot(list):
   """A list of (step, loss) that redraws a loss curve in the notebook output as training appends to it.
 
   Pass it as `train.train_and_evaluate(config, workdir, loss_history=plot)`: the loop appends at every logged
-  step; the figure is redrawn at most every `min_interval_s` seconds (rendering costs ~0.1 s) and once more by
+  step; the figure is redrawn at most every `min_interval_s` seconds (rendering is not free) and once more by
   `draw()` at the end. The same object can be passed to several calls (e.g. a resumed run): points accumulate.
   """
 
