@@ -142,6 +142,13 @@ def _check_pyramid(features: Sequence[jax.Array]) -> None:
       raise ValueError(f'neck inputs must be [B, H, W, C], got {[x.shape for x in features]}')
 
 
+def project_pyramid(features: Sequence[jax.Array], hidden_dim: int, norm: str, conv_impl: str,
+                    dtype: Any) -> list[jax.Array]:
+  """Checked C_l -> `input_projection` each (params 'input_proj_{l}' of the calling neck)."""
+  _check_pyramid(features)
+  return [input_projection(hidden_dim, norm, conv_impl, dtype, f'input_proj_{l}')(c) for l, c in enumerate(features)]
+
+
 class BiFPN(nn.Module):
   """[C2..C5] with C_l `[B, H_l, W_l, C_l]` -> [P2..P5] with P_l `[B, H_l, W_l, hidden_dim]`."""
   hidden_dim: int = 256
@@ -152,11 +159,9 @@ class BiFPN(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-    _check_pyramid(features)
     if self.repeats < 1:
       raise ValueError(f'config.model.bifpn_repeats must be >= 1, got {self.repeats}')
-    feats = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
-             for l, c in enumerate(features)]
+    feats = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
     for r in range(self.repeats):
       feats = BiFPNLayer(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
     return feats
@@ -198,12 +203,10 @@ class ChannelMapper(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-    _check_pyramid(features)
     if self.num_levels < len(features):
       raise ValueError(f'ChannelMapper: config.model.num_levels={self.num_levels} is below the '
                        f'{len(features)} backbone levels')
-    outs = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
-            for l, c in enumerate(features)]
+    outs = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
     x = features[-1]
     for l in range(len(features), self.num_levels):
       x = layers.ConvNorm(self.hidden_dim, 3, 2, self.norm, None, self.conv_impl, self.dtype,
