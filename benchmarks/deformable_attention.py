@@ -31,7 +31,7 @@ import numpy as np
 
 from configs import base
 from mrqm_jax.models import deformable_attention as da
-from mrqm_jax.models import encoder as enc
+from mrqm_jax.models import detector
 
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
 
@@ -105,7 +105,7 @@ def flops_table():
   for kind in ('sae', 'deformable'):
     cfg.encoder.type = kind
     cfg.encoder.query_chunk_size = 0  # XLA's cost analysis does not multiply a loop body by its trip count
-    model = enc.build_encoder(cfg)
+    model = detector.build_encoder(cfg)
     params = jax.eval_shape(lambda f, m: model.init(jax.random.PRNGKey(0), f, m), feats, masks)
     compiled = jax.jit(lambda p, f, m: model.apply(p, f, m).memory).lower(params, feats, masks).compile()
     cost = compiled.cost_analysis()
@@ -128,7 +128,7 @@ def encoder_time_table(canvas, repeats):
   print(f'{"encoder":10s} {"fwd ms":>9s} {"compile s":>9s}')
   for kind in ('sae', 'deformable'):
     cfg.encoder.type = kind
-    model = enc.build_encoder(cfg)
+    model = detector.build_encoder(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), feats, masks)
     fwd = jax.jit(lambda p, f, m: model.apply(p, f, m).memory)
     first, t = median_time(fwd, (params, feats, masks), repeats)

@@ -42,11 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mrqm_jax.models import backbone as backbone_lib  # noqa: E402
-from mrqm_jax.models import bifpn  # noqa: E402
-from mrqm_jax.models import decoder as decoder_lib  # noqa: E402
 from mrqm_jax.models import detector  # noqa: E402
-from mrqm_jax.models import encoder as encoder_lib  # noqa: E402
 
 # Table 2 "Params" per config file name (the paper's counts); other configs are compared with MRQM's.
 PAPER_PARAMS = {'co_dino': 66e6, 'visdrone': 60e6}
@@ -68,8 +64,8 @@ def load_config(path: str, image_size: str | None):
       except ValueError:
         raise SystemExit(f'--image_size must be H,W (e.g. 400,672), got {image_size!r}') from None
       config.input.image_size = (h, w)
-    if str(config.iah.a_s) == 'auto':
-      config.iah.a_s = '1'  # only the training branch reads it; any number gives the same cost
+    if config.iah.a_s <= 0:   # -1 = auto (resolved from data in training): any number gives the same cost
+      config.iah.a_s = 1.0
   return config
 
 
@@ -135,7 +131,7 @@ def main(argv=None):
   config = load_config(args.config, args.image_size)
   h, w = config.input.image_size
   b = args.batch
-  model = detector.MRQM(config)
+  model = detector.build_model(config)
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
   pad = jax.ShapeDtypeStruct((b, h, w), jnp.bool_)
   rng = jax.random.PRNGKey(0)
@@ -169,10 +165,10 @@ def cost_tables(config, model, variables, images, pad, b, repeats):
   h, w = config.input.image_size
   print(f'\nFLOPs per module (XLA cost analysis, forward, canvas {h}x{w}, batch {b}, backend '
         f'{jax.default_backend()})')
-  backbone = backbone_lib.build_backbone(config)
-  neck = bifpn.build_neck(config)
-  encoder = encoder_lib.build_encoder(config)
-  decoder = decoder_lib.build_decoder(config)
+  backbone = detector.build_backbone(config)
+  neck = detector.build_neck(config)
+  encoder = detector.build_encoder(config)
+  decoder = detector.build_decoder(config)
 
   feats = jax.eval_shape(lambda v, x: backbone.apply(v, x), sub_variables(variables, 'backbone'), images)
   pyramid = jax.eval_shape(lambda v, f: neck.apply(v, f), sub_variables(variables, 'neck'), feats)
@@ -236,7 +232,7 @@ def encoder_comparison(config, pyramid, masks, b, repeats):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.encoder.type = kind
-    enc = encoder_lib.build_encoder(cfg)
+    enc = detector.build_encoder(cfg)
     params = enc.init(jax.random.PRNGKey(0), feats, pad_masks)
     fn = jax.jit(lambda v, f, m, enc=enc: enc.apply(v, f, m).memory)
     flops = flops_of(fn.lower(params, feats, pad_masks).compile())

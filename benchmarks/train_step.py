@@ -56,8 +56,8 @@ def main(argv):
   from mrqm_jax import model_lib, parallel, train, train_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
-  if str(config.iah.a_s) == 'auto':
-    config.iah.a_s = '3'       # VisDrone's smallest training box; the resolved value does not change the cost
+  if config.iah.a_s <= 0:       # -1 = auto (resolved from data in training): the value does not change the cost
+    config.iah.a_s = 3.0
   config.lock()
   mesh = parallel.create_mesh()
   batch_size = config.train.per_device_batch_size * jax.device_count()

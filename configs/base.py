@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.encoder.pe_temperature = 20.0
   c.encoder.pe_offset = 0.0
   # Deformable attention processes queries in rematerialized chunks of this many (0 = all at once): bounds the
-  # gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344 image) and was 2x faster on XLA:CPU
-  # (benchmarks/deformable_attention.py --chunk). Only layers with more queries than this are chunked.
+  # gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344 image), and was faster on XLA:CPU too
+  # (README, measured table; benchmarks/deformable_attention.py --chunk). Only layers with more queries are chunked.
   c.encoder.query_chunk_size = 8192
 
   c.decoder = ml_collections.ConfigDict()
@@ -111,11 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.iah.t_b = 0.55
   c.iah.k = 0.15
   c.iah.p = 0.2
-  # A_s of eq. 8 in original-image px^2 (w, h of the objects are taken in original px too). 'auto' = the paper's
-  # literal reading, the smallest training instance area (input_pipeline.stats; 3 px^2 on VisDrone), under which
-  # T_I >= 0.71 and the IAH keeps ~1 positive per object; the recipes set the area bound of the dataset's
-  # smallest evaluated size class instead (docs/DESIGN.md, benchmarks/iah_positives.py).
-  c.iah.a_s = 'auto'
+  # A_s of eq. 8 in original-image px^2 (w, h of the objects are taken in original px too). -1 = auto: the
+  # paper's literal reading, the smallest training instance area (input_pipeline.stats), resolved when training
+  # starts; it is so small that T_I stays far above T_b and the IAH keeps about one positive per object, so the
+  # recipes set the area bound of the dataset's smallest evaluated size class instead (docs/DESIGN.md,
+  # benchmarks/iah_positives.py).
+  c.iah.a_s = -1.0
   c.iah.max_pos = 300                    # Co-DETR max_pos_coords: auxiliary queries per image
   # Anchors, chosen by benchmarks/iah_positives.py (docs/DESIGN.md): base 2 x stride per aux level (strides 4..64,
   # canvas px) x 4 scales over 1.5 octaves x h/w ratios 1 and 2 = 8 per location, so every small size is covered

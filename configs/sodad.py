@@ -23,5 +23,5 @@ def get_config():
   c.eval.max_detections = 300
   # Eq. 8's A_s: the area bound of SODA-D's smallest evaluated size class (eS: <= 12^2 px^2), the same reading as
   # configs/visdrone.py; not measured on SODA-D (no sample of it here).
-  c.iah.a_s = '144'
+  c.iah.a_s = 144.0
   return c

@@ -16,5 +16,5 @@ def get_config():
   c.eval.max_detections = 300
   # Eq. 8's A_s: the area bound of VisDrone's smallest evaluated size class (S: <= 32^2 px^2), chosen from the
   # positives-per-object table in docs/DESIGN.md (benchmarks/iah_positives.py).
-  c.iah.a_s = '1024'
+  c.iah.a_s = 1024.0
   return c

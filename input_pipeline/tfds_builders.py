@@ -76,28 +76,34 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   declaring it; our builders live in a plain file, so naming it directly avoids that dependency.
   """
 
+  VERSION = tfds.core.Version('1.0.0')   # a builder whose examples change overrides both
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  CLASSES: tuple[str, ...] = ()
+  HOMEPAGE = ''
+
   @tfds_utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
     return epath.Path(__file__)
 
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=_features(self.CLASSES), homepage=self.HOMEPAGE)
+
+  def _generate_examples(self, records, report):  # pylint: disable=arguments-differ
+    yield from _examples(records, report)
+
 
 class VisdroneDet(_LocalBuilder):
   """VisDrone2019-DET (drone images, 10 classes, ignored regions) from the official zip folders."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  CLASSES = records_lib.VISDRONE_CLASSES
+  HOMEPAGE = 'https://github.com/VisDrone/VisDrone-Dataset'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download VisDrone2019-DET-train.zip, VisDrone2019-DET-val.zip (and optionally VisDrone2019-DET-test-dev.zip)
   from https://github.com/VisDrone/VisDrone-Dataset and unzip them into the manual dir, giving
   MANUAL_DIR/VisDrone2019-DET-train/{images,annotations}/, MANUAL_DIR/VisDrone2019-DET-val/... (folders named
   train/, val/, test-dev/ work too). Splits whose folder is absent are not built.
   """
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=_features(records_lib.VISDRONE_CLASSES),
-        homepage='https://github.com/VisDrone/VisDrone-Dataset')
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -111,25 +117,17 @@ class VisdroneDet(_LocalBuilder):
                               f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     return splits
 
-  def _generate_examples(self, records, report):  # pylint: disable=arguments-differ
-    yield from _examples(records, report)
-
 
 class SodaD(_LocalBuilder):
   """SODA-D (driving scenes, 9 small-object classes, ignore regions) from the official release."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  CLASSES = records_lib.SODA_D_CLASSES
+  HOMEPAGE = 'https://shaunyuan22.github.io/SODA/'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download SODA-D from https://shaunyuan22.github.io/SODA/ and unzip it into the manual dir, giving
   MANUAL_DIR/Images/*.jpg and MANUAL_DIR/Annotations/{train,val,test}.json. Splits whose json is absent are
   not built. (These are whole images; the 800x800 patch protocol is applied at input time.)
   """
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=_features(records_lib.SODA_D_CLASSES),
-        homepage='https://shaunyuan22.github.io/SODA/')
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -144,6 +142,3 @@ class SodaD(_LocalBuilder):
       raise FileNotFoundError(f'no SODA-D Annotations/<split>.json in {manual_dir}.\n'
                               f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     return splits
-
-  def _generate_examples(self, records, report):  # pylint: disable=arguments-differ
-    yield from _examples(records, report)

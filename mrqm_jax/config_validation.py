@@ -78,13 +78,12 @@ def optional_file(*extensions: str, modes: tuple[str, ...] = ()) -> Check:
   return Check(ok, f"'' or an existing {' or '.join(extensions)} file", modes)
 
 
+# `iah.a_s` = A_S_AUTO: the smallest training instance area, resolved by `datasets.resolve_a_s` (the one place).
+A_S_AUTO = -1.0
+
+
 def _positive_number_or_auto(v) -> bool:
-  if str(v) == 'auto':
-    return True
-  try:
-    return float(v) > 0
-  except (TypeError, ValueError):
-    return False
+  return _is_number(v) and (v > 0 or v == A_S_AUTO)
 
 
 _FRACTION = number(0.0, 1.0)
@@ -153,7 +152,8 @@ CHECKS: dict[str, Check] = {
     'iah.t_b': _FRACTION,
     'iah.k': _NON_NEGATIVE,
     'iah.p': _NON_NEGATIVE,
-    'iah.a_s': Check(_positive_number_or_auto, "'auto' or a positive number (px^2)"),
+    'iah.a_s': Check(_positive_number_or_auto, 'a positive number (px^2) or -1 (auto: the smallest training '
+                     'instance area)'),
     'iah.max_pos': _COUNT,
     'iah.anchor_sizes': numbers_tuple(None, lo=0.0, lo_open=True),
     'iah.anchor_ratios': numbers_tuple(None, lo=0.0, lo_open=True),
@@ -351,6 +351,8 @@ def merge_stored_model_config(config, stored: dict, overrides=()) -> tuple[Any, 
     mine = current[key]
     if isinstance(mine, tuple) and isinstance(value, list):
       value = tuple(value)
+    if key == 'iah.a_s' and isinstance(value, str):   # configs stored before a_s was a float: 'auto' or '1024'
+      value = A_S_AUTO if value == 'auto' else float(value)
     if _same(mine, value):
       continue
     if key in overrides:

@@ -1,7 +1,7 @@
 """The run's data as training, eval and the notebooks read it, and what the data decides in the config.
 
 `prepare_data` reads both configured splits (with `dataset.root` unset, as in the smoke config, it first writes
-a synthetic VisDrone-layout set into WORKDIR/data); `resolve_a_s` turns `iah.a_s = 'auto'` into the smallest
+a synthetic VisDrone-layout set into WORKDIR/data); `resolve_a_s` turns `iah.a_s = -1` (auto) into the smallest
 training instance area. Shared by train.py, evaluate.py, model_lib.py and notebook_utils.py, so none of them
 imports another for it.
 """
@@ -15,7 +15,7 @@ import ml_collections
 from input_pipeline import readers
 from input_pipeline import stats
 from input_pipeline import synthetic
-from mrqm_jax import errors
+from mrqm_jax import config_validation, errors
 
 SYNTHETIC_TRAIN_IMAGES = 256
 SYNTHETIC_EVAL_IMAGES = 48
@@ -56,13 +56,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 
 
 def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
-  """`iah.a_s = 'auto'` -> the smallest training instance area (px^2, original resolution)."""
-  if str(config.iah.a_s) != 'auto':
-    float(config.iah.a_s)  # ValueError for direct callers; the CLI's config_validation said so earlier
+  """`iah.a_s = -1` (auto) -> the smallest training instance area (px^2, original resolution); the one place
+  that resolves it. A positive value is kept."""
+  if config.iah.a_s != config_validation.A_S_AUTO:
     return
   if not any(len(r.boxes) for r in train_records):
-    raise errors.UsageError('no box in the training set (config.iah.a_s=auto needs at least one; check the '
+    raise errors.UsageError('no box in the training set (config.iah.a_s=-1, auto, needs at least one; check the '
                             'annotations)')
-  min_area = float(stats.dataset_stats(train_records)['min_area'])
-  config.iah.a_s = f'{min_area:g}'
-  logging.info('iah.a_s = auto -> smallest training instance area %s px^2', config.iah.a_s)
+  config.iah.a_s = float(stats.dataset_stats(train_records)['min_area'])
+  logging.info('iah.a_s = -1 (auto) -> smallest training instance area %g px^2', config.iah.a_s)

@@ -47,6 +47,8 @@ def _fail(message: str, exit_code: int = 2) -> None:
 
 def _parse_flags(argv):
   """absl flag parsing, but a bad flag or config override is one line and exit 2."""
+  # iah.a_s is a float whose auto value is -1; the word 'auto' keeps working on the command line.
+  argv = ['--config.iah.a_s=-1' if a == '--config.iah.a_s=auto' else a for a in argv]
   try:
     rest = flags.FLAGS(argv)
   except flags.UnrecognizedFlagError as e:

@@ -21,8 +21,9 @@ from mrqm_jax import checkpointing, config_validation, datasets, parallel
 from mrqm_jax.models import detector as detector_lib
 
 
-def make_model(config: ml_collections.ConfigDict) -> Any:
-  return detector_lib.MRQM(config)
+def make_model(config: ml_collections.ConfigDict) -> detector_lib.MRQM:
+  """The flax module of `config` (`detector.build_model`, the one config -> module-fields mapping)."""
+  return detector_lib.build_model(config)
 
 
 def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
@@ -78,19 +79,16 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
   """(model, locked config copy, variables) restored from `checkpoint` or WORKDIR's latest.
 
   The model is built from the config stored with the checkpoint (`inference_config`); `iah.a_s` is one of its
-  model keys, so a checkpoint trained with `a_s = 'auto'` gives the value training resolved. When it is still
-  'auto' (no stored config): with `a_s_from_data` it is recomputed from the training split as training does
-  (the notebooks' IAH figures need the real value); without, any number will do, since `iah.a_s` only shapes
-  the training-time IoU-aware branch, which eval/predict/export never run. The variables' shapes come from
+  model keys, so a checkpoint trained with `a_s = -1` (auto) gives the value training resolved. When it is
+  still -1 (no stored config) and `a_s_from_data`, it is recomputed from the training split as training does
+  (the notebooks' IAH figures need the real value); otherwise it stays -1, since `iah.a_s` only shapes the
+  training-time IoU-aware branch, which eval/predict/export never run. The variables' shapes come from
   `jax.eval_shape` of the init (nothing compiles); the arrays are then read from the checkpoint.
   """
   mesh = mesh or parallel.create_mesh()
   config = inference_config(config, workdir, checkpoint, overrides)
-  if str(config.iah.a_s) == 'auto':
-    if a_s_from_data:
-      datasets.resolve_a_s(config, datasets.prepare_data(config, workdir).train_records)
-    else:
-      config.iah.a_s = '1'
+  if a_s_from_data and config.iah.a_s == config_validation.A_S_AUTO:   # (reading the data only when needed)
+    datasets.resolve_a_s(config, datasets.prepare_data(config, workdir).train_records)
   config.lock()
   model = make_model(config)
   abstract = abstract_variables(model, config)

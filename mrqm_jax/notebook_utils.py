@@ -61,7 +61,7 @@ class LiveLossPlot(list):
   """A list of (step, loss) that redraws a loss curve in the notebook output as training appends to it.
 
   Pass it as `train.train_and_evaluate(config, workdir, loss_history=plot)`: the loop appends at every logged
-  step; the figure is redrawn at most every `min_interval_s` seconds (rendering costs ~0.1 s) and once more by
+  step; the figure is redrawn at most every `min_interval_s` seconds (rendering is not free) and once more by
   `draw()` at the end. The same object can be passed to several calls (e.g. a resumed run): points accumulate.
   """
 
@@ -155,7 +155,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
   """Builds the model of `config` and restores its params (latest checkpoint of WORKDIR, or `checkpoint`).
 
   The one restore path of eval/predict/export (`model_lib.restore_for_inference`): the model keys come from
-  the checkpoint's stored config, `iah.a_s` included (what training resolved); when that is still 'auto' (no
+  the checkpoint's stored config, `iah.a_s` included (what training resolved); when that is still -1, auto (no
   stored config) it is recomputed from the training split (`datasets.resolve_a_s`). A checkpoint of another
   model size raises `checkpointing.CheckpointError` naming the folder.
   """
@@ -194,7 +194,7 @@ def _assign(anchors, boxes, box_valid, thresholds, anchor_valid):
 
 
 def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_valid: np.ndarray,
-                  pad_mask: np.ndarray | None = None, a_s: float | str | None = None,
+                  pad_mask: np.ndarray | None = None, a_s: float | None = None,
                   scale: float | None = None) -> IAHPositives:
   """Runs the IAH's own anchor generation and dynamic-threshold assignment on one canvas's ground truth.
 
@@ -203,7 +203,7 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
     boxes: [M, 4] canvas-normalized cxcywh (a batch row of the input pipeline).  box_valid: [M] bool.
     pad_mask: optional [H, W] bool, True on padding pixels: anchors on padding tokens are never positive
       (as in training).
-    a_s: A_s override (needed when config.iah.a_s is 'auto').
+    a_s: A_s override (needed when config.iah.a_s is -1, auto).
     scale: canvas px per original px of this canvas (the batch's `scale`): eq. 8 works in original pixels.
   """
   iah = config.iah
@@ -219,7 +219,10 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
     anchor_valid = np.repeat(~np.concatenate([m.reshape(-1) for m in levels]), per_location)
   boxes = np.asarray(boxes, np.float32)
   box_valid = np.asarray(box_valid, bool)
-  thresholds = iou_aware_head.gt_thresholds(boxes, canvas_hw, iah, a_s=a_s, scale=scale)
+  rule = detector.iou_threshold(config)
+  if a_s is not None:
+    rule = dataclasses.replace(rule, a_s=float(a_s))
+  thresholds = iou_aware_head.gt_thresholds(boxes, canvas_hw, rule, scale=scale)
   assigned_gt, iou = _assign(anchors, boxes, box_valid, thresholds, anchor_valid)
   index, valid = iou_aware_head.select_positives(assigned_gt, iou, int(iah.max_pos))
   return IAHPositives(anchors, np.asarray(assigned_gt), np.asarray(index)[np.asarray(valid)])

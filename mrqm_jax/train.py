@@ -10,11 +10,11 @@ A NaN or Inf loss stops training naming the step; the last good checkpoint stays
 import functools
 import math
 import signal
-import time
 from typing import Callable
 
 from absl import logging
 from clu import metric_writers
+from clu import periodic_actions
 import jax
 import ml_collections
 import tqdm
@@ -106,6 +106,25 @@ def check_finite(scalars: dict[str, float], step: int, last_checkpoint: int | No
   if bad:
     where = f'step {last_checkpoint} in {directory}' if last_checkpoint is not None else 'none saved yet'
     raise TrainingError(f'non-finite loss at step {step} ({", ".join(sorted(bad))}); last good checkpoint: {where}')
+
+
+class ReportProgress(periodic_actions.ReportProgress):
+  """clu's progress report (steps/s, % done and ETA in the log as work-unit notes, with the share of time spent
+  in `timed('eval')`; 'steps_per_sec' and 'uptime' to the writer) plus 'images_per_sec' = steps/s x the global
+  batch, written beside them and kept in `images_per_sec` for the progress bar."""
+
+  def __init__(self, *, images_per_step: int, **kwargs):
+    super().__init__(**kwargs)
+    self._images_per_step = images_per_step
+    self.images_per_sec: float | None = None
+
+  def _apply(self, step: int, t: float):
+    # The same window clu's own steps/s uses (PeriodicAction keeps the previous trigger's step and time).
+    steps_per_sec = (step - self._previous_step) / max(t - self._previous_time, 1e-9)
+    super()._apply(step, t)
+    self.images_per_sec = steps_per_sec * self._images_per_step
+    if self._writer is not None:
+      self._writer.write_scalars(step, {'images_per_sec': self.images_per_sec})
 
 
 def _scalars(metrics) -> dict[str, float]:
@@ -209,30 +228,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_keys = ('image', 'pad_mask') + TARGET_KEYS  # all the step reads; the rest stays on host
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
                        disable=not is_chief, mininterval=1.0)
-  window_start, window_steps = time.time(), 0
+  report = ReportProgress(images_per_step=batch_size, num_train_steps=num_steps, writer=writer,
+                          every_steps=config.train.log_every_steps, every_secs=None)
   with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
       state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
       step += 1
-      window_steps += 1
       progress.update(1)
       preempted = preemption.should_stop(step)
       saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
                 or preempted)
+      logging_step = step % config.train.log_every_steps == 0 or saving or step == start_step + 1
       # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
-      if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
-        scalars = _scalars(metrics)
+      if logging_step:
+        scalars = _scalars(metrics)   # (waits for the step, so the progress report below times finished steps)
         check_finite(scalars, step, ckpt.latest_step(), ckpt.directory)
-        elapsed = time.time() - window_start
-        scalars['images_per_sec'] = window_steps * batch_size / max(elapsed, 1e-9)
+      report(step)
+      if logging_step:
         scalars['lr'] = float(lr_schedule(step))
-        window_start, window_steps = time.time(), 0
         writer.write_scalars(step, scalars)
         if loss_history is not None:
           loss_history.append((step, scalars['loss']))
-        progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["images_per_sec"]:.1f}')
+        postfix = {'loss': f'{scalars["loss"]:.4f}'}
+        if report.images_per_sec is not None:
+          postfix['img_s'] = f'{report.images_per_sec:.1f}'
+        progress.set_postfix(postfix)
       if preempted:
         save(step)
         ckpt.wait()
@@ -241,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
         return eval_metrics
       if step % eval_every == 0 or step == num_steps:
-        eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
-                                                data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
+        with report.timed('eval', wait_jax_async_dispatch=False):
+          eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
+                                                  data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if is_chief:
           tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))

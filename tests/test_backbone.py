@@ -8,6 +8,7 @@ import pytest
 from configs import smoke
 from mrqm_jax.models import backbone
 from mrqm_jax.models import layers
+from mrqm_jax.models import detector
 
 
 def random_variables(model, x, seed=0):
@@ -100,7 +101,7 @@ def test_conv_impls_give_the_same_features(resnet18):
 
 def test_build_backbone_from_config_and_errors():
   config = smoke.get_config()
-  model = backbone.build_backbone(config)
+  model = detector.build_backbone(config)
   assert (model.depth, model.width, model.frozen_stages) == (18, 8, config.model.frozen_stages)
   with pytest.raises(ValueError, match='config.model.backbone'):
     backbone.parse_backbone_name('resnet152')

@@ -14,7 +14,7 @@ from mrqm_jax import train
 def _config(dtype: str):
   config = smoke.get_config()
   config.model.dtype = dtype
-  config.iah.a_s = '16'           # resolved from the data in training; any number here
+  config.iah.a_s = 16.0         # resolved from the data in training; any number here
   config.input.image_size = (96, 96)
   config.encoder.num_layers = 1
   config.decoder.num_layers = 1

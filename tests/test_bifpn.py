@@ -9,6 +9,7 @@ import pytest
 
 from configs import smoke
 from mrqm_jax.models import bifpn
+from mrqm_jax.models import detector
 
 CHANNELS = (8, 16, 32, 64)
 
@@ -47,7 +48,7 @@ def test_build_neck_shapes(neck):
   config = smoke.get_config()
   config.model.neck = neck
   config.model.bifpn_repeats = 2
-  model = bifpn.build_neck(config)
+  model = detector.build_neck(config)
   assert isinstance(model, bifpn.BiFPN if neck == 'bifpn' else bifpn.FPN)
   feats = pyramid((9, 12), batch=2)  # odd sizes: (9,12), (5,6), (3,3), (2,2)
   variables = jax.eval_shape(model.init, jax.random.key(0), feats)
@@ -66,11 +67,11 @@ def test_build_neck_errors():
   config = smoke.get_config()
   config.model.neck = 'pafpn'
   with pytest.raises(ValueError, match='config.model.neck'):
-    bifpn.build_neck(config)
+    detector.build_neck(config)
   config.model.neck = 'bifpn'
   config.model.neck_norm = 'batch'
   with pytest.raises(ValueError, match='neck_norm'):
-    bifpn.build_neck(config)
+    detector.build_neck(config)
 
 
 @pytest.fixture(scope='module')

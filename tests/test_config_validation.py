@@ -46,8 +46,8 @@ def _with(**values):
     ('train__num_steps', 0, 'config.train.num_steps=0: expected an integer >= 1 or -1'),
     ('model__pretrained', 'x.pth', "config.model.pretrained='x.pth': expected '' or an existing .safetensors"),
     ('model__pretrained', '/no/such.npz', "config.model.pretrained='/no/such.npz'"),
-    ('iah__a_s', 'small', "config.iah.a_s='small': expected 'auto' or a positive number"),
-    ('iah__a_s', '-3', "config.iah.a_s='-3'"),
+    ('iah__a_s', 0.0, 'config.iah.a_s=0.0: expected a positive number (px^2) or -1 (auto'),
+    ('iah__a_s', -3.0, 'config.iah.a_s=-3.0'),
     ('eval__protocol', 'voc', "config.eval.protocol='voc'"),
     ('iah__t_b', 1.5, 'config.iah.t_b=1.5: expected a number >= 0 and <= 1'),
     ('train__learning_rate', 0.0, 'config.train.learning_rate=0.0: expected a number > 0'),
@@ -90,6 +90,16 @@ def test_stored_model_keys_win_and_disagreeing_overrides_are_errors():
   with pytest.raises(errors.ConfigError, match=r'config.model.hidden_dim=32 disagrees with the checkpoint, '
                                                r'which was trained with model.hidden_dim=64'):
     cv.merge_stored_model_config(smoke.get_config(), stored, overrides={'model.hidden_dim'})
+
+
+@pytest.mark.parametrize('stored_a_s, want', [('auto', -1.0), ('1024', 1024.0), (144.0, 144.0), (-1.0, -1.0)])
+def test_stored_a_s_of_the_string_layout_becomes_a_float(stored_a_s, want):
+  """Checkpoints written while iah.a_s was a string ('auto' or a number) restore into the float key."""
+  stored = smoke.get_config().to_dict()
+  stored['iah']['a_s'] = stored_a_s
+  merged, _ = cv.merge_stored_model_config(smoke.get_config(), stored, overrides=set())
+  assert isinstance(merged.iah.a_s, float) and merged.iah.a_s == want
+  assert cv.problems(merged, mode='eval') == []
 
 
 def test_overridden_keys_from_argv():

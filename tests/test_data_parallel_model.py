@@ -19,7 +19,7 @@ _SCRIPT = textwrap.dedent('''
     from mrqm_jax import model_lib, parallel, train, train_lib
     assert jax.device_count() == 4, jax.devices()
     config = smoke.get_config()
-    config.iah.a_s = '16'
+    config.iah.a_s = 16.0
     model = model_lib.make_model(config)
     variables = model_lib.init_variables(model, config, jax.random.PRNGKey(0))
     params, model_state = model_lib.split_variables(variables)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import smoke
 from mrqm_jax.models import decoder as decoder_lib
+from mrqm_jax.models import detector
 
 SHAPES = ((8, 8), (4, 4), (2, 2), (1, 1))
 S = sum(h * w for h, w in SHAPES)
@@ -17,7 +18,7 @@ B, N = 2, 6
 @pytest.fixture(scope='module')
 def setup():
   config = smoke.get_config()
-  model = decoder_lib.build_decoder(config)
+  model = detector.build_decoder(config)
   d = config.model.hidden_dim
   rng = np.random.default_rng(0)
   queries = jnp.asarray(rng.normal(size=(B, N, d)), jnp.float32)

@@ -167,7 +167,7 @@ def test_make_dn_queries_uses_valid_gts_and_flips_labels():
 def _smoke_config() -> ml_collections.ConfigDict:
   config = smoke.get_config()
   with config.unlocked():
-    config.iah.a_s = '4'  # resolved from the dataset in training; any number here
+    config.iah.a_s = 4.0  # resolved from the dataset in training; any number here
     config.model.aux_heads = ('iah', 'atss', 'rcnn')   # every auxiliary head
   return config
 
@@ -175,7 +175,7 @@ def _smoke_config() -> ml_collections.ConfigDict:
 @pytest.fixture(scope='module')
 def model_setup():
   config = _smoke_config()
-  model = detector.MRQM(config)
+  model = detector.build_model(config)
   b, (h, w), m = 2, config.input.image_size, config.dataset.max_boxes
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(b, h, w, 3)), jnp.float32)
@@ -348,6 +348,6 @@ def test_export_has_no_auxiliary_branch(model_setup):
     plain_config.model.aux_heads = ()
   texts = []
   for config in (s['config'], plain_config):
-    fn = export.inference_fn(detector.MRQM(config), config.eval.max_detections)
+    fn = export.inference_fn(detector.build_model(config), config.eval.max_detections)
     texts.append(jax.jit(fn).lower(variables, s['images'], s['pad']).as_text())
   assert texts[0] == texts[1]

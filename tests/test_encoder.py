@@ -7,6 +7,7 @@ import pytest
 
 from configs import smoke
 from mrqm_jax.models import encoder as enc
+from mrqm_jax.models import detector
 from mrqm_jax.models.deformable_attention import MSDeformAttn
 
 SHAPES = ((8, 12), (4, 6), (2, 3), (1, 2))   # P2..P5 of a 32x48 canvas
@@ -45,7 +46,7 @@ def _perturbed(params, seed):
 
 @pytest.fixture(scope='module', params=['sae', 'deformable'])
 def case(request):
-  model = enc.build_encoder(_config(request.param))
+  model = detector.build_encoder(_config(request.param))
   feats, masks = _inputs()
   params = jax.jit(model.init)(jax.random.PRNGKey(0), feats, masks)['params']
   params = _perturbed(params, 1)
@@ -102,7 +103,7 @@ def test_images_are_independent(case):
 
 @pytest.fixture(scope='module')
 def sae():
-  model = enc.build_encoder(_config('sae'))
+  model = detector.build_encoder(_config('sae'))
   feats, masks = _inputs(1)
   params = _perturbed(jax.jit(model.init)(jax.random.PRNGKey(2), feats, masks)['params'], 3)
   return model, params, feats, masks
@@ -179,7 +180,7 @@ def test_encoder_layer_matches_reference():
 def test_dropout_is_active_only_when_not_deterministic():
   c = _config('sae')
   c.encoder.dropout = 0.5
-  model = enc.build_encoder(c)
+  model = detector.build_encoder(c)
   feats, masks = _inputs()
   params = jax.jit(model.init)(jax.random.PRNGKey(0), feats, masks)['params']
 
@@ -209,7 +210,7 @@ def test_token_centres_and_level_round_trip():
 
 
 def test_bad_inputs_raise_naming_the_field():
-  model = enc.build_encoder(_config('sae'))
+  model = detector.build_encoder(_config('sae'))
   feats, masks = _inputs()
   with pytest.raises(ValueError, match='num_levels'):
     model.init(jax.random.PRNGKey(0), feats[:3], masks[:3])
@@ -220,4 +221,4 @@ def test_bad_inputs_raise_naming_the_field():
   c = _config('sae')
   c.encoder.type = 'dense'
   with pytest.raises(ValueError, match='config.encoder.type'):
-    enc.build_encoder(c)
+    detector.build_encoder(c)

@@ -1,6 +1,7 @@
 """IoU-aware head: threshold formula, anchors, assignment and positive selection against NumPy references
 written independently here, plus the module's outputs and gradients."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from mrqm_jax.models import detector
 from mrqm_jax.models import iou_aware_head as iah
 
 CANVAS = (64, 96)
@@ -108,14 +110,17 @@ def test_dynamic_threshold_matches_formula():
 def test_threshold_config_modes_and_errors():
   config = smoke.get_config()
   boxes = jnp.asarray([[0.5, 0.5, 6 / 128, 6 / 128], [0.5, 0.5, 64 / 128, 32 / 128]])
+  rule = detector.iou_threshold(config)
+  assert rule == iah.IoUThreshold(True, 0.55, 0.15, 0.2, -1.0)
   with pytest.raises(ValueError, match='auto'):
-    iah.gt_thresholds(boxes, (128, 128), config.iah)                 # a_s='auto' unresolved
-  dynamic = iah.gt_thresholds(boxes, (128, 128), config.iah, a_s='3')  # numeric string as from the CLI
+    iah.gt_thresholds(boxes, (128, 128), rule)                      # a_s = -1 (auto) unresolved
+  dynamic = iah.gt_thresholds(boxes, (128, 128), dataclasses.replace(rule, a_s=3.0))
   side = np.sqrt([36.0, 64 * 32])
   np.testing.assert_allclose(dynamic, 0.55 + 0.15 * (side / 3.0) ** 0.2, rtol=1e-5)
   with config.unlocked():
     config.iah.dynamic_threshold = False
-  np.testing.assert_allclose(iah.gt_thresholds(boxes, (128, 128), config.iah), [0.55, 0.55], rtol=1e-6)
+  np.testing.assert_allclose(iah.gt_thresholds(boxes, (128, 128), detector.iou_threshold(config)), [0.55, 0.55],
+                             rtol=1e-6)
   with pytest.raises(ValueError, match='positive number'):
     iah.dynamic_iou_threshold(1.0, 1.0, t_b=0.5, k=0.1, p=0.2, a_s=0.0)
 
@@ -260,7 +265,7 @@ def test_select_positives_round_robin_against_reference():
 def make_head(config, a_s=3.0):
   i = config.iah
   return iah.IoUAwareHead(config.dataset.num_classes, CANVAS, SIZES, tuple(i.anchor_ratios), tuple(i.anchor_scales),
-                          i, a_s=a_s, max_pos=i.max_pos)
+                          dataclasses.replace(detector.iou_threshold(config), a_s=a_s), max_pos=i.max_pos)
 
 
 @pytest.fixture(scope='module')
@@ -333,15 +338,16 @@ def test_threshold_uses_original_pixels(head_setup):
   """Eq. 8 takes w, h in original px: the same canvas box at scale 0.5 is twice as large in original px."""
   config, *_ = head_setup
   boxes = jnp.asarray([[0.5, 0.5, 0.1, 0.2]], jnp.float32)
-  at_half = iah.gt_thresholds(boxes[None], CANVAS, config.iah, a_s=3.0, scale=jnp.asarray([0.5]))
+  rule = dataclasses.replace(detector.iou_threshold(config), a_s=3.0)
+  at_half = iah.gt_thresholds(boxes[None], CANVAS, rule, scale=jnp.asarray([0.5]))
   h, w = CANVAS
   expected = iah.dynamic_iou_threshold(0.1 * w / 0.5, 0.2 * h / 0.5, t_b=config.iah.t_b, k=config.iah.k,
                                        p=config.iah.p, a_s=3.0)
   np.testing.assert_allclose(at_half[0, 0], expected, rtol=1e-6)
-  assert float(at_half[0, 0]) > float(iah.gt_thresholds(boxes[None], CANVAS, config.iah, a_s=3.0)[0, 0])
+  assert float(at_half[0, 0]) > float(iah.gt_thresholds(boxes[None], CANVAS, rule)[0, 0])
 
 
 def test_module_requires_resolved_a_s(head_setup):
   config, _, variables, _, maps, pad, targets = head_setup
   with pytest.raises(ValueError, match='auto'):
-    make_head(config, a_s=None).apply(variables, maps, pad, targets)     # config.iah.a_s is 'auto'
+    make_head(config, a_s=-1.0).apply(variables, maps, pad, targets)     # config.iah.a_s = -1 (auto)

@@ -248,3 +248,46 @@ def test_depends_on_keeps_values_for_any_anchor(anchor):
   for key in values:
     np.testing.assert_array_equal(out[key], values[key])
     assert out[key].dtype == values[key].dtype
+
+
+def _layer_norm(x, scale, bias, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+class _SharesFFN(nn.Module):
+  """A layer that shares its scope with the FFN block, as the encoder/decoder layers do."""
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    x = nn.Dense(x.shape[-1], name='own')(x)
+    ffn = layers.PostNormFFN(12, 0.5, None, 'linear1', 'linear2', 'norm2')
+    nn.share_scope(self, ffn)
+    return ffn(x, deterministic)
+
+
+def test_post_norm_ffn_matches_numpy_and_keeps_the_callers_names():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  model = _SharesFFN()
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert set(params) == {'own', 'linear1', 'linear2', 'norm2'}     # beside the layer's own, not nested
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.1, p.dtype), params)
+  p = jax.tree.map(np.asarray, params)
+  h = np.asarray(x) @ p['own']['kernel'] + p['own']['bias']
+  y = np.maximum(h @ p['linear1']['kernel'] + p['linear1']['bias'], 0) @ p['linear2']['kernel'] + p['linear2']['bias']
+  want = _layer_norm(h + y, p['norm2']['scale'], p['norm2']['bias'])
+  np.testing.assert_allclose(model.apply({'params': params}, x), want, rtol=1e-4, atol=1e-5)
+  # Dropout (rate 0.5) is active only when not deterministic, and draws from the 'dropout' stream.
+  a = model.apply({'params': params}, x, False, rngs={'dropout': jax.random.PRNGKey(1)})
+  b = model.apply({'params': params}, x, False, rngs={'dropout': jax.random.PRNGKey(2)})
+  assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, b, atol=1e-3)
+
+
+def test_conv_norm_names_its_layers():
+  x = jnp.ones((1, 6, 6, 4))
+  default = layers.ConvNorm(8, 3).init(jax.random.PRNGKey(0), x)['params']
+  assert set(default) == {'conv', 'norm'} and 'bias' not in default['conv']   # no bias before the norm
+  named = layers.ConvNorm(8, 1, norm='none', conv_name='pointwise', norm_name='n').init(jax.random.PRNGKey(0), x)
+  assert set(named['params']) == {'pointwise'} and named['params']['pointwise']['kernel'].shape == (1, 1, 4, 8)

@@ -16,7 +16,7 @@ import pytest
 
 from configs import smoke
 from mrqm_jax import checkpointing, notebook_utils
-from mrqm_jax.models import backbone as backbone_lib
+from mrqm_jax.models import detector
 from tests.conftest import REPO
 from tests.test_checkpointing import _config, _state
 
@@ -96,7 +96,7 @@ def test_notebooks_run_in_smoke_mode(tmp_path, monkeypatch):
 def _smoke_config():
   config = smoke.get_config()
   with config.unlocked():
-    config.iah.a_s = '4'
+    config.iah.a_s = 4.0
   return config
 
 
@@ -105,7 +105,7 @@ def test_encoder_spatial_shapes_match_the_backbone(canvas):
   config = _smoke_config()
   with config.unlocked():
     config.input.image_size = canvas
-  net = backbone_lib.build_backbone(config)
+  net = detector.build_backbone(config)
   image = jax.ShapeDtypeStruct((1, *canvas, 3), np.float32)
   feats = jax.eval_shape(lambda x: net.init_with_output(jax.random.PRNGKey(0), x)[0], image)
   assert notebook_utils.encoder_spatial_shapes(config) == tuple(f.shape[1:3] for f in feats)

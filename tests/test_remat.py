@@ -9,8 +9,7 @@ from configs import smoke
 from mrqm_jax import model_lib
 from mrqm_jax import train
 from mrqm_jax import train_lib
-from mrqm_jax.models import decoder as decoder_lib
-from mrqm_jax.models import encoder as encoder_lib
+from mrqm_jax.models import detector
 
 
 def _encoder_and_inputs(remat):
@@ -21,7 +20,7 @@ def _encoder_and_inputs(remat):
   d = config.model.hidden_dim
   feats = [jnp.asarray(rng.normal(size=(1, s, s, d)), jnp.float32) for s in (8, 4, 2, 1)]
   masks = [jnp.zeros((1, s, s), bool) for s in (8, 4, 2, 1)]
-  return config, encoder_lib.build_encoder(config), feats, masks
+  return config, detector.build_encoder(config), feats, masks
 
 
 def test_encoder_and_decoder_remat_match_plain():
@@ -29,7 +28,7 @@ def test_encoder_and_decoder_remat_match_plain():
   for remat in (False, True):
     config, encoder, feats, masks = _encoder_and_inputs(remat)
     params = encoder.init(jax.random.PRNGKey(0), feats, masks)
-    decoder = decoder_lib.build_decoder(config)
+    decoder = detector.build_decoder(config)
 
     def loss(enc_params, dec_params, feats):
       out = encoder.apply(enc_params, feats, masks)
@@ -54,7 +53,7 @@ def test_encoder_and_decoder_remat_match_plain():
 def _step_config(remat: bool):
   config = smoke.get_config()
   config.model.remat = remat
-  config.iah.a_s = '16'           # resolved from the data in training; any number here
+  config.iah.a_s = 16.0         # resolved from the data in training; any number here
   config.input.image_size = (96, 96)
   config.encoder.num_layers = 1
   config.decoder.num_layers = 1

@@ -67,8 +67,19 @@ class Downsample(nn.Module):
     return layers.FrozenBatchNorm(dtype=self.dtype, name='1')(x)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34): `[B,H,W,Cin] -> [B,H/stride,W/stride,width]`."""
+def block_convs(block: str, width: int, stride: int) -> tuple[tuple[int, int, int], ...]:
+  """(features, kernel, stride) of each conv of a residual block: 'basic' (ResNet-18/34) two 3x3; 'bottleneck'
+  (ResNet-50/101) 1x1 -> 3x3 (strided, torchvision's v1.5) -> 1x1 x4."""
+  if block == 'bottleneck':
+    return ((width, 1, 1), (width, 3, stride), (width * BOTTLENECK_EXPANSION, 1, 1))
+  return ((width, 3, stride), (width, 3, 1))
+
+
+class ResidualBlock(nn.Module):
+  """torchvision's BasicBlock / Bottleneck: `[B,H,W,Cin] -> [B,H/stride,W/stride,C]` with C = width (basic) or
+  4 * width (bottleneck). Parameters 'conv{i}' with frozen 'bn{i}' (i = 1..) and, when the shape changes,
+  'downsample'."""
+  block: str
   width: int
   stride: int = 1
   conv_impl: str = 'auto'
@@ -76,32 +87,14 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    out_features = self.width
-    y = _conv(self.width, 3, self.stride, self.conv_impl, self.dtype, 'conv1')(x)
-    y = nn.relu(layers.FrozenBatchNorm(dtype=self.dtype, name='bn1')(y))
-    y = _conv(self.width, 3, 1, self.conv_impl, self.dtype, 'conv2')(y)
-    y = layers.FrozenBatchNorm(dtype=self.dtype, name='bn2')(y)
-    if self.stride != 1 or x.shape[-1] != out_features:
-      x = Downsample(out_features, self.stride, self.conv_impl, self.dtype, name='downsample')(x)
-    return nn.relu(x + y)
-
-
-class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101): `[B,H,W,Cin] -> [B,H/stride,W/stride,4*width]`."""
-  width: int
-  stride: int = 1
-  conv_impl: str = 'auto'
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out_features = self.width * BOTTLENECK_EXPANSION
-    y = _conv(self.width, 1, 1, self.conv_impl, self.dtype, 'conv1')(x)
-    y = nn.relu(layers.FrozenBatchNorm(dtype=self.dtype, name='bn1')(y))
-    y = _conv(self.width, 3, self.stride, self.conv_impl, self.dtype, 'conv2')(y)
-    y = nn.relu(layers.FrozenBatchNorm(dtype=self.dtype, name='bn2')(y))
-    y = _conv(out_features, 1, 1, self.conv_impl, self.dtype, 'conv3')(y)
-    y = layers.FrozenBatchNorm(dtype=self.dtype, name='bn3')(y)
+    convs = block_convs(self.block, self.width, self.stride)
+    y = x
+    for i, (features, kernel, stride) in enumerate(convs, start=1):
+      y = _conv(features, kernel, stride, self.conv_impl, self.dtype, f'conv{i}')(y)
+      y = layers.FrozenBatchNorm(dtype=self.dtype, name=f'bn{i}')(y)
+      if i < len(convs):
+        y = nn.relu(y)
+    out_features = convs[-1][0]
     if self.stride != 1 or x.shape[-1] != out_features:
       x = Downsample(out_features, self.stride, self.conv_impl, self.dtype, name='downsample')(x)
     return nn.relu(x + y)
@@ -122,11 +115,10 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
-    if self.remat:
-      block_cls = nn.remat(block_cls)
+    block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.num_blocks):
-      x = block_cls(self.width, self.stride if i == 0 else 1, self.conv_impl, self.dtype, name=str(i))(x)
+      x = block_cls(self.block, self.width, self.stride if i == 0 else 1, self.conv_impl, self.dtype,
+                    name=str(i))(x)
     return x
 
 
@@ -174,13 +166,6 @@ def parse_backbone_name(name: str) -> int:
     raise ValueError(f'config.model.backbone must be one of '
                      f'{[f"resnet{d}" for d in sorted(RESNET_SPECS)]}, got {name!r}')
   return int(name[len('resnet'):])
-
-
-def build_backbone(config, name: str | None = None) -> ResNet:
-  """ResNet from `config.model` (backbone, backbone_width, frozen_stages, conv_impl, dtype)."""
-  m = config.model
-  return ResNet(depth=parse_backbone_name(m.backbone), width=m.backbone_width, frozen_stages=m.frozen_stages,
-                conv_impl=m.conv_impl, dtype=m.dtype, remat=m.remat, name=name)
 
 
 def frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:

@@ -94,10 +94,10 @@ class SeparableConvBlock(nn.Module):
     x = nn.swish(x)
     x = layers.Conv2D(x.shape[-1], 3, padding=1, feature_group_count=x.shape[-1], use_bias=False,
                       impl=self.conv_impl, dtype=self.dtype, name='depthwise')(x)
-    # A bias before GroupNorm would be cancelled by its mean subtraction.
-    x = layers.Conv2D(self.features, 1, use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype,
-                      name='pointwise')(x)
-    return layers.NeckNorm(self.norm, dtype=self.dtype, name='norm')(x)
+    pointwise = layers.ConvNorm(self.features, 1, 1, self.norm, None, self.conv_impl, self.dtype,
+                                kernel_init=nn.initializers.lecun_normal(), conv_name='pointwise')
+    nn.share_scope(self, pointwise)   # params stay 'pointwise', 'norm' of this block
+    return pointwise(x)
 
 
 class BiFPNLayer(nn.Module):
@@ -142,6 +142,13 @@ def _check_pyramid(features: Sequence[jax.Array]) -> None:
       raise ValueError(f'neck inputs must be [B, H, W, C], got {[x.shape for x in features]}')
 
 
+def project_pyramid(features: Sequence[jax.Array], hidden_dim: int, norm: str, conv_impl: str,
+                    dtype: Any) -> list[jax.Array]:
+  """Checked C_l -> `input_projection` each (params 'input_proj_{l}' of the calling neck)."""
+  _check_pyramid(features)
+  return [input_projection(hidden_dim, norm, conv_impl, dtype, f'input_proj_{l}')(c) for l, c in enumerate(features)]
+
+
 class BiFPN(nn.Module):
   """[C2..C5] with C_l `[B, H_l, W_l, C_l]` -> [P2..P5] with P_l `[B, H_l, W_l, hidden_dim]`."""
   hidden_dim: int = 256
@@ -153,11 +160,9 @@ class BiFPN(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-    _check_pyramid(features)
     if self.repeats < 1:
       raise ValueError(f'config.model.bifpn_repeats must be >= 1, got {self.repeats}')
-    feats = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
-             for l, c in enumerate(features)]
+    feats = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
     layer_cls = nn.remat(BiFPNLayer) if self.remat else BiFPNLayer
     for r in range(self.repeats):
       feats = layer_cls(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
@@ -182,9 +187,11 @@ class FPN(nn.Module):
       merged[l] = lateral[l] + upsample_to(merged[l + 1], lateral[l].shape[1:3])
     outs = []
     for l, m in enumerate(merged):
-      y = layers.Conv2D(self.hidden_dim, 3, padding=1, use_bias=self.norm == 'none', impl=self.conv_impl,
-                        dtype=self.dtype, name=f'output_{l}')(m)
-      outs.append(layers.NeckNorm(self.norm, dtype=self.dtype, name=f'norm_{l}')(y))
+      output = layers.ConvNorm(self.hidden_dim, 3, 1, self.norm, None, self.conv_impl, self.dtype,
+                               kernel_init=nn.initializers.lecun_normal(), conv_name=f'output_{l}',
+                               norm_name=f'norm_{l}')
+      nn.share_scope(self, output)   # params stay 'output_{l}', 'norm_{l}' of the FPN
+      outs.append(output(m))
     return outs
 
 
@@ -198,29 +205,13 @@ class ChannelMapper(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-    _check_pyramid(features)
     if self.num_levels < len(features):
       raise ValueError(f'ChannelMapper: config.model.num_levels={self.num_levels} is below the '
                        f'{len(features)} backbone levels')
-    outs = [input_projection(self.hidden_dim, self.norm, self.conv_impl, self.dtype, f'input_proj_{l}')(c)
-            for l, c in enumerate(features)]
+    outs = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
     x = features[-1]
     for l in range(len(features), self.num_levels):
       x = layers.ConvNorm(self.hidden_dim, 3, 2, self.norm, None, self.conv_impl, self.dtype,
                           kernel_init=nn.initializers.lecun_normal(), name=f'extra_{l}')(x)
       outs.append(x)
     return outs
-
-
-def build_neck(config, name: str | None = None) -> nn.Module:
-  """BiFPN or FPN from `config.model` (neck, hidden_dim, bifpn_repeats, neck_norm, conv_impl, dtype)."""
-  m = config.model
-  if m.neck not in NECKS:
-    raise ValueError(f'config.model.neck must be one of {NECKS}, got {m.neck!r}')
-  if m.neck_norm not in layers.NECK_NORMS:
-    raise ValueError(f'config.model.neck_norm must be one of {layers.NECK_NORMS}, got {m.neck_norm!r}')
-  if m.neck == 'bifpn':
-    return BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, m.remat, name=name)
-  if m.neck == 'channel_mapper':
-    return ChannelMapper(m.hidden_dim, m.num_levels, m.neck_norm, m.conv_impl, m.dtype, name=name)
-  return FPN(m.hidden_dim, m.neck_norm, m.conv_impl, m.dtype, name=name)

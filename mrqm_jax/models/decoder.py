@@ -30,7 +30,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from mrqm_jax.models import layers
 from mrqm_jax.models.deformable_attention import MSDeformAttn, SpatialShapes
@@ -91,9 +90,9 @@ class DecoderLayer(nn.Module):
     y = MSDeformAttn(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, dtype=self.dtype,
                      name='cross_attn')(x + query_pos, ref_boxes, memory, spatial_shapes, memory_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='ffn_in')(x)
-    y = nn.Dense(self.hidden_dim, dtype=self.dtype, name='ffn_out')(drop(nn.relu(y)))
-    return nn.LayerNorm(dtype=self.dtype, name='norm3')(x + drop(y))
+    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'ffn_in', 'ffn_out', 'norm3')
+    nn.share_scope(self, ffn)   # params stay 'ffn_in', 'ffn_out', 'norm3' of this layer
+    return ffn(x, deterministic)
 
 
 class DINODecoder(nn.Module):
@@ -159,12 +158,3 @@ class DINODecoder(nn.Module):
       ref = jax.lax.stop_gradient(new_ref)
       ref_for_pred = new_ref if self.look_forward_twice else ref
     return {'pred_logits': jnp.stack(all_logits), 'pred_boxes': jnp.stack(all_boxes)}
-
-
-def build_decoder(config: ml_collections.ConfigDict, name: str | None = None) -> DINODecoder:
-  """DINODecoder sized from config.decoder / config.model / config.dataset.num_classes."""
-  dc, m = config.decoder, config.model
-  return DINODecoder(num_classes=config.dataset.num_classes, num_layers=dc.num_layers, hidden_dim=m.hidden_dim,
-                     num_heads=dc.num_heads, num_levels=m.num_levels, num_points=dc.num_points,
-                     ffn_dim=dc.ffn_dim, dropout=dc.dropout, look_forward_twice=dc.look_forward_twice,
-                     dtype=m.dtype, remat=m.remat, name=name)

@@ -3,7 +3,7 @@ decoder, plus Co-DINO's collaborative auxiliary heads and their query groups in 
 'iah' the IoU-aware head, 'atss', 'rcnn'; the same class builds Co-DINO with a ChannelMapper neck and the plain
 encoder, configs/co_dino.py).
 
-    MRQM(config)(images [B, H, W, 3], pad_mask [B, H, W] bool (True = padding), targets=None, train=False)
+    build_model(config)(images [B, H, W, 3], pad_mask [B, H, W] bool (True = padding), targets=None, train=False)
 
 returns the output dict of the shared contract (L decoder layers, Q = decoder.num_queries, C classes):
   pred_logits [B, Q, C], pred_boxes [B, Q, 4]      last decoder layer, matching queries
@@ -51,6 +51,7 @@ decoded by the SAME decoder in its own call, each valid query seeing the valid q
 are hidden), one group per head as Co-DINO's `num_co_heads`.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -238,67 +239,62 @@ def placeholder_targets(batch: int, max_boxes: int) -> dict:
           'box_valid': jnp.zeros((batch, max_boxes), bool)}
 
 
-def build_aux_head(cfg: ml_collections.ConfigDict, head_name: str, num_aux_levels: int, a_s=None) -> nn.Module:
-  """The one place that maps config -> fields of the auxiliary heads (`config.model.aux_heads` names)."""
-  canvas = tuple(int(v) for v in cfg.input.image_size)
-  strides = aux_heads.aux_level_strides(num_aux_levels - 1)
-  m = cfg.model
-  if head_name == 'iah':
-    i = cfg.iah
-    if len(i.anchor_sizes) != num_aux_levels:
-      raise ValueError(f'config.iah.anchor_sizes has {len(i.anchor_sizes)} entries; the aux heads see '
-                       f'{num_aux_levels} levels (model.num_levels + 1): give one base size per level')
-    return iou_aware_head.IoUAwareHead(
-        cfg.dataset.num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
-        i, a_s=a_s, max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm, conv_impl=m.conv_impl,
-        dtype=m.dtype, name='iah')
-  if head_name == 'atss':
-    a = cfg.atss
-    return atss_head.ATSSHead(cfg.dataset.num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
-                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, name='atss')
-  if head_name == 'rcnn':
-    r = cfg.rcnn
-    return rcnn.RCNNBranch(
-        cfg.dataset.num_classes, canvas, strides, r.rpn_octave_base_scale, r.rpn_scales_per_octave,
-        tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
-        r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
-        r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
-        m.conv_impl, m.dtype, name='rcnn')
-  raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
-
-
 # ------------------------------------------------------------------------------------------------- detector
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  if config.model.hidden_dim % 2:
-    raise ValueError(f'config.model.hidden_dim must be even, got {config.model.hidden_dim}')
-  if config.dn.enabled and config.dn.max_gt < 1:
-    raise ValueError(f'config.dn.max_gt must be >= 1 when dn.enabled, got {config.dn.max_gt}')
+@dataclasses.dataclass(frozen=True)
+class DNSpec:
+  """Contrastive denoising (`config.dn`): groups of `num_queries // n` for n gts, capped at `max_gt` gts."""
+  enabled: bool = True
+  num_queries: int = 100
+  max_gt: int = 200
+  label_noise: float = 0.5
+  box_noise: float = 1.0
 
 
 class MRQM(nn.Module):
-  """The detector (module doc). Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm',
-  'enc_class_head', 'enc_box_head', 'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with
-  auxiliary heads 'aux_levels', one of 'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'."""
-  config: ml_collections.ConfigDict
+  """The detector (module doc). Built from a config by `build_model`; its parts are built modules:
+
+  backbone (C2..C5), neck (-> P levels of hidden_dim), encoder (EncoderOutput), decoder (DINODecoder: its
+  num_classes and hidden_dim are the detector's), num_queries Q, dn (DNSpec), aux_levels (AuxLevels, or None
+  without auxiliary heads), aux_heads (built heads, each named 'iah' / 'atss' / 'rcnn'), max_boxes (the target
+  count the heads are initialized with), dtype.
+
+  Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head',
+  'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
+  'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
+  """
+  # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
+  # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
+  preserve_adopted_names = True
+
+  backbone: nn.Module
+  neck: nn.Module
+  encoder: nn.Module
+  decoder: decoder_lib.DINODecoder
+  num_queries: int = 900
+  dn: DNSpec = DNSpec()
+  aux_levels: aux_heads.AuxLevels | None = None
+  aux_heads: tuple[nn.Module, ...] = ()
+  max_boxes: int = 1000
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, targets: dict | None = None,
                train: bool = False) -> dict[str, Any]:
-    cfg = self.config
-    _check_config(cfg)
     if images.ndim != 4 or pad_mask.shape != images.shape[:3]:
       raise ValueError(f'MRQM: images must be [B, H, W, 3] and pad_mask [B, H, W], got {images.shape} and '
                        f'{pad_mask.shape}')
-    dim, num_queries, num_classes = cfg.model.hidden_dim, cfg.decoder.num_queries, cfg.dataset.num_classes
-    dtype = cfg.model.dtype
+    if self.dn.enabled and self.dn.max_gt < 1:
+      raise ValueError(f'config.dn.max_gt must be >= 1 when dn.enabled, got {self.dn.max_gt}')
+    if self.aux_heads and self.aux_levels is None:
+      raise ValueError('MRQM: auxiliary heads need aux_levels')
+    dim, num_queries, num_classes = self.decoder.hidden_dim, self.num_queries, self.decoder.num_classes
+    dtype = self.dtype
     batch = images.shape[0]
 
     # Backbone -> neck -> encoder.
-    feats = backbone_lib.build_backbone(cfg, name='backbone')(images.astype(dtype))
-    feats = bifpn.build_neck(cfg, name='neck')(feats)
+    feats = self.neck(self.backbone(images.astype(dtype)))
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
-    enc = encoder_lib.build_encoder(cfg, name='encoder')(feats, level_pad_masks(pad_mask, shapes),
-                                                         deterministic=not train)
+    enc = self.encoder(feats, level_pad_masks(pad_mask, shapes), deterministic=not train)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
 
     # Two-stage mixed query selection.
@@ -318,17 +314,18 @@ class MRQM(nn.Module):
     refs = jax.lax.stop_gradient(top_boxes)
     label_embedding = self.param('label_embedding', nn.initializers.normal(1.0), (num_classes, dim))
 
-    decoder = decoder_lib.build_decoder(cfg, name='decoder')
-    decode = lambda q, r, m: decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m, train=train)  # noqa
+    decode = lambda q, r, m: self.decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m,  # noqa: E731
+                                          train=train)
 
     use_targets = train and targets is not None
     outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes}}
-    if use_targets and cfg.dn.enabled:
-      cap = min(cfg.dn.max_gt, int(targets['boxes'].shape[1]))
-      num_dn = dn_num_slots(cfg.dn.num_queries, cap)
-      dn = make_dn_queries(self.make_rng('dn'), targets, label_embedding, num_dn_queries=cfg.dn.num_queries,
-                           max_gt=cap, num_slots=num_dn, label_noise=cfg.dn.label_noise,
-                           box_noise=cfg.dn.box_noise)
+    if use_targets and self.dn.enabled:
+      dn_cfg = self.dn
+      cap = min(dn_cfg.max_gt, int(targets['boxes'].shape[1]))
+      num_dn = dn_num_slots(dn_cfg.num_queries, cap)
+      dn = make_dn_queries(self.make_rng('dn'), targets, label_embedding, num_dn_queries=dn_cfg.num_queries,
+                           max_gt=cap, num_slots=num_dn, label_noise=dn_cfg.label_noise,
+                           box_noise=dn_cfg.box_noise)
       dec = decode(jnp.concatenate([dn['content'].astype(content.dtype), content], axis=1),
                    jnp.concatenate([dn['ref_boxes'], refs], axis=1),
                    dn_self_attention_mask(dn['group'], num_queries))
@@ -344,21 +341,122 @@ class MRQM(nn.Module):
 
     # Collaborative auxiliary heads and their query groups (training only; also run at init so that their
     # parameters exist).
-    if cfg.model.aux_heads and (use_targets or self.is_initializing()):
-      head_targets = targets if use_targets else placeholder_targets(batch, cfg.dataset.max_boxes)
-      maps = aux_heads.AuxLevels(cfg.model.neck_norm, cfg.model.conv_impl, dtype, name='aux_levels')(
-          memory, enc.spatial_shapes)
+    if self.aux_heads and (use_targets or self.is_initializing()):
+      head_targets = targets if use_targets else placeholder_targets(batch, self.max_boxes)
+      maps = self.aux_levels(memory, enc.spatial_shapes)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
-      for head_name in cfg.model.aux_heads:
-        head = build_aux_head(cfg, head_name, len(maps),
-                              a_s=None if use_targets else 1.0)(maps, level_pad, head_targets)
-        queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{head_name}')(
+      for aux_head in self.aux_heads:
+        head = aux_head(maps, level_pad, head_targets)
+        queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{aux_head.name}')(
             head['pos_ref_boxes'], head.get('pos_feat'))
         if use_targets:   # (at init the decoder's parameters exist already)
           valid = head['pos_valid']
           mask = valid[:, None, :] | jnp.eye(valid.shape[1], dtype=bool)[None]
           decoded = decode(queries.astype(dtype), head['pos_ref_boxes'], mask)
-          outputs[f'{head_name}_outputs'] = dict(
+          outputs[f'{aux_head.name}_outputs'] = dict(
               head, query_logits=decoded['pred_logits'], query_boxes=decoded['pred_boxes'],
               query_gt=jnp.where(valid, head['pos_gt'], -1).astype(jnp.int32), query_valid=valid)
     return outputs
+
+
+# ------------------------------------------------------------------------------ config -> module fields
+# The one place that reads the config to build modules (as scenic's build_flax_model): every module above and
+# in the sibling files takes explicit, typed fields.
+def build_backbone(config: ml_collections.ConfigDict, name: str | None = None) -> backbone_lib.ResNet:
+  """ResNet from `config.model` (backbone, backbone_width, frozen_stages, conv_impl, dtype)."""
+  m = config.model
+  return backbone_lib.ResNet(depth=backbone_lib.parse_backbone_name(m.backbone), width=m.backbone_width,
+                             frozen_stages=m.frozen_stages, conv_impl=m.conv_impl, dtype=m.dtype,
+                             remat=m.remat, name=name)
+
+
+def build_neck(config: ml_collections.ConfigDict, name: str | None = None) -> nn.Module:
+  """BiFPN, FPN or ChannelMapper from `config.model` (neck, hidden_dim, bifpn_repeats, num_levels, neck_norm,
+  conv_impl, dtype)."""
+  m = config.model
+  if m.neck not in bifpn.NECKS:
+    raise ValueError(f'config.model.neck must be one of {bifpn.NECKS}, got {m.neck!r}')
+  if m.neck_norm not in layers.NECK_NORMS:
+    raise ValueError(f'config.model.neck_norm must be one of {layers.NECK_NORMS}, got {m.neck_norm!r}')
+  if m.neck == 'bifpn':
+    return bifpn.BiFPN(m.hidden_dim, m.bifpn_repeats, m.neck_norm, m.conv_impl, m.dtype, m.remat, name=name)
+  if m.neck == 'channel_mapper':
+    return bifpn.ChannelMapper(m.hidden_dim, m.num_levels, m.neck_norm, m.conv_impl, m.dtype, name=name)
+  return bifpn.FPN(m.hidden_dim, m.neck_norm, m.conv_impl, m.dtype, name=name)
+
+
+def build_encoder(config: ml_collections.ConfigDict, name: str | None = None) -> nn.Module:
+  """The encoder chosen by `config.encoder.type` ('sae' | 'deformable'), sized from config.model/encoder."""
+  e, m = config.encoder, config.model
+  kwargs = dict(hidden_dim=m.hidden_dim, num_layers=e.num_layers, num_heads=e.num_heads,
+                num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
+                pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
+                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype,
+                remat=m.remat, name=name)
+  if e.type == 'sae':
+    return encoder_lib.ScaleAwareEncoder(**kwargs)
+  if e.type == 'deformable':
+    return encoder_lib.DeformableEncoder(**kwargs)
+  raise ValueError(f'config.encoder.type must be one of {encoder_lib.ENCODER_TYPES}, got {e.type!r}')
+
+
+def build_decoder(config: ml_collections.ConfigDict, name: str | None = None) -> decoder_lib.DINODecoder:
+  """DINODecoder sized from config.decoder / config.model / config.dataset.num_classes."""
+  dc, m = config.decoder, config.model
+  return decoder_lib.DINODecoder(
+      num_classes=config.dataset.num_classes, num_layers=dc.num_layers, hidden_dim=m.hidden_dim,
+      num_heads=dc.num_heads, num_levels=m.num_levels, num_points=dc.num_points, ffn_dim=dc.ffn_dim,
+      dropout=dc.dropout, look_forward_twice=dc.look_forward_twice, dtype=m.dtype, remat=m.remat, name=name)
+
+
+def iou_threshold(config: ml_collections.ConfigDict) -> iou_aware_head.IoUThreshold:
+  """The IoU-aware head's threshold rule from `config.iah` (A_s as configured: -1 until resolved)."""
+  i = config.iah
+  return iou_aware_head.IoUThreshold(dynamic=bool(i.dynamic_threshold), t_b=float(i.t_b), k=float(i.k),
+                                     p=float(i.p), a_s=float(i.a_s))
+
+
+def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Module:
+  """The auxiliary head `head_name` ('iah' | 'atss' | 'rcnn'), named so, on the model.num_levels + 1 aux levels."""
+  canvas = tuple(int(v) for v in config.input.image_size)
+  num_aux_levels = config.model.num_levels + 1
+  strides = aux_heads.aux_level_strides(num_aux_levels - 1)
+  m, num_classes = config.model, config.dataset.num_classes
+  if head_name == 'iah':
+    i = config.iah
+    if len(i.anchor_sizes) != num_aux_levels:
+      raise ValueError(f'config.iah.anchor_sizes has {len(i.anchor_sizes)} entries; the aux heads see '
+                       f'{num_aux_levels} levels (model.num_levels + 1): give one base size per level')
+    return iou_aware_head.IoUAwareHead(
+        num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
+        iou_threshold(config), max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm,
+        conv_impl=m.conv_impl, dtype=m.dtype, name='iah')
+  if head_name == 'atss':
+    a = config.atss
+    return atss_head.ATSSHead(num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
+                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, name='atss')
+  if head_name == 'rcnn':
+    r = config.rcnn
+    return rcnn.RCNNBranch(
+        num_classes, canvas, strides, r.rpn_octave_base_scale, r.rpn_scales_per_octave,
+        tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
+        r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
+        r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
+        m.conv_impl, m.dtype, name='rcnn')
+  raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
+
+
+def build_model(config: ml_collections.ConfigDict) -> MRQM:
+  """The detector of `config` (model, encoder, decoder, dn, dataset.num_classes / max_boxes, input.image_size,
+  iah, atss, rcnn)."""
+  m = config.model
+  if m.hidden_dim % 2:
+    raise ValueError(f'config.model.hidden_dim must be even, got {m.hidden_dim}')
+  d = config.dn
+  heads = tuple(build_aux_head(config, h) for h in m.aux_heads)
+  return MRQM(
+      backbone=build_backbone(config), neck=build_neck(config), encoder=build_encoder(config),
+      decoder=build_decoder(config), num_queries=config.decoder.num_queries,
+      dn=DNSpec(bool(d.enabled), int(d.num_queries), int(d.max_gt), float(d.label_noise), float(d.box_noise)),
+      aux_levels=aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype) if heads else None, aux_heads=heads,
+      max_boxes=config.dataset.max_boxes, dtype=m.dtype)

@@ -105,9 +105,9 @@ class EncoderLayer(nn.Module):
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)  # noqa: E731
     y = attn(query + query_pos.astype(query.dtype), reference_points, value, spatial_shapes, value_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm1')(query + drop(y))
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='linear1')(x)
-    y = nn.Dense(self.d_model, dtype=self.dtype, name='linear2')(drop(nn.relu(y)))
-    return nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'linear1', 'linear2', 'norm2')
+    nn.share_scope(self, ffn)   # params stay 'linear1', 'linear2', 'norm2' of this layer
+    return ffn(x, deterministic)
 
 
 class _EncoderBase(nn.Module):
@@ -201,18 +201,3 @@ class DeformableEncoder(_EncoderBase):
     for i in range(self.num_layers):
       tokens = self._layer(f'layers_{i}', tokens, pos, ref, tokens, shapes, mask, deterministic)
     return EncoderOutput(tokens, mask, shapes, level_start_index(shapes))
-
-
-def build_encoder(config, name: str | None = None) -> _EncoderBase:
-  """The encoder chosen by `config.encoder.type` ('sae' | 'deformable'), sized from config.model/encoder."""
-  e, m = config.encoder, config.model
-  kwargs = dict(hidden_dim=m.hidden_dim, num_layers=e.num_layers, num_heads=e.num_heads,
-                num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
-                pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
-                query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype,
-                remat=m.remat, name=name)
-  if e.type == 'sae':
-    return ScaleAwareEncoder(**kwargs)
-  if e.type == 'deformable':
-    return DeformableEncoder(**kwargs)
-  raise ValueError(f'config.encoder.type must be one of {ENCODER_TYPES}, got {e.type!r}')

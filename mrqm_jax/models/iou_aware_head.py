@@ -37,12 +37,12 @@ the auxiliary branch as a positive, and padding must contribute nothing to the l
 """
 
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mrqm_jax.models import aux_heads
@@ -61,45 +61,42 @@ def dynamic_iou_threshold(w, h, *, t_b: float, k: float, p: float, a_s: float):
   Args:
     w, h: [...] object width and height in pixels (broadcastable; negative sizes count as 0).
     t_b: base IoU threshold T_b.  k, p: growth constant and exponent.  a_s: A_s, the dataset's smallest
-      instance area (px^2), a number ('auto' must be resolved by the caller).
+      instance area (px^2), > 0 (`iah.a_s = -1`, auto, is resolved from the dataset by `datasets.resolve_a_s`).
 
   Returns:
     [...] thresholds, >= t_b.
   """
   if isinstance(a_s, str) or a_s is None or not a_s > 0:
-    raise ValueError(f'iah.a_s must be a positive number (resolve "auto" from the dataset first), got {a_s!r}')
+    raise ValueError(f'iah.a_s must be a positive number (resolve -1 = auto from the dataset first: '
+                     f'datasets.resolve_a_s), got {a_s!r}')
   side = jnp.sqrt(jnp.maximum(w, 0.0) * jnp.maximum(h, 0.0))
   return jnp.maximum(t_b, t_b + k * (side / a_s) ** p)
 
 
-def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], iah_config: ml_collections.ConfigDict, a_s=None,
-                  scale=None):
-  """Per-gt IoU threshold from `config.iah`: gt_boxes [..., M, 4] normalized cxcywh -> [..., M].
+@dataclasses.dataclass(frozen=True)
+class IoUThreshold:
+  """The per-gt IoU threshold rule (`config.iah`): eq. 8 with T_b, k, p, A_s (px^2, original image) when
+  `dynamic`, else the fixed T_b (Table 3 baseline)."""
+  dynamic: bool = True
+  t_b: float = 0.55
+  k: float = 0.15
+  p: float = 0.2
+  a_s: float = -1.0
+
+
+def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], rule: IoUThreshold, scale=None):
+  """Per-gt IoU threshold: gt_boxes [..., M, 4] normalized cxcywh -> [..., M].
 
   Eq. 8 is evaluated in ORIGINAL-image pixels, the frame of A_s (the smallest instance area of the dataset):
   w, h are the boxes' canvas sizes divided by `scale` [...] (canvas px per original px, the batch's `scale`;
-  None = 1, i.e. images at their original size). `iah.dynamic_threshold=False` gives the fixed threshold
-  `iah.t_b` for every object. `a_s` overrides `iah.a_s` (needed when the config says 'auto').
+  None = 1, i.e. images at their original size).
   """
-  if not iah_config.dynamic_threshold:
-    return jnp.full(gt_boxes.shape[:-1], iah_config.t_b, jnp.float32)
+  if not rule.dynamic:
+    return jnp.full(gt_boxes.shape[:-1], rule.t_b, jnp.float32)
   canvas_h, canvas_w = canvas_hw
   to_orig = 1.0 if scale is None else 1.0 / jnp.maximum(jnp.asarray(scale, jnp.float32), 1e-6)[..., None]
   return dynamic_iou_threshold(gt_boxes[..., 2] * canvas_w * to_orig, gt_boxes[..., 3] * canvas_h * to_orig,
-                               t_b=iah_config.t_b, k=iah_config.k, p=iah_config.p,
-                               a_s=resolve_a_s(iah_config.a_s if a_s is None else a_s))
-
-
-def resolve_a_s(a_s) -> float:
-  """A_s as a float: a number, or a numeric string (`--config.iah.a_s=3`; the config field is a string because
-  its default is 'auto'). 'auto' is an error here: the caller resolves it from the dataset statistics."""
-  if isinstance(a_s, str):
-    try:
-      a_s = float(a_s)
-    except ValueError:
-      raise ValueError(f'iah.a_s={a_s!r}: resolve "auto" to the smallest training instance area '
-                       '(input_pipeline.stats) and pass it as IoUAwareHead(a_s=...)') from None
-  return a_s
+                               t_b=rule.t_b, k=rule.k, p=rule.p, a_s=rule.a_s)
 
 
 def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequence[int],
@@ -256,8 +253,8 @@ class IoUAwareHead(nn.Module):
   assignment by IoU > T_I(gt) (eq. 8, `gt_thresholds`) plus each gt's best anchor, top-K positives.
 
   Attributes: num_classes, canvas_hw (H, W), anchor_sizes (one per aux level, canvas px), anchor_ratios,
-    anchor_scales, iah (the `config.iah` block: t_b, k, p, a_s, dynamic_threshold), a_s (resolved A_s,
-    overrides iah.a_s), max_pos (K), stacked_convs, norm, conv_impl, dtype.
+    anchor_scales, threshold (the IoU threshold rule; its A_s must be resolved, > 0, for a training call — init
+    assigns nothing and reads none of it), max_pos (K), stacked_convs, norm, conv_impl, dtype.
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
   targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}) -> dict, A = R * sum H_l W_l:
@@ -271,8 +268,7 @@ class IoUAwareHead(nn.Module):
   anchor_sizes: tuple[float, ...]
   anchor_ratios: tuple[float, ...]
   anchor_scales: tuple[float, ...]
-  iah: Any
-  a_s: float | None = None
+  threshold: IoUThreshold = IoUThreshold()
   max_pos: int = 300
   stacked_convs: int = 1
   norm: str = 'group'
@@ -291,11 +287,11 @@ class IoUAwareHead(nn.Module):
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)                            # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
     gt_valid = jnp.asarray(targets['box_valid'], bool)
-    thresholds = gt_thresholds(gt_boxes, self.canvas_hw, self.iah, a_s=self.a_s, scale=targets.get('scale'))
     if self.is_initializing():   # parameters only: skip compiling the assignment, which holds none
       assigned_gt = jnp.full(anchor_valid.shape, -1, jnp.int32)
       assigned_iou = jnp.zeros(anchor_valid.shape, jnp.float32)
     else:
+      thresholds = gt_thresholds(gt_boxes, self.canvas_hw, self.threshold, scale=targets.get('scale'))
       assigned_gt, assigned_iou = jax.vmap(
           lambda g, v, t, av: assign_anchors(anchors, g, v, t, anchor_valid=av))(
               gt_boxes, gt_valid, thresholds, anchor_valid)

@@ -1,5 +1,5 @@
 """Building blocks shared by the model: a 2-D convolution with a CPU-friendly implementation, frozen
-BatchNorm, the neck's normalization choice, and a small MLP.
+BatchNorm, the neck's normalization choice, the conv-norm unit, the transformer FFN block, and a small MLP.
 
 Why a custom convolution: on XLA:CPU (jax 0.10.2) the gradients of `lax.conv_general_dilated` (and so of
 `flax.linen.Conv`) are slow for 1x1 and depthwise convolutions — several times slower than the same function
@@ -257,7 +257,8 @@ class ConvNorm(nn.Module):
 
   The conv-norm(-act) unit of the neck and the dense heads (mmcv's ConvModule with GN). The conv has no bias
   when a norm follows (its mean subtraction would cancel it). `kernel_init` defaults to normal(0.01), the
-  init of mmdet's dense heads.
+  init of mmdet's dense heads. Parameters: `conv_name` ('conv') and `norm_name` ('norm'); a caller that
+  shares its scope with the block (`nn.share_scope`) names them to keep its own parameter layout.
   """
   features: int
   kernel_size: int = 3
@@ -267,14 +268,43 @@ class ConvNorm(nn.Module):
   conv_impl: str = 'auto'
   dtype: Any = None
   kernel_init: Callable[..., jax.Array] = nn.initializers.normal(0.01)
+  conv_name: str = 'conv'
+  norm_name: str = 'norm'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Conv2D(self.features, self.kernel_size, self.strides, padding=self.kernel_size // 2,
                use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
-               name='conv')(x)
-    x = NeckNorm(self.norm, dtype=self.dtype, name='norm')(x)
+               name=self.conv_name)(x)
+    x = NeckNorm(self.norm, dtype=self.dtype, name=self.norm_name)(x)
     return x if self.activation is None else self.activation(x)
+
+
+class PostNormFFN(nn.Module):
+  """The transformer feed-forward block with its residual and post-norm: `[..., D] -> [..., D]`,
+
+    out = LN(x + Drop(Dense_D(Drop(relu(Dense_ffn_dim(x))))))
+
+  shared by the encoder and decoder layers (Deformable DETR / DINO). Parameters `in_name`, `out_name` (the two
+  Dense layers) and `norm_name` (the LayerNorm): the layers share their scope with this block
+  (`nn.share_scope`), so the parameters sit beside the layer's own under the names its checkpoints have
+  (encoder 'linear1', 'linear2', 'norm2'; decoder 'ffn_in', 'ffn_out', 'norm3'). Dropout draws from 'dropout'.
+  """
+  ffn_dim: int
+  dropout: float = 0.0
+  dtype: Any = None
+  in_name: str = 'ffn_in'
+  out_name: str = 'ffn_out'
+  norm_name: str = 'ffn_norm'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    # Named dropouts: in a shared scope an auto-name could collide with the layer's own.
+    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name=self.in_name)(x)
+    y = nn.Dropout(self.dropout, name=f'{self.in_name}_dropout')(nn.relu(y), deterministic=deterministic)
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, name=self.out_name)(y)
+    y = nn.Dropout(self.dropout, name=f'{self.out_name}_dropout')(y, deterministic=deterministic)
+    return nn.LayerNorm(dtype=self.dtype, name=self.norm_name)(x + y)
 
 
 class MLP(nn.Module):
