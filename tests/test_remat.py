@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks.train_step import random_batch
 from configs import smoke
@@ -53,28 +54,27 @@ def test_encoder_and_decoder_remat_match_plain():
 def _step_config(remat: bool):
   config = smoke.get_config()
   config.model.remat = remat
+  config.model.aux_heads = ('iah',)
   config.iah.a_s = 16.0         # resolved from the data in training; any number here
-  config.input.image_size = (96, 96)
+  config.input.image_size = (64, 64)
   config.encoder.num_layers = 1
   config.decoder.num_layers = 1
   return config
 
 
-def test_whole_step_remat_same_loss_and_gradients_less_memory():
-  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized: the training loss and every
-  gradient are those of the plain step, and XLA's memory analysis of the compiled step shows fewer
-  temporary bytes."""
+@pytest.mark.slow
+def test_whole_step_remat_same_loss_and_gradients():
+  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized (and compiled with the memory-ordered
+  scheduler, as training does): the training loss, its terms and every gradient are those of the plain step."""
   batch = random_batch(_step_config(False), 2, 6)
-  results, temp_bytes = [], []
+  results = []
   for remat in (False, True):
     config = _step_config(remat)
     model = model_lib.make_model(config)
     params, model_state = model_lib.split_variables(model_lib.init_variables(model, config, jax.random.PRNGKey(0)))
     grad_fn = jax.jit(jax.value_and_grad(train.make_loss_fn(model, config), has_aux=True),
-                      compiler_options=train_lib.memory_compiler_options())
-    compiled = grad_fn.lower(params, model_state, batch, jax.random.PRNGKey(1)).compile()
-    temp_bytes.append(compiled.memory_analysis().temp_size_in_bytes)
-    results.append(compiled(params, model_state, batch, jax.random.PRNGKey(1)))
+                      compiler_options=train_lib.memory_compiler_options() if remat else None)
+    results.append(grad_fn(params, model_state, batch, jax.random.PRNGKey(1)))
   ((loss_a, terms_a), grads_a), ((loss_b, terms_b), grads_b) = results
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   assert terms_a.keys() == terms_b.keys()
@@ -83,4 +83,48 @@ def test_whole_step_remat_same_loss_and_gradients_less_memory():
   assert jax.tree.structure(grads_a) == jax.tree.structure(grads_b)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  assert temp_bytes[1] < temp_bytes[0], temp_bytes
+
+
+def test_encoder_remat_keeps_fewer_bytes():
+  """XLA's memory analysis of the encoder's gradient: rematerialized layers (memory-ordered schedule) keep
+  fewer temporary bytes than stored activations, and the backbone's and BiFPN's remat give equal gradients."""
+  temp, grads = [], []
+  for remat in (False, True):
+    config, encoder, _, _ = _encoder_and_inputs(remat)
+    config.encoder.num_layers = 3
+    config.encoder.ffn_dim = 512
+    encoder = detector.build_encoder(config)
+    rng = np.random.default_rng(0)
+    d = config.model.hidden_dim
+    feats = [jnp.asarray(rng.normal(size=(2, s, s, d)), jnp.float32) for s in (32, 16, 8, 4)]
+    masks = [jnp.zeros((2, s, s), bool) for s in (32, 16, 8, 4)]
+    params = encoder.init(jax.random.PRNGKey(0), feats, masks)
+    loss = lambda p, f: jnp.sum(jnp.sin(encoder.apply(p, f, masks).memory))  # noqa: E731
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)),
+                 compiler_options=train_lib.memory_compiler_options() if remat else None)
+    compiled = fn.lower(params, feats).compile()
+    temp.append(compiled.memory_analysis().temp_size_in_bytes)
+    grads.append(compiled(params, feats))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert temp[1] < 0.7 * temp[0], temp
+
+
+@pytest.mark.parametrize('part', ['backbone', 'neck'])
+def test_backbone_and_neck_remat_same_gradients(part):
+  results = []
+  for remat in (False, True):
+    config = smoke.get_config()
+    config.model.remat = remat
+    rng = np.random.default_rng(0)
+    if part == 'backbone':
+      module = detector.build_backbone(config)
+      x = jnp.asarray(rng.normal(size=(1, 32, 32, 3)), jnp.float32)
+    else:
+      module = detector.build_neck(config)
+      x = [jnp.asarray(rng.normal(size=(1, s, s, c)), jnp.float32) for s, c in ((16, 8), (8, 16), (4, 32), (2, 64))]
+    variables = module.init(jax.random.PRNGKey(0), x)
+    loss = lambda v, x: sum(jnp.sum(jnp.sin(f)) for f in module.apply(v, x))  # noqa: E731
+    results.append(jax.grad(loss, argnums=(0, 1))(variables, x))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

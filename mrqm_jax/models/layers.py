@@ -354,14 +354,14 @@ def conv_fan_out_init() -> Callable[..., jax.Array]:
 
 
 def depends_on(values: Any, anchor: Any) -> Any:
-  """`values` unchanged, but computed from one element of `anchor`: a data dependency that orders them after it.
-
-  (Optimization barriers would say the same, but XLA:CPU removes them before it schedules.)
+  """`values` unchanged, but computed from the sum of `anchor`'s first array: a data dependency that orders them
+  after all of it (one element would not do: XLA may slice that element's computation out of the graph early).
+  Optimization barriers would say the same, but XLA:CPU removes them before it schedules.
   """
-  first = jax.tree.leaves(anchor)[0].reshape(-1)[0].astype(jnp.float32)
+  total = jnp.sum(jax.tree.leaves(anchor)[0].astype(jnp.float32))
   # x + 0 * s is x for every finite s; XLA keeps a float multiply by zero (it could be NaN), so it keeps the
   # dependency. The where makes it 0 for inf / NaN as well.
-  zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
+  zero = jnp.where(jnp.isfinite(total), total, 0.0) * 0.0
 
   def tie(x):
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
