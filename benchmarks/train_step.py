@@ -3,13 +3,14 @@ time, images/s, achieved TFLOP/s and MFU, XLA's memory analysis and the step's t
 backend is present.
 
   python benchmarks/train_step.py --config=configs/visdrone.py [--config.input.image_size=384,640]
-      [--steps=N] [--warmup=1] [--num_boxes=100] [--parts|--no-parts] [--memory-only]
+      [--steps=N] [--warmup=N] [--num_boxes=100] [--parts|--no-parts] [--memory-only]
 
 The batch is `train.per_device_batch_size x devices` images of the config's canvas with `--num_boxes` random
 small boxes each (sides 4..64 px, VisDrone-like), so the matching and the auxiliary heads do real work.
 --memory-only compiles the step without running it (works at the full canvas on a machine that could not run
-it) and prints XLA's memory analysis of the compiled step. Otherwise it also runs `--warmup` steps, then
-`--steps` timed steps (default 2 on CPU, 10 on GPU/TPU) and prints:
+it) and prints XLA's memory analysis of the compiled step. Otherwise it also runs `--warmup` untimed steps
+(default 0 on CPU, where a step takes far longer than its first-run setup, and 1 on GPU/TPU), then `--steps`
+timed steps (default 2 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
   TFLOP/s                   XLA's cost analysis FLOPs of the compiled step (per device: the SPMD program) /
                             median step time. XLA counts a while loop's body once (the on-device Hungarian
@@ -40,9 +41,11 @@ The line before the last is the wall time of the whole benchmark; the last line 
 `temp_gib=T peak_gib=P` (XLA memory analysis: P = arguments + outputs + temporaries - aliased (donated) bytes).
 Config overrides (`--config.KEY=VALUE`) work as in `python -m mrqm_jax.main`.
 
-Time budget: the run costs init + compile + (warmup + steps + 1 profiled) step times. On a 2-core CPU at
-384x640 that is about the compile plus four steps (hence --steps=2 there); on one GPU at 800x1344, batch 2, the
-compile dominates (minutes) and ten steps plus a profiled one add seconds.
+Time budget: the run costs init + compile + (warmup + steps + 1 profiled) steps. On a 2-core CPU at 384x640
+that is the init and compile (about 2 minutes on a quiet machine) plus three steps of about 45 s (hence the CPU
+defaults). On one GPU at 800x1344, batch 2, the init and step compiles take a few minutes, and 1 + 10 + 1 steps
+stay far below a minute unless the step is slower than about 5 s (the on-device Hungarian solver is the
+candidate: matcher.backend); pass a smaller --steps then.
 """
 
 import collections
@@ -331,7 +334,7 @@ def random_batch(config, batch_size: int, num_boxes: int, seed: int = 0):
           'scale': np.full((batch_size,), 0.53, np.float32)}
 
 
-def run(config, *, steps: int | None = None, warmup: int = 1, num_boxes: int = 100, parts: bool = True,
+def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxes: int = 100, parts: bool = True,
         memory_only: bool = False, start_time: float | None = None, print_fn=print) -> dict:
   """The benchmark (module doc); prints its table with print_fn and returns what it printed as numbers."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -348,6 +351,8 @@ def run(config, *, steps: int | None = None, warmup: int = 1, num_boxes: int = 1
   backend = jax.default_backend()
   if steps is None:
     steps = 2 if backend == 'cpu' else 10
+  if warmup is None:   # on CPU a step takes far longer than its first-run setup, and every step costs minutes
+    warmup = 0 if backend == 'cpu' else 1
   if steps < 1 or warmup < 0:
     raise ValueError(f'--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}')
   mesh = parallel.create_mesh()
@@ -412,7 +417,8 @@ def run(config, *, steps: int | None = None, warmup: int = 1, num_boxes: int = 1
       times.append(time.perf_counter() - start)
     median = statistics.median(times)
     result.update(step_s=median, images_per_s=batch_size / median, loss=float(metrics['loss']))
-    print_fn(f'{"step, median (s)":<28} {median:>10.3f}   (of {len(times)}, after {warmup} warm-up)')
+    print_fn(f'{"step, median (s)":<28} {median:>10.3f}   (of {len(times)}: '
+             f'{", ".join(f"{t:.3f}" for t in times)}; after {warmup} warm-up)')
     print_fn(f'{"images/s":<28} {batch_size / median:>10.3f}')
     tflops, mfu = throughput(flops, median, result['device_kind'], config.model.dtype)
     peak_entry = device_peak(result['device_kind'], config.model.dtype)
@@ -449,7 +455,7 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   values = flags.FLAGS
-  if (values.steps is not None and values.steps < 1) or values.warmup < 0 or values.num_boxes < 0:
+  if (values.steps is not None and values.steps < 1) or (values.warmup or 0) < 0 or values.num_boxes < 0:
     print(f'train_step.py: --steps must be >= 1, --warmup and --num_boxes >= 0; got {values.steps}, '
           f'{values.warmup}, {values.num_boxes}', file=sys.stderr)
     sys.exit(2)
@@ -466,7 +472,7 @@ if __name__ == '__main__':
   # Defined here, not at import, so that tests can import this module next to others that define --config.
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/visdrone.py.', lock_config=True)
   flags.DEFINE_integer('steps', None, 'Timed steps after the warm-up (default 2 on CPU, 10 on GPU/TPU).')
-  flags.DEFINE_integer('warmup', 1, 'Untimed steps before the timed ones.')
+  flags.DEFINE_integer('warmup', None, 'Untimed steps before the timed ones (default 0 on CPU, 1 on GPU/TPU).')
   flags.DEFINE_integer('num_boxes', 100, 'Valid boxes per image in the random batch.')
   flags.DEFINE_bool('parts', True, 'Profile one more step and print the time split by part.')
   flags.DEFINE_bool('memory-only', False, 'Compile and print the memory analysis; do not run.')
