@@ -13,8 +13,9 @@ it) and prints XLA's memory analysis of the compiled step. Otherwise it also run
 timed steps (default 2 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
   TFLOP/s                   XLA's cost analysis FLOPs of the compiled step (per device: the SPMD program) /
-                            median step time. XLA counts a while loop's body once (the on-device Hungarian
-                            solver's iterations are not multiplied out), so this is a lower bound of the work.
+                            median step time. XLA's cost analysis counts a while loop's body once when the
+                            trip count is not static (the on-device Hungarian solver, NMS), so this is a lower
+                            bound of the work done.
   MFU                       TFLOP/s / the device's dense peak for config.model.dtype (`PEAK_TFLOPS`); 'n/a'
                             on a device not in the table (e.g. CPU)
   device peak (GiB)         the device's `memory_stats()` peak (GPU/TPU; CPU has none)
@@ -296,7 +297,6 @@ def profile_parts(compiled, state, batch, model_scope: str):
   """Runs one step under jax.profiler.trace: (new state, {part: seconds}, the step's wall seconds, [(op,
   seconds)] of the 'other' ops, largest first)."""
   import jax  # pylint: disable=g-import-not-at-top
-  metadata = hlo_op_metadata(compiled.as_text())
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
       start = time.perf_counter()
@@ -308,8 +308,11 @@ def profile_parts(compiled, state, batch, model_scope: str):
       raise RuntimeError('jax.profiler.trace wrote no perfetto trace')
     with gzip.open(paths[0], 'rt') as f:
       trace = json.load(f)
+  # The HLO text is parsed only now, so that neither it nor the trace is resident while the step runs.
+  metadata = hlo_op_metadata(compiled.as_text())
   # Only the step's own module: the trace may hold small jitted helpers (e.g. host-to-device copies).
   events = op_events(trace)
+  del trace
   modules = collections.Counter(e['args'].get('hlo_module') for e in events)
   module = modules.most_common(1)[0][0] if modules else None
   other_ops = {}
@@ -383,6 +386,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     lowered = step.lower(state, batch)
   compiled = lowered.compile()
   result['compile_s'] = time.perf_counter() - start
+  del lowered, variables, params   # the StableHLO module and the init's copy of the parameters
   result['aux_group_calls'] = calls['aux_group_calls']
   h, w = config.input.image_size
   print_fn(f'train step: {config.get("dataset", {}).get("format", "")} config, canvas {h}x{w}, batch '

@@ -106,15 +106,19 @@ def test_hlo_metadata_and_parts_of_a_real_profile():
 
 @pytest.fixture(scope='module')
 def smoke_run():
+  """One real run: the smoke model at 64x64 with one auxiliary head (the IAH) and one encoder layer, to keep the
+  compile short."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.input.image_size = (64, 64)
   config.model.aux_heads = ('iah',)
+  config.encoder.num_layers = 1
   lines = []
   result = ts.run(config, steps=1, warmup=0, num_boxes=6, parts=True, print_fn=lines.append)
   return config, result, lines
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_table_adds_up(smoke_run):
   config, result, lines = smoke_run
   table = {line[:28].strip(): line[28:].split() for line in lines if len(line) > 28}
@@ -139,6 +143,7 @@ def test_train_step_benchmark_table_adds_up(smoke_run):
   assert result['aux_group_calls'] == len(config.model.aux_heads)
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_last_lines(smoke_run):
   _, result, lines = smoke_run
   last = ts.LAST_LINE.match(lines[-1])
