@@ -444,8 +444,11 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
       result.update(parts=split, profiled_step_s=wall)
       print_fn(f'\ntime by part (profile of one more step; auxiliary query-group decoder calls: '
                f'{calls["aux_group_calls"]} for {len(config.model.aux_heads)} aux heads)')
-      for line in parts_table(split, wall):
-        print_fn(line)
+      if any(split.values()):
+        for line in parts_table(split, wall):
+          print_fn(line)
+      else:
+        print_fn(f'the profile has no per-HLO-op events on backend {backend}: no split by part')
       if other_ops:
         print_fn('largest ops without metadata (other): '
                  + ', '.join(f'{op} {seconds:.3f} s' for op, seconds in other_ops[:3]))
