@@ -10,7 +10,7 @@ small boxes each (sides 4..64 px, VisDrone-like), so the matching and the auxili
 --memory-only compiles the step without running it (works at the full canvas on a machine that could not run
 it) and prints XLA's memory analysis of the compiled step. Otherwise it also runs `--warmup` untimed steps
 (default 0 on CPU, where a step takes far longer than its first-run setup, and 1 on GPU/TPU), then `--steps`
-timed steps (default 2 on CPU, 10 on GPU/TPU) and prints:
+timed steps (default 1 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
   TFLOP/s                   XLA's cost analysis FLOPs of the compiled step (per device: the SPMD program) /
                             median step time. XLA's cost analysis counts a while loop's body once when the
@@ -43,8 +43,8 @@ The line before the last is the wall time of the whole benchmark; the last line 
 Config overrides (`--config.KEY=VALUE`) work as in `python -m mrqm_jax.main`.
 
 Time budget: the run costs init + compile + (warmup + steps + 1 profiled) steps. On a 2-core CPU at 384x640
-that is the init and compile (about 2 minutes on a quiet machine) plus three steps of about 45 s (hence the CPU
-defaults). On one GPU at 800x1344, batch 2, the init and step compiles take a few minutes, and 1 + 10 + 1 steps
+that is the init and compile (2-3 minutes on a quiet machine) plus two steps of about 45 s (hence the CPU
+defaults; the profiled step's wall time, printed with the split, is a second sample). On one GPU at 800x1344, batch 2, the init and step compiles take a few minutes, and 1 + 10 + 1 steps
 stay far below a minute unless the step is slower than about 5 s (the on-device Hungarian solver is the
 candidate: matcher.backend); pass a smaller --steps then.
 """
@@ -353,7 +353,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
   config.lock()
   backend = jax.default_backend()
   if steps is None:
-    steps = 2 if backend == 'cpu' else 10
+    steps = 1 if backend == 'cpu' else 10
   if warmup is None:   # on CPU a step takes far longer than its first-run setup, and every step costs minutes
     warmup = 0 if backend == 'cpu' else 1
   if steps < 1 or warmup < 0:
@@ -478,7 +478,7 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   # Defined here, not at import, so that tests can import this module next to others that define --config.
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/visdrone.py.', lock_config=True)
-  flags.DEFINE_integer('steps', None, 'Timed steps after the warm-up (default 2 on CPU, 10 on GPU/TPU).')
+  flags.DEFINE_integer('steps', None, 'Timed steps after the warm-up (default 1 on CPU, 10 on GPU/TPU).')
   flags.DEFINE_integer('warmup', None, 'Untimed steps before the timed ones (default 0 on CPU, 1 on GPU/TPU).')
   flags.DEFINE_integer('num_boxes', 100, 'Valid boxes per image in the random batch.')
   flags.DEFINE_bool('parts', True, 'Profile one more step and print the time split by part.')
