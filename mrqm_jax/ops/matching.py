@@ -24,8 +24,8 @@ backend='jax': on-device shortest-augmenting-path solver (the O(M^2 N) Hungarian
 backend='scipy': `scipy.optimize.linear_sum_assignment` on the host through one `jax.pure_callback` (costs are
   built and sanitized on the device, copied to the host once, solved there on the valid columns only).
 backend='auto' (the config default) resolves by `jax.default_backend()` (`resolve_backend`):
-  cpu -> 'scipy'. Measured (benchmarks/matching.py, README): SciPy is faster at every shape and cost kind,
-    1.5-12x (contested costs, the early-training case, are the 12x), and the callback is a same-memory copy.
+  cpu -> 'scipy'. Measured (benchmarks/matching.py, numbers in README): SciPy is faster at every shape and cost
+    kind there, most on contested costs (the early-training case), and the callback's copy stays in memory.
   gpu -> 'scipy'. Reasoned, not measured (no GPU was available to this project): each iteration of a
     `lax.while_loop` on XLA:GPU launches its body's kernels and copies the loop predicate to the host, so the
     device solver's many thousands of tiny sequential steps (fori over M columns x search steps) cost far more
