@@ -15,8 +15,9 @@ The 'scipy' rows also give the host solve alone on one thread and on the thread 
 --step-share: the full training step of a config (as benchmarks/train_step.py builds it; random batch with
 `--num-boxes` valid small boxes per image, untrained weights) with each `matcher.backend`: the median step time,
 the time of all of the step's matchings alone (costs of every decoder layer and the encoder proposals, every
-image, and the solve, jitted, on the step's own forward outputs), its share of the step, and for the SciPy
-solver the host time the callback reported inside the timed steps (`matching.HOST_STATS`). Needs the step's
+image, and the solve, jitted, on the model's train-mode outputs for that batch after the timed steps), its
+share of the step, and for the SciPy solver the host time the callback reported inside the timed steps
+(`matching.HOST_STATS`). Needs the step's
 memory (384x640, batch 2: ~15 GiB): run it under the machine's memory lock.
 """
 
@@ -144,7 +145,11 @@ def _random_batch(config, batch_size: int, num_boxes: int, seed: int = 0) -> dic
 
 
 def step_share(args) -> None:
-  """Matching's share of the training step, per matcher backend (see module docstring)."""
+  """Matching's share of the training step, per matcher backend (see module docstring).
+
+  Order keeps the process's peak at the step's: every backend's steps run first, then one forward pass (on the
+  weights after those steps) gives the outputs that the matching-alone timings use.
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from mrqm_jax import model_lib, parallel, train, train_lib  # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses  # pylint: disable=g-import-not-at-top
@@ -154,47 +159,21 @@ def step_share(args) -> None:
   batch_size = base.train.per_device_batch_size * jax.device_count()
   host_batch = _random_batch(base, batch_size, args.num_boxes)
   model = model_lib.make_model(base)
-  variables = jax.jit(lambda r: model_lib.init_variables(model, base, r))(jax.random.PRNGKey(0))
-  targets = {k: host_batch[k] for k in train.TARGET_KEYS}
-
-  # The step's own forward outputs (train mode): what every matching of the step sees.
-  forward = jax.jit(lambda v, b, r: model.apply(v, b['image'], b['pad_mask'], targets={
-      k: b[k] for k in train.TARGET_KEYS}, train=True, rngs={'dropout': r, 'dn': r, 'aux': r}))
-  outputs = jax.block_until_ready(forward(variables, host_batch, jax.random.PRNGKey(2)))
-  num_sets = outputs['aux_outputs']['pred_logits'].shape[0] + 1 + ('enc_outputs' in outputs)
-  outputs = {'pred_logits': outputs['pred_logits'], 'pred_boxes': outputs['pred_boxes'],
-             'aux_outputs': {k: outputs['aux_outputs'][k] for k in ('pred_logits', 'pred_boxes')},
-             'enc_outputs': {k: outputs['enc_outputs'][k] for k in ('pred_logits', 'pred_boxes')}}
-  del forward
-  gc.collect()
+  params, model_state = model_lib.split_variables(
+      jax.jit(lambda r: model_lib.init_variables(model, base, r))(jax.random.PRNGKey(0)))
   h, w = base.input.image_size
-  q, m = outputs['pred_logits'].shape[1], base.dataset.max_boxes
-  print(f'step share: canvas {h}x{w}, batch {batch_size}, {args.num_boxes} valid boxes of {m} per image, '
-        f'{num_sets} query sets (decoder layers + encoder proposals) x {q} queries, aux_heads='
-        f'{tuple(base.model.aux_heads)}; untrained weights; {args.steps} timed steps after a warm-up')
+  print(f'step share: canvas {h}x{w}, batch {batch_size}, {args.num_boxes} valid boxes of '
+        f'{base.dataset.max_boxes} per image, aux_heads={tuple(base.model.aux_heads)}, untrained weights; '
+        f'{args.steps} timed steps after a warm-up', flush=True)
 
-  rows = []
+  configs, steps = {}, {}
   for backend in args.backends.split(','):
     config = ml_collections.ConfigDict(base.to_dict())
     config.matcher.backend = backend
     config.lock()
-    resolved = matching.resolve_backend(backend)
-
-    def all_matchings(outs, tgts, config=config):
-      gt_boxes, gt_labels, gt_valid = losses._sanitize_targets(tgts, outs['pred_logits'].shape[-1])  # pylint: disable=protected-access
-      logits = jnp.concatenate([outs['aux_outputs']['pred_logits'], outs['pred_logits'][None]], 0)
-      boxes = jnp.concatenate([outs['aux_outputs']['pred_boxes'], outs['pred_boxes'][None]], 0)
-      sets = [(logits, boxes), (outs['enc_outputs']['pred_logits'], outs['enc_outputs']['pred_boxes'])]
-      return losses.match_query_sets(sets, gt_boxes, gt_labels, gt_valid, config)
-
-    match_fn = jax.jit(all_matchings)
-    jax.block_until_ready(match_fn(outputs, targets))   # compile + warm-up
-    match_seconds = median_seconds(lambda: match_fn(outputs, targets), max(args.steps, 3))
-    del match_fn
-
-    params, model_state = model_lib.split_variables(variables)
+    configs[backend] = config
     tx = train_lib.make_optimizer(config, params, steps_per_epoch=1000)
-    state = jax.jit(lambda p, s: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1)),
+    state = jax.jit(lambda p, s, tx=tx: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1)),
                     out_shardings=parallel.replicated(mesh))(params, model_state)
     step = train_lib.make_train_step(train.make_loss_fn(model, config), tx, mesh)
     batch = parallel.host_to_global(host_batch, mesh)
@@ -210,21 +189,50 @@ def step_share(args) -> None:
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
-    step_seconds = statistics.median(times)
     stats = matching.HOST_STATS
-    host = (f'{stats.seconds / args.steps:.3f} s, {stats.calls / args.steps:g} call(s) of '
+    host = (f'{stats.seconds / args.steps:.3f} s in {stats.calls / args.steps:g} call(s) of '
             f'{stats.problems // max(stats.calls, 1)} problems' if stats.calls else '-')
-    rows.append((backend, resolved, compile_seconds, step_seconds, match_seconds, host))
+    steps[backend] = (compile_seconds, statistics.median(times), host)
+    print(f'{backend}: compile {compile_seconds:.1f} s, step times {[round(t, 2) for t in times]}, host solve '
+          f'{host}', flush=True)
+    params, model_state = state.params, state.model_state
     del state, metrics, compiled, step, batch
     gc.collect()
 
+  # The step's forward outputs (train mode): what every matching of the step sees.
+  forward = jax.jit(lambda p, s, b, r: model.apply({'params': p, **s}, b['image'], b['pad_mask'], targets={
+      k: b[k] for k in train.TARGET_KEYS}, train=True, rngs={'dropout': r, 'dn': r, 'aux': r}))
+  full = forward(params, model_state, host_batch, jax.random.PRNGKey(2))
+  outputs = {'pred_logits': full['pred_logits'], 'pred_boxes': full['pred_boxes'],
+             'aux_outputs': {k: full['aux_outputs'][k] for k in ('pred_logits', 'pred_boxes')},
+             'enc_outputs': {k: full['enc_outputs'][k] for k in ('pred_logits', 'pred_boxes')}}
+  jax.block_until_ready(outputs)
+  del full, forward
+  gc.collect()
+  targets = {k: host_batch[k] for k in train.TARGET_KEYS}
+  num_sets = outputs['aux_outputs']['pred_logits'].shape[0] + 2
+
   header = (f'{"backend":>8} {"solver":>7} {"compile (s)":>12} {"step (s)":>9} {"matching (s)":>13} '
-            f'{"share":>7}  host solve in step (per step)')
+            f'{"share":>7}  host solve inside the step, per step')
+  print(f'matching = costs + solve of all {num_sets} query sets (decoder layers + encoder proposals) x '
+        f'{outputs["pred_logits"].shape[1]} queries x {batch_size} images, jitted alone, median of 5')
   print(header)
   print('-' * len(header))
-  for backend, resolved, compile_seconds, step_seconds, match_seconds, host in rows:
-    print(f'{backend:>8} {resolved:>7} {compile_seconds:12.1f} {step_seconds:9.2f} {match_seconds:13.3f} '
-          f'{100 * match_seconds / step_seconds:6.1f}%  {host}')
+  for backend, config in configs.items():
+
+    def all_matchings(outs, tgts, config=config):
+      gt_boxes, gt_labels, gt_valid = losses._sanitize_targets(tgts, outs['pred_logits'].shape[-1])  # pylint: disable=protected-access
+      logits = jnp.concatenate([outs['aux_outputs']['pred_logits'], outs['pred_logits'][None]], 0)
+      boxes = jnp.concatenate([outs['aux_outputs']['pred_boxes'], outs['pred_boxes'][None]], 0)
+      sets = [(logits, boxes), (outs['enc_outputs']['pred_logits'], outs['enc_outputs']['pred_boxes'])]
+      return losses.match_query_sets(sets, gt_boxes, gt_labels, gt_valid, config)
+
+    match_fn = jax.jit(all_matchings)
+    jax.block_until_ready(match_fn(outputs, targets))   # compile + warm-up
+    match_seconds = median_seconds(lambda: match_fn(outputs, targets), 5)
+    compile_seconds, step_seconds, host = steps[backend]
+    print(f'{backend:>8} {matching.resolve_backend(backend):>7} {compile_seconds:12.1f} {step_seconds:9.2f} '
+          f'{match_seconds:13.3f} {100 * match_seconds / step_seconds:6.1f}%  {host}')
 
 
 def main():
