@@ -2,7 +2,7 @@ r"""Hungarian matching speed: on-device JAX solver vs SciPy host callback, and m
 
   python benchmarks/matching.py [--batch 2] [--repeats 5] [--shapes 900x100,900x500] [--kinds uniform,detr,contested]
   python benchmarks/matching.py --step-share [--config configs/visdrone.py] [--image-size 384,640]
-      [--num-boxes 100] [--steps 2] [--backends jax,auto]
+      [--num-boxes 100] [--steps 2] [--backends jax,auto] [--step-seconds S]
 
 Default mode: the device and a table of median wall times (after compile and one warm-up call) per solver, cost
 shape [N x M] and cost kind, jitted and vmapped over a batch:
@@ -17,8 +17,9 @@ The 'scipy' rows also give the host solve alone on one thread and on the thread 
 the time of all of the step's matchings alone (costs of every decoder layer and the encoder proposals, every
 image, and the solve, jitted, on the model's train-mode outputs for that batch after the timed steps), its
 share of the step, and for the SciPy solver the host time the callback reported inside the timed steps
-(`matching.HOST_STATS`). Needs the step's
-memory (384x640, batch 2: ~15 GiB): run it under the machine's memory lock.
+(`matching.HOST_STATS`). Needs the step's memory (384x640, batch 2: ~15 GiB): run it under the machine's
+memory lock. `--step-seconds S` skips the steps (and their memory) and divides by S, a step time measured by
+benchmarks/train_step.py.
 """
 
 import argparse
@@ -172,6 +173,9 @@ def step_share(args) -> None:
     config.matcher.backend = backend
     config.lock()
     configs[backend] = config
+    if args.step_seconds > 0:   # the step measured elsewhere (benchmarks/train_step.py): do not run it here
+      steps[backend] = (float('nan'), args.step_seconds, 'not run (--step-seconds)')
+      continue
     tx = train_lib.make_optimizer(config, params, steps_per_epoch=1000)
     state = jax.jit(lambda p, s, tx=tx: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1)),
                     out_shardings=parallel.replicated(mesh))(params, model_state)
@@ -247,6 +251,8 @@ def main():
   parser.add_argument('--num-boxes', type=int, default=100)
   parser.add_argument('--steps', type=int, default=2)
   parser.add_argument('--backends', default='jax,auto')
+  parser.add_argument('--step-seconds', type=float, default=0.0,
+                      help='--step-share without running the step: the share against this step time (s)')
   args = parser.parse_args()
   print(f'jax {jax.__version__}, backend {jax.default_backend()}, devices: {jax.devices()}, '
         f'{os.cpu_count()} CPUs')
