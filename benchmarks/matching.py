@@ -165,7 +165,8 @@ def step_share(args) -> None:
   h, w = base.input.image_size
   print(f'step share: canvas {h}x{w}, batch {batch_size}, {args.num_boxes} valid boxes of '
         f'{base.dataset.max_boxes} per image, aux_heads={tuple(base.model.aux_heads)}, untrained weights; '
-        f'{args.steps} timed steps after a warm-up', flush=True)
+        + (f'step time given: {args.step_seconds} s' if args.step_seconds > 0 else
+           f'{args.steps} timed steps after a warm-up'), flush=True)
 
   configs, steps = {}, {}
   for backend in args.backends.split(','):
