@@ -182,7 +182,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.aux_query_weight = 1.0
 
   c.matcher = ml_collections.ConfigDict()
-  c.matcher.backend = 'jax'              # 'jax' (on device) | 'scipy' (host callback)
+  c.matcher.backend = 'auto'             # 'auto' (by platform) | 'jax' (on device) | 'scipy' (host callback)
   c.matcher.cost_class = 2.0
   c.matcher.cost_bbox = 5.0
   c.matcher.cost_giou = 2.0

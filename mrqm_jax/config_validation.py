@@ -201,7 +201,7 @@ CHECKS: dict[str, Check] = {
     'loss.enc_weight': _NON_NEGATIVE,
     'loss.aux_dense_weight': _NON_NEGATIVE,
     'loss.aux_query_weight': _NON_NEGATIVE,
-    'matcher.backend': choice('jax', 'scipy'),
+    'matcher.backend': choice('auto', 'jax', 'scipy'),
     'matcher.cost_class': _NON_NEGATIVE,
     'matcher.cost_bbox': _NON_NEGATIVE,
     'matcher.cost_giou': _NON_NEGATIVE,

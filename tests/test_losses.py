@@ -410,3 +410,32 @@ def test_config_switches():
   assert np.isfinite(total) and not any(k.startswith(('iah.', 'aux_iah.', 'd0.aux_iah.')) for k in terms)
   with pytest.raises(ValueError, match='cls_type'):
     losses.compute_losses(outputs, targets, make_config(cls_type='ce'))
+
+
+def test_matcher_backends_give_the_same_losses_with_one_host_call():
+  """'jax' (device solver), 'scipy' and 'auto' give the same objective and gradients; with the SciPy solver every
+  matching of the step (each decoder layer, the encoder proposals, each image) is ONE pure_callback, also in
+  the gradient's jaxpr (the training step's)."""
+  from mrqm_jax.ops import matching  # pylint: disable=g-import-not-at-top
+  from tests.test_matching import count_callbacks  # pylint: disable=g-import-not-at-top
+  outputs, targets = make_batch(seed=8, num_valid=(4, 5))
+  floats, rebuild = split_float(outputs)
+  results = {}
+  for backend in ('jax', 'scipy', 'auto'):
+    config = make_config()
+    with config.unlocked():
+      config.matcher.backend = backend
+    grad_fn = jax.value_and_grad(lambda f, c=config: losses.compute_losses(rebuild(f), targets, c), has_aux=True)
+    expected_calls = 0 if matching.resolve_backend(backend) == 'jax' else 1
+    assert count_callbacks(jax.make_jaxpr(grad_fn)(floats)) == expected_calls, backend
+    (total, terms), grads = jax.jit(grad_fn)(floats)
+    results[backend] = (float(total), {k: float(v) for k, v in terms.items()}, [np.asarray(g) for g in grads])
+  total, terms, grads = results['jax']
+  for backend in ('scipy', 'auto'):
+    other_total, other_terms, other_grads = results[backend]
+    assert other_total == pytest.approx(total, rel=1e-6), backend
+    assert other_terms.keys() == terms.keys()
+    for name in terms:
+      assert other_terms[name] == pytest.approx(terms[name], rel=1e-6, abs=1e-7), (backend, name)
+    for g, other in zip(grads, other_grads):
+      np.testing.assert_allclose(other, g, rtol=1e-5, atol=1e-8)

@@ -10,6 +10,7 @@ import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,3 +231,128 @@ def test_trace_time_errors():
     jax.jit(matching.batched_hungarian_match)(jnp.zeros((2, 3, 4)), jnp.ones((2, 3), bool))
   with pytest.raises(ValueError, match=r'\[B, N, M\]'):
     matching.batched_hungarian_match(jnp.zeros((4, 3)))
+
+
+# --- all problems of a step in one call (hungarian_match_many) -------------------------------------------------
+
+
+def count_callbacks(jaxpr) -> int:
+  """pure_callback equations in a (closed) jaxpr, sub-jaxprs (jit, while, cond, custom_vjp) included."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == 'pure_callback'
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          count += count_callbacks(sub)
+  return count
+
+
+def _random_problems(seed: int):
+  """Three groups with different shapes, the step's layout ([layers, batch, N, M], [batch, N, M]) and a single
+  problem: integer costs with ties, NaN/+inf/-inf entries, random invalid columns (some all-invalid), N > M,
+  N < M (more valid columns than rows) and N == M."""
+  rng = np.random.default_rng(seed)
+  shapes = [(3, 2, N, M), (2, FEW_ROWS, M), (M, M)]
+  problems = []
+  for shape in shapes:
+    cost = rng.integers(0, 4, shape).astype(np.float32)
+    special = rng.random(shape)
+    cost[special < 0.05] = np.nan
+    cost[(special >= 0.05) & (special < 0.08)] = np.inf
+    cost[(special >= 0.08) & (special < 0.10)] = -np.inf
+    col_valid = rng.random(shape[:-2] + shape[-1:]) < 0.7
+    col_valid.reshape(-1, shape[-1])[0] = False          # one problem without any valid column
+    problems.append((cost, col_valid))
+  return problems
+
+
+def _flat(cost, col_valid):
+  return zip(cost.reshape((-1,) + cost.shape[-2:]), col_valid.reshape(-1, cost.shape[-1]))
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_many_in_one_callback_equals_per_problem_scipy_and_device(seed):
+  problems = _random_problems(seed)
+  fn = jax.jit(lambda ps: matching.hungarian_match_many(ps, 'scipy'))
+  assert count_callbacks(jax.make_jaxpr(fn)(problems)) == 1
+  assert count_callbacks(jax.make_jaxpr(lambda ps: matching.hungarian_match_many(ps, 'jax'))(problems)) == 0
+  many = fn(problems)
+  device = jax.jit(lambda ps: matching.hungarian_match_many(ps, 'jax'))(problems)
+  single = {b: jax.jit(functools.partial(matching.hungarian_match, backend=b)) for b in ('scipy', 'jax')}
+  for (cost, col_valid), (row_idx, matched), (dev_rows, dev_matched) in zip(problems, many, device):
+    assert row_idx.shape == matched.shape == col_valid.shape
+    flat_out = zip(np.asarray(row_idx).reshape(-1, cost.shape[-1]), np.asarray(matched).reshape(-1, cost.shape[-1]),
+                   np.asarray(dev_rows).reshape(-1, cost.shape[-1]),
+                   np.asarray(dev_matched).reshape(-1, cost.shape[-1]))
+    for (c, v), (rows, ok, d_rows, d_ok) in zip(_flat(cost, col_valid), flat_out):
+      # The batched callback solves exactly what the per-problem callback solves: identical answers.
+      s_rows, s_ok = single['scipy'](c, v)
+      np.testing.assert_array_equal(rows, np.asarray(s_rows))
+      np.testing.assert_array_equal(ok, np.asarray(s_ok))
+      # Against an independent optimum (the non-finite policy as a lexicographic objective) for both solvers:
+      # with ties several assignments are optimal, so the objectives, not the rows, must agree.
+      ref_cost = np.nan_to_num(np.float64(c), nan=_FORBIDDEN_WEIGHT, posinf=_FORBIDDEN_WEIGHT,
+                               neginf=-_FORBIDDEN_WEIGHT)
+      cols = np.flatnonzero(v)
+      ref_rows, ref_cols = scipy.optimize.linear_sum_assignment(ref_cost[:, cols])
+      expected = _lexicographic_objective(c, ref_rows, cols[ref_cols])
+      for got_rows, got_ok in ((rows, ok), (d_rows, d_ok), tuple(map(np.asarray, single['jax'](c, v)))):
+        _check_valid_injection(got_rows, got_ok, v, c.shape[0])
+        picked = np.flatnonzero(got_ok)
+        assert _lexicographic_objective(c, got_rows[picked], picked) == pytest.approx(expected, abs=1e-6)
+
+
+def test_many_under_vmap_and_threads_agree():
+  """vmap over the list's batch (broadcast_all: still one host call) and the pool vs one thread on the host."""
+  (cost, col_valid), _, _ = _random_problems(3)
+  fn = jax.jit(jax.vmap(lambda c, v: matching.hungarian_match_many([(c, v), (c[..., :FEW_ROWS, :], v)],
+                                                                   'scipy')))
+  assert count_callbacks(jax.make_jaxpr(fn)(cost, col_valid)) == 1
+  out = fn(cost, col_valid)
+  ref = [matching.hungarian_match_many([(cost[k], col_valid[k]), (cost[k, :, :FEW_ROWS, :], col_valid[k])],
+                                       'scipy') for k in range(cost.shape[0])]
+  for k in range(cost.shape[0]):
+    for group in range(2):
+      for part in range(2):
+        np.testing.assert_array_equal(np.asarray(out[group][part][k]), np.asarray(ref[k][group][part]))
+  clean = np.asarray(jax.vmap(lambda c, v: matching.sanitize_cost(c, v)[0])(cost[0], col_valid[0]))
+  pooled = matching._scipy_on_host(clean, col_valid[0], threads=True)  # pylint: disable=protected-access
+  serial = matching._scipy_on_host(clean, col_valid[0], threads=False)  # pylint: disable=protected-access
+  for a, b in zip(pooled, serial):
+    np.testing.assert_array_equal(a, b)
+  assert matching._pool() is matching._pool()  # pylint: disable=protected-access  # one pool per process
+
+
+def test_host_stats_count_one_call_per_list():
+  problems = _random_problems(4)
+  fn = jax.jit(lambda ps: matching.hungarian_match_many(ps, 'scipy'))
+  jax.block_until_ready(fn(problems))
+  matching.HOST_STATS.reset()
+  jax.block_until_ready(fn(problems))
+  assert matching.HOST_STATS.calls == 1
+  assert matching.HOST_STATS.problems == 3 * 2 + 2 + 1
+  assert matching.HOST_STATS.seconds > 0
+
+
+def test_auto_backend_by_platform():
+  assert matching.resolve_backend('auto', 'cpu') == 'scipy'
+  assert matching.resolve_backend('auto', 'gpu') == 'scipy'
+  assert matching.resolve_backend('auto', 'cuda') == 'scipy'
+  assert matching.resolve_backend('auto', 'tpu') == 'jax'
+  assert matching.resolve_backend('jax', 'cpu') == 'jax' and matching.resolve_backend('scipy', 'tpu') == 'scipy'
+  assert matching.resolve_backend('auto') == matching.AUTO_BACKEND.get(jax.default_backend(), 'scipy')
+  with pytest.raises(ValueError, match='backend'):
+    matching.resolve_backend('lapjv')
+  # The config accepts exactly the solver names this module knows.
+  from mrqm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  check = config_validation.CHECKS['matcher.backend']
+  assert all(check.ok(b) for b in matching.BACKENDS) and not check.ok('lapjv')
+
+
+def test_many_trace_time_errors():
+  with pytest.raises(ValueError, match='problem 1: col_valid must have shape'):
+    matching.hungarian_match_many([(jnp.zeros((4, 3)), None), (jnp.zeros((2, 4, 3)), jnp.ones((2, 4), bool))])
+  with pytest.raises(ValueError, match=r'problem 0: cost must be \[\.\.\., N, M\]'):
+    matching.hungarian_match_many([(jnp.zeros((3,)), None)])

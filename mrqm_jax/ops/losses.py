@@ -5,6 +5,7 @@
 Terms (each already multiplied by its weight, so `total == sum(terms.values())`; names follow Co-DETR's logs):
   cls / bbox / giou              last decoder layer, Hungarian-matched to the ground truth (one-to-one)
   d{l}.cls / ...                 earlier decoder layers l = 0..L-2 (`aux_outputs`), each matched separately
+                                 (all sets' matchings solved together: `match_query_sets`)
   enc.cls / ...                  the selected encoder proposals (`enc_outputs`), matched         x loss.enc_weight
   dn.cls / d{l}.dn.cls / ...     denoising queries (`dn_outputs`), every layer: positives reconstruct their gt,
                                  negatives are background, no matching                          x loss.dn_weight
@@ -37,6 +38,7 @@ Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50
 - Ignore regions are not used by the losses (Co-DINO passes gt_bboxes_ignore=None to its DETR losses).
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -114,23 +116,49 @@ def matching_cost(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_l
   return m.cost_class * cost_class + m.cost_bbox * cost_bbox + m.cost_giou * cost_giou
 
 
+def match_query_sets(sets, gt_boxes: jax.Array, gt_labels: jax.Array, gt_valid: jax.Array,
+                     config: ml_collections.ConfigDict) -> list:
+  """Hungarian matching of several query sets against one batch of gts, all solved in one `hungarian_match_many`
+  call (with the SciPy solver: one host callback for the whole list).
+
+  Args:
+    sets: [(logits [..., B, Q_k, C], boxes [..., B, Q_k, 4])], any leading axes (e.g. decoder layers).
+    gt_boxes, gt_labels, gt_valid: [B, M, 4], [B, M], [B, M], shared by every set.
+
+  Returns:
+    [query_gt [..., B, Q_k] int32]: the gt matched to each query, -1 for unmatched queries. No gradient.
+  """
+  cost_fn = lambda lg, bx, gb, gl: matching_cost(lg, bx, gb, gl, config)
+  problems = []
+  for logits, boxes in sets:
+    logits, boxes = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(boxes)
+    batch_fn = jax.vmap(cost_fn)                                    # over images, each with its own gts
+    for _ in range(logits.ndim - 3):
+      batch_fn = jax.vmap(batch_fn, in_axes=(0, 0, None, None))     # leading axes share the gts
+    cost = batch_fn(logits, boxes, gt_boxes, gt_labels)            # [..., B, Q, M]
+    problems.append((cost, jnp.broadcast_to(gt_valid, cost.shape[:-2] + cost.shape[-1:])))
+  results = matching.hungarian_match_many(problems, backend=config.matcher.backend)
+  num_gt = gt_boxes.shape[1]
+
+  def scatter(rows, ok, num_queries):
+    rows = jnp.where(ok, rows, num_queries)                         # out of range -> dropped
+    return jnp.full((num_queries,), -1, jnp.int32).at[rows].set(jnp.arange(num_gt, dtype=jnp.int32),
+                                                                 mode='drop')
+  query_gts = []
+  for (logits, _), (row_idx, matched) in zip(sets, results):
+    num_queries = logits.shape[-2]
+    query_gts.append(jnp.vectorize(functools.partial(scatter, num_queries=num_queries),
+                                   signature='(m),(m)->(q)')(row_idx, matched))
+  return query_gts
+
+
 def match_queries(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_labels: jax.Array,
                   gt_valid: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
   """Hungarian matching of a batch: logits [B, Q, C], boxes [B, Q, 4], gts [B, M, ...] -> query_gt [B, Q] int32.
 
   query_gt[b, q] is the gt matched to query q, -1 for unmatched queries. No gradient.
   """
-  logits, boxes = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(boxes)
-  cost = jax.vmap(lambda lg, bx, gb, gl: matching_cost(lg, bx, gb, gl, config))(logits, boxes, gt_boxes,
-                                                                                 gt_labels)
-  row_idx, matched = matching.batched_hungarian_match(cost, gt_valid, backend=config.matcher.backend)
-  num_queries, num_gt = logits.shape[1], gt_boxes.shape[1]
-
-  def scatter(rows, ok):
-    rows = jnp.where(ok, rows, num_queries)                       # out of range -> dropped
-    return jnp.full((num_queries,), -1, jnp.int32).at[rows].set(jnp.arange(num_gt, dtype=jnp.int32),
-                                                                 mode='drop')
-  return jax.vmap(scatter)(row_idx, matched)
+  return match_query_sets([(logits, boxes)], gt_boxes, gt_labels, gt_valid, config)[0]
 
 
 # --------------------------------------------------------------------------------------------- per-query loss
@@ -216,15 +244,18 @@ def matched_losses(outputs: dict, gt: tuple, gt_count: jax.Array, config) -> dic
     logits = jnp.concatenate([aux['pred_logits'], logits], axis=0)
     boxes = jnp.concatenate([aux['pred_boxes'], boxes], axis=0)
 
-  def one_layer(lg, bx):
-    query_gt = match_queries(lg, bx, gt_boxes, gt_labels, gt_valid, config)
+  enc = outputs.get('enc_outputs')
+  sets = [(logits, boxes)] + ([(enc['pred_logits'], enc['pred_boxes'])] if enc is not None else [])
+  # Every matching of the step at once: one host callback with the SciPy solver, not one per layer.
+  query_gts = match_query_sets(sets, gt_boxes, gt_labels, gt_valid, config)
+
+  def one_set(lg, bx, query_gt):
     return supervised_query_loss(lg, bx, query_gt, jnp.ones(query_gt.shape, bool), gt_boxes, gt_labels,
                                  gt_valid, gt_count, config)
-  terms = _layer_terms(_per_layer(logits, boxes, one_layer), '', 1.0, config)
-  enc = outputs.get('enc_outputs')
+  terms = _layer_terms(jax.vmap(one_set)(logits, boxes, query_gts[0]), '', 1.0, config)
   if enc is not None:
-    terms.update(_weighted(one_layer(enc['pred_logits'], enc['pred_boxes']), 'enc.', config.loss.enc_weight,
-                           config))
+    terms.update(_weighted(one_set(enc['pred_logits'], enc['pred_boxes'], query_gts[1]), 'enc.',
+                           config.loss.enc_weight, config))
   return terms
 
 

@@ -1,25 +1,43 @@
-"""One-to-one (Hungarian) matching of predictions (rows) to ground-truth columns, exact, two backends.
+"""One-to-one (Hungarian) matching of predictions (rows) to ground-truth columns, exact, two solvers.
 
   hungarian_match(cost [N, M], col_valid [M] bool, backend) -> (row_idx [M] int32, matched [M] bool)
+  batched_hungarian_match(cost [B, N, M], col_valid [B, M], backend) -> ([B, M], [B, M])
+  hungarian_match_many([(cost [..., N_k, M_k], col_valid [..., M_k]), ...], backend) -> [(row_idx, matched), ...]
 
 Every valid column gets a distinct row and the total cost over valid columns is minimal. Invalid (padding)
 columns get matched=False and row_idx 0. N < M is allowed statically (the config pads M = max_boxes = 1000 gts
 against N = 900 queries): if more columns are valid than there are rows, exactly N of them are matched, the set
-of minimal total cost (scipy's rectangular semantics), and the rest get matched=False. Both backends are
-jittable and vmappable (`batched_hungarian_match` is the vmapped form) and neither is differentiable: the cost
-goes through `lax.stop_gradient`, so calling them inside a loss under `jax.grad` is fine.
+of minimal total cost (scipy's rectangular semantics), and the rest get matched=False. All entry points are
+jittable and vmappable and none is differentiable: the cost goes through `lax.stop_gradient`, so calling them
+inside a loss under `jax.grad` is fine. `hungarian_match_many` solves every problem of a training step (each
+decoder layer and the encoder proposals, each image) together: with the SciPy solver that is ONE host callback
+per step, whose problems run concurrently in a module-level thread pool (`linear_sum_assignment` releases the
+GIL while it solves).
 
 backend='jax': on-device shortest-augmenting-path solver (the O(M^2 N) Hungarian algorithm with row/column
   potentials, as in Jonker-Volgenant): columns are inserted one at a time; each insertion is a Dijkstra-like
   search over the rows with reduced costs, run as a `lax.while_loop` of at most N + 1 steps, followed by
-  flipping the found augmenting path. No host round trip, so it works in a TPU/GPU step. Searches are short
-  when columns prefer different rows; the O(M^2 N) worst case comes when all columns rank the rows alike (e.g.
-  collapsed predictions early in training). Timings: benchmarks/matching.py.
-  When N < M, M - N dummy rows whose cost exceeds any real assignment difference stand for "unmatched".
-backend='scipy': `scipy.optimize.linear_sum_assignment` on the host through `jax.pure_callback`
-  (vmap calls it once with the whole batch). Use it as the reference or when the device solver is slow.
+  flipping the found augmenting path. No host round trip. Searches are short when columns prefer different
+  rows; the O(M^2 N) worst case comes when all columns rank the rows alike (e.g. collapsed predictions early in
+  training). When N < M, M - N dummy rows whose cost exceeds any real assignment difference stand for
+  "unmatched".
+backend='scipy': `scipy.optimize.linear_sum_assignment` on the host through one `jax.pure_callback` (costs are
+  built and sanitized on the device, copied to the host once, solved there on the valid columns only).
+backend='auto' (the config default) resolves by `jax.default_backend()` (`resolve_backend`):
+  cpu -> 'scipy'. Measured (benchmarks/matching.py, numbers in README): SciPy is faster at every shape and cost
+    kind there, most on contested costs (the early-training case), and the callback's copy stays in memory.
+  gpu -> 'scipy'. Reasoned, not measured (no GPU was available to this project): each iteration of a
+    `lax.while_loop` on XLA:GPU launches its body's kernels and copies the loop predicate to the host, so the
+    device solver's many thousands of tiny sequential steps (fori over M columns x search steps) cost far more
+    than one device->host copy of the stacked costs (7 sets x B x 900 x 1000 float32 = 50 MB at visdrone
+    batch 2, a few ms over PCIe) plus the host solve measured here.
+  tpu -> 'jax'. Reasoned, not measured: TPU while loops run on the chip without a host round trip per
+    iteration, host callbacks on TPU go through the slower host-transfer path and, in multi-host runs, would
+    gather every image's costs to one host; the device solver keeps the step self-contained. If a TPU run
+    shows matching dominating (dense images, collapsed early predictions), set matcher.backend='scipy'.
+  Anything else -> 'scipy'.
 
-Non-finite costs (policy, same for both backends, implemented by `sanitize_cost`): NaN and +inf mean "avoid
+Non-finite costs (policy, same for both solvers, implemented by `sanitize_cost`): NaN and +inf mean "avoid
 this pair", -inf means "prefer this pair". With lo/hi the extreme finite costs over valid columns and
 m the number of valid columns, NaN/+inf become  hi + (m + 1) (hi - lo) + 1  and -inf becomes
 lo - (m + 1) (hi - lo) - 1: large enough that an assignment using fewer +inf pairs (more -inf pairs) is always
@@ -34,18 +52,34 @@ The device solver also caps every search at N + 1 steps, so even corrupted input
 is always a valid injection and `matched` is only True for columns that really received a row.
 """
 
+import concurrent.futures
 import functools
+import os
+import threading
+import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-BACKENDS = ('jax', 'scipy')
+BACKENDS = ('auto', 'jax', 'scipy')
+# jax.default_backend() -> the solver 'auto' picks there (reasons in the module docstring); others get 'scipy'.
+AUTO_BACKEND = {'cpu': 'scipy', 'gpu': 'scipy', 'cuda': 'scipy', 'rocm': 'scipy', 'tpu': 'jax'}
 
 # Finite costs are clipped to +-COST_LIMIT: potentials accumulate sums of up to ~2M costs, and float32 overflows
 # at 3.4e38.
 COST_LIMIT = 1e30
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """'auto' -> the solver for `platform` (default: jax.default_backend()); 'jax' / 'scipy' unchanged."""
+  if backend not in BACKENDS:
+    raise ValueError(f'matching: backend must be one of {BACKENDS}, got {backend!r}')
+  if backend != 'auto':
+    return backend
+  return AUTO_BACKEND.get(platform or jax.default_backend(), 'scipy')
 
 
 def _dominating_values(cost: jnp.ndarray, include: jnp.ndarray, num_valid: jnp.ndarray):
@@ -170,30 +204,88 @@ def _solve_on_device(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.nda
   return row_idx, matched
 
 
-def _scipy_on_host(cost: np.ndarray, col_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """cost [..., N, M], col_valid [..., M] -> (row_idx [..., M] int32, matched [..., M] bool), NumPy."""
-  cost, col_valid = np.asarray(cost), np.asarray(col_valid)
-  lead = cost.shape[:-2]
-  num_cols = cost.shape[-1]
-  flat_cost = cost.reshape((-1,) + cost.shape[-2:])
-  flat_valid = np.broadcast_to(col_valid, lead + (num_cols,)).reshape(-1, num_cols)
-  row_idx = np.zeros(flat_valid.shape, np.int32)
-  matched = np.zeros(flat_valid.shape, bool)
-  for b in range(flat_cost.shape[0]):
-    cols = np.flatnonzero(flat_valid[b])
-    if cols.size == 0:
-      continue
-    rows, picked = scipy.optimize.linear_sum_assignment(flat_cost[b][:, cols])
-    row_idx[b, cols[picked]] = rows
-    matched[b, cols[picked]] = True
-  return row_idx.reshape(lead + (num_cols,)), matched.reshape(lead + (num_cols,))
+# One pool for the process, created on first use: a callback must not start threads per call, and a process
+# pool cannot run inside a callback (the cost matrices would be pickled and the workers forked from a process
+# that holds XLA's threads). linear_sum_assignment releases the GIL while it solves, so threads run in parallel.
+_POOL = None
+_POOL_LOCK = threading.Lock()
 
 
-def _solve_with_scipy(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  num_cols = cost.shape[1]
-  out_shapes = (jax.ShapeDtypeStruct((num_cols,), jnp.int32), jax.ShapeDtypeStruct((num_cols,), jnp.bool_))
-  # broadcast_all: under vmap the host function receives the whole batch at once ([..., N, M]).
-  return jax.pure_callback(_scipy_on_host, out_shapes, cost, col_valid, vmap_method='broadcast_all')
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  global _POOL
+  with _POOL_LOCK:
+    if _POOL is None:
+      _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                    thread_name_prefix='hungarian')
+    return _POOL
+
+
+class HostStats:
+  """What the SciPy callback did in this process: callbacks, problems solved, seconds spent (for benchmarks)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.reset()
+
+  def reset(self) -> None:
+    with self._lock:
+      self.calls, self.problems, self.seconds = 0, 0, 0.0
+
+  def add(self, problems: int, seconds: float) -> None:
+    with self._lock:
+      self.calls += 1
+      self.problems += problems
+      self.seconds += seconds
+
+
+HOST_STATS = HostStats()
+
+
+def _solve_one(cost: np.ndarray, col_valid: np.ndarray, row_idx: np.ndarray, matched: np.ndarray) -> None:
+  """One [N, M] problem on its valid columns; writes into the [M] output rows (disjoint across problems)."""
+  cols = np.flatnonzero(col_valid)
+  if cols.size == 0:
+    return
+  rows, picked = scipy.optimize.linear_sum_assignment(cost[:, cols])
+  row_idx[cols[picked]] = rows
+  matched[cols[picked]] = True
+
+
+def _scipy_on_host(*operands: np.ndarray, threads: bool = True) -> tuple[np.ndarray, ...]:
+  """operands = (cost_0 [..., N_0, M_0], col_valid_0 [..., M_0], cost_1, col_valid_1, ...), NumPy ->
+  (row_idx_0 [..., M_0] int32, matched_0 [..., M_0] bool, row_idx_1, ...). Every 2-D problem of every
+  operand is one task of the thread pool (threads=False: solved in this thread, for measurements)."""
+  start = time.perf_counter()
+  outputs, tasks = [], []
+  for cost, col_valid in zip(operands[::2], operands[1::2]):
+    cost, col_valid = np.asarray(cost), np.asarray(col_valid)
+    lead, num_cols = cost.shape[:-2], cost.shape[-1]
+    flat_cost = cost.reshape((-1,) + cost.shape[-2:])
+    flat_valid = np.broadcast_to(col_valid, lead + (num_cols,)).reshape(-1, num_cols)
+    row_idx = np.zeros(flat_valid.shape, np.int32)
+    matched = np.zeros(flat_valid.shape, bool)
+    tasks += [(flat_cost[b], flat_valid[b], row_idx[b], matched[b]) for b in range(flat_cost.shape[0])]
+    outputs += [row_idx.reshape(lead + (num_cols,)), matched.reshape(lead + (num_cols,))]
+  if threads and len(tasks) > 1:
+    # list() waits for every task and re-raises the first error.
+    list(_pool().map(lambda task: _solve_one(*task), tasks))
+  else:
+    for task in tasks:
+      _solve_one(*task)
+  HOST_STATS.add(len(tasks), time.perf_counter() - start)
+  return tuple(outputs)
+
+
+def _solve_with_scipy(problems: Sequence[tuple[jnp.ndarray, jnp.ndarray]]) -> list[tuple[jnp.ndarray, jnp.ndarray]]:
+  """One host callback for all problems: [(cost [..., N, M], col_valid [..., M])] -> [(row_idx, matched)]."""
+  operands, out_shapes = [], []
+  for cost, col_valid in problems:
+    out_shape = cost.shape[:-2] + cost.shape[-1:]
+    operands += [cost, jnp.broadcast_to(col_valid, out_shape)]
+    out_shapes += [jax.ShapeDtypeStruct(out_shape, jnp.int32), jax.ShapeDtypeStruct(out_shape, jnp.bool_)]
+  # broadcast_all: under vmap the host function receives the whole batch at once (extra leading axes).
+  flat = jax.pure_callback(_scipy_on_host, tuple(out_shapes), *operands, vmap_method='broadcast_all')
+  return [(flat[2 * k], flat[2 * k + 1]) for k in range(len(problems))]
 
 
 def _solve_with_dummy_rows(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -211,14 +303,58 @@ def _solve_with_dummy_rows(cost: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[j
   return jnp.where(matched, row_idx, 0), matched
 
 
+def _device_match(clean: jnp.ndarray, col_valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Device solver for one sanitized problem [N, M], [M]."""
+  if clean.shape[0] < clean.shape[1]:
+    return _solve_with_dummy_rows(clean, col_valid)
+  return _solve_on_device(clean, col_valid)
+
+
+def _check_problem(index: int, cost, col_valid) -> None:
+  if cost.ndim < 2:
+    raise ValueError(f'hungarian_match_many: problem {index}: cost must be [..., N, M], got shape {cost.shape}')
+  if col_valid.shape != cost.shape[:-2] + cost.shape[-1:]:
+    raise ValueError(f'hungarian_match_many: problem {index}: col_valid must have shape '
+                     f'{cost.shape[:-2] + cost.shape[-1:]} to match cost {cost.shape}, got {col_valid.shape}')
+
+
+def hungarian_match_many(problems: Sequence[tuple[jnp.ndarray, jnp.ndarray | None]],
+                         backend: str = 'auto') -> list[tuple[jnp.ndarray, jnp.ndarray]]:
+  """`hungarian_match` of every 2-D problem in a list of batches, solved together.
+
+  Args:
+    problems: [(cost [..., N_k, M_k] real, col_valid [..., M_k] bool or None = all valid)]; any leading axes
+      (e.g. [layers, batch]); shapes may differ between list entries.
+    backend: 'auto' | 'jax' | 'scipy' (static). 'scipy' makes exactly one host callback for the whole list.
+
+  Returns:
+    [(row_idx [..., M_k] int32, matched [..., M_k] bool)], one pair per list entry (see `hungarian_match`).
+  """
+  backend = resolve_backend(backend)
+  cleaned = []
+  for index, (cost, col_valid) in enumerate(problems):
+    cost = jnp.asarray(cost)
+    lead_cols = cost.shape[:-2] + cost.shape[-1:]
+    col_valid = jnp.ones(lead_cols, bool) if col_valid is None else jnp.asarray(col_valid, bool)
+    _check_problem(index, cost, col_valid)
+    # Guard on the device before either solver: host callback errors can pass silently on TPU.
+    clean = jnp.vectorize(lambda c, v: sanitize_cost(c, v)[0], signature='(n,m),(m)->(n,m)')(
+        jax.lax.stop_gradient(cost), col_valid)
+    cleaned.append((clean, col_valid))
+  if backend == 'scipy':
+    return _solve_with_scipy(cleaned)
+  return [jnp.vectorize(_device_match, signature='(n,m),(m)->(m),(m)')(clean, col_valid)
+          for clean, col_valid in cleaned]
+
+
 def hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = None,
-                    backend: str = 'jax') -> tuple[jnp.ndarray, jnp.ndarray]:
+                    backend: str = 'auto') -> tuple[jnp.ndarray, jnp.ndarray]:
   """Minimum-cost assignment of a distinct row to every valid column (to N of them if more are valid).
 
   Args:
     cost: [N, M] real (e.g. N queries x M padded ground truths). Non-finite entries: see module doc.
     col_valid: [M] bool, False for padding columns; None means all valid.
-    backend: 'jax' (on-device solver) or 'scipy' (host callback); a static Python string.
+    backend: 'auto' (by platform), 'jax' (on-device solver) or 'scipy' (host callback); a static string.
 
   Returns:
     row_idx: [M] int32, the row assigned to each column (0 where not matched).
@@ -227,17 +363,11 @@ def hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = None,
   cost = jnp.asarray(cost)
   col_valid = jnp.ones(cost.shape[-1:], bool) if col_valid is None else jnp.asarray(col_valid, bool)
   _check_inputs(cost, col_valid, backend)
-  # Guard on the device before either solver: host callback errors can pass silently on TPU.
-  clean, _ = sanitize_cost(jax.lax.stop_gradient(cost), col_valid)
-  if backend == 'scipy':
-    return _solve_with_scipy(clean, col_valid)
-  if cost.shape[0] < cost.shape[1]:
-    return _solve_with_dummy_rows(clean, col_valid)
-  return _solve_on_device(clean, col_valid)
+  return hungarian_match_many([(cost, col_valid)], backend)[0]
 
 
 def batched_hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = None,
-                            backend: str = 'jax') -> tuple[jnp.ndarray, jnp.ndarray]:
+                            backend: str = 'auto') -> tuple[jnp.ndarray, jnp.ndarray]:
   """`hungarian_match` over a batch: cost [B, N, M], col_valid [B, M] -> (row_idx [B, M], matched [B, M])."""
   cost = jnp.asarray(cost)
   if cost.ndim != 3:
@@ -248,4 +378,4 @@ def batched_hungarian_match(cost: jnp.ndarray, col_valid: jnp.ndarray | None = N
   if col_valid.shape != (cost.shape[0], cost.shape[2]):
     raise ValueError(f'batched_hungarian_match: col_valid must have shape {(cost.shape[0], cost.shape[2])} '
                      f'to match cost {cost.shape}, got {col_valid.shape}')
-  return jax.vmap(functools.partial(hungarian_match, backend=backend))(cost, col_valid)
+  return hungarian_match_many([(cost, col_valid)], backend)[0]
