@@ -60,8 +60,9 @@ def test_bf16_step_close_to_f32_and_keeps_f32_where_it_matters():
   for a, b in zip(jax.tree.leaves(f32['params']), jax.tree.leaves(bf16['params'])):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(bf16['loss'], f32['loss'], rtol=0.03)
+  # Per term looser: a bf16 rounding can flip a Hungarian match, which moves that layer's matched terms.
   for key, value in f32['terms'].items():
-    np.testing.assert_allclose(bf16['terms'][key], value, rtol=0.1, atol=0.02, err_msg=key)
+    np.testing.assert_allclose(bf16['terms'][key], value, rtol=0.1, atol=0.05, err_msg=key)
   a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(f32['grads'])])
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(bf16['grads'])])
   cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

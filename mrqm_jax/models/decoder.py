@@ -138,14 +138,11 @@ class DINODecoder(nn.Module):
     for lid in range(self.num_layers):
       # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
       query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
-      layer = DecoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                           self.dropout, self.dtype, name=f'layers_{lid}')
-      if self.remat:
-        x = layers.call_rematerialized(
-            layer, lambda mdl, *a: mdl(*a[:5], spatial_shapes, a[5], not train),
-            x, query_pos, ref, memory, memory_pad_mask, mask)
-      else:
-        x = layer(x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, not train)
+      # static: spatial_shapes (arg 6) and deterministic (arg 8), counting `self` as 0 as flax does.
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(6, 8)) if self.remat else DecoderLayer
+      x = layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+                    self.dropout, self.dtype, name=f'layers_{lid}')(
+                        x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, not train)
       head_in = final_norm(x)
       bbox_head = box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}')
       logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(),

@@ -36,8 +36,6 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from mrqm_jax.models import layers
-
 SpatialShapes = Sequence[tuple[int, int]]
 
 
@@ -70,38 +68,9 @@ def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
                      f'{attention_weights.shape}')
 
 
-def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
-  return jax.vmap(jax.vmap(lambda t, i: t[i]))(table, index)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _gather_rows_impl(table: jax.Array, index: jax.Array, num_rows: int) -> jax.Array:
-  del num_rows
-  return _take_rows(table, index)
-
-
-def _gather_rows_fwd(table, index, num_rows):
-  del num_rows
-  return _take_rows(table, index), index
-
-
-def _gather_rows_bwd(num_rows, index, grad):
-  # The table's cotangent is a scatter-add into zeros. Left to autodiff, those zeros are a copy of one
-  # broadcast constant per gather, which depends on nothing, so a scheduler may create every layer's
-  # [B, M, N, C] zero buffer at the start of the backward pass, all live at its peak (XLA:CPU's does). Computed
-  # from this gather's incoming cotangent, each is created when its scatter runs.
-  b, m, _, c = grad.shape
-  zeros = layers.depends_on(jnp.zeros((b, m, num_rows, c), grad.dtype), grad)
-  table_grad = jax.vmap(jax.vmap(lambda z, i, g: z.at[i].add(g)))(zeros, index, grad)
-  return table_grad, None
-
-
-_gather_rows_impl.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
 def _gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
   """table [B, M, N, C], index [B, M, K] int -> [B, M, K, C] (table[b, m, index[b, m, k]])."""
-  return _gather_rows_impl(table, index, table.shape[2])
+  return jax.vmap(jax.vmap(lambda t, i: t[i]))(table, index)
 
 
 def _weighted_sum(weights: jax.Array, samples: jax.Array, use_einsum: bool, precision: Any) -> jax.Array:

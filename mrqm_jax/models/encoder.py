@@ -131,13 +131,11 @@ class _EncoderBase(nn.Module):
   def _layer(self, name: str, query, query_pos, reference_points, value, spatial_shapes, value_pad_mask,
              deterministic: bool):
     """One EncoderLayer named `name` applied to the arguments, rematerialized when `remat`."""
-    layer = EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                         self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)
-    if not self.remat:
-      return layer(query, query_pos, reference_points, value, spatial_shapes, value_pad_mask, deterministic)
-    return layers.call_rematerialized(
-        layer, lambda mdl, *a: mdl(*a[:4], spatial_shapes, a[4], deterministic),
-        query, query_pos, reference_points, value, value_pad_mask)
+    # static: spatial_shapes (arg 5) and deterministic (arg 7), counting `self` as 0 as flax does.
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(5, 7)) if self.remat else EncoderLayer
+    return layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+                     self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)(
+                         query, query_pos, reference_points, value, spatial_shapes, value_pad_mask, deterministic)
 
   def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
     """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2]."""
