@@ -66,4 +66,5 @@ def test_bf16_step_close_to_f32_and_keeps_f32_where_it_matters():
   a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(f32['grads'])])
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(bf16['grads'])])
   cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-  assert cosine > 0.95, cosine
+  # Not tighter: besides bf16 rounding, a flipped Hungarian match moves whole rows of the matched gradients.
+  assert cosine > 0.9, cosine
