@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mrqm_jax.ops import boxes as box_ops  # pylint: disable=g-import-not-at-top
 from mrqm_jax.ops import matching  # pylint: disable=g-import-not-at-top
+from benchmarks.train_step import random_batch  # pylint: disable=g-import-not-at-top
 
 
 def make_cost(kind: str, batch: int, num_rows: int, num_cols: int, seed: int = 0) -> np.ndarray:
@@ -125,24 +126,9 @@ def _load_config(path: str, image_size: str):
   config = module.get_config()
   if image_size:
     config.input.image_size = tuple(int(x) for x in image_size.split(','))
-  if str(config.iah.a_s) == 'auto':
-    config.iah.a_s = '3'       # VisDrone's smallest training box; the resolved value does not change the cost
+  if config.iah.a_s <= 0:       # -1 = auto (resolved from data in training): the value does not change the cost
+    config.iah.a_s = 3.0
   return config
-
-
-def _random_batch(config, batch_size: int, num_boxes: int, seed: int = 0) -> dict:
-  """Images of the config's canvas with `num_boxes` valid random small boxes (sides 4..64 px) each."""
-  rng = np.random.default_rng(seed)
-  h, w = config.input.image_size
-  m = config.dataset.max_boxes
-  sides = rng.uniform(4, 64, (batch_size, m, 2)) / np.array([w, h])
-  centres = rng.uniform(0.05, 0.95, (batch_size, m, 2))
-  return {'image': rng.normal(size=(batch_size, h, w, 3)).astype(np.float32),
-          'pad_mask': np.zeros((batch_size, h, w), bool),
-          'boxes': np.concatenate([centres, sides], -1).astype(np.float32),
-          'labels': rng.integers(0, config.dataset.num_classes, (batch_size, m)).astype(np.int32),
-          'box_valid': np.arange(m)[None, :].repeat(batch_size, 0) < min(num_boxes, m),
-          'scale': np.full((batch_size,), 0.53, np.float32)}
 
 
 def step_share(args) -> None:
@@ -158,7 +144,7 @@ def step_share(args) -> None:
   base = _load_config(args.config, args.image_size)
   mesh = parallel.create_mesh()
   batch_size = base.train.per_device_batch_size * jax.device_count()
-  host_batch = _random_batch(base, batch_size, args.num_boxes)
+  host_batch = random_batch(base, batch_size, args.num_boxes)
   model = model_lib.make_model(base)
   params, model_state = model_lib.split_variables(
       jax.jit(lambda r: model_lib.init_variables(model, base, r))(jax.random.PRNGKey(0)))
