@@ -58,8 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = 'auto'
   # Rematerialize in the backward pass (trade compute for activation memory): every backbone block of the
   # trained stages, every BiFPN layer, encoder and decoder layer keeps only its inputs and recomputes the rest.
-  # Same results (tests/test_remat.py); README's measured table has the memory and time it costs. On by default
-  # so that the recipe fits the paper's 24 GB card; on XLA:CPU it also selects the memory-ordered scheduler.
+  # Same results (tests/test_remat.py); README's measured table has the memory. On by default because the
+  # recipe's step memory, not its compute, is what keeps it off the paper's 24 GB card; on XLA:CPU it also
+  # selects XLA's memory-ordered scheduler (train_lib.memory_compiler_options).
   c.model.remat = True
   # 'bfloat16': activations and matmuls in bf16; params, optimizer state, box math, matching costs, losses and
   # the IAH's IoUs stay float32.
