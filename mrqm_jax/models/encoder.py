@@ -178,9 +178,23 @@ class ScaleAwareEncoder(_EncoderBase):
     tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks)
     split = sum(h * w for h, w in shapes[:self.num_low_levels])  # F_L tokens come first (level order)
     low, high = tokens[:, :split], tokens[:, split:]
-    for i in range(self.num_layers):  # eqs. (2)-(4): Q = F_H, V = [F_L (never updated here), F_H]
-      high = self._layer(f'high_layers_{i}', high, pos[:, split:], ref[:, split:], (low, high), shapes, mask,
-                         deterministic)
+    if self.remat and not self.is_initializing() and self.num_layers > 1:
+      # One layer at a time in the backward pass on any scheduler: the layers run as a loop (lax.scan) over
+      # their parameters, stacked at call time so the variable tree keeps one entry per layer.
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[self.variables['params'][f'high_layers_{i}'] for i in range(self.num_layers)])
+      template = EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
+                              self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, parent=None)
+
+      def body(h, p):
+        return template.apply({'params': p}, h, pos[:, split:], ref[:, split:], (low, h), shapes, mask,
+                              deterministic), None
+
+      high, _ = jax.lax.scan(jax.checkpoint(body), high, stacked)
+    else:
+      for i in range(self.num_layers):  # eqs. (2)-(4): Q = F_H, V = [F_L (never updated here), F_H]
+        high = self._layer(f'high_layers_{i}', high, pos[:, split:], ref[:, split:], (low, high), shapes, mask,
+                           deterministic)
     # eqs. (5)-(7): Q = original F_L, V = F' = [F_L, F'_H]; output F'' = [F'_L, F'_H].
     low = self._layer('low_layer', low, pos[:, :split], ref[:, :split], (low, high), shapes, mask, deterministic)
     return EncoderOutput(jnp.concatenate([low, high], axis=1), mask, shapes, level_start_index(shapes))
