@@ -178,9 +178,10 @@ class ScaleAwareEncoder(_EncoderBase):
     tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks)
     split = sum(h * w for h, w in shapes[:self.num_low_levels])  # F_L tokens come first (level order)
     low, high = tokens[:, :split], tokens[:, split:]
-    if self.remat and not self.is_initializing() and self.num_layers > 1:
-      # One layer at a time in the backward pass on any scheduler: the layers run as a loop (lax.scan) over
-      # their parameters, stacked at call time so the variable tree keeps one entry per layer.
+    if self.remat and not self.is_initializing() and self.num_layers > 1 and (deterministic or not self.dropout):
+      # One layer's recomputation at a time in the backward pass, on any scheduler (XLA:CPU's otherwise runs all
+      # of them first): the layers run as a loop (lax.scan) over their parameters, stacked at call time so the
+      # variable tree keeps one entry per layer. (With dropout in training: the unrolled layers below.)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[self.variables['params'][f'high_layers_{i}'] for i in range(self.num_layers)])
       template = EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
