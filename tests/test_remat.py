@@ -57,15 +57,19 @@ def _step_config(remat: bool):
   config.model.aux_heads = ('iah',)
   config.iah.a_s = 16.0         # resolved from the data in training; any number here
   config.input.image_size = (64, 64)
-  config.encoder.num_layers = 1
-  config.decoder.num_layers = 1
+  # Two layers each, so that the SAE's and the decoder's layer loops (lax.scan under remat) run; 64-token chunks
+  # in the remat'd step (the encoder's attention and FFN over chunks), all tokens at once in the plain one.
+  config.encoder.num_layers = 2
+  config.decoder.num_layers = 2
+  config.encoder.query_chunk_size = 64 if remat else 0
   return config
 
 
 @pytest.mark.slow
 def test_whole_step_remat_same_loss_and_gradients():
-  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized (and compiled with the memory-ordered
-  scheduler, as training does): the training loss, its terms and every gradient are those of the plain step."""
+  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized (the SAE's high layers and the
+  decoder's layers as loops, the encoder over token chunks; compiled with the memory-ordered scheduler, as
+  training does): the training loss, its terms and every gradient are those of the plain step."""
   batch = random_batch(_step_config(False), 2, 6)
   results = []
   for remat in (False, True):
