@@ -30,6 +30,7 @@ The last line is `total_params=N`.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import statistics
@@ -102,6 +103,192 @@ def flops_of(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+# ------------------------------------------------------------------------------------ FLOPs from a jaxpr
+@dataclasses.dataclass(frozen=True)
+class JaxprFlops:
+  """Matmul and convolution FLOPs of a jaxpr (`jaxpr_cost`); elementwise ops, reductions, gathers and
+  scatters are not counted (the MFU convention counts the matmul/conv work; XLA's cost analysis counts them).
+
+  executed   every dot_general and conv_general_dilated the program runs: a scan's body x its length, a
+             while loop's body once, the largest branch of a cond, each remat region's backward with its
+             recomputed forward.
+  recompute  of those, the rematerialization: matmul/conv work inside the backward pass of a remat region
+             (`jax.checkpoint`, nn.remat; `remat2[differentiated=True]` in the jaxpr) that does not depend on
+             the cotangent, i.e. the forward recomputed there. Only known when the cotangent is an input of
+             the jaxpr (`cotangent_invars`); 0 otherwise.
+  model      executed - recompute: the forward once plus the backward's transposed matmuls/convs (PaLM
+             appendix B's model FLOPs, the numerator of MFU).
+  while_loops  while loops whose body has matmul/conv FLOPs: their trip count is unknown to the jaxpr, the
+             body is counted once, so with while_loops > 0 the counts are lower bounds.
+  """
+  executed: float = 0.0
+  recompute: float = 0.0
+  while_loops: int = 0
+
+  @property
+  def model(self) -> float:
+    return self.executed - self.recompute
+
+  def __add__(self, other):
+    return JaxprFlops(self.executed + other.executed, self.recompute + other.recompute,
+                      self.while_loops + other.while_loops)
+
+  def __mul__(self, n):   # a loop body run n times; its while loops are still one each
+    return JaxprFlops(self.executed * n, self.recompute * n, self.while_loops)
+
+
+def dot_general_flops(lhs_shape, out_shape, dimension_numbers) -> float:
+  """2 x output elements x contracted size (one multiply and one add per term)."""
+  (lhs_contract, _), _ = dimension_numbers
+  return 2.0 * float(np.prod(out_shape, dtype=np.float64)) * float(np.prod([lhs_shape[d] for d in lhs_contract],
+                                                                           dtype=np.float64))
+
+
+def _valid_taps(in_size, out_size, kernel, stride, pad_lo, lhs_dilation, rhs_dilation) -> int:
+  """(output position, kernel tap) pairs along one spatial dim whose input position is a real element: not in
+  the padding, not a hole of the input's dilation (transposed convolutions are lhs-dilated)."""
+  o = np.arange(out_size)[:, None]
+  k = np.arange(kernel)[None, :]
+  p = o * stride + k * rhs_dilation - pad_lo
+  valid = (p >= 0) & (p <= (in_size - 1) * lhs_dilation) & (p % lhs_dilation == 0)
+  return int(valid.sum())
+
+
+def conv_flops(lhs_shape, rhs_shape, out_shape, params) -> float:
+  """2 x output batch x output features x in-features per group x the (output position, kernel tap) pairs
+  that read a real input element. Without padding and dilation that is the closed form 2 x output elements x
+  kernel spatial size x in-features per group; padding and dilation holes are skipped (zeros), as XLA's cost
+  analysis does, which matters for the backward of strided convs (an input-dilated conv that would otherwise
+  count stride^2 times its real work)."""
+  dn = params['dimension_numbers']
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  taps = 1
+  for i in range(len(lhs_spec) - 2):
+    taps *= _valid_taps(lhs_shape[lhs_spec[2 + i]], out_shape[out_spec[2 + i]], rhs_shape[rhs_spec[2 + i]],
+                        params['window_strides'][i], params['padding'][i][0], params['lhs_dilation'][i],
+                        params['rhs_dilation'][i])
+  return (2.0 * out_shape[out_spec[0]] * out_shape[out_spec[1]] * rhs_shape[rhs_spec[1]]) * float(taps)
+
+
+def eqn_flops(eqn) -> float:
+  """FLOPs of one dot_general or conv_general_dilated equation (0 for any other primitive)."""
+  name = eqn.primitive.name
+  if name == 'dot_general':
+    return dot_general_flops(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape, eqn.params['dimension_numbers'])
+  if name == 'conv_general_dilated':
+    return conv_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape, eqn.params)
+  return 0.0
+
+
+def _sub_jaxprs(value):
+  """(jaxpr, consts-are-closed) for every Jaxpr / ClosedJaxpr in an equation parameter (tuples included)."""
+  from jax.extend import core as jcore   # pylint: disable=g-import-not-at-top
+  if isinstance(value, jcore.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jcore.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def _walk(jaxpr, tainted_in, in_backward_remat: bool):
+  """(JaxprFlops, taint of each outvar) of an open jaxpr whose invars carry `tainted_in` (depends on the
+  cotangent); constvars and literals are not tainted."""
+  from jax.extend import core as jcore   # pylint: disable=g-import-not-at-top
+  tainted = {v for v, t in zip(jaxpr.invars, tainted_in) if t}
+
+  def is_tainted(v):
+    return not isinstance(v, jcore.Literal) and v in tainted
+
+  total = JaxprFlops()
+  for eqn in jaxpr.eqns:
+    t_in = [is_tainted(v) for v in eqn.invars]
+    name, params = eqn.primitive.name, eqn.params
+    t_out = None
+    if name in ('dot_general', 'conv_general_dilated'):
+      f = eqn_flops(eqn)
+      total += JaxprFlops(f, f if in_backward_remat and not any(t_in) else 0.0)
+    elif name == 'scan':
+      n_consts, n_carry = params['num_consts'], params['num_carry']
+      body = params['jaxpr'].jaxpr
+      carry = t_in[n_consts:n_consts + n_carry]
+      while True:   # the carry's taint: a fixpoint (a carry can become tainted after an iteration)
+        flops, t_body = _walk(body, t_in[:n_consts] + carry + t_in[n_consts + n_carry:], in_backward_remat)
+        new_carry = [a or b for a, b in zip(carry, t_body[:n_carry])]
+        if new_carry == carry:
+          break
+        carry = new_carry
+      total += flops * params['length']
+      t_out = t_body
+    elif name == 'while':
+      nc, nb = params['cond_nconsts'], params['body_nconsts']
+      body, cond = params['body_jaxpr'].jaxpr, params['cond_jaxpr'].jaxpr
+      carry = t_in[nc + nb:]
+      while True:
+        flops, t_body = _walk(body, t_in[nc:nc + nb] + carry, in_backward_remat)
+        new_carry = [a or b for a, b in zip(carry, t_body)]
+        if new_carry == carry:
+          break
+        carry = new_carry
+      cond_flops, _ = _walk(cond, t_in[:nc] + carry, in_backward_remat)
+      loop = flops + cond_flops
+      total += loop + JaxprFlops(while_loops=1 if loop.executed > 0 else 0)
+      t_out = carry
+    elif name == 'cond':
+      walks = [_walk(b.jaxpr, t_in[1:], in_backward_remat) for b in params['branches']]
+      total += max((w[0] for w in walks), key=lambda f: f.executed)   # the most expensive branch
+      t_out = [t_in[0] or any(col) for col in zip(*(w[1] for w in walks))]
+    else:
+      # Call-like primitives (pjit, remat2 / checkpoint, custom_jvp_call, custom_vjp_call, closed_call,
+      # shard_map): their jaxpr runs once on the equation's operands. remat2 with differentiated=True is the
+      # backward of a remat region: the forward it recomputes is what `recompute` counts.
+      backward = in_backward_remat or (name in ('remat2', 'checkpoint') and bool(params.get('differentiated')))
+      for value in params.values():
+        for sub in _sub_jaxprs(value):
+          sub_in = t_in if len(sub.invars) == len(eqn.invars) else [any(t_in)] * len(sub.invars)
+          flops, t_sub = _walk(sub, sub_in, backward)
+          total += flops
+          if len(t_sub) == len(eqn.outvars):
+            t_out = t_sub if t_out is None else [a or b for a, b in zip(t_out, t_sub)]
+    if t_out is None:
+      t_out = [any(t_in)] * len(eqn.outvars)
+    tainted.update(v for v, t in zip(eqn.outvars, t_out) if t)
+  return total, [is_tainted(v) for v in jaxpr.outvars]
+
+
+def jaxpr_cost(closed_jaxpr, cotangent_invars=()) -> JaxprFlops:
+  """Matmul/conv FLOPs of a ClosedJaxpr (`JaxprFlops`), after dead-code elimination (XLA drops unused
+  values too). cotangent_invars: indices of the jaxpr's inputs that are the output cotangent of a vjp
+  (`jax.make_jaxpr(lambda *a, ct: jax.vjp(f, *a)[1](ct))`); the ops that depend on them are the backward
+  pass, which tells the rematerialized forward (`recompute`) apart from it. Loop-aware where XLA's cost
+  analysis is not (it counts a while loop's body once: scan, lax.map and fori_loop with static bounds
+  all lower to while loops)."""
+  # Private API (no public equivalent in jax 0.10): DCE keeps the invars' Var objects, so the taint survives.
+  from jax._src.interpreters import partial_eval as pe   # pylint: disable=g-import-not-at-top
+  jaxpr = closed_jaxpr.jaxpr
+  tainted = {jaxpr.invars[i] for i in cotangent_invars}
+  jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+  flops, _ = _walk(jaxpr, [v in tainted for v in jaxpr.invars], False)
+  return flops
+
+
+def jaxpr_flops(closed_jaxpr) -> float:
+  """Executed matmul + conv FLOPs of a ClosedJaxpr (`jaxpr_cost(...).executed`)."""
+  return jaxpr_cost(closed_jaxpr).executed
+
+
+def loss_and_grad_cost(loss_fn, params, *args) -> JaxprFlops:
+  """`JaxprFlops` of loss_fn(params, *args) -> (scalar loss, aux) and its gradient w.r.t. params, traced (not
+  compiled) as a vjp whose cotangent is an input, so that the recomputation is told apart (`jaxpr_cost`)."""
+  def loss_and_grad(p, rest, cotangent):
+    loss, pullback, _ = jax.vjp(lambda q: loss_fn(q, *rest), p, has_aux=True)
+    return loss, pullback(cotangent.astype(loss.dtype))
+
+  closed = jax.make_jaxpr(loss_and_grad)(params, args, jnp.ones((), jnp.float32))
+  return jaxpr_cost(closed, cotangent_invars=(len(closed.jaxpr.invars) - 1,))
 
 
 def compile_fn(fn, *args):

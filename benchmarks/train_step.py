@@ -383,9 +383,18 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
   interceptor, calls = aux_group_interceptor()
   start = time.perf_counter()
   with nn.intercept_methods(interceptor):
-    lowered = step.lower(state, batch)
+    traced = step.trace(state, batch)
+  lowered = traced.lower()
   compiled = lowered.compile()
   result['compile_s'] = time.perf_counter() - start
+  # Matmul/conv FLOPs from jaxprs (no compile): the step's own (every loop iteration, the recomputation
+  # included) and the loss-and-gradient's traced as a vjp, which tells the recomputation apart (model FLOPs).
+  start = time.perf_counter()
+  executed = model_cost.jaxpr_cost(traced.jaxpr)
+  del traced
+  cost = model_cost.loss_and_grad_cost(base_loss_fn, state.params, state.model_state, batch,
+                                       jax.random.PRNGKey(2))
+  result['flops_trace_s'] = time.perf_counter() - start
   del lowered, variables, params   # the StableHLO module and the init's copy of the parameters
   result['aux_group_calls'] = calls['aux_group_calls']
   h, w = config.input.image_size
@@ -406,9 +415,18 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     print_fn(f'{"aliased (GiB)":<28} {mem.alias_size_in_bytes / GIB:>10.3f}')
     print_fn(f'{"peak (GiB)":<28} {peak:>10.3f}')
   result.update(temp_gib=temp, peak_gib=peak)
-  flops = model_cost.flops_of(compiled)
-  result['flops'] = flops
-  print_fn(f'{"step GFLOPs (XLA)":<28} {flops / 1e9:>10.1f}')
+  flops = cost.model
+  result.update(flops=flops, flops_executed=executed.executed, flops_loss_and_grad=cost.executed,
+                flops_recompute=cost.recompute, while_loops=executed.while_loops,
+                flops_xla=model_cost.flops_of(compiled))
+  bound = (f'; {executed.while_loops} while loop(s) with matmuls, counted once: a lower bound'
+           if executed.while_loops else '')
+  print_fn(f'{"step GFLOPs, model":<28} {flops / 1e9:>10.1f}   (matmul + conv, forward + backward, without '
+           f'the recomputation{bound})')
+  print_fn(f'{"step GFLOPs, executed":<28} {executed.executed / 1e9:>10.1f}   (the same, with the backward\'s '
+           f'rematerialized forward: {cost.recompute / 1e9:.1f}; jaxprs traced in {result["flops_trace_s"]:.1f} s)')
+  print_fn(f'{"step GFLOPs (XLA)":<28} {result["flops_xla"] / 1e9:>10.1f}   (XLA cost analysis of the compiled '
+           f'step: loop bodies counted once, elementwise ops included)')
   if not memory_only:
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
@@ -426,8 +444,9 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     print_fn(f'{"images/s":<28} {batch_size / median:>10.3f}')
     tflops, mfu = throughput(flops, median, result['device_kind'], config.model.dtype)
     peak_entry = device_peak(result['device_kind'], config.model.dtype)
-    result.update(tflops=tflops, mfu=mfu)
-    print_fn(f'{"TFLOP/s":<28} {tflops:>10.3f}')
+    result.update(tflops=tflops, mfu=mfu, tflops_executed=executed.executed / median / 1e12)
+    print_fn(f'{"TFLOP/s":<28} {tflops:>10.3f}   (model FLOPs / median step time)')
+    print_fn(f'{"TFLOP/s, executed":<28} {result["tflops_executed"]:>10.3f}   (with the recomputation)')
     if mfu is None:
       print_fn(f'{"MFU":<28} {"n/a":>10}   (no peak known for {result["device_kind"]!r})')
     else:
