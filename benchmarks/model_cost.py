@@ -272,6 +272,8 @@ def jaxpr_cost(closed_jaxpr, cotangent_invars=()) -> JaxprFlops:
   tainted = {jaxpr.invars[i] for i in cotangent_invars}
   jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
   flops, _ = _walk(jaxpr, [v in tainted for v in jaxpr.invars], False)
+  if not cotangent_invars:   # nothing depends on a cotangent: the backward cannot be told from the recomputation
+    flops = dataclasses.replace(flops, recompute=0.0)
   return flops
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py: the MFU table lookup, the attribution of HLO ops to parts, the profile parsing, and one
+"""benchmarks/model_cost.py's jaxpr FLOP counter against closed forms, brute-force counts and XLA's cost analysis;
+benchmarks/train_step.py: the MFU table lookup, the attribution of HLO ops to parts, the profile parsing, and one
 real run of the benchmark on the smoke config at a tiny canvas (its table adds up; its last line is the contract).
 No timing is asserted."""
 
@@ -10,13 +11,159 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
 
+from benchmarks import model_cost as mc
+
 _SPEC = importlib.util.spec_from_file_location('train_step_benchmark', REPO / 'benchmarks' / 'train_step.py')
 ts = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(ts)
+
+
+# ------------------------------------------------------------------------------------ jaxpr FLOP counter
+def test_dot_general_flops_closed_form():
+  a, b = jnp.ones((3, 5)), jnp.ones((5, 7))
+  assert mc.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(a, b)) == 2 * 3 * 7 * 5
+  x, y = jnp.ones((4, 3, 6, 5)), jnp.ones((4, 5, 6, 2))   # batch b, contract j and k
+  assert mc.jaxpr_flops(jax.make_jaxpr(lambda x, y: jnp.einsum('bikj,bjkl->bil', x, y))(x, y)) == 2 * 4 * 3 * 2 * 5 * 6
+
+
+def _conv(strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1), groups=1):
+  return lambda x, k: jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dilation, rhs_dilation,
+                                                   ('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def test_conv_flops_closed_form_without_padding():
+  x, k = jnp.ones((2, 11, 9, 6)), jnp.ones((3, 2, 3, 8))   # 2 groups of 3 input features
+  out = jax.eval_shape(_conv((1, 1), 'VALID', groups=2), x, k).shape
+  assert out == (2, 9, 8, 8)
+  assert mc.jaxpr_flops(jax.make_jaxpr(_conv((1, 1), 'VALID', groups=2))(x, k)) == 2 * np.prod(out) * 3 * 2 * 3
+
+
+def _brute_force_conv_flops(x_shape, k_shape, out_shape, strides, padding, lhs_dilation, rhs_dilation):
+  """Multiply-adds that read a real input element, by walking every output position and kernel tap over an
+  explicit padded, dilated indicator image (NHWC / HWIO, one group)."""
+  _, h, w, cin = x_shape
+  kh, kw, _, cout = k_shape
+  real = np.zeros(((h - 1) * lhs_dilation[0] + 1, (w - 1) * lhs_dilation[1] + 1), bool)
+  real[::lhs_dilation[0], ::lhs_dilation[1]] = True
+  (pt, pb), (pl, pr) = padding
+  real = np.pad(real, ((pt, pb), (pl, pr)))
+  taps = 0
+  for oy in range(out_shape[1]):
+    for ox in range(out_shape[2]):
+      for ky in range(kh):
+        for kx in range(kw):
+          taps += real[oy * strides[0] + ky * rhs_dilation[0], ox * strides[1] + kx * rhs_dilation[1]]
+  return 2 * x_shape[0] * cout * cin * taps
+
+
+@pytest.mark.parametrize('strides,padding,lhs_dilation,rhs_dilation', [
+    ((2, 2), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    ((1, 1), ((2, 1), (0, 2)), (2, 2), (1, 1)),    # the input gradient of a strided conv (lhs-dilated)
+    ((1, 2), ((1, 2), (3, 0)), (1, 1), (2, 3)),    # dilated kernel, uneven padding
+])
+def test_conv_flops_skip_padding_and_dilation_holes(strides, padding, lhs_dilation, rhs_dilation):
+  x, k = jnp.ones((2, 7, 8, 3)), jnp.ones((3, 2, 3, 4))
+  conv = _conv(strides, padding, lhs_dilation, rhs_dilation)
+  out = jax.eval_shape(conv, x, k).shape
+  expected = _brute_force_conv_flops(x.shape, k.shape, out, strides, padding, lhs_dilation, rhs_dilation)
+  assert mc.jaxpr_flops(jax.make_jaxpr(conv)(x, k)) == expected
+  assert expected < 2 * np.prod(out) * 3 * 2 * 3   # the padding / holes were skipped
+  # XLA's cost analysis counts a convolution the same way.
+  assert mc.flops_of(jax.jit(conv).lower(x, k).compile()) == expected
+
+
+def _mlp_body(w, x):
+  return jnp.tanh(x @ w) @ w
+
+
+def test_scan_counts_body_times_length_like_the_unrolled_loop():
+  w, x = jnp.ones((16, 16)), jnp.ones((8, 16))
+  body = mc.jaxpr_flops(jax.make_jaxpr(_mlp_body)(w, x))
+  assert body == 2 * 2 * 8 * 16 * 16
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda c, _: (_mlp_body(w, c), None), x, None, length=5)[0]
+
+  def unrolled(w, x):
+    for _ in range(5):
+      x = _mlp_body(w, x)
+    return x
+
+  assert mc.jaxpr_flops(jax.make_jaxpr(scanned)(w, x)) == 5 * body
+  assert mc.jaxpr_flops(jax.make_jaxpr(unrolled)(w, x)) == 5 * body
+  # lax.map (a scan) and fori_loop with static bounds (a scan too) likewise; their gradients: 3x the forward
+  # (each matmul's two transposes), scanned or not.
+  xs = jnp.ones((5, 8, 16))
+  assert mc.jaxpr_flops(jax.make_jaxpr(lambda w, xs: jax.lax.map(lambda x: _mlp_body(w, x), xs))(w, xs)) == 5 * body
+  fori = lambda w, x: jax.lax.fori_loop(0, 5, lambda i, c: _mlp_body(w, c), x)
+  assert mc.jaxpr_flops(jax.make_jaxpr(fori)(w, x)) == 5 * body
+  # (value_and_grad: with grad alone the unrolled loop's last matmul is dead code, dropped, the scan's is not)
+  grad = lambda f: jax.make_jaxpr(jax.value_and_grad(lambda w, x: jnp.sum(f(w, x)), argnums=(0, 1)))(w, x)
+  assert mc.jaxpr_flops(grad(scanned)) == mc.jaxpr_flops(grad(unrolled)) == 3 * 5 * body
+  # XLA's cost analysis counts the loop's body once.
+  assert mc.flops_of(jax.jit(scanned).lower(w, x).compile()) < 2 * body
+
+
+def test_while_loop_counted_once_and_flagged_cond_takes_the_largest_branch():
+  w, x = jnp.ones((16, 16)), jnp.ones((8, 16))
+  body = 2 * 2 * 8 * 16 * 16
+  loop = lambda n, w, x: jax.lax.fori_loop(0, n, lambda i, c: _mlp_body(w, c), x)   # traced bound: a while
+  cost = mc.jaxpr_cost(jax.make_jaxpr(loop)(3, w, x))
+  assert cost.executed == body and cost.while_loops == 1
+  assert mc.jaxpr_cost(jax.make_jaxpr(lambda n, x: jax.lax.fori_loop(0, n, lambda i, c: c + 1, x))(3, x)) \
+      == mc.JaxprFlops()   # no matmul in the body: not flagged
+  branches = lambda p, w, x: jax.lax.cond(p, lambda: _mlp_body(w, x), lambda: x @ w)
+  assert mc.jaxpr_flops(jax.make_jaxpr(branches)(True, w, x)) == body
+
+
+def test_checkpoint_recomputation_is_executed_not_model():
+  """The gradient of a rematerialized function runs the recomputed forward (here the first matmul: the
+  backward needs tanh(x @ w), not the second product): executed = plain gradient + that matmul; model =
+  the plain gradient's count. Known only with the cotangent as an input (loss_and_grad_cost)."""
+  w, x = jnp.ones((16, 16)), jnp.ones((8, 16))
+  matmul = 2 * 8 * 16 * 16
+  plain = lambda w, x: (jnp.sum(_mlp_body(w, x) ** 2), {})
+  remat = lambda w, x: (jnp.sum(jax.checkpoint(_mlp_body)(w, x) ** 2), {})
+  p, r = mc.loss_and_grad_cost(plain, w, x), mc.loss_and_grad_cost(remat, w, x)
+  assert p == mc.JaxprFlops(executed=5 * matmul)   # forward: 2; backward: dW of both matmuls, dX of the second
+  assert r.executed == p.executed + matmul and r.recompute == matmul and r.model == p.model
+  grad = lambda f: jax.make_jaxpr(jax.grad(lambda w, x: f(w, x)[0]))(w, x)
+  assert mc.jaxpr_flops(grad(remat)) == r.executed
+  assert mc.jaxpr_cost(grad(remat)).recompute == 0   # no cotangent input: nothing is told apart
+
+  # Rematerialized scan body (the decoder's / SAE's layer loop): the carry also gets its gradient (dX of both
+  # matmuls; a scan's body is the same in every iteration, the first's included).
+  def scanned(fn):
+    return lambda w, x: (jnp.sum(jax.lax.scan(lambda c, _: (fn(w, c), None), x, None, length=5)[0] ** 2), {})
+
+  p, r = mc.loss_and_grad_cost(scanned(_mlp_body), w, x), mc.loss_and_grad_cost(scanned(jax.checkpoint(_mlp_body)),
+                                                                                 w, x)
+  assert p.executed == 5 * 6 * matmul and p.recompute == 0
+  assert r.executed == 5 * 7 * matmul and r.recompute == 5 * matmul and r.model == p.executed
+
+
+def test_agrees_with_xla_on_a_loop_free_mlp_and_conv_forward_and_backward():
+  """A matmul-dominated step (XLA also counts the elementwise ops, a few % here; no loops)."""
+  rng = np.random.default_rng(0)
+  params = {'k': jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32),
+            'w1': jnp.asarray(rng.normal(size=(32, 256)), jnp.float32),
+            'w2': jnp.asarray(rng.normal(size=(256, 10)), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(4, 16, 16, 16)), jnp.float32)
+
+  def loss(p, x):
+    y = jax.nn.relu(_conv((2, 2), 'SAME')(x, p['k']))             # [4, 8, 8, 32]
+    h = jax.nn.relu(y.reshape(-1, 32) @ p['w1'])
+    return jnp.mean((h @ p['w2']) ** 2)
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1))
+  ours = mc.jaxpr_flops(jax.make_jaxpr(fn)(params, x))
+  xla = mc.flops_of(jax.jit(fn).lower(params, x).compile())
+  assert ours == pytest.approx(xla, rel=0.05) and ours < xla
 
 
 @pytest.mark.parametrize('kind,dtype,expected', [
@@ -122,9 +269,18 @@ def smoke_run():
 def test_train_step_benchmark_table_adds_up(smoke_run):
   config, result, lines = smoke_run
   table = {line[:28].strip(): line[28:].split() for line in lines if len(line) > 28}
-  # TFLOP/s = XLA's FLOPs of the step / the median step time; no peak for a CPU.
+  # TFLOP/s = the step's model FLOPs (jaxpr count) / the median step time; no peak for a CPU.
   assert result['flops'] > 0
   assert result['tflops'] == pytest.approx(result['flops'] / result['step_s'] / 1e12)
+  assert result['tflops_executed'] == pytest.approx(result['flops_executed'] / result['step_s'] / 1e12)
+  # The optimizer has no matmul: the step's jaxpr counts what the loss-and-gradient trace counts; model =
+  # executed - recompute; XLA counts the elementwise ops too (and this smoke step has no loop with matmuls).
+  assert result['flops_executed'] == result['flops_loss_and_grad']
+  assert result['flops'] == result['flops_executed'] - result['flops_recompute'] <= result['flops_executed']
+  assert result['while_loops'] == 0 and result['flops_xla'] > result['flops_executed']
+  for row, key in (('step GFLOPs, model', 'flops'), ('step GFLOPs, executed', 'flops_executed'),
+                   ('step GFLOPs (XLA)', 'flops_xla')):
+    assert float(table[row][0]) == pytest.approx(result[key] / 1e9, abs=0.06)
   assert float(table['TFLOP/s'][0]) == pytest.approx(result['tflops'], abs=1e-3)
   assert table['MFU'][0] == 'n/a' and result['mfu'] is None
   # Every part of the step shows up, the table's sum is the sum of its rows, the residual is wall - sum.
