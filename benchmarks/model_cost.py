@@ -27,6 +27,10 @@ Without --params-only (compiles, does not run, except for the timing):
     after compile and a warm-up) in the same run, same inputs. On CPU pass a smaller --image_size.
   - memory analysis of the compiled whole inference forward (arguments, outputs, temporaries).
 The last line is `total_params=N`.
+
+Also the jaxpr FLOP counter `jaxpr_cost` / `jaxpr_flops` / `loss_and_grad_cost` (matmul + conv FLOPs with
+loops counted per iteration, and the rematerialized recomputation told apart), used by
+benchmarks/train_step.py; the per-module table above is XLA's cost analysis (loop bodies counted once).
 """
 
 import argparse

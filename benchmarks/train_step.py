@@ -8,16 +8,28 @@ backend is present.
 The batch is `train.per_device_batch_size x devices` images of the config's canvas with `--num_boxes` random
 small boxes each (sides 4..64 px, VisDrone-like), so the matching and the auxiliary heads do real work.
 --memory-only compiles the step without running it (works at the full canvas on a machine that could not run
-it) and prints XLA's memory analysis of the compiled step. Otherwise it also runs `--warmup` untimed steps
-(default 0 on CPU, where a step takes far longer than its first-run setup, and 1 on GPU/TPU), then `--steps`
-timed steps (default 1 on CPU, 10 on GPU/TPU) and prints:
+it) and prints XLA's memory analysis of the compiled step and its FLOPs:
+  step GFLOPs, model        matmul + conv FLOPs (dot_general, conv_general_dilated; elementwise ops, gathers
+                            and reductions not counted, the MFU convention) of the forward and backward pass
+                            without the rematerialized recomputation (PaLM appendix B), from jaxprs
+                            (`model_cost.jaxpr_cost`, no compile): every scan / lax.map iteration counted
+                            (the SAE's and decoder's layer scans, the encoder's token chunks), a while loop's
+                            body once (then the row says it is a lower bound), a cond's largest branch.
+                            The recomputation is told apart in a trace of the loss and its vjp with the
+                            cotangent as an input: inside a remat region's backward, the matmuls/convs that
+                            do not depend on the cotangent are the recomputed forward.
+  step GFLOPs, executed     the same count over the step's own jaxpr (the program that is compiled), with the
+                            recomputation (and its size in the comment)
+  step GFLOPs (XLA)         XLA's cost analysis of the compiled step (per device: the SPMD program): it counts
+                            every while loop's body ONCE (scan and lax.map lower to while loops) and counts
+                            elementwise ops, so it is neither of the two above.
+Otherwise it also runs `--warmup` untimed steps (default 0 on CPU, where a step takes far longer than its
+first-run setup, and 1 on GPU/TPU), then `--steps` timed steps (default 1 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
-  TFLOP/s                   XLA's cost analysis FLOPs of the compiled step (per device: the SPMD program) /
-                            median step time. XLA's cost analysis counts a while loop's body once when the
-                            trip count is not static (the on-device Hungarian solver, NMS), so this is a lower
-                            bound of the work done.
-  MFU                       TFLOP/s / the device's dense peak for config.model.dtype (`PEAK_TFLOPS`); 'n/a'
-                            on a device not in the table (e.g. CPU)
+  TFLOP/s                   model FLOPs / median step time
+  TFLOP/s, executed         executed FLOPs / median step time (the hardware's matmul/conv throughput)
+  MFU                       TFLOP/s (model FLOPs) / the device's dense peak for config.model.dtype
+                            (`PEAK_TFLOPS`); 'n/a' on a device not in the table (e.g. CPU)
   device peak (GiB)         the device's `memory_stats()` peak (GPU/TPU; CPU has none)
 and with --parts (default) the time split by part, from a PROFILE of one more step (`jax.profiler.trace`,
 its per-HLO-op events): each executed op is attributed to a part by the module scopes that Flax puts in its
@@ -42,7 +54,8 @@ The line before the last is the wall time of the whole benchmark; the last line 
 `temp_gib=T peak_gib=P` (XLA memory analysis: P = arguments + outputs + temporaries - aliased (donated) bytes).
 Config overrides (`--config.KEY=VALUE`) work as in `python -m mrqm_jax.main`.
 
-Time budget: the run costs init + compile + (warmup + steps + 1 profiled) steps. On a 2-core CPU at 384x640
+Time budget: the run costs init + compile + two traces for the FLOP count (printed) + (warmup + steps + 1
+profiled) steps. On a 2-core CPU at 384x640
 that is the init and compile (2-3 minutes on a quiet machine) plus two steps of about 45 s (hence the CPU
 defaults; the profiled step's wall time, printed with the split, is a second sample). On one GPU at 800x1344, batch 2, the init and step compiles take a few minutes, and 1 + 10 + 1 steps
 stay far below a minute unless the step is slower than about 5 s (the on-device Hungarian solver is the
