@@ -9,8 +9,9 @@ The batch is `train.per_device_batch_size x devices` images of the config's canv
 small boxes each (sides 4..64 px, VisDrone-like), so the matching and the auxiliary heads do real work.
 --memory-only compiles the step without running it (works at the full canvas on a machine that could not run
 it) and prints XLA's memory analysis of the compiled step and its FLOPs:
-  step GFLOPs, model        matmul + conv FLOPs (dot_general, conv_general_dilated; elementwise ops, gathers
-                            and reductions not counted, the MFU convention) of the forward and backward pass
+  step GFLOPs, model        matmul + conv FLOPs per device (the global count / devices: data parallel;
+                            dot_general, conv_general_dilated; elementwise ops, gathers and reductions not
+                            counted, the MFU convention) of the forward and backward pass
                             without the rematerialized recomputation (PaLM appendix B), from jaxprs
                             (`model_cost.jaxpr_cost`, no compile): every scan / lax.map iteration counted
                             (the SAE's and decoder's layer scans, the encoder's token chunks), a while loop's
@@ -428,16 +429,19 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     print_fn(f'{"aliased (GiB)":<28} {mem.alias_size_in_bytes / GIB:>10.3f}')
     print_fn(f'{"peak (GiB)":<28} {peak:>10.3f}')
   result.update(temp_gib=temp, peak_gib=peak)
-  flops = cost.model
-  result.update(flops=flops, flops_executed=executed.executed, flops_loss_and_grad=cost.executed,
-                flops_recompute=cost.recompute, while_loops=executed.while_loops,
+  # The jaxprs count the global batch; per device (data parallel) like XLA's SPMD program and the peak table.
+  devices = jax.device_count()
+  flops = cost.model / devices
+  result.update(flops=flops, flops_executed=executed.executed / devices, flops_loss_and_grad=cost.executed / devices,
+                flops_recompute=cost.recompute / devices, while_loops=executed.while_loops,
                 flops_xla=model_cost.flops_of(compiled))
   bound = (f'; {executed.while_loops} while loop(s) with matmuls, counted once: a lower bound'
            if executed.while_loops else '')
   print_fn(f'{"step GFLOPs, model":<28} {flops / 1e9:>10.1f}   (matmul + conv, forward + backward, without '
            f'the recomputation{bound})')
-  print_fn(f'{"step GFLOPs, executed":<28} {executed.executed / 1e9:>10.1f}   (the same, with the backward\'s '
-           f'rematerialized forward: {cost.recompute / 1e9:.1f}; jaxprs traced in {result["flops_trace_s"]:.1f} s)')
+  print_fn(f'{"step GFLOPs, executed":<28} {result["flops_executed"] / 1e9:>10.1f}   (the same, with the backward\'s '
+           f'rematerialized forward: {result["flops_recompute"] / 1e9:.1f}; jaxprs traced in '
+           f'{result["flops_trace_s"]:.1f} s)')
   print_fn(f'{"step GFLOPs (XLA)":<28} {result["flops_xla"] / 1e9:>10.1f}   (XLA cost analysis of the compiled '
            f'step: loop bodies counted once, elementwise ops included)')
   if not memory_only:
@@ -457,7 +461,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     print_fn(f'{"images/s":<28} {batch_size / median:>10.3f}')
     tflops, mfu = throughput(flops, median, result['device_kind'], config.model.dtype)
     peak_entry = device_peak(result['device_kind'], config.model.dtype)
-    result.update(tflops=tflops, mfu=mfu, tflops_executed=executed.executed / median / 1e12)
+    result.update(tflops=tflops, mfu=mfu, tflops_executed=result['flops_executed'] / median / 1e12)
     print_fn(f'{"TFLOP/s":<28} {tflops:>10.3f}   (model FLOPs / median step time)')
     print_fn(f'{"TFLOP/s, executed":<28} {result["tflops_executed"]:>10.3f}   (with the recomputation)')
     if mfu is None:
