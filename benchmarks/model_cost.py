@@ -19,11 +19,12 @@ beside the paper's count for the config (Table 2 "Params": MRQM 60M for configs/
 configs/co_dino.py).
 
 Without --params-only (compiles, does not run, except for the timing):
-  - FLOPs (XLA cost analysis of the compiled function) per module of the inference forward at the canvas
-    (config.input.image_size, or --image_size), batch --batch: backbone, neck, encoder, decoder (one pass of
+  - FLOPs (XLA cost analysis of the compiled function, which counts a loop's body once, next to the jaxpr
+    count of matmul + conv FLOPs with every loop iteration, `jaxpr_flops`) per module of the inference
+    forward at the canvas (config.input.image_size, or --image_size), batch --batch: backbone, neck, encoder, decoder (one pass of
     the Q matching queries), query selection + heads (= the whole forward minus those), and the training-only
     part of a training forward (DN group, auxiliary heads with their assignment, auxiliary query groups).
-  - SAE vs plain deformable encoder: FLOPs ratio and measured forward wall time ratio (median of --repeats
+  - SAE vs plain deformable encoder: FLOPs ratio (XLA's and the jaxpr count) and measured forward wall time ratio (median of --repeats
     after compile and a warm-up) in the same run, same inputs. On CPU pass a smaller --image_size.
   - memory analysis of the compiled whole inference forward (arguments, outputs, temporaries).
 The last line is `total_params=N`.
@@ -356,8 +357,8 @@ def main(argv=None):
 
 def cost_tables(config, model, variables, images, pad, b, repeats):
   h, w = config.input.image_size
-  print(f'\nFLOPs per module (XLA cost analysis, forward, canvas {h}x{w}, batch {b}, backend '
-        f'{jax.default_backend()})')
+  print(f'\nFLOPs per module (XLA cost analysis: a loop body counted once, elementwise ops included; and the '
+        f'jaxpr count, `jaxpr_flops`; forward, canvas {h}x{w}, batch {b}, backend {jax.default_backend()})')
   backbone = detector.build_backbone(config)
   neck = detector.build_neck(config)
   encoder = detector.build_encoder(config)
@@ -372,35 +373,39 @@ def cost_tables(config, model, variables, images, pad, b, repeats):
   memory = jax.ShapeDtypeStruct((b, s, d), jnp.float32)
   memory_pad = jax.ShapeDtypeStruct((b, s), jnp.bool_)
 
+  def both(fn, *args):   # (XLA's count of the compiled fn, the jaxpr count, the compiled fn)
+    compiled = compile_fn(fn, *args)
+    return flops_of(compiled), jaxpr_flops(jax.make_jaxpr(fn)(*args)), compiled
+
   rows = {}
-  rows['backbone'] = flops_of(compile_fn(lambda v, x: backbone.apply(v, x), sub_variables(variables, 'backbone'),
-                                         images))
-  rows['neck'] = flops_of(compile_fn(lambda v, f: neck.apply(v, f), sub_variables(variables, 'neck'), feats))
+  rows['backbone'] = both(lambda v, x: backbone.apply(v, x), sub_variables(variables, 'backbone'), images)[:2]
+  rows['neck'] = both(lambda v, f: neck.apply(v, f), sub_variables(variables, 'neck'), feats)[:2]
   enc_vars = sub_variables(variables, 'encoder')
-  rows['encoder'] = flops_of(compile_fn(lambda v, f, m: encoder.apply(v, f, m), enc_vars, pyramid, masks))
+  rows['encoder'] = both(lambda v, f, m: encoder.apply(v, f, m), enc_vars, pyramid, masks)[:2]
 
   def run_decoder(v, queries, refs, mem, mem_pad):
     return decoder.apply(v, queries, refs, mem, mem_pad, shapes)
 
   dec_vars = sub_variables(variables, 'decoder')
-  rows['decoder'] = flops_of(compile_fn(run_decoder, dec_vars, jax.ShapeDtypeStruct((b, q, d), jnp.float32),
-                                        jax.ShapeDtypeStruct((b, q, 4), jnp.float32), memory, memory_pad))
-  forward = compile_fn(lambda v, x, m: model.apply(v, x, m, train=False), variables, images, pad)
-  total = flops_of(forward)
-  rows['query sel. + heads'] = total - sum(rows.values())
-  print(f'{"module":<22} {"GFLOPs":>10} {"share":>7}')
-  for name, f in rows.items():
-    print(f'{name:<22} {f / 1e9:>10.1f} {f / total:>7.1%}')
-  print(f'{"inference total":<22} {total / 1e9:>10.1f}')
+  rows['decoder'] = both(run_decoder, dec_vars, jax.ShapeDtypeStruct((b, q, d), jnp.float32),
+                         jax.ShapeDtypeStruct((b, q, 4), jnp.float32), memory, memory_pad)[:2]
+  *total, forward = both(lambda v, x, m: model.apply(v, x, m, train=False), variables, images, pad)
+  rows['query sel. + heads'] = tuple(t - sum(r[i] for r in rows.values()) for i, t in enumerate(total))
+  print(f'{"module":<22} {"GFLOPs":>10} {"share":>7} {"jaxpr GFLOPs":>13} {"share":>7}   (jaxpr: matmul + conv, '
+        f'every loop iteration)')
+  for name, (f, g) in rows.items():
+    print(f'{name:<22} {f / 1e9:>10.1f} {f / total[0]:>7.1%} {g / 1e9:>13.1f} {g / total[1]:>7.1%}')
+  print(f'{"inference total":<22} {total[0] / 1e9:>10.1f} {"":>7} {total[1] / 1e9:>13.1f}')
 
   m = config.dataset.max_boxes
   targets = {'boxes': jax.ShapeDtypeStruct((b, m, 4), jnp.float32),
              'labels': jax.ShapeDtypeStruct((b, m), jnp.int32),
              'box_valid': jax.ShapeDtypeStruct((b, m), jnp.bool_), 'scale': jax.ShapeDtypeStruct((b,), jnp.float32)}
   rngs = {n: jax.random.PRNGKey(0) for n in ('dn', 'aux', 'dropout')}
-  train_flops = flops_of(compile_fn(lambda v, x, mk, t: model.apply(v, x, mk, targets=t, train=True, rngs=rngs),
-                                    variables, images, pad, targets))
-  print(f'{"training-only part":<22} {(train_flops - total) / 1e9:>10.1f}   (DN group, aux heads '
+  train_flops = both(lambda v, x, mk, t: model.apply(v, x, mk, targets=t, train=True, rngs=rngs),
+                     variables, images, pad, targets)[:2]
+  print(f'{"training-only part":<22} {(train_flops[0] - total[0]) / 1e9:>10.1f} {"":>7} '
+        f'{(train_flops[1] - total[1]) / 1e9:>13.1f}   (DN group, aux heads '
         f'{tuple(config.model.aux_heads)} with their assignment and query groups; M = {m} gt slots)')
 
   mem = forward.memory_analysis()
@@ -429,13 +434,15 @@ def encoder_comparison(config, pyramid, masks, b, repeats):
     params = enc.init(jax.random.PRNGKey(0), feats, pad_masks)
     fn = jax.jit(lambda v, f, m, enc=enc: enc.apply(v, f, m).memory)
     flops = flops_of(fn.lower(params, feats, pad_masks).compile())
+    counted = jaxpr_flops(jax.make_jaxpr(fn)(params, feats, pad_masks))
     seconds = median_time(fn, (params, feats, pad_masks), repeats)
-    results[kind] = (flops, seconds)
-  print(f'{"encoder":<12} {"GFLOPs":>10} {"time ms":>10}')
-  for kind, (flops, seconds) in results.items():
-    print(f'{kind:<12} {flops / 1e9:>10.1f} {seconds * 1e3:>10.1f}')
-  (f_sae, t_sae), (f_plain, t_plain) = results['sae'], results['deformable']
-  print(f'SAE / plain: FLOPs {f_sae / f_plain:.3f}, forward time {t_sae / t_plain:.3f} (median of {repeats})')
+    results[kind] = (flops, counted, seconds)
+  print(f'{"encoder":<12} {"GFLOPs":>10} {"jaxpr GFLOPs":>13} {"time ms":>10}')
+  for kind, (flops, counted, seconds) in results.items():
+    print(f'{kind:<12} {flops / 1e9:>10.1f} {counted / 1e9:>13.1f} {seconds * 1e3:>10.1f}')
+  (f_sae, c_sae, t_sae), (f_plain, c_plain, t_plain) = results['sae'], results['deformable']
+  print(f'SAE / plain: FLOPs {f_sae / f_plain:.3f} (XLA), {c_sae / c_plain:.3f} (jaxpr), forward time '
+        f'{t_sae / t_plain:.3f} (median of {repeats})')
 
 
 if __name__ == '__main__':
