@@ -3,7 +3,7 @@ time, images/s, achieved TFLOP/s and MFU, XLA's memory analysis and the step's t
 backend is present.
 
   python benchmarks/train_step.py --config=configs/visdrone.py [--config.input.image_size=384,640]
-      [--steps=N] [--warmup=N] [--num_boxes=100] [--parts|--no-parts] [--memory-only]
+      [--steps=N] [--warmup=N] [--num_boxes=100] [--parts|--no-parts] [--memory-only] [--flops-only]
 
 The batch is `train.per_device_batch_size x devices` images of the config's canvas with `--num_boxes` random
 small boxes each (sides 4..64 px, VisDrone-like), so the matching and the auxiliary heads do real work.
@@ -24,6 +24,8 @@ it) and prints XLA's memory analysis of the compiled step and its FLOPs:
   step GFLOPs (XLA)         XLA's cost analysis of the compiled step (per device: the SPMD program): it counts
                             every while loop's body ONCE (scan and lax.map lower to while loops) and counts
                             elementwise ops, so it is neither of the two above.
+--flops-only prints only the first two (and init / compile as nan, XLA's row as nan, temp_gib=nan peak_gib=nan):
+it traces the step with abstract shapes, without running the init or compiling (seconds at 800x1344).
 Otherwise it also runs `--warmup` untimed steps (default 0 on CPU, where a step takes far longer than its
 first-run setup, and 1 on GPU/TPU), then `--steps` timed steps (default 1 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
@@ -352,7 +354,7 @@ def random_batch(config, batch_size: int, num_boxes: int, seed: int = 0):
 
 
 def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxes: int = 100, parts: bool = True,
-        memory_only: bool = False, start_time: float | None = None, print_fn=print) -> dict:
+        memory_only: bool = False, flops_only: bool = False, start_time: float | None = None, print_fn=print) -> dict:
   """The benchmark (module doc); prints its table with print_fn and returns what it printed as numbers."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -378,12 +380,16 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
   model_scope = type(model).__name__
   result = {'backend': backend, 'device_kind': jax.devices()[0].device_kind, 'batch': batch_size}
   start = time.perf_counter()
-  variables = jax.jit(lambda r: model_lib.init_variables(model, config, r))(jax.random.PRNGKey(0))
+  # flops_only: abstract values (shapes) throughout, nothing is computed or compiled.
+  init = lambda r: model_lib.init_variables(model, config, r)
+  key = jax.random.PRNGKey(0)
+  variables = jax.eval_shape(init, key) if flops_only else jax.jit(init)(key)
   result['init_s'] = time.perf_counter() - start
   params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, steps_per_epoch=1000)
-  state = jax.jit(lambda p, s: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1)),
-                  out_shardings=parallel.replicated(mesh))(params, model_state)
+  make_state = lambda p, s: train_lib.create_train_state(p, s, tx, rng=jax.random.PRNGKey(1))
+  state = (jax.eval_shape(make_state, params, model_state) if flops_only else
+           jax.jit(make_state, out_shardings=parallel.replicated(mesh))(params, model_state))
   base_loss_fn = train.make_loss_fn(model, config)
 
   def loss_fn(*args):
@@ -391,16 +397,20 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
       return base_loss_fn(*args)
 
   step = train_lib.make_train_step(loss_fn, tx, mesh, minimize_memory=config.model.remat)
-  batch = parallel.host_to_global(random_batch(config, batch_size, num_boxes), mesh)
+  batch = random_batch(config, batch_size, num_boxes)
+  batch = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()} if flops_only else
+           parallel.host_to_global(batch, mesh))
 
   nn.enable_named_call()   # Flax's module scopes in the op metadata (the default; an env var can turn it off)
   interceptor, calls = aux_group_interceptor()
   start = time.perf_counter()
   with nn.intercept_methods(interceptor):
     traced = step.trace(state, batch)
-  lowered = traced.lower()
-  compiled = lowered.compile()
-  result['compile_s'] = time.perf_counter() - start
+  lowered = compiled = None
+  if not flops_only:
+    lowered = traced.lower()
+    compiled = lowered.compile()
+  result['compile_s'] = float('nan') if flops_only else time.perf_counter() - start
   # Matmul/conv FLOPs from jaxprs (no compile): the step's own (every loop iteration, the recomputation
   # included) and the loss-and-gradient's traced as a vjp, which tells the recomputation apart (model FLOPs).
   start = time.perf_counter()
@@ -417,7 +427,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
            f'{config.matcher.backend}, backend {backend} ({result["device_kind"]})')
   print_fn(f'{"init (s)":<28} {result["init_s"]:>10.1f}')
   print_fn(f'{"compile (s)":<28} {result["compile_s"]:>10.1f}')
-  mem = compiled.memory_analysis()
+  mem = None if flops_only else compiled.memory_analysis()
   temp = peak = float('nan')
   if mem is not None:
     temp = mem.temp_size_in_bytes / GIB
@@ -434,7 +444,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
   flops = cost.model / devices
   result.update(flops=flops, flops_executed=executed.executed / devices, flops_loss_and_grad=cost.executed / devices,
                 flops_recompute=cost.recompute / devices, while_loops=executed.while_loops,
-                flops_xla=model_cost.flops_of(compiled))
+                flops_xla=float('nan') if flops_only else model_cost.flops_of(compiled))
   bound = (f'; {executed.while_loops} while loop(s) with matmuls, counted once: a lower bound'
            if executed.while_loops else '')
   print_fn(f'{"step GFLOPs, model":<28} {flops / 1e9:>10.1f}   (matmul + conv, forward + backward, without '
@@ -444,7 +454,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
            f'{result["flops_trace_s"]:.1f} s)')
   print_fn(f'{"step GFLOPs (XLA)":<28} {result["flops_xla"] / 1e9:>10.1f}   (XLA cost analysis of the compiled '
            f'step: loop bodies counted once, elementwise ops included)')
-  if not memory_only:
+  if not (memory_only or flops_only):
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
@@ -503,7 +513,7 @@ def main(argv):
           f'{values.warmup}, {values.num_boxes}', file=sys.stderr)
     sys.exit(2)
   run(values.config, steps=values.steps, warmup=values.warmup, num_boxes=values.num_boxes, parts=values.parts,
-      memory_only=values['memory-only'].value, start_time=_START)
+      memory_only=values['memory-only'].value, flops_only=values['flops-only'].value, start_time=_START)
 
 
 _START = time.perf_counter()
@@ -519,5 +529,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_boxes', 100, 'Valid boxes per image in the random batch.')
   flags.DEFINE_bool('parts', True, 'Profile one more step and print the time split by part.')
   flags.DEFINE_bool('memory-only', False, 'Compile and print the memory analysis; do not run.')
+  flags.DEFINE_bool('flops-only', False, 'Trace (abstract shapes: no init, no compile) and print the jaxpr FLOPs.')
   flags.mark_flag_as_required('config')
   app.run(main)

@@ -312,6 +312,19 @@ def test_train_step_benchmark_last_lines(smoke_run):
   assert not math.isnan(result['step_s'])
 
 
+@pytest.mark.slow
+def test_flops_only_counts_the_same_from_abstract_shapes(smoke_run):
+  """--flops-only traces the step with shapes only (no init computation, no compile) and counts the same."""
+  config, result, _ = smoke_run
+  lines = []
+  traced = ts.run(config, num_boxes=6, flops_only=True, print_fn=lines.append)
+  for key in ('flops', 'flops_executed', 'flops_recompute', 'while_loops'):
+    assert traced[key] == result[key], key
+  assert math.isnan(traced['flops_xla']) and math.isnan(traced['compile_s']) and 'step_s' not in traced
+  assert ts.LAST_LINE.match(lines[-1]) and lines[-1] == 'temp_gib=nan peak_gib=nan'
+  assert not any(line.startswith('step, median') for line in lines)
+
+
 def test_bad_flag_is_one_line_and_exit_2():
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   result = subprocess.run([sys.executable, 'benchmarks/train_step.py', '--config=configs/smoke.py', '--steps=0'],
