@@ -291,11 +291,13 @@ def aux_group_interceptor():
   model call (the detector decodes the matching + DN queries first, then one query group per auxiliary head)
   under AUX_GROUP_SCOPE. Returns (interceptor, counts) with counts['aux_group_calls'] per traced model call."""
   import jax  # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector  # pylint: disable=g-import-not-at-top
   counts = {'decoder_calls': 0, 'aux_group_calls': 0}
 
   def interceptor(next_fun, args, kwargs, context):
     path = tuple(context.module.scope.path) if context.module.scope is not None else ()
-    if context.method_name == '__call__' and path == ():
+    # The model itself, not the unbound layer templates that the layer loops (lax.scan) apply at their own root.
+    if context.method_name == '__call__' and path == () and isinstance(context.module, detector.MRQM):
       counts['decoder_calls'] = 0
       counts['aux_group_calls'] = 0
     elif context.method_name == '__call__' and path == ('decoder',):

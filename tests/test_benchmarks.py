@@ -254,11 +254,12 @@ def test_hlo_metadata_and_parts_of_a_real_profile():
 @pytest.fixture(scope='module')
 def smoke_run():
   """One real run: the smoke model at 64x64 with one auxiliary head (the IAH) and one encoder layer, to keep the
-  compile short."""
+  compile short; with model.remat as in the recipes (the decoder's layers run as a loop)."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.input.image_size = (64, 64)
   config.model.aux_heads = ('iah',)
+  config.model.remat = True
   config.encoder.num_layers = 1
   lines = []
   result = ts.run(config, steps=1, warmup=0, num_boxes=6, parts=True, print_fn=lines.append)
