@@ -119,6 +119,7 @@ def main(argv=None) -> None:
   print(header)
   print('-' * len(header))
   variants = [(args.config, False)] + ([('sodad', True)] if args.sliced else [])
+  first_pipeline = None   # (records, result) of the first folder's unsliced pipeline, for --train_step
   for folder in args.data.split(','):
     records, _ = visdrone.read_split(folder)
     for config_name, sliced in variants:
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
               f'{result["examples_per_epoch"]:>8} {args.batch:>5} {"auto" if parallel < 0 else parallel:>8} '
               f'{result["images_per_sec"]:>7.1f} {result["ms_per_image"]:>7.1f}', flush=True)
         if not sliced and parallel == int(args.parallel.split(',')[0]):
-          first_pipeline = first_pipeline if 'first_pipeline' in locals() else (records, result)
+          first_pipeline = first_pipeline or (records, result)
   if args.train_step:
     records, piped = first_pipeline
     step_config = _config(args.config)

@@ -77,9 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   # temperature=20, normalize=True), offset 0 (Deformable DETR: 10000 and -0.5).
   c.encoder.pe_temperature = 20.0
   c.encoder.pe_offset = 0.0
-  # Deformable attention processes queries in rematerialized chunks of this many (0 = all at once): bounds the
-  # gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344 image), and was faster on XLA:CPU too
-  # (README, measured table; benchmarks/deformable_attention.py --chunk). Only layers with more queries are chunked.
+  # Encoder layers process queries in rematerialized chunks of this many (0 = all at once), in the deformable
+  # attention and in the FFN: bounds the gathered samples (4.4 GB f32 for the SAE's F2 update of one 800x1344
+  # image) and the FFN's [tokens, ffn_dim] activations; the attention was faster on XLA:CPU too (README, measured
+  # table; benchmarks/deformable_attention.py --chunk). Only layers with more queries are chunked.
   c.encoder.query_chunk_size = 8192
 
   c.decoder = ml_collections.ConfigDict()

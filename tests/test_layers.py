@@ -210,11 +210,12 @@ def _layer_norm(x, scale, bias, eps=1e-6):
 
 class _SharesFFN(nn.Module):
   """A layer that shares its scope with the FFN block, as the encoder/decoder layers do."""
+  token_chunk_size: int | None = None
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     x = nn.Dense(x.shape[-1], name='own')(x)
-    ffn = layers.PostNormFFN(12, 0.5, None, 'linear1', 'linear2', 'norm2')
+    ffn = layers.PostNormFFN(12, 0.5, None, 'linear1', 'linear2', 'norm2', token_chunk_size=self.token_chunk_size)
     nn.share_scope(self, ffn)
     return ffn(x, deterministic)
 
@@ -235,6 +236,40 @@ def test_post_norm_ffn_matches_numpy_and_keeps_the_callers_names():
   a = model.apply({'params': params}, x, False, rngs={'dropout': jax.random.PRNGKey(1)})
   b = model.apply({'params': params}, x, False, rngs={'dropout': jax.random.PRNGKey(2)})
   assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize('chunk', [2, 3, 5])
+def test_post_norm_ffn_in_token_chunks_same_result_and_gradients(chunk):
+  """token_chunk_size runs the block over chunks of tokens (Q = 7: padded to a multiple for 2 and 3): same output
+  as the whole block, and the same gradients for the parameters and the input; the variable tree is unchanged."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  whole, chunked = _SharesFFN(), _SharesFFN(token_chunk_size=chunk)
+  params = whole.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(chunked.init(jax.random.PRNGKey(0), x))
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  loss = lambda model: lambda p, x: (model.apply(p, x) * weights).sum()  # noqa: E731
+  np.testing.assert_allclose(chunked.apply(params, x), whole.apply(params, x), rtol=1e-5, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(chunked.apply)(params, x))
+  assert ('scan' in jaxpr) == (chunk < 7)
+  g_whole = jax.grad(loss(whole), argnums=(0, 1))(params, x)
+  g_chunked = jax.grad(loss(chunked), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_chunked)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Training dropout keeps the whole block (the chunk loop has no RNG plumbing), drawing from 'dropout'.
+  a = chunked.apply(params, x, False, rngs={'dropout': jax.random.PRNGKey(1)})
+  assert not np.allclose(a, whole.apply(params, x), atol=1e-3)
+
+
+def test_map_over_chunks_pads_and_drops_the_padding():
+  rng = np.random.default_rng(5)
+  a = jnp.asarray(rng.normal(size=(2, 10, 3)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(2, 10)), jnp.float32)
+  fn = lambda x, y: jnp.tanh(x) * y[..., None] + 1.0   # noqa: E731  row-wise; padded rows would give 1.0
+  for chunk in (1, 3, 4, 10, 16):
+    np.testing.assert_allclose(layers.map_over_chunks(fn, (a, b), chunk), fn(a, b), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='chunk_size must be >= 1'):
+    layers.map_over_chunks(fn, (a, b), 0)
 
 
 def test_conv_norm_names_its_layers():

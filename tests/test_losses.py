@@ -1,7 +1,6 @@
 """Losses: elementwise losses and matching cost against NumPy references written here, the full objective on
 hand-built detector outputs (contract shapes), padding invariance (values and gradients), normalization."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

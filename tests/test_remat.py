@@ -57,15 +57,19 @@ def _step_config(remat: bool):
   config.model.aux_heads = ('iah',)
   config.iah.a_s = 16.0         # resolved from the data in training; any number here
   config.input.image_size = (64, 64)
-  config.encoder.num_layers = 1
-  config.decoder.num_layers = 1
+  # Two layers each, so that the SAE's and the decoder's layer loops (lax.scan under remat) run; 64-token chunks
+  # in the remat'd step (the encoder's attention and FFN over chunks), all tokens at once in the plain one.
+  config.encoder.num_layers = 2
+  config.decoder.num_layers = 2
+  config.encoder.query_chunk_size = 64 if remat else 0
   return config
 
 
 @pytest.mark.slow
 def test_whole_step_remat_same_loss_and_gradients():
-  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized (and compiled with the memory-ordered
-  scheduler, as training does): the training loss, its terms and every gradient are those of the plain step."""
+  """Backbone blocks, BiFPN layers, encoder and decoder layers rematerialized (the SAE's high layers and the
+  decoder's layers as loops, the encoder over token chunks; compiled with the memory-ordered scheduler, as
+  training does): the training loss, its terms and every gradient are those of the plain step."""
   batch = random_batch(_step_config(False), 2, 6)
   results = []
   for remat in (False, True):
@@ -128,3 +132,50 @@ def test_backbone_and_neck_remat_same_gradients(part):
     results.append(jax.grad(loss, argnums=(0, 1))(variables, x))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize('look_forward_twice', [True, False])
+def test_decoder_scan_matches_unrolled_layers(look_forward_twice):
+  """Under remat the decoder runs its layers as one lax.scan over call-time-stacked parameters: same outputs and
+  same gradients (parameters, queries, memory) as the unrolled layers, through the look-forward-twice path that
+  carries layer l-1's un-detached refined boxes into layer l's box loss."""
+  config = smoke.get_config()
+  config.decoder.num_layers = 3
+  config.decoder.look_forward_twice = look_forward_twice
+  rng = np.random.default_rng(3)
+  d, b, n = config.model.hidden_dim, 2, 7
+  shapes = ((8, 8), (4, 4), (2, 2), (1, 1))
+  memory = jnp.asarray(rng.normal(size=(b, sum(h * w for h, w in shapes), d)), jnp.float32)
+  pad = jnp.asarray(rng.random(memory.shape[:2]) < 0.1)
+  queries = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+  refs = jnp.asarray(rng.uniform(0.2, 0.8, size=(b, n, 4)), jnp.float32)
+  attn_mask = jnp.asarray(np.tril(np.ones((n, n), bool)))    # every row has its diagonal
+  config.model.remat = False
+  plain = detector.build_decoder(config)
+  config.model.remat = True
+  scanned = detector.build_decoder(config)
+  params = plain.init(jax.random.PRNGKey(0), queries, refs, memory, pad, shapes, attn_mask)
+  # The box heads' last layers start at zero; make them non-zero so the refinement really moves the boxes.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(path)), x.shape)
+      if 'box_heads' in jax.tree_util.keystr(path) else x, params)
+  w_logits = jnp.asarray(rng.normal(size=(3, b, n, plain.num_classes)), jnp.float32)
+  w_boxes = jnp.asarray(rng.normal(size=(3, b, n, 4)), jnp.float32)
+
+  def loss(model, params, queries, memory):
+    out = model.apply(params, queries, refs, memory, pad, shapes, attn_mask)
+    return (out['pred_logits'] * w_logits).sum() + (out['pred_boxes'] * w_boxes).sum() * 10.0, out
+
+  (v0, out0), g0 = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2), has_aux=True)(
+      params, queries, memory)
+  (v1, out1), g1 = jax.value_and_grad(lambda *a: loss(scanned, *a), argnums=(0, 1, 2), has_aux=True)(
+      params, queries, memory)
+  jaxpr = jax.make_jaxpr(lambda p: loss(scanned, p, queries, memory)[0])(params)
+  assert 'scan' in str(jaxpr) and 'scan' not in str(jax.make_jaxpr(lambda p: loss(plain, p, queries, memory)[0])(
+      params))
+  for key in out0:
+    np.testing.assert_allclose(out0[key], out1[key], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)
+  for a, b_ in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)

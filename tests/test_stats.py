@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from input_pipeline import records as records_lib
 from input_pipeline import stats

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from mrqm_jax import parallel, train_lib
 from tests.conftest import REPO

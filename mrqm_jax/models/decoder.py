@@ -25,6 +25,7 @@ Heads are per layer (mmdet `with_box_refine`: deep copies, not shared): class De
 -log((1 - 0.01) / 0.01), box MLP(D, D, 4) whose last layer starts at zero.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -45,9 +46,10 @@ def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array
   return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
 
 
-def box_head(hidden_dim: int, dtype: Any = None, name: str | None = None) -> layers.MLP:
-  """The DETR box MLP `[..., D] -> [..., 4]` deltas in logit space, last layer zero-initialized."""
-  return layers.MLP(hidden_dim, 4, 3, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(), name=name)
+def box_head(hidden_dim: int, dtype: Any = None, **module_kwargs) -> layers.MLP:
+  """The DETR box MLP `[..., D] -> [..., 4]` deltas in logit space, last layer zero-initialized.
+  module_kwargs: `name` or `parent` (e.g. parent=None for an unbound template)."""
+  return layers.MLP(hidden_dim, 4, 3, dtype=dtype, last_kernel_init=nn.initializers.zeros_init(), **module_kwargs)
 
 
 def _attention_mask(mask: jax.Array | None, batch: int, n: int) -> jax.Array | None:
@@ -133,25 +135,66 @@ class DINODecoder(nn.Module):
 
     x = queries if self.dtype is None else queries.astype(self.dtype)
     ref = jax.lax.stop_gradient(ref_boxes.astype(jnp.float32))   # input to layer l (detached)
+    if self.remat and not self.is_initializing() and self.num_layers > 1 and (not train or not self.dropout):
+      return self._scan_layers(x, ref, memory, memory_pad_mask, spatial_shapes, mask)
     ref_for_pred = ref                                             # what layer l's boxes are refined from
     all_logits, all_boxes = [], []
     for lid in range(self.num_layers):
-      # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
-      query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
       # static: spatial_shapes (arg 6) and deterministic (arg 8), counting `self` as 0 as flax does.
       layer_cls = nn.remat(DecoderLayer, static_argnums=(6, 8)) if self.remat else DecoderLayer
-      x = layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                    self.dropout, self.dtype, name=f'layers_{lid}')(
-                        x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, not train)
-      head_in = final_norm(x)
-      bbox_head = box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}')
-      logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(),
-                        name=f'class_heads_{lid}')(head_in)
-      boxes = jax.nn.sigmoid(bbox_head(head_in).astype(jnp.float32) + inverse_sigmoid(ref_for_pred))
-      all_logits.append(logits.astype(jnp.float32))
+      x, ref, ref_for_pred, logits, boxes = self._layer_step(
+          layer_cls(name=f'layers_{lid}', **self._layer_fields()), ref_point_head, final_norm,
+          nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(), name=f'class_heads_{lid}'),
+          box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}'),
+          x, ref, ref_for_pred, memory, memory_pad_mask, spatial_shapes, mask, not train)
+      all_logits.append(logits)
       all_boxes.append(boxes)
-      # Refinement for the next layer from the un-normed output, as DINO's decoder does.
-      new_ref = jax.nn.sigmoid(bbox_head(x).astype(jnp.float32) + inverse_sigmoid(ref))
-      ref = jax.lax.stop_gradient(new_ref)
-      ref_for_pred = new_ref if self.look_forward_twice else ref
     return {'pred_logits': jnp.stack(all_logits), 'pred_boxes': jnp.stack(all_boxes)}
+
+  def _layer_fields(self) -> dict[str, Any]:
+    return dict(hidden_dim=self.hidden_dim, num_heads=self.num_heads, num_levels=self.num_levels,
+                num_points=self.num_points, ffn_dim=self.ffn_dim, dropout=self.dropout, dtype=self.dtype)
+
+  def _layer_step(self, layer, ref_point_head, final_norm, class_head, bbox_head, x, ref, ref_for_pred, memory,
+                  memory_pad_mask, spatial_shapes, mask, deterministic):
+    """Layer l and its heads (module doc): -> (x_{l+1}, ref_{l+1}, ref_for_pred_{l+1}, logits_l, boxes_l)."""
+    # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
+    query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
+    x = layer(x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, deterministic)
+    head_in = final_norm(x)
+    logits = class_head(head_in).astype(jnp.float32)
+    boxes = jax.nn.sigmoid(bbox_head(head_in).astype(jnp.float32) + inverse_sigmoid(ref_for_pred))
+    # Refinement for the next layer from the un-normed output, as DINO's decoder does.
+    new_ref = jax.nn.sigmoid(bbox_head(x).astype(jnp.float32) + inverse_sigmoid(ref))
+    next_ref = jax.lax.stop_gradient(new_ref)
+    return x, next_ref, new_ref if self.look_forward_twice else next_ref, logits, boxes
+
+  def _scan_layers(self, x, ref, memory, memory_pad_mask, spatial_shapes: SpatialShapes, mask):
+    """The layers as one loop (lax.scan) over their parameters, stacked at call time so that the variable tree
+    keeps one entry per layer; the body is rematerialized. Why: the backward pass then recomputes ONE layer at a
+    time on any scheduler (XLA:CPU's runs every unrolled layer's recomputation first, all live together).
+    Same computation as the unrolled loop (deterministic layers: no dropout RNG plumbing in the loop)."""
+    params = self.variables['params']
+    per_layer = {kind: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                    *[params[f'{kind}_{lid}'] for lid in range(self.num_layers)])
+                 for kind in ('layers', 'class_heads', 'box_heads')}
+    templates = {
+        'layers': DecoderLayer(**self._layer_fields(), parent=None),
+        'class_heads': nn.Dense(self.num_classes, dtype=self.dtype, parent=None),
+        'box_heads': box_head(self.hidden_dim, self.dtype, parent=None),
+    }
+    ref_point_head = functools.partial(
+        layers.MLP(self.hidden_dim, self.hidden_dim, 2, dtype=self.dtype, parent=None).apply,
+        {'params': params['ref_point_head']})
+    final_norm = functools.partial(nn.LayerNorm(dtype=self.dtype, parent=None).apply,
+                                   {'params': params['final_norm']})
+
+    def body(carry, layer_params):
+      bound = {kind: functools.partial(templates[kind].apply, {'params': layer_params[kind]}) for kind in templates}
+      x, ref, ref_for_pred, logits, boxes = self._layer_step(
+          bound['layers'], ref_point_head, final_norm, bound['class_heads'], bound['box_heads'],
+          *carry, memory, memory_pad_mask, spatial_shapes, mask, True)
+      return (x, ref, ref_for_pred), (logits, boxes)
+
+    _, (logits, boxes) = jax.lax.scan(jax.checkpoint(body), (x, ref, ref), per_layer)
+    return {'pred_logits': logits, 'pred_boxes': boxes}

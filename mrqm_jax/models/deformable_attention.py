@@ -32,9 +32,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from mrqm_jax.models import layers
 
 SpatialShapes = Sequence[tuple[int, int]]
 
@@ -103,7 +104,7 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
   """
   spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
-  b, q = sampling_locations.shape[:2]
+  q = sampling_locations.shape[1]
   table = _neighbour_table(value, spatial_shapes, packed_neighbours)
   sample = functools.partial(_sample, spatial_shapes=spatial_shapes, packed_neighbours=packed_neighbours,
                              use_einsum=use_einsum, precision=precision)
@@ -115,15 +116,9 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes, samplin
   else:
     if query_chunk_size < 1:
       raise ValueError(f'ms_deform_attn_core: query_chunk_size must be >= 1, got {query_chunk_size}')
-    chunks = -(-q // query_chunk_size)
-    pad = chunks * query_chunk_size - q  # padded queries get zero weights; their outputs are dropped
-
-    def to_chunks(x):  # [B, Q, ...] -> [chunks, B, chunk, ...]
-      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-      return jnp.swapaxes(x.reshape(b, chunks, query_chunk_size, *x.shape[2:]), 0, 1)
-
-    out = lax.map(lambda lw: body(table, *lw), (to_chunks(sampling_locations), to_chunks(attention_weights)))
-    out = jnp.swapaxes(out, 0, 1).reshape(b, chunks * query_chunk_size, *out.shape[3:])[:, :q]
+    # Padded queries get zero weights; their outputs are dropped.
+    out = layers.map_over_chunks(lambda locations, weights: body(table, locations, weights),
+                                 (sampling_locations, attention_weights), query_chunk_size)
   return out
 
 

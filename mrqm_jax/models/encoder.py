@@ -105,7 +105,8 @@ class EncoderLayer(nn.Module):
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)  # noqa: E731
     y = attn(query + query_pos.astype(query.dtype), reference_points, value, spatial_shapes, value_pad_mask)
     x = nn.LayerNorm(dtype=self.dtype, name='norm1')(query + drop(y))
-    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'linear1', 'linear2', 'norm2')
+    ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'linear1', 'linear2', 'norm2',
+                             token_chunk_size=self.query_chunk_size)
     nn.share_scope(self, ffn)   # params stay 'linear1', 'linear2', 'norm2' of this layer
     return ffn(x, deterministic)
 
@@ -122,7 +123,7 @@ class _EncoderBase(nn.Module):
   pe_temperature: float = 20.0
   pe_offset: float = 0.0
   packed_neighbours: bool = False
-  query_chunk_size: int | None = None   # see ms_deform_attn_core; None = all queries at once
+  query_chunk_size: int | None = None   # attention (ms_deform_attn_core) and FFN chunks; None = all at once
   dtype: Any = None
   # Recompute each layer's activations in the backward pass instead of storing them (config.model.remat):
   # at 800x1344 the P2 tokens' FFN activations alone are ~1 GiB per tensor per layer.

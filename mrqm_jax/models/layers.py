@@ -280,8 +280,30 @@ class ConvNorm(nn.Module):
     return x if self.activation is None else self.activation(x)
 
 
+def map_over_chunks(fn: Callable[..., jax.Array], arrays: Sequence[jax.Array], chunk_size: int) -> jax.Array:
+  """`fn` applied to chunks of `chunk_size` rows along axis 1 of every array in `arrays` ([B, Q, ...] each), one
+  chunk after another (`lax.map`): -> [B, Q, ...], the chunks' outputs ([B, chunk_size, ...] each) concatenated.
+
+  `fn` must be row-wise along axis 1 (output row q depends only on input rows q), so chunking does not change
+  the result; Q is padded with zeros to a multiple of chunk_size and the padded rows' outputs are dropped.
+  Why chunks: only one chunk's intermediates are live at a time (with `fn` under `jax.checkpoint`, also in
+  the backward pass)."""
+  if chunk_size < 1:
+    raise ValueError(f'map_over_chunks: chunk_size must be >= 1, got {chunk_size}')
+  b, q = arrays[0].shape[:2]
+  chunks = -(-q // chunk_size)
+  pad = chunks * chunk_size - q
+
+  def to_chunks(x):  # [B, Q, ...] -> [chunks, B, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(b, chunks, chunk_size, *x.shape[2:]), 0, 1)
+
+  out = lax.map(lambda xs: fn(*xs), tuple(to_chunks(x) for x in arrays))
+  return jnp.swapaxes(out, 0, 1).reshape(b, chunks * chunk_size, *out.shape[3:])[:, :q]
+
+
 class PostNormFFN(nn.Module):
-  """The transformer feed-forward block with its residual and post-norm: `[..., D] -> [..., D]`,
+  """The transformer feed-forward block with its residual and post-norm: `[B, Q, D] -> [B, Q, D]`,
 
     out = LN(x + Drop(Dense_D(Drop(relu(Dense_ffn_dim(x))))))
 
@@ -289,6 +311,10 @@ class PostNormFFN(nn.Module):
   Dense layers) and `norm_name` (the LayerNorm): the layers share their scope with this block
   (`nn.share_scope`), so the parameters sit beside the layer's own under the names its checkpoints have
   (encoder 'linear1', 'linear2', 'norm2'; decoder 'ffn_in', 'ffn_out', 'norm3'). Dropout draws from 'dropout'.
+  token_chunk_size: if set and smaller than Q, the block runs over chunks of that many tokens, each
+  rematerialized (`map_over_chunks`; same result): the SAE's F2 update has 67k tokens per image at 800x1344,
+  whose [B, Q, ffn_dim] activations would otherwise be live whole in the backward pass. Not at init, nor with
+  training dropout (no RNG plumbing in the loop).
   """
   ffn_dim: int
   dropout: float = 0.0
@@ -296,9 +322,18 @@ class PostNormFFN(nn.Module):
   in_name: str = 'ffn_in'
   out_name: str = 'ffn_out'
   norm_name: str = 'ffn_norm'
+  token_chunk_size: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    chunk = self.token_chunk_size
+    if (chunk is not None and x.ndim == 3 and chunk < x.shape[1] and not self.is_initializing()
+        and (deterministic or not self.dropout)):
+      params = self.variables['params']
+      whole = PostNormFFN(self.ffn_dim, self.dropout, self.dtype, self.in_name, self.out_name, self.norm_name,
+                          parent=None)
+      own = {'params': {k: params[k] for k in (self.in_name, self.out_name, self.norm_name)}}
+      return map_over_chunks(jax.checkpoint(lambda xc: whole.apply(own, xc)), (x,), chunk)
     # Named dropouts: in a shared scope an auto-name could collide with the layer's own.
     y = nn.Dense(self.ffn_dim, dtype=self.dtype, name=self.in_name)(x)
     y = nn.Dropout(self.dropout, name=f'{self.in_name}_dropout')(nn.relu(y), deterministic=deterministic)

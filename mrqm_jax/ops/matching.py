@@ -53,7 +53,6 @@ is always a valid injection and `matched` is only True for columns that really r
 """
 
 import concurrent.futures
-import functools
 import os
 import threading
 import time
