@@ -24,7 +24,10 @@ needed); the default v5p chip (95 GiB HBM) leaves room to measure steps larger t
 Topologies that compile here with libtpu 0.0.42.1: v5e:1x1, v5p:1x1x1, v6e:1x1, v4:1x1x1 (v4's two
 TensorCores appear as one device only with chip config 'megacore', which this script uses for v4).
 
-XLA_FLAGS=--xla_dump_to=DIR writes the TPU compile's HLO and buffer assignment as usual.
+XLA:TPU's compile runs on the host's CPUs and memory: a full-size step takes far longer and more host
+memory than XLA:CPU's compile of it (README, measured table); run it alone (the shared memory lock).
+XLA_FLAGS=--xla_dump_to=DIR writes the TPU compile's HLO and a buffer assignment (with live-range file: benchmarks/peak_breakdown.py reads it)
+written before the TPU backend's last passes: its totals are below memory_analysis()'s, which is the number to use.
 The last line is `temp_gib=T peak_gib=P` with train_step.py's formula (P = arguments + outputs +
 temporaries - aliased (donated) bytes).
 """
