@@ -32,6 +32,7 @@ The last line is `temp_gib=T peak_gib=P` with train_step.py's formula (P = argum
 temporaries - aliased (donated) bytes).
 """
 
+import importlib.util
 import os
 import re
 import sys
@@ -125,16 +126,8 @@ def run(config, topology: str, num_boxes: int = 100, print_fn=print) -> dict:
   print_fn(f'{"lower (s)":<28} {lower_s:>10.1f}')
   print_fn(f'{"compile (s)":<28} {compile_s:>10.1f}')
   mem = compiled.memory_analysis()
-  gib = train_step.GIB
-  temp = mem.temp_size_in_bytes / gib
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes) / gib
-  print_fn(f'{"arguments (GiB)":<28} {mem.argument_size_in_bytes / gib:>10.3f}')
-  print_fn(f'{"outputs (GiB)":<28} {mem.output_size_in_bytes / gib:>10.3f}')
-  print_fn(f'{"temporaries (GiB)":<28} {temp:>10.3f}')
-  print_fn(f'{"aliased (GiB)":<28} {mem.alias_size_in_bytes / gib:>10.3f}')
-  print_fn(f'{"generated code (GiB)":<28} {mem.generated_code_size_in_bytes / gib:>10.3f}')
-  print_fn(f'{"peak (GiB)":<28} {peak:>10.3f}')
+  temp, peak = train_step.print_memory_analysis(
+      mem, print_fn, extra_rows=[('generated code', mem.generated_code_size_in_bytes)])
   flops = model_cost.flops_of(compiled)
   print_fn(f'{"step GFLOPs (XLA)":<28} {flops / 1e9:>10.1f}')
   wall = time.perf_counter() - start_time
@@ -156,9 +149,7 @@ def main(argv):
   if values.num_boxes < 0:
     print(f'tpu_aot_memory.py: --num_boxes must be >= 0, got {values.num_boxes}', file=sys.stderr)
     sys.exit(2)
-  try:
-    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('libtpu') is None:
     print("tpu_aot_memory.py: libtpu is not installed (pip install 'jax[tpu]==<the jax version>')", file=sys.stderr)
     sys.exit(2)
   run(values.config, values.topology, values.num_boxes)

@@ -286,6 +286,23 @@ def parts_table(parts: dict[str, float], step_seconds: float) -> list[str]:
   return lines
 
 
+def print_memory_analysis(mem, print_fn, extra_rows=()) -> tuple[float, float]:
+  """Prints XLA's memory analysis of a compiled step (GiB rows; `extra_rows`: (label, bytes) printed before the
+  peak) and returns (temporaries, peak) in GiB, peak = arguments + outputs + temporaries - aliased (donated)
+  bytes; (nan, nan) when there is no analysis."""
+  if mem is None:
+    return float('nan'), float('nan')
+  temp = mem.temp_size_in_bytes / GIB
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) / GIB
+  rows = [('arguments', mem.argument_size_in_bytes), ('outputs', mem.output_size_in_bytes),
+          ('temporaries', mem.temp_size_in_bytes), ('aliased', mem.alias_size_in_bytes), *extra_rows]
+  for label, size in rows:
+    print_fn(f'{label + " (GiB)":<28} {size / GIB:>10.3f}')
+  print_fn(f'{"peak (GiB)":<28} {peak:>10.3f}')
+  return temp, peak
+
+
 def aux_group_interceptor():
   """A Flax method interceptor that runs every call of the top-level 'decoder' after the first one of each
   model call (the detector decodes the matching + DN queries first, then one query group per auxiliary head)
@@ -429,17 +446,7 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
            f'{config.matcher.backend}, backend {backend} ({result["device_kind"]})')
   print_fn(f'{"init (s)":<28} {result["init_s"]:>10.1f}')
   print_fn(f'{"compile (s)":<28} {result["compile_s"]:>10.1f}')
-  mem = None if flops_only else compiled.memory_analysis()
-  temp = peak = float('nan')
-  if mem is not None:
-    temp = mem.temp_size_in_bytes / GIB
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes) / GIB
-    print_fn(f'{"arguments (GiB)":<28} {mem.argument_size_in_bytes / GIB:>10.3f}')
-    print_fn(f'{"outputs (GiB)":<28} {mem.output_size_in_bytes / GIB:>10.3f}')
-    print_fn(f'{"temporaries (GiB)":<28} {temp:>10.3f}')
-    print_fn(f'{"aliased (GiB)":<28} {mem.alias_size_in_bytes / GIB:>10.3f}')
-    print_fn(f'{"peak (GiB)":<28} {peak:>10.3f}')
+  temp, peak = print_memory_analysis(None if flops_only else compiled.memory_analysis(), print_fn)
   result.update(temp_gib=temp, peak_gib=peak)
   # The jaxprs count the global batch; per device (data parallel) like XLA's SPMD program and the peak table.
   devices = jax.device_count()
