@@ -134,9 +134,14 @@ class _EncoderBase(nn.Module):
     """One EncoderLayer named `name` applied to the arguments, rematerialized when `remat`."""
     # static: spatial_shapes (arg 5) and deterministic (arg 7), counting `self` as 0 as flax does.
     layer_cls = nn.remat(EncoderLayer, static_argnums=(5, 7)) if self.remat else EncoderLayer
-    return layer_cls(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                     self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, name=name)(
-                         query, query_pos, reference_points, value, spatial_shapes, value_pad_mask, deterministic)
+    return layer_cls(**self._layer_fields(), name=name)(
+        query, query_pos, reference_points, value, spatial_shapes, value_pad_mask, deterministic)
+
+  def _layer_fields(self) -> dict[str, Any]:
+    """EncoderLayer's fields, for the named layers and the layer-loop template alike."""
+    return dict(d_model=self.hidden_dim, num_heads=self.num_heads, num_levels=self.num_levels,
+                num_points=self.num_points, ffn_dim=self.ffn_dim, dropout=self.dropout,
+                packed_neighbours=self.packed_neighbours, query_chunk_size=self.query_chunk_size, dtype=self.dtype)
 
   def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
     """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2]."""
@@ -185,8 +190,7 @@ class ScaleAwareEncoder(_EncoderBase):
       # variable tree keeps one entry per layer. (With dropout in training: the unrolled layers below.)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[self.variables['params'][f'high_layers_{i}'] for i in range(self.num_layers)])
-      template = EncoderLayer(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, self.ffn_dim,
-                              self.dropout, self.packed_neighbours, self.query_chunk_size, self.dtype, parent=None)
+      template = EncoderLayer(**self._layer_fields(), parent=None)
 
       def body(h, p):
         return template.apply({'params': p}, h, pos[:, split:], ref[:, split:], (low, h), shapes, mask,
