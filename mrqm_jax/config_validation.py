@@ -71,6 +71,13 @@ def numbers_tuple(length: int | None = None, lo: float | None = None, integers: 
   return Check(ok, words)
 
 
+def optional_folder(modes: tuple[str, ...] = ()) -> Check:
+  def ok(v):
+    return isinstance(v, str) and (v == '' or '://' in v or os.path.isdir(os.path.expanduser(v)))
+  return Check(ok, "'' or an existing folder (a workdir, checkpoint or `python -m mrqm_jax.convert` output)",
+               modes)
+
+
 def optional_file(*extensions: str, modes: tuple[str, ...] = ()) -> Check:
   def ok(v):
     return isinstance(v, str) and (v == '' or (v.endswith(extensions) and (
@@ -115,7 +122,9 @@ CHECKS: dict[str, Check] = {
     'model.backbone': choice('resnet18', 'resnet34', 'resnet50', 'resnet101'),
     'model.backbone_width': _COUNT,
     'model.frozen_stages': integer(0, 4),
+    'model.aux_downsample_bias': boolean(),
     'model.pretrained': optional_file('.safetensors', '.npz', modes=('train',)),
+    'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),
@@ -277,6 +286,9 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 )
 
 # Keys that shape the model or its input: eval/predict/export take them from the checkpoint's stored config.
+# Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them.
+LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False}
+
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
                       'input.mean', 'input.std', 'dataset.num_classes')
 
@@ -345,7 +357,10 @@ def merge_stored_model_config(config, stored: dict, overrides=()) -> tuple[Any, 
   config = ml_collections.ConfigDict(config.to_dict())
   current = flatten(config)
   changed = []
-  for key, value in flatten(stored).items():
+  stored_flat = flatten(stored)
+  if stored_flat:
+    stored_flat = {**{k: v for k, v in LEGACY_MODEL_DEFAULTS.items() if k not in stored_flat}, **stored_flat}
+  for key, value in stored_flat.items():
     if not model_key(key) or key not in current:
       continue  # keys of older versions, or data/train keys the user may change freely
     mine = current[key]

@@ -458,5 +458,6 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       backbone=build_backbone(config), neck=build_neck(config), encoder=build_encoder(config),
       decoder=build_decoder(config), num_queries=config.decoder.num_queries,
       dn=DNSpec(bool(d.enabled), int(d.num_queries), int(d.max_gt), float(d.label_noise), float(d.box_noise)),
-      aux_levels=aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype) if heads else None, aux_heads=heads,
+      aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
+                  else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, dtype=m.dtype)
