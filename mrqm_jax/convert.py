@@ -22,7 +22,8 @@ the RoI head's first FC (torch flattens RoI features channel-major, [C, 7, 7]; o
 RPN's anchors per location (mmdet: ratio-major; ours: scale-major, `iou_aware_head.generate_anchors`).
 Co-DINO's query groups are indexed by head: 0 = the R-CNN branch (roi_head), 1 = the ATSS head (bbox_head), which
 the IoU-aware head replaces in MRQM (`aux_query_iah` takes index 1; its feature projection has no Co-DINO
-counterpart and is named unfilled).
+counterpart and is named unfilled). The query groups' box embedding: Co-DINO orders its sine features
+(x, y, w, h), ours (y, x, w, h): the projection's input rows are swapped to match (`_xy_first_pe`).
 """
 
 from collections.abc import Callable, Mapping
@@ -206,6 +207,15 @@ def _attn_out_kernel(heads: int):
   return take
 
 
+def _xy_first_pe(w):
+  """aux_pos_trans [D, 4F] -> kernel [4F, D] for our PE order. Co-DINO embeds a positive's box with
+  `get_proposal_pos_embed`: sine features of (cx, cy, w, h) in that order; ours (`box_sine_embedding`, as
+  DINO's query positions) puts y before x. Swapping the first two F-row blocks makes the same projection."""
+  k = w.T
+  f = k.shape[0] // 4
+  return np.concatenate([k[f:2 * f], k[:f], k[2 * f:]], axis=0)
+
+
 def _roi_fc0(feat_dim: int):
   def take(w):         # [O, C * S * S] (channel-major) -> [S * S * C, O] (row-major, channels last)
     o, n = w.shape
@@ -304,7 +314,7 @@ def _codino_rules(num_heads: int, roi_feat_dim: int, rpn_scales: int, rpn_ratios
   add(r'params/aux_levels/downsample/norm/gn/(scale|bias)', lambda m: f'{qh}.downsample.1.{norm_leaf[m[1]]}', _copy)
   add(r'params/aux_query_(\w+)/pos_proj/(kernel|bias)',
       lambda m: f'{tr}.aux_pos_trans.{CODINO_HEAD_INDEX.get(m[1], -1)}.{dense_leaf[m[2]][0]}',
-      lambda m: dense_leaf[m[2]][1])
+      lambda m: _xy_first_pe if m[2] == 'kernel' else _copy)
   add(r'params/aux_query_(\w+)/pos_norm/(scale|bias)',
       lambda m: f'{tr}.aux_pos_trans_norm.{CODINO_HEAD_INDEX.get(m[1], -1)}.{norm_leaf[m[2]]}', _copy)
   add(r'params/aux_query_(\w+)/feat_proj/(kernel|bias)',

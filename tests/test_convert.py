@@ -74,6 +74,28 @@ def test_packed_attention_projection_computes_what_torch_computes():
   np.testing.assert_allclose(ours, _torch_mha(x, in_w, in_b, out_w, out_b, heads), rtol=1e-4, atol=1e-4)
 
 
+def _codino_proposal_pos_embed(boxes, num_feats=128, temperature=10000.0):
+  """NumPy restatement of Co-DINO's get_proposal_pos_embed on sigmoid-space boxes [N, 4]: (x, y, w, h) order."""
+  dim_t = temperature ** (2 * (np.arange(num_feats) // 2) / num_feats)
+  pos = boxes[:, :, None] * 2 * np.pi / dim_t                       # [N, 4, F]
+  out = np.stack([np.sin(pos[:, :, 0::2]), np.cos(pos[:, :, 1::2])], axis=3)   # [N, 4, F/2, 2]
+  return out.reshape(len(boxes), -1)
+
+
+def test_query_group_projection_sees_codino_box_embedding():
+  from mrqm_jax.models import aux_heads
+  rng = np.random.default_rng(2)
+  d = 16
+  boxes = rng.uniform(0.1, 0.9, (1, 5, 4)).astype(np.float32)
+  w, b = rng.standard_normal((d, 4 * d // 2)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+  torch_proj = _codino_proposal_pos_embed(boxes[0].astype(np.float64), d // 2) @ w.T + b
+  params = {'pos_proj': {'kernel': convert._xy_first_pe(w), 'bias': b},
+            'pos_norm': {'scale': np.ones(d, np.float32), 'bias': np.zeros(d, np.float32)}}
+  ours = aux_heads.AuxQueryGroup(d).apply({'params': params}, jnp.asarray(boxes))[0]
+  want = (torch_proj - torch_proj.mean(-1, keepdims=True)) / np.sqrt(torch_proj.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(ours, want, rtol=1e-3, atol=1e-3)
+
+
 def test_roi_head_first_fc_takes_channel_major_features():
   rng = np.random.default_rng(1)
   c, s, o = 6, 7, 5
@@ -142,10 +164,10 @@ def test_every_codino_r50_key_fills_every_variable():
   np.testing.assert_array_equal(p['decoder']['layers_2']['self_attn']['key']['kernel'],
                                 in_w[256:512].T.reshape(256, 8, 32))
   np.testing.assert_array_equal(p['enc_class_head']['kernel'], state['query_head.cls_branches.6.weight'].T)
-  np.testing.assert_array_equal(p['aux_query_rcnn']['pos_proj']['kernel'],
-                                state['query_head.transformer.aux_pos_trans.0.weight'].T)
-  np.testing.assert_array_equal(p['aux_query_atss']['pos_proj']['kernel'],
-                                state['query_head.transformer.aux_pos_trans.1.weight'].T)
+  np.testing.assert_array_equal(p['aux_query_rcnn']['pos_proj']['bias'],
+                                state['query_head.transformer.aux_pos_trans.0.bias'])
+  np.testing.assert_array_equal(p['aux_query_atss']['pos_proj']['bias'],
+                                state['query_head.transformer.aux_pos_trans.1.bias'])
   np.testing.assert_array_equal(converted['batch_stats']['backbone']['layer3']['2']['bn1']['var'],
                                 state['backbone.layer3.2.bn1.running_var'])
 

@@ -188,9 +188,9 @@ class AuxQueryGroup(nn.Module):
   @nn.compact
   def __call__(self, ref_boxes: jax.Array, pos_feat: jax.Array | None = None) -> jax.Array:
     pe = box_sine_embedding(ref_boxes, self.hidden_dim // 2).astype(self.dtype or jnp.float32)
-    q = nn.LayerNorm(dtype=self.dtype, name='pos_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
+    q = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='pos_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
                                                                  name='pos_proj')(pe))
     if pos_feat is not None:
-      q = q + nn.LayerNorm(dtype=self.dtype, name='feat_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
+      q = q + nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='feat_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
                                                                         name='feat_proj')(pos_feat))
     return q

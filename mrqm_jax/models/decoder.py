@@ -88,10 +88,10 @@ class DecoderLayer(nn.Module):
         num_heads=self.num_heads, qkv_features=self.hidden_dim, out_features=self.hidden_dim,
         dropout_rate=self.dropout, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         force_fp32_for_softmax=True, name='self_attn')(qk, qk, x, mask=attn_mask, deterministic=deterministic)
-    x = nn.LayerNorm(dtype=self.dtype, name='norm1')(x + drop(y))
+    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='norm1')(x + drop(y))
     y = MSDeformAttn(self.hidden_dim, self.num_heads, self.num_levels, self.num_points, dtype=self.dtype,
                      name='cross_attn')(x + query_pos, ref_boxes, memory, spatial_shapes, memory_pad_mask)
-    x = nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='norm2')(x + drop(y))
     ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'ffn_in', 'ffn_out', 'norm3')
     nn.share_scope(self, ffn)   # params stay 'ffn_in', 'ffn_out', 'norm3' of this layer
     return ffn(x, deterministic)
@@ -131,7 +131,7 @@ class DINODecoder(nn.Module):
       raise ValueError(f'DINODecoder: hidden_dim must be even (sine embedding), got {self.hidden_dim}')
     mask = _attention_mask(self_attn_mask, b, n)
     ref_point_head = layers.MLP(self.hidden_dim, self.hidden_dim, 2, dtype=self.dtype, name='ref_point_head')
-    final_norm = nn.LayerNorm(dtype=self.dtype, name='final_norm')
+    final_norm = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='final_norm')
 
     x = queries if self.dtype is None else queries.astype(self.dtype)
     ref = jax.lax.stop_gradient(ref_boxes.astype(jnp.float32))   # input to layer l (detached)
@@ -186,7 +186,7 @@ class DINODecoder(nn.Module):
     ref_point_head = functools.partial(
         layers.MLP(self.hidden_dim, self.hidden_dim, 2, dtype=self.dtype, parent=None).apply,
         {'params': params['ref_point_head']})
-    final_norm = functools.partial(nn.LayerNorm(dtype=self.dtype, parent=None).apply,
+    final_norm = functools.partial(nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, parent=None).apply,
                                    {'params': params['final_norm']})
 
     def body(carry, layer_params):

@@ -301,7 +301,7 @@ class MRQM(nn.Module):
     proposals_logit, in_range = encoder_proposals(enc.spatial_shapes)
     token_valid = ~memory_pad_mask & jnp.asarray(in_range)[None]
     out_memory = jnp.where(token_valid[..., None], memory, 0.0)
-    out_memory = nn.LayerNorm(dtype=dtype, name='enc_output_norm')(nn.Dense(dim, dtype=dtype,
+    out_memory = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, name='enc_output_norm')(nn.Dense(dim, dtype=dtype,
                                                                              name='enc_output')(out_memory))
     enc_logits = nn.Dense(num_classes, dtype=dtype, bias_init=layers.prior_bias_init(),
                           name='enc_class_head')(out_memory).astype(jnp.float32)

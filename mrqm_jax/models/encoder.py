@@ -104,7 +104,7 @@ class EncoderLayer(nn.Module):
                         dtype=self.dtype, name='self_attn')
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)  # noqa: E731
     y = attn(query + query_pos.astype(query.dtype), reference_points, value, spatial_shapes, value_pad_mask)
-    x = nn.LayerNorm(dtype=self.dtype, name='norm1')(query + drop(y))
+    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='norm1')(query + drop(y))
     ffn = layers.PostNormFFN(self.ffn_dim, self.dropout, self.dtype, 'linear1', 'linear2', 'norm2',
                              token_chunk_size=self.query_chunk_size)
     nn.share_scope(self, ffn)   # params stay 'linear1', 'linear2', 'norm2' of this layer

@@ -36,6 +36,10 @@ CONV_IMPLS = ('lax', 'matmul', 'auto')
 Padding = str | int | Sequence[tuple[int, int]]
 
 
+# PyTorch's nn.LayerNorm default (flax's is 1e-6): the reference Co-DINO's every LayerNorm, so converted
+# weights compute the same (benchmarks/codetr_parity.py).
+LAYER_NORM_EPSILON = 1e-5
+
 def resolve_conv_impl(impl: str, kernel_hw: tuple[int, int] = (3, 3), feature_group_count: int = 1) -> str:
   """The implementation one convolution uses: 'lax' or 'matmul' (see the module docstring for 'auto')."""
   if impl not in CONV_IMPLS:
@@ -342,7 +346,7 @@ class PostNormFFN(nn.Module):
     y = nn.Dropout(self.dropout, name=f'{self.in_name}_dropout')(nn.relu(y), deterministic=deterministic)
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name=self.out_name)(y)
     y = nn.Dropout(self.dropout, name=f'{self.out_name}_dropout')(y, deterministic=deterministic)
-    return nn.LayerNorm(dtype=self.dtype, name=self.norm_name)(x + y)
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name=self.norm_name)(x + y)
 
 
 class MLP(nn.Module):
