@@ -193,8 +193,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 12                # 1x schedule
   c.train.num_steps = -1                 # > 0 overrides num_epochs
-  c.train.per_device_batch_size = 2
-  c.train.global_batch_size = -1         # -1 = per_device_batch_size * device count
+  c.train.per_device_batch_size = 2     # used only when global_batch_size = -1
+  # Images per optimizer step over all devices. -1 = per_device_batch_size x device count: the batch (and so the
+  # effective learning rate) then changes with the machine, which the run's log says. The recipes fix it (the
+  # paper: 2 on one GPU) so a run on 8 devices trains the recipe, not batch 16 at the same learning rate; a
+  # batch the devices cannot split evenly is an error that says what to set (parallel.global_batch_size).
+  c.train.global_batch_size = -1
   c.train.grad_accum_steps = 1           # reach a large global batch on few devices
   c.train.learning_rate = 2e-4
   c.train.weight_decay = 1e-4

@@ -147,21 +147,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             f'(split {config.dataset.train_split!r}): nothing to learn; check the annotations')
   datasets.resolve_a_s(config, data.train_records)
   config.lock()
-  try:
-    batch_size = parallel.global_batch_size(config)
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from None
+  batch_size = parallel.global_batch_size(config)  # ConfigError (what to set) when the devices cannot split it
   num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
   per_epoch = steps_per_epoch(num_examples, batch_size)
   num_steps = total_steps(config, per_epoch)
 
   logging.info('Config:\n%s', config)
   logging.info('%s', parallel.describe_mesh(mesh))
+  logging.info('%s', parallel.describe_global_batch(config))
   logging.info('Data:\n%s', data.report)
   if is_chief:
     print(f'mrqm_jax: {parallel.describe_mesh(mesh)}')
     print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
-          f'{len(data.eval_records)} eval images, global batch {batch_size}, {per_epoch} steps/epoch, {num_steps} steps')
+          f'{len(data.eval_records)} eval images, {per_epoch} steps/epoch, {num_steps} steps')
+    print(f'mrqm_jax: {parallel.describe_global_batch(config)}')
     print(data.report)
 
   # Before anything compiles: a finished run asked for fewer steps than it holds would otherwise save the
