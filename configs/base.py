@@ -46,7 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.backbone = 'resnet50'          # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'
   c.model.backbone_width = 64            # stem channels; 64 = torchvision. Smaller only for tiny test models.
   c.model.frozen_stages = 1              # stem + stage 1 frozen, as mmdet's frozen_stages=1
-  c.model.pretrained = ''                # .safetensors / .npz ImageNet state dict (torchvision or timm names)
+  # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
+  # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
+  # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen
+  # stem + stage 1 would stay random; 'none' says it is meant.
+  c.model.pretrained = ''
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
   c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py

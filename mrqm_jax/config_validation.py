@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 from mrqm_jax import errors
+from mrqm_jax import pretrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,23 @@ def numbers_tuple(length: int | None = None, lo: float | None = None, integers: 
   return Check(ok, words)
 
 
-def optional_file(*extensions: str, modes: tuple[str, ...] = ()) -> Check:
+def pretrained_backbone() -> Check:
+  """`model.pretrained` when training: 'none' (random backbone, on purpose), hf://OWNER/REPO[/FILE] or a file.
+
+  '' (not given) is refused in train mode: the recipes are Co-DINO's, which starts from torchvision's ImageNet
+  ResNet-50, and a random frozen stem + stage 1 would stay random. The message says how to get the weights.
+  """
   def ok(v):
-    return isinstance(v, str) and (v == '' or (v.endswith(extensions) and (
-        '://' in v or os.path.isfile(os.path.expanduser(v)))))
-  return Check(ok, f"'' or an existing {' or '.join(extensions)} file", modes)
+    if not isinstance(v, str) or not v:
+      return False
+    if v == pretrained.NO_PRETRAINED or pretrained.parse_hf_spec(v) is not None:
+      return True
+    return v.endswith(('.safetensors', '.npz')) and not v.startswith(pretrained.HF_SCHEME) and (
+        '://' in v or os.path.isfile(os.path.expanduser(v)))
+  return Check(ok, f'ImageNet weights for the backbone: {pretrained.TORCHVISION_RESNET50!r} (torchvision\'s '
+               "ResNet-50, fetched once into the Hugging Face cache; hf://OWNER/REPO[/FILE] in general), an existing "
+               ".safetensors or .npz state dict, or 'none' to train from a random backbone on purpose",
+               modes=('train',))
 
 
 # `iah.a_s` = A_S_AUTO: the smallest training instance area, resolved by `datasets.resolve_a_s` (the one place).
@@ -115,7 +128,7 @@ CHECKS: dict[str, Check] = {
     'model.backbone': choice('resnet18', 'resnet34', 'resnet50', 'resnet101'),
     'model.backbone_width': _COUNT,
     'model.frozen_stages': integer(0, 4),
-    'model.pretrained': optional_file('.safetensors', '.npz', modes=('train',)),
+    'model.pretrained': pretrained_backbone(),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),

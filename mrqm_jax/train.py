@@ -20,7 +20,8 @@ import ml_collections
 import tqdm
 
 from input_pipeline import pipeline
-from mrqm_jax import checkpointing, datasets, errors, evaluate, model_lib, parallel, train_lib, weights
+from mrqm_jax import checkpointing, config_validation, datasets, errors, evaluate, model_lib, parallel, pretrained
+from mrqm_jax import train_lib, weights
 from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.ops import losses as losses_lib
 
@@ -137,6 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   loss_history: if given, (step, loss) is appended at every logged step (benchmarks, tests, notebooks).
   """
+  config_validation.validate(config, 'train')  # main checked it already; notebooks and scripts call this directly
   parallel.initialize_distributed()
   mesh = parallel.create_mesh()
   is_chief = jax.process_index() == 0
@@ -148,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   datasets.resolve_a_s(config, data.train_records)
   config.lock()
   batch_size = parallel.global_batch_size(config)  # ConfigError (what to set) when the devices cannot split it
+  pretrained_file = pretrained.resolve(config.model.pretrained)  # before compiling: a failed fetch is one line
   num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
   per_epoch = steps_per_epoch(num_examples, batch_size)
   num_steps = total_steps(config, per_epoch)
@@ -183,11 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(init_rng)
-  if config.model.pretrained:
+  if pretrained_file:
     variables, report = weights.load_pretrained(config, jax.device_get(variables))
     variables = jax.device_put(variables, parallel.replicated(mesh))
     if is_chief:
-      print(f'mrqm_jax: pretrained backbone {config.model.pretrained}: {report.summary()}')
+      print(f'mrqm_jax: pretrained backbone {config.model.pretrained} ({pretrained_file}): {report.summary()}')
   params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, per_epoch, frozen=_frozen_predicate(config))
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),

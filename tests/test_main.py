@@ -27,7 +27,7 @@ def _run(*args):
     (['--config.dataset.format=bogus'], "config.dataset.format='bogus': expected one of"),
     (['--config.model.backbone=resnet999'], "config.model.backbone='resnet999': expected one of 'resnet18'"),
     (['--config.train.per_device_batch_size=0'], 'config.train.per_device_batch_size=0: expected an integer >= 1'),
-    (['--config.model.pretrained=x.pth'], "config.model.pretrained='x.pth': expected '' or an existing"),
+    (['--config.model.pretrained=x.pth'], "config.model.pretrained='x.pth': expected ImageNet weights"),
     (['--config.iah.a_s=0'], 'config.iah.a_s=0.0: expected a positive number (px^2) or -1 (auto'),
     (['--config.iah.a_s=auto', '--config.iah.t_b=1.5'], 'config.iah.t_b=1.5'),   # 'auto' itself is accepted
     (['--mode=eval', '--checkpoint=/nonexistent'], "--checkpoint not found: '/nonexistent'"),
