@@ -161,6 +161,7 @@ CHECKS: dict[str, Check] = {
     'dn.box_noise': _NON_NEGATIVE,
     'dn.num_queries': _COUNT,
     'dn.max_gt': _COUNT,
+    'dn.group_rule': choice('batch', 'image'),
     'iah.dynamic_threshold': boolean(),
     'iah.t_b': _FRACTION,
     'iah.k': _NON_NEGATIVE,

@@ -159,12 +159,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('%s', parallel.describe_mesh(mesh))
   logging.info('%s', parallel.describe_global_batch(config))
   logging.info('Data:\n%s', data.report)
+  dn_warning = datasets.dn_cap_report(config, data.train_records)
+  if dn_warning:
+    logging.warning('%s', dn_warning)
   if is_chief:
     print(f'mrqm_jax: {parallel.describe_mesh(mesh)}')
     print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
           f'{len(data.eval_records)} eval images, {per_epoch} steps/epoch, {num_steps} steps')
     print(f'mrqm_jax: {parallel.describe_global_batch(config)}')
     print(data.report)
+    if dn_warning:
+      print(f'mrqm_jax: warning: {dn_warning}')
 
   # Before anything compiles: a finished run asked for fewer steps than it holds would otherwise save the
   # newest parameters under a smaller step number.
