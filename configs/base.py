@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Static [H, W] every image is resized into (keeping aspect ratio) and padded to. mmdet's (1333, 800)
   # rounded up to a multiple of 32 so every pyramid level has integer size.
   c.input.image_size = (800, 1344)
+  # How an image is scaled before it is padded to the canvas (input_pipeline/transforms.resize_factors), in
+  # training, eval and predict alike. 'mmdet' (Co-DINO's keep-ratio Resize to resize_scale = (1333, 800)):
+  # min(1333 / long side, 800 / short side); an image that would then not fit the canvas (a portrait one) is
+  # scaled to fit it instead, counted and logged. 'fit_canvas': min(H / h, W / w), the largest that fits (v0.1-v0.3;
+  # 16:9 images come out 1344 px wide instead of 1333, portrait ones 25-40% smaller than mmdet's).
+  c.input.resize_rule = 'mmdet'
+  c.input.resize_scale = (1333, 800)
   c.input.random_flip = True             # the paper's only augmentation
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE

@@ -14,6 +14,7 @@ def get_config():
   c.dataset.max_boxes = 32
   c.dataset.max_ignore = 8
   c.input.image_size = (128, 128)
+  c.input.resize_rule = 'fit_canvas'   # the synthetic images are canvas-sized
   c.model.backbone = 'resnet18'
   c.model.backbone_width = 8
   c.model.frozen_stages = 0

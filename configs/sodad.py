@@ -18,6 +18,7 @@ def get_config():
   # Resize(img_scale=(1200, 1200), keep_ratio=True). mmdet then pads to 1216 (size_divisor=32); here the canvas
   # is 1200 and the pyramid levels round up (300, 150, 75, 38), which the backbone and necks support.
   c.input.image_size = (1200, 1200)
+  c.input.resize_scale = (1200, 1200)   # the benchmark's Resize img_scale
   c.eval.protocol = 'soda'
   # Co-DINO's test_cfg per patch: soft-NMS (IoU 0.8, linear), 300 kept; the merge back to the original image
   # is not capped (SODADeval caps per class itself).

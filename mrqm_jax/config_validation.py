@@ -120,6 +120,8 @@ CHECKS: dict[str, Check] = {
     'dataset.slicing.ignore_inside_fraction': _FRACTION,
     'dataset.slicing.merge_nms_iou': _FRACTION,
     'input.image_size': numbers_tuple(2, lo=32, integers=True),
+    'input.resize_rule': choice('mmdet', 'fit_canvas'),
+    'input.resize_scale': numbers_tuple(2, lo=1),
     'input.random_flip': boolean(),
     'input.prefetch': integer(0),
     'input.num_parallel_calls': integer(1, also=(-1,)),
@@ -292,7 +294,7 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 
 # Keys that shape the model or its input: eval/predict/export take them from the checkpoint's stored config.
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
-                      'input.mean', 'input.std', 'dataset.num_classes')
+                      'input.resize_', 'input.mean', 'input.std', 'dataset.num_classes')
 
 
 def flatten(config) -> dict[str, Any]:
