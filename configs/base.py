@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.backbone = 'resnet50'          # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'
   c.model.backbone_width = 64            # stem channels; 64 = torchvision. Smaller only for tiny test models.
   c.model.frozen_stages = 1              # stem + stage 1 frozen, as mmdet's frozen_stages=1
+  # The aux heads' extra level: conv 3x3 s2 + GN; Co-DINO's conv has a bias (False: mrqm_jax <= 0.3's layout,
+  # which checkpoints stored without this key get, so that they restore).
+  c.model.aux_downsample_bias = True
   # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
   # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
   # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen
@@ -225,6 +228,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.lr_drop_factor = 0.1
   c.train.warmup_steps = 0
   c.train.seed = 0
+  # Start from the parameters of a checkpoint, workdir or converted Co-DETR checkpoint (`python -m
+  # mrqm_jax.convert`), without its step, optimizer state or data position (fine-tuning); '' = init/pretrained.
+  c.train.init_from = ''
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3
   c.train.log_every_steps = 50

@@ -2,8 +2,9 @@
 
 `CHECKS` maps a key of configs/base.py to a `Check`: a predicate on the value and the words for what the key
 accepts. Adding a key to the config adds one line here (tests/test_config_validation.py fails for a key without
-one). Checks that relate two keys (heads dividing the width, patch overlap below patch size) are in
-`CROSS_CHECKS`. `validate(config, mode)` raises `errors.ConfigError` for the first bad value:
+one). Checks that relate two keys (heads dividing the width, patch overlap below patch size, backbone weights
+named when training) are in `CROSS_CHECKS` (one with a `modes` attribute runs only in those --modes).
+`validate(config, mode)` raises `errors.ConfigError` for the first bad value:
 
   config.train.per_device_batch_size=0: expected an integer >= 1
 """
@@ -72,16 +73,22 @@ def numbers_tuple(length: int | None = None, lo: float | None = None, integers: 
   return Check(ok, words)
 
 
+def optional_folder(modes: tuple[str, ...] = ()) -> Check:
+  def ok(v):
+    return isinstance(v, str) and (v == '' or '://' in v or os.path.isdir(os.path.expanduser(v)))
+  return Check(ok, "'' or an existing folder (a workdir, checkpoint or `python -m mrqm_jax.convert` output)",
+               modes)
+
+
 def pretrained_backbone() -> Check:
   """`model.pretrained` when training: 'none' (random backbone, on purpose), hf://OWNER/REPO[/FILE] or a file.
 
-  '' (not given) is refused in train mode: the recipes are Co-DINO's, which starts from torchvision's ImageNet
-  ResNet-50, and a random frozen stem + stage 1 would stay random. The message says how to get the weights.
+  '' (not given) passes here; `_backbone_weights_named` refuses it when training.
   """
   def ok(v):
-    if not isinstance(v, str) or not v:
+    if not isinstance(v, str):
       return False
-    if v == pretrained.NO_PRETRAINED or pretrained.parse_hf_spec(v) is not None:
+    if v in ('', pretrained.NO_PRETRAINED) or pretrained.parse_hf_spec(v) is not None:
       return True
     return v.endswith(('.safetensors', '.npz')) and not v.startswith(pretrained.HF_SCHEME) and (
         '://' in v or os.path.isfile(os.path.expanduser(v)))
@@ -89,6 +96,20 @@ def pretrained_backbone() -> Check:
                "ResNet-50, fetched once into the Hugging Face cache; hf://OWNER/REPO[/FILE] in general), an existing "
                ".safetensors or .npz state dict, or 'none' to train from a random backbone on purpose",
                modes=('train',))
+
+
+_PRETRAINED_CHECK = pretrained_backbone()
+
+
+def _backbone_weights_named(get):
+  """Training needs the backbone's ImageNet weights named (or 'none', or train.init_from's checkpoint): the
+  recipes are Co-DINO's, which starts from torchvision's ImageNet ResNet-50, and a random frozen stem + stage 1
+  would stay random. The message says how to get the weights."""
+  if get('model.pretrained') == '' and not get('train.init_from'):
+    return (f"config.model.pretrained='': expected {_PRETRAINED_CHECK.accepts} (or train.init_from, a checkpoint "
+            'that holds them)')
+  return None
+_backbone_weights_named.modes = ('train',)
 
 
 # `iah.a_s` = A_S_AUTO: the smallest training instance area, resolved by `datasets.resolve_a_s` (the one place).
@@ -130,7 +151,9 @@ CHECKS: dict[str, Check] = {
     'model.backbone': choice('resnet18', 'resnet34', 'resnet50', 'resnet101'),
     'model.backbone_width': _COUNT,
     'model.frozen_stages': integer(0, 4),
-    'model.pretrained': pretrained_backbone(),
+    'model.aux_downsample_bias': boolean(),
+    'model.pretrained': _PRETRAINED_CHECK,
+    'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),
@@ -290,9 +313,15 @@ CROSS_CHECKS: tuple[Callable, ...] = (
     _overlap_below_patch,
     _levels_match_neck,
     _one_iah_anchor_size_per_aux_level,
+    _backbone_weights_named,
 )
 
 # Keys that shape the model or its input: eval/predict/export take them from the checkpoint's stored config.
+# Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
+# (and the resize its model was trained with).
+LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'input.resize_rule': 'fit_canvas',
+                         'dn.group_rule': 'image'}
+
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
                       'input.resize_', 'input.mean', 'input.std', 'dataset.num_classes')
 
@@ -327,6 +356,8 @@ def problems(config, mode: str = 'train') -> list[str]:
       found.append(f'config.{key}={_show(value)}: expected {check.accepts}')
   if not found:  # cross checks assume each value is well-typed
     for cross in CROSS_CHECKS:
+      if mode not in getattr(cross, 'modes', (mode,)):   # a cross check of some --modes only
+        continue
       message = cross(lambda k: values[k])
       if message:
         found.append(message)
@@ -361,7 +392,10 @@ def merge_stored_model_config(config, stored: dict, overrides=()) -> tuple[Any, 
   config = ml_collections.ConfigDict(config.to_dict())
   current = flatten(config)
   changed = []
-  for key, value in flatten(stored).items():
+  stored_flat = flatten(stored)
+  if stored_flat:
+    stored_flat = {**{k: v for k, v in LEGACY_MODEL_DEFAULTS.items() if k not in stored_flat}, **stored_flat}
+  for key, value in stored_flat.items():
     if not model_key(key) or key not in current:
       continue  # keys of older versions, or data/train keys the user may change freely
     mine = current[key]

@@ -132,6 +132,17 @@ def _scalars(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def init_from_checkpoint(path: str, variables: dict, mesh) -> dict:
+  """`variables` with params (and model_state, when stored) read from PATH — a checkpoint, workdir or a folder
+  `python -m mrqm_jax.convert` wrote (`train.init_from`); shapes must match the model of the config."""
+  params, _ = model_lib.split_variables(variables)
+  restored, model_state, folder = checkpointing.restore_params_from_path(path, params)
+  logging.info('initialised parameters from %s', folder)
+  _, fresh_state = model_lib.split_variables(variables)
+  new = {'params': restored, **(model_state if model_state else fresh_state)}
+  return jax.device_put(new, parallel.replicated(mesh))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        loss_history: list | None = None) -> dict[str, float]:
   """Trains (resuming if WORKDIR/checkpoints has a checkpoint), evaluates, and returns the last eval metrics.
@@ -196,6 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     variables = jax.device_put(variables, parallel.replicated(mesh))
     if is_chief:
       print(f'mrqm_jax: pretrained backbone {config.model.pretrained} ({pretrained_file}): {report.summary()}')
+  if config.train.init_from:
+    variables = init_from_checkpoint(config.train.init_from, variables, mesh)
+    if is_chief:
+      print(f'mrqm_jax: parameters from {config.train.init_from} (step, optimizer and data position start '
+            f'afresh)')
   params, model_state = model_lib.split_variables(variables)
   tx = train_lib.make_optimizer(config, params, per_epoch, frozen=_frozen_predicate(config))
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),

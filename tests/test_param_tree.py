@@ -51,9 +51,29 @@ def tree_lines(config) -> list[str]:
 def test_variable_tree_matches_previous_layout(name):
   config = dict(_variants())[name]
   config.input.image_size = (256, 256)   # shapes of the variables do not depend on the canvas
+  config.model.aux_downsample_bias = False   # the layout of the golden file (v0.3); see the test below
   want = _golden()[name]
   assert len(want) > 100   # the golden file was read
   got = tree_lines(config)
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   assert not missing and not extra, f'missing {missing[:10]} ... extra {extra[:10]} ...'
   assert got == want
+
+
+def test_codino_downsample_bias_adds_exactly_one_variable():
+  """Co-DINO's aux extra level is nn.Conv2d (with a bias) + GroupNorm; `model.aux_downsample_bias` (default) adds
+  that bias and nothing else, and a checkpoint whose stored config lacks the key builds the old layout."""
+  from mrqm_jax import config_validation
+  config = dict(_variants())['visdrone']
+  config.input.image_size = (256, 256)
+  assert config.model.aux_downsample_bias
+  new = tree_lines(config)
+  config.model.aux_downsample_bias = False
+  old = tree_lines(config)
+  assert sorted(set(new) - set(old)) == ['params/aux_levels/downsample/conv/bias 256 float32']
+  assert not set(old) - set(new)
+  stored = {k: v for k, v in config.to_dict().items()}
+  stored['model'] = {k: v for k, v in stored['model'].items() if k != 'aux_downsample_bias'}
+  fresh = dict(_variants())['visdrone']
+  merged, changed = config_validation.merge_stored_model_config(fresh, stored)
+  assert merged.model.aux_downsample_bias is False and 'model.aux_downsample_bias' in changed

@@ -37,12 +37,14 @@ def aux_level_strides(num_encoder_levels: int, finest_stride: int = 4) -> tuple[
 class AuxLevels(nn.Module):
   """Encoder memory `[B, S, D]` (levels of `spatial_shapes`, level-major) -> L + 1 maps `[B, H_l, W_l, D]`.
 
-  The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`).
+  The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`, an nn.Conv2d
+  WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3).
   Parameters: 'downsample'.
   """
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  conv_bias: bool = True
 
   @nn.compact
   def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
@@ -54,7 +56,8 @@ class AuxLevels(nn.Module):
       raise ValueError(f'AuxLevels: spatial_shapes {tuple(spatial_shapes)} give {start} tokens, memory has '
                        f'{memory.shape[1]}')
     extra = layers.ConvNorm(memory.shape[-1], 3, 2, self.norm, conv_impl=self.conv_impl, dtype=self.dtype,
-                            kernel_init=nn.initializers.lecun_normal(), name='downsample')(maps[-1])
+                            kernel_init=nn.initializers.lecun_normal(), use_bias=self.conv_bias,
+                            name='downsample')(maps[-1])
     return maps + [extra]
 
 

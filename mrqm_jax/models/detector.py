@@ -521,5 +521,6 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       decoder=build_decoder(config), num_queries=config.decoder.num_queries,
       dn=DNSpec(bool(d.enabled), int(d.num_queries), int(d.max_gt), float(d.label_noise), float(d.box_noise),
                 str(d.group_rule)),
-      aux_levels=aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype) if heads else None, aux_heads=heads,
+      aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
+                  else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, dtype=m.dtype)

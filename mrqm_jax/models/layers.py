@@ -256,7 +256,9 @@ class ConvNorm(nn.Module):
   """Conv k x k -> NeckNorm -> optional activation: `[B, H, W, C] -> [B, H', W', features]`.
 
   The conv-norm(-act) unit of the neck and the dense heads (mmcv's ConvModule with GN). The conv has no bias
-  when a norm follows (its mean subtraction would cancel it). `kernel_init` defaults to normal(0.01), the
+  when a norm follows, as ConvModule's bias='auto' (`use_bias=True` adds one anyway, as a plain nn.Conv2d +
+  nn.GroupNorm has: GroupNorm subtracts a mean per group of channels, not per channel, so a per-channel bias
+  does not cancel). `kernel_init` defaults to normal(0.01), the
   init of mmdet's dense heads. Parameters: `conv_name` ('conv') and `norm_name` ('norm'); a caller that
   shares its scope with the block (`nn.share_scope`) names them to keep its own parameter layout.
   """
@@ -270,11 +272,12 @@ class ConvNorm(nn.Module):
   kernel_init: Callable[..., jax.Array] = nn.initializers.normal(0.01)
   conv_name: str = 'conv'
   norm_name: str = 'norm'
+  use_bias: bool | None = None   # None: a bias only without a norm (mmcv ConvModule's bias='auto')
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Conv2D(self.features, self.kernel_size, self.strides, padding=self.kernel_size // 2,
-               use_bias=self.norm == 'none', impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
+               use_bias=self.norm == 'none' if self.use_bias is None else self.use_bias, impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
                name=self.conv_name)(x)
     x = NeckNorm(self.norm, dtype=self.dtype, name=self.norm_name)(x)
     return x if self.activation is None else self.activation(x)

@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""mrqm_jax against the PyTorch reference Co-DINO (mmdetection 3.3.0 `projects/CO-DETR`), tensor for tensor.
+
+Two halves, two processes (the reference needs numpy < 2 and torch 2.1, mrqm_jax numpy 2), exchanging files:
+
+  # 1. in the reference venv (see ../shared/reference/README.md): build Co-DINO R50 (configs/co_dino.py's 10
+  #    classes) with seeded random weights, run it, save the checkpoint, the preprocessed batch and every
+  #    intermediate below
+  /tmp/ref-venv/bin/python benchmarks/codetr_parity.py dump --out=/tmp/parity [--image=PATH ...] [--size=H,W]
+  # 2. in the project venv: convert that checkpoint with `mrqm_jax.convert`, run our model on the same batch and
+  #    print one table of differences per stage
+  python benchmarks/codetr_parity.py compare --dump=/tmp/parity
+
+Stages compared (inference, eval mode): backbone C2..C5, neck levels, encoder memory, the encoder's proposal
+logits / boxes and the top-k selection (overlap of the selected indices), decoder logits and boxes per layer,
+the final detections after soft-NMS. Relative = max|ours - reference| / max|reference| per tensor.
+Random weights make near-ties: where the top-k selection differs, the reference's indices are handed to the
+stages after it (`selection` row says how many flipped), so each stage is compared on equal inputs.
+
+Weights: every parameter of the reference is its mmdet initialisation plus seeded Gaussian noise (so that
+zero-initialised layers — box heads' last layers, sampling offsets — take part), and the frozen BatchNorm
+statistics are set from the batch itself (a calibration pass), so activations stay O(1) through ResNet-50.
+
+Last line: `max_rel_inference=A` (the largest relative difference over the inference stages).
+The reference code is imported at run time from --codetr-src (default $CODETR_SRC or /tmp/codetr_src); none of it
+is part of this project.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_SIZE = (256, 384)
+REF_CONFIG = 'projects/CO-DETR/configs/codino/co_dino_5scale_r50_8xb2_1x_coco.py'
+NUM_CLASSES = 10
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  h, w = (int(v) for v in text.split(','))
+  if h % 32 or w % 32:
+    raise argparse.ArgumentTypeError(f'--size={text}: H and W must be multiples of 32 (no padding in the batch)')
+  return h, w
+
+
+def default_images() -> list[str]:
+  folder = os.path.join(SHARED_DATA, 'visdrone', 'val_dev', 'images')
+  if not os.path.isdir(folder):
+    return []
+  return [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:2]]
+
+
+# ------------------------------------------------------------------------------------------- dump (reference)
+def dump(args) -> None:
+  """Runs in the reference venv: see the module doc."""
+  import importlib
+
+  import numpy as np
+  import torch
+  from PIL import Image
+
+  torch.set_num_threads(args.threads)
+  if not torch.cuda.is_available():   # co_dino_head.get_aux_targets hard-codes .cuda() on two index tensors
+    torch.Tensor.cuda = lambda self, *a, **k: self
+  src = os.path.abspath(args.codetr_src)
+  if not os.path.isdir(os.path.join(src, 'projects', 'CO-DETR')):
+    sys.exit(f'codetr_parity: no projects/CO-DETR under {src}; pass --codetr-src')
+  sys.path.insert(0, src)
+  from mmengine.config import Config
+  from mmengine.logging import MMLogger
+  from mmengine.structures import InstanceData
+  from mmdet.registry import MODELS
+  from mmdet.structures import DetDataSample
+  from mmdet.structures.bbox import HorizontalBoxes
+  from mmdet.utils import register_all_modules
+
+  MMLogger.get_instance('mmengine', log_level='ERROR')
+  register_all_modules(init_default_scope=True)
+  cfg = Config.fromfile(os.path.join(src, REF_CONFIG))
+  importlib.import_module('projects.CO-DETR.codetr')
+  m = cfg.model
+  m.backbone.init_cfg = None
+  m.query_head.num_classes = NUM_CLASSES
+  for rh in m.roi_head:
+    rh.bbox_head.num_classes = NUM_CLASSES
+  for bh in m.bbox_head:
+    bh.num_classes = NUM_CLASSES
+  torch.manual_seed(args.seed)
+  model = MODELS.build(m)
+  model.init_weights()
+
+  # Perturb every parameter (zero-initialised layers must take part) and set BN statistics from the batch.
+  gen = torch.Generator().manual_seed(args.seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      scale = args.noise * max(float(p.detach().abs().mean()), 0.02)
+      p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+  h, w = args.size
+  images = args.image or default_images()
+  if not images:
+    sys.exit('codetr_parity: no --image given and ../shared/data/visdrone/val_dev/images is absent')
+  inputs, samples = [], []
+  for i, path in enumerate(images):
+    rgb = np.asarray(Image.open(path).convert('RGB').resize((w, h), Image.BILINEAR))
+    bgr = np.ascontiguousarray(rgb[..., ::-1])   # mmdet loads BGR (cv2); its preprocessor converts to RGB
+    inputs.append(torch.from_numpy(bgr).permute(2, 0, 1).contiguous())
+    samples.append(DetDataSample(metainfo=dict(
+        img_id=i, img_path=path, ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0), flip=False,
+        flip_direction=None, batch_input_shape=(h, w), pad_shape=(h, w))))
+  data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples), False)
+  batch_inputs, batch_samples = data['inputs'], data['data_samples']
+
+  # BN calibration: frozen statistics = this batch's per-channel statistics, layer by layer.
+  bns = [mod for mod in model.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+  with torch.no_grad():
+    for bn in bns:
+      bn.reset_running_stats()
+      bn.momentum = None   # cumulative average: after one batch, exactly the batch statistics
+    model.backbone.train()
+    for bn in bns:
+      bn.train()
+    model.backbone(batch_inputs)
+    model.eval()
+    for bn in bns:
+      bn.momentum = 0.1
+      bn.running_var.clamp_(min=1e-3)
+
+  out = {}
+
+  def keep(name, value):
+    if isinstance(value, torch.Tensor):
+      out[name] = value.detach().float().numpy().copy()
+    else:
+      out[name] = np.asarray(value)
+
+  hooks = []
+  transformer = model.query_head.transformer
+
+  def on_backbone(_, __, outputs):
+    for i, t in enumerate(outputs):
+      keep(f'backbone/C{i + 2}', t.permute(0, 2, 3, 1))
+
+  def on_neck(_, __, outputs):
+    for i, t in enumerate(outputs):
+      keep(f'neck/P{i}', t.permute(0, 2, 3, 1))
+
+  def on_encoder(_, __, output):
+    keep('encoder/memory', output.permute(1, 0, 2))
+
+  def on_decoder(_, __, output):
+    states, refs = output
+    keep('decoder/states', states)          # [L, B, Q(+dn), C] after the shared final norm
+    keep('decoder/references', refs)        # [L + 1, B, Q, 4] (sigmoid space)
+
+  hooks.append(model.backbone.register_forward_hook(on_backbone))
+  hooks.append(model.neck.register_forward_hook(on_neck))
+  hooks.append(transformer.encoder.register_forward_hook(on_encoder))
+  hooks.append(transformer.decoder.register_forward_hook(on_decoder))
+  num_dec = transformer.decoder.num_layers
+  hooks.append(model.query_head.cls_branches[num_dec].register_forward_hook(
+      lambda _, __, o: keep('encoder/proposal_logits', o)))
+  original_gen = transformer.gen_encoder_output_proposals
+
+  def gen_proposals(*a, **k):
+    memory, proposals = original_gen(*a, **k)
+    keep('encoder/output_memory', memory)
+    keep('encoder/proposal_anchors', proposals)   # logit space, inf where invalid
+    return memory, proposals
+
+  transformer.gen_encoder_output_proposals = gen_proposals
+  original_forward = model.query_head.forward
+
+  def head_forward(*a, **k):
+    result = original_forward(*a, **k)
+    classes, coords, topk_score, topk_anchor = result[:4]
+    keep('decoder/logits', classes)
+    keep('decoder/boxes', coords)
+    keep('encoder/topk_logits', topk_score)
+    keep('encoder/topk_boxes', topk_anchor)
+    return result
+
+  model.query_head.forward = head_forward
+
+  t0 = time.perf_counter()
+  with torch.no_grad():
+    results = model.predict(batch_inputs, batch_samples, rescale=False)
+  forward_s = time.perf_counter() - t0
+  for hk in hooks:
+    hk.remove()
+  # The reference's top-k (recomputed exactly as CoDinoTransformer.forward does).
+  logits = torch.from_numpy(out['encoder/proposal_logits'])
+  keep('encoder/topk_index', torch.topk(logits.max(-1)[0], model.query_head.num_query, dim=1)[1])
+  for i, r in enumerate(results):
+    inst = r.pred_instances
+    keep(f'detections/{i}/boxes', inst.bboxes)
+    keep(f'detections/{i}/scores', inst.scores)
+    keep(f'detections/{i}/labels', inst.labels)
+  keep('batch/image', batch_inputs.permute(0, 2, 3, 1))   # normalized RGB, NHWC
+
+  os.makedirs(args.out, exist_ok=True)
+  state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+  torch.save({'state_dict': state, 'meta': {'note': 'codetr_parity random weights', 'seed': args.seed}},
+             os.path.join(args.out, 'checkpoint.pth'))
+  np.savez(os.path.join(args.out, 'intermediates.npz'), **out)
+  meta = dict(size=list(args.size), images=images, seed=args.seed, noise=args.noise, num_classes=NUM_CLASSES,
+              forward_s=forward_s, torch=torch.__version__, config=REF_CONFIG,
+              test_cfg=dict(max_per_img=int(model.query_head.test_cfg.get('max_per_img', 300)),
+                            nms=dict(model.query_head.test_cfg.get('nms') or {})))
+  with open(os.path.join(args.out, 'meta.json'), 'w') as f:
+    json.dump(meta, f, indent=1)
+  print(f'codetr_parity dump: {len(out)} tensors, {len(state)} checkpoint entries, forward {forward_s:.1f} s '
+        f'-> {args.out}')
+
+
+# --------------------------------------------------------------------------------------- compare (mrqm_jax)
+def parity_config(meta: dict):
+  """configs/co_dino.py at the dump's size and classes, float32 (the reference's test path)."""
+  from configs import co_dino   # pylint: disable=g-import-not-at-top
+  c = co_dino.get_config()
+  c.input.image_size = tuple(meta['size'])
+  c.dataset.num_classes = int(meta['num_classes'])
+  c.model.dtype = 'float32'
+  c.model.pretrained = ''
+  return c
+
+
+def relative(ours, ref) -> tuple[float, float]:
+  """(max abs difference, max abs difference / max |reference|)."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  if ours.shape != ref.shape:
+    raise ValueError(f'shape {ours.shape} (ours) != {ref.shape} (reference)')
+  diff = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+  scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+  return diff, diff / scale if scale > 0 else diff
+
+
+def compare(args) -> int:
+  import jax   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import postprocess   # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(args.dump, 'meta.json')) as f:
+    meta = json.load(f)
+  with np.load(os.path.join(args.dump, 'intermediates.npz')) as data:
+    ref = {k: data[k] for k in data.files}
+  config = parity_config(meta)
+  model = model_lib.make_model(config)
+  abstract = model_lib.abstract_variables(model, config)
+  state = convert.load_checkpoint(os.path.join(args.dump, 'checkpoint.pth'))
+  converted, report = convert.convert_codetr(state, abstract, config)
+  print(f'converter: {report.counts()}')
+  for var, why in report.unfilled:
+    print(f'  unfilled: {var} ({why})')
+  for key in report.unused:
+    print(f'  unused: {key}')
+  variables = convert.fill_from_init(converted, model, config)
+  variables = jax.tree.map(jnp.asarray, variables)
+
+  images = jnp.asarray(ref['batch/image'])
+  pad_mask = jnp.zeros(images.shape[:3], bool)
+  ref_topk = jnp.asarray(ref['encoder/topk_index'], jnp.int32)
+  ours_topk = {}
+
+  def select_with_reference(enc_logits, enc_boxes_logit, token_valid, num_queries):
+    # Ours first (recorded), then the reference's choice, so that the decoder starts from the same queries.
+    score = jnp.where(token_valid, enc_logits.max(axis=-1), -jnp.inf)
+    ours_topk['index'] = jax.lax.top_k(score, num_queries)[1]
+    ours_topk['valid'] = token_valid
+    return (jnp.take_along_axis(enc_logits, ref_topk[..., None], axis=1),
+            jnp.take_along_axis(enc_boxes_logit, ref_topk[..., None], axis=1))
+
+  original_select = detector_lib.select_top_proposals
+  detector_lib.select_top_proposals = select_with_reference
+  try:
+    t0 = time.perf_counter()
+    outputs, state_out = model.apply(variables, images, pad_mask, train=False, capture_intermediates=True,
+                                     mutable=['intermediates'])
+    forward_s = time.perf_counter() - t0
+  finally:
+    detector_lib.select_top_proposals = original_select
+  inter = state_out['intermediates']
+
+  rows = []   # (stage, max abs, max rel, note)
+
+  def row(stage, ours, reference, note=''):
+    diff, rel = relative(ours, reference)
+    rows.append((stage, diff, rel, note))
+
+  backbone = inter['backbone']['__call__'][0]
+  for i, c in enumerate(backbone):
+    row(f'backbone C{i + 2}', c, ref[f'backbone/C{i + 2}'])
+  neck = inter['neck']['__call__'][0]
+  for i, p in enumerate(neck):
+    row(f'neck P{i}', p, ref[f'neck/P{i}'])
+  enc = inter['encoder']['__call__'][0]
+  row('encoder memory', enc.memory, ref['encoder/memory'])
+  enc_logits = inter['enc_class_head']['__call__'][0]
+  valid = np.asarray(ours_topk['valid'])
+  row('encoder proposal logits (valid tokens)', np.where(valid[..., None], enc_logits, 0),
+      np.where(valid[..., None], ref['encoder/proposal_logits'], 0))
+  ours_index, ref_index = np.asarray(ours_topk['index']), np.asarray(ref['encoder/topk_index'])
+  overlap = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ours_index, ref_index)])
+  ref_invalid = int(sum((~v[i]).sum() for v, i in zip(valid, ref_index)))
+  rows.append(('top-k selection (overlap of indices)', float('nan'), float('nan'),
+               f'overlap {overlap:.4f}; reference picked {ref_invalid} invalid tokens; reference indices used after'))
+  # Encoder outputs of the selected tokens: valid ones only (an invalid token's box is inf in the reference).
+  sel_valid = np.take_along_axis(valid, ref_index, axis=1)
+  row('encoder top-k logits', outputs['enc_outputs']['pred_logits'], ref['encoder/topk_logits'])
+  row('encoder top-k boxes (valid)', np.where(sel_valid[..., None], outputs['enc_outputs']['pred_boxes'], 0),
+      np.where(sel_valid[..., None], ref['encoder/topk_boxes'], 0))
+  logits = np.concatenate([outputs['aux_outputs']['pred_logits'], outputs['pred_logits'][None]], 0)
+  boxes = np.concatenate([outputs['aux_outputs']['pred_boxes'], outputs['pred_boxes'][None]], 0)
+  for layer in range(logits.shape[0]):
+    row(f'decoder layer {layer} logits', logits[layer], ref['decoder/logits'][layer])
+    row(f'decoder layer {layer} boxes', boxes[layer], ref['decoder/boxes'][layer])
+
+  # Detections, mmdet 3's test path: top max_per_img (query, class) candidates, soft-NMS, the first max_per_img.
+  h, w = meta['size']
+  max_per_img = int(meta['test_cfg']['max_per_img'])
+  nms_iou = float(meta['test_cfg']['nms'].get('iou_threshold', 0.8))
+  batch = images.shape[0]
+  dets = postprocess.detections_from_outputs(
+      outputs['pred_logits'], outputs['pred_boxes'], canvas_hw=(h, w), scale=jnp.ones((batch,)),
+      patch_origin=jnp.zeros((batch, 2)), orig_size=jnp.tile(jnp.asarray([[h, w]]), (batch, 1)),
+      num_detections=max_per_img)
+  dets = postprocess.soft_nms(dets['boxes'], dets['scores'], dets['labels'], max_detections=max_per_img,
+                              iou_threshold=nms_iou)
+  top = 100
+  for i in range(batch):
+    ref_boxes, ref_scores = ref[f'detections/{i}/boxes'][:top], ref[f'detections/{i}/scores'][:top]
+    ref_labels = ref[f'detections/{i}/labels'][:top]
+    ours_boxes = np.asarray(dets['boxes'][i, :len(ref_boxes)])
+    ours_scores = np.asarray(dets['scores'][i, :len(ref_boxes)])
+    ours_labels = np.asarray(dets['labels'][i, :len(ref_boxes)])
+    same_labels = int((ours_labels == ref_labels).sum())
+    box_diff = float(np.max(np.abs(ours_boxes - ref_boxes))) / max(h, w) if len(ref_boxes) else 0.0
+    score_diff = float(np.max(np.abs(ours_scores - ref_scores))) if len(ref_boxes) else 0.0
+    rows.append((f'detections image {i} (top {len(ref_boxes)})', score_diff, score_diff,
+                 f'labels equal {same_labels}/{len(ref_boxes)}; boxes max |diff| / image side {box_diff:.2e}'))
+
+  print(f'\nmrqm_jax vs Co-DINO (mmdet 3.3.0 projects/CO-DETR), {images.shape[0]} images {h}x{w}, float32, '
+        f'ours forward {forward_s:.1f} s (with compile), reference {meta["forward_s"]:.1f} s')
+  print(f'| {"stage":<42} | {"max abs":>10} | {"max rel":>10} | note')
+  print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|------')
+  for stage, diff, rel, note in rows:
+    print(f'| {stage:<42} | {diff:>10.3e} | {rel:>10.3e} | {note}')
+  inference = [rel for stage, _, rel, _ in rows if rel == rel]
+  print(f'max_rel_inference={max(inference):.3e}')
+  return 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  d = sub.add_parser('dump', help='reference venv: build, run and save the reference')
+  d.add_argument('--out', required=True)
+  d.add_argument('--image', action='append', default=None, help='image path (repeat; default: two val_dev images)')
+  d.add_argument('--size', type=parse_size, default=DEFAULT_SIZE, help='H,W every image is resized to')
+  d.add_argument('--seed', type=int, default=0)
+  d.add_argument('--noise', type=float, default=0.5, help='Gaussian noise on every parameter, x its mean |value|')
+  d.add_argument('--threads', type=int, default=2)
+  d.add_argument('--codetr-src', default=os.environ.get('CODETR_SRC', '/tmp/codetr_src'))
+  c = sub.add_parser('compare', help='project venv: convert, run ours, print the table')
+  c.add_argument('--dump', required=True)
+  args = p.parse_args(argv)
+  if args.command == 'dump':
+    dump(args)
+    return 0
+  return compare(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
