@@ -45,6 +45,21 @@ def test_recipes_refuse_to_train_from_a_random_backbone_unless_told(module):
   assert cv.problems(config, mode='train') == []
 
 
+def test_fine_tuning_from_a_checkpoint_needs_no_imagenet_weights(tmp_path):
+  """train.init_from's checkpoint (e.g. converted Co-DINO weights) holds the backbone: '' is fine then."""
+  config = visdrone.get_config()
+  config.train.init_from = str(tmp_path)
+  assert cv.problems(config, mode='train') == []
+
+
+def test_checkpoints_without_the_v04_keys_keep_the_rules_they_were_trained_with():
+  stored = _with().to_dict()
+  del stored['input']['resize_rule'], stored['dn']['group_rule']
+  merged, changed = cv.merge_stored_model_config(visdrone.get_config(), stored)
+  assert merged.input.resize_rule == 'fit_canvas' and merged.dn.group_rule == 'image'
+  assert {'input.resize_rule', 'dn.group_rule'} <= set(changed)
+
+
 def _with(**values):
   c = ml_collections.ConfigDict(smoke.get_config().to_dict())
   for key, value in values.items():
