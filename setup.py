@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     'safetensors==0.8.0',
     'matplotlib==3.11.2',
     'tensorboard==2.21.0',   # clu's metric writers need it; tensorflow-cpu does not pull it in
+    'huggingface_hub==2.4.0',   # model.pretrained='hf://timm/resnet50.tv_in1k' through its cache (mrqm_jax/weights.py)
 ]
 
 EXTRAS = {

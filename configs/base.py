@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Static [H, W] every image is resized into (keeping aspect ratio) and padded to. mmdet's (1333, 800)
   # rounded up to a multiple of 32 so every pyramid level has integer size.
   c.input.image_size = (800, 1344)
+  # How an image is scaled before it is padded to the canvas (input_pipeline/transforms.resize_factors), in
+  # training, eval and predict alike. 'mmdet' (Co-DINO's keep-ratio Resize to resize_scale = (1333, 800)):
+  # min(1333 / long side, 800 / short side); an image that would then not fit the canvas (a portrait one) is
+  # scaled to fit it instead, counted and logged. 'fit_canvas': min(H / h, W / w), the largest that fits (v0.1-v0.3;
+  # 16:9 images come out 1344 px wide instead of 1333, portrait ones 25-40% smaller than mmdet's).
+  c.input.resize_rule = 'mmdet'
+  c.input.resize_scale = (1333, 800)
   c.input.random_flip = True             # the paper's only augmentation
   c.input.prefetch = 2
   c.input.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
@@ -49,7 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The aux heads' extra level: conv 3x3 s2 + GN; Co-DINO's conv has a bias (False: mrqm_jax <= 0.3's layout,
   # which checkpoints stored without this key get, so that they restore).
   c.model.aux_downsample_bias = True
-  c.model.pretrained = ''                # .safetensors / .npz ImageNet state dict (torchvision or timm names)
+  # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
+  # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
+  # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen
+  # stem + stage 1 would stay random; 'none' says it is meant.
+  c.model.pretrained = ''
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
   c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py
@@ -101,7 +112,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.dn.label_noise = 0.5
   c.dn.box_noise = 1.0
   c.dn.num_queries = 100                 # Co-DINO num_dn_queries: groups = max(1, num_queries // num_gt)
-  c.dn.max_gt = 200                      # static cap of ground truths per image used for denoising
+  # 'batch' (Co-DINO): the group width is the gt count of the batch's densest image; the images with fewer pad
+  # their groups with background queries. 'image': each image's own count, no padding (v0.1-v0.3).
+  c.dn.group_rule = 'batch'
+  # Static cap of ground truths per image used for denoising (Co-DINO has none): an image with more denoises a
+  # random max_gt of them each step; training counts and reports those images (80 of VisDrone's 6471 train
+  # images hold more than 200; 902 denoises all, with 1804 DN queries in every step's decoder).
+  c.dn.max_gt = 200
 
   # ---------------------------------------------------------------- collaborative auxiliary heads
   # Co-DINO trains auxiliary heads on the encoder output ("aux levels": the encoder levels + one stride-2 conv
@@ -196,8 +213,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 12                # 1x schedule
   c.train.num_steps = -1                 # > 0 overrides num_epochs
-  c.train.per_device_batch_size = 2
-  c.train.global_batch_size = -1         # -1 = per_device_batch_size * device count
+  c.train.per_device_batch_size = 2     # used only when global_batch_size = -1
+  # Images per optimizer step over all devices. -1 = per_device_batch_size x device count: the batch (and so the
+  # effective learning rate) then changes with the machine, which the run's log says. The recipes fix it (the
+  # paper: 2 on one GPU) so a run on 8 devices trains the recipe, not batch 16 at the same learning rate; a
+  # batch the devices cannot split evenly is an error that says what to set (parallel.global_batch_size).
+  c.train.global_batch_size = -1
   c.train.grad_accum_steps = 1           # reach a large global batch on few devices
   c.train.learning_rate = 2e-4
   c.train.weight_decay = 1e-4

@@ -14,9 +14,11 @@ def get_config():
   c.dataset.max_boxes = 32
   c.dataset.max_ignore = 8
   c.input.image_size = (128, 128)
+  c.input.resize_rule = 'fit_canvas'   # the synthetic images are canvas-sized
   c.model.backbone = 'resnet18'
   c.model.backbone_width = 8
   c.model.frozen_stages = 0
+  c.model.pretrained = 'none'   # a tiny width no ImageNet file has; trains from scratch on purpose
   c.model.remat = False          # tiny activations: recomputing them only costs time
   c.model.hidden_dim = 32
   c.encoder.num_layers = 2

@@ -72,6 +72,7 @@ class PipelineReport:
     num_records: source images.
     num_examples: examples per epoch (patches when slicing).
     overflow: examples capped at max_boxes / max_ignore.
+    resize: how the examples are resized (`input.resize_rule`), and how many could not take it.
     decode_failures: examples replaced by blanks so far (counted by the iterator as batches are read).
     failed_files: the first few files that failed.
   """
@@ -79,12 +80,14 @@ class PipelineReport:
   num_records: int
   num_examples: int
   overflow: transforms.OverflowReport
+  resize: str = ''
   decode_failures: int = 0
   failed_files: list = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
     return (f'{self.split} pipeline: {self.num_records} images -> {self.num_examples} examples; '
-            f'{self.overflow.summary()}; {self.decode_failures} undecodable examples replaced by blanks')
+            f'{self.overflow.summary()}; {self.resize + "; " if self.resize else ""}'
+            f'{self.decode_failures} undecodable examples replaced by blanks')
 
 
 @dataclasses.dataclass
@@ -93,7 +96,8 @@ class ExampleTable:
 
   file_names [N] str; image_ids [N] int32; origin [N, 2] int32 (x, y) window top-left in the image;
   window [N, 2] int32 (h, w) window size; image_hw [N, 2] int32 source image size; boxes/labels/ignore: the
-  capped annotations in window pixels, concatenated, with row splits box_splits/ignore_splits [N + 1].
+  capped annotations in window pixels, concatenated, with row splits box_splits/ignore_splits [N + 1];
+  scale [N] f32 the resize factor of each window (`transforms.resize_factors`; None = fit the canvas).
   """
   names: list
   file_names: np.ndarray
@@ -106,6 +110,7 @@ class ExampleTable:
   box_splits: np.ndarray
   ignore: np.ndarray
   ignore_splits: np.ndarray
+  scale: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.names)
@@ -157,9 +162,33 @@ def prepare_examples(config: ml_collections.ConfigDict, records: Sequence[record
   table, overflow = examples_from_records(examples, max_boxes=config.dataset.max_boxes,
                                           max_ignore=config.dataset.max_ignore,
                                           strict=config.dataset.strict_max_boxes)
-  report = PipelineReport('train' if train else 'eval', len(records), len(table), overflow)
+  canvas_hw = tuple(int(v) for v in config.input.image_size)
+  table.scale, capped = transforms.resize_factors(table.window, canvas_hw, config.input.resize_rule,
+                                                  tuple(config.input.resize_scale))
+  resize = resize_summary(config, table, capped)
+  report = PipelineReport('train' if train else 'eval', len(records), len(table), overflow, resize)
   logging.info('%s', report.summary())
+  if capped.any():
+    logging.warning('%s', resize)
   return table, report
+
+
+def resize_summary(config: ml_collections.ConfigDict, table: ExampleTable, capped: np.ndarray) -> str:
+  """One line on the resize rule and the examples it could not apply (those too big for the canvas)."""
+  rule = config.input.resize_rule
+  if rule != 'mmdet':
+    return f'resize: {rule}'
+  line = f'resize: mmdet keep-ratio to {tuple(config.input.resize_scale)}'
+  if not capped.any():
+    return line
+  canvas_hw = tuple(int(v) for v in config.input.image_size)
+  window = table.window[capped].astype(np.float64)
+  wanted = np.minimum(max(config.input.resize_scale) / window.max(1), min(config.input.resize_scale) / window.min(1))
+  shrink = table.scale[capped] / wanted
+  return (f'{line}: {int(capped.sum())} of {len(table)} examples (e.g. {table.names[int(np.argmax(capped))]}, '
+          f'{table.window[capped][0][1]}x{table.window[capped][0][0]}) would not fit the {canvas_hw[1]}x'
+          f'{canvas_hw[0]} canvas and are resized to fit it instead, at {shrink.min():.2f}-{shrink.max():.2f} '
+          f'of mmdet\'s scale (a portrait image; input.image_size sets the canvas)')
 
 
 def num_train_examples(config: ml_collections.ConfigDict, records: Sequence[records_lib.ImageRecord]) -> int:
@@ -197,6 +226,7 @@ def _example_dataset_fn(config: ml_collections.ConfigDict, table: ExampleTable, 
   file_names = tf.constant(table.file_names.astype(str))
   image_ids = tf.constant(table.image_ids)
   origin, window, image_hw = tf.constant(table.origin), tf.constant(table.window), tf.constant(table.image_hw)
+  scales = None if table.scale is None else tf.constant(table.scale, tf.float32)
   boxes = tf.RaggedTensor.from_row_splits(tf.constant(table.boxes), tf.constant(table.box_splits))
   labels = tf.RaggedTensor.from_row_splits(tf.constant(table.labels), tf.constant(table.box_splits))
   ignore = tf.RaggedTensor.from_row_splits(tf.constant(table.ignore), tf.constant(table.ignore_splits))
@@ -212,7 +242,8 @@ def _example_dataset_fn(config: ml_collections.ConfigDict, table: ExampleTable, 
     flip_seed = tf.stack([tf.constant(2 * seed + _FLIP_SEED_STREAM, tf.int64), position]) if flip else None
     example = transforms.preprocess(image, boxes[index], labels[index], ignore[index], window_hw=window[index],
                                     canvas_hw=canvas_hw, mean=mean, std=std, max_boxes=max_boxes,
-                                    max_ignore=max_ignore, flip_seed=flip_seed)
+                                    max_ignore=max_ignore, flip_seed=flip_seed,
+                                    scale=None if scales is None else scales[index])
     return {**example, **meta(index), 'valid': tf.constant(True)}
 
   def blank(position, index):

@@ -5,9 +5,12 @@ Geometry (all sizes in pixels; the model's canvas is `config.input.image_size = 
   window   the part of the source image an example shows: the whole image, or one slicing patch
            [x0, x0 + window_w) x [y0, y0 + window_h) that may reach past the image (small images are padded).
   content  window ∩ image, decoded from the file: [content_h, content_w, 3], at the window's top-left.
-  scale    min(H / window_h, W / window_w): the window is resized keeping its aspect ratio to fit the canvas.
-           One factor for both axes, applied exactly (`resize_exact`), so the single `scale` of the batch
-           contract inverts the mapping without error: canvas px = content px * scale.
+  scale    one factor for both axes (`resize_factors`, on the host, per example): `input.resize_rule='mmdet'`
+           (Co-DINO's keep-ratio Resize, scale `input.resize_scale` = (1333, 800)): min(1333 / long side,
+           800 / short side), capped at the canvas fit below when the image would not fit the static canvas (a
+           portrait image at 800 x 1344); 'fit_canvas': min(H / window_h, W / window_w), the largest factor that
+           fits the canvas. Applied exactly (`resize_exact`), so the single `scale` of the batch contract
+           inverts the mapping without error: canvas px = content px * scale.
   canvas   the resized content at the top-left of a zero [H, W, 3] canvas; `pad_mask` is True on every canvas
            pixel whose centre lies outside the resized content (DETR convention: True = padding).
 
@@ -163,6 +166,31 @@ def random_flip(image: tf.Tensor, boxes: tf.Tensor, ignore: tf.Tensor, seed: tf.
   return tf.cond(coin < 0.5, lambda: flip_horizontal(image, boxes, ignore), lambda: (image, boxes, ignore))
 
 
+RESIZE_RULES = ('mmdet', 'fit_canvas')
+
+
+def resize_factors(window_hw: np.ndarray, canvas_hw: tuple[int, int], rule: str,
+                   resize_scale: tuple[float, float] = (1333, 800)) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example resize factors: window_hw [N, 2] (h, w) -> (scale [N] f32, capped [N] bool).
+
+  rule 'fit_canvas': the largest factor at which the window fits the canvas (H, W). 'mmdet': mmcv's keep-ratio
+  rescale to `resize_scale` (its larger entry bounds the long side, the smaller the short side), i.e.
+  min(max(resize_scale) / long side, min(resize_scale) / short side); where that would not fit the canvas, the
+  fit factor instead (`capped` True: the caller counts and reports these).
+  """
+  window = np.asarray(window_hw, np.float32).reshape(-1, 2)
+  canvas = np.asarray(canvas_hw, np.float32)
+  fit = np.minimum(canvas[0] / window[:, 0], canvas[1] / window[:, 1])   # f32 as the tf graph computed it
+  if rule == 'fit_canvas':
+    return fit, np.zeros(len(window), bool)
+  if rule != 'mmdet':
+    raise ValueError(f'input.resize_rule must be one of {RESIZE_RULES}, got {rule!r}')
+  long_max, short_max = np.float32(max(resize_scale)), np.float32(min(resize_scale))
+  mmdet = np.minimum(long_max / window.max(axis=1), short_max / window.min(axis=1))
+  capped = mmdet > fit
+  return np.where(capped, fit, mmdet).astype(np.float32), capped
+
+
 def fit_scale(window_hw: tf.Tensor, canvas_hw: tuple[int, int]) -> tf.Tensor:
   """Scalar f32: the largest factor at which the window [2] (h, w) fits inside the canvas (H, W)."""
   window_hw = tf.cast(window_hw, tf.float32)
@@ -254,17 +282,18 @@ def pad_rows(values: tf.Tensor, num_rows: int) -> tuple[tf.Tensor, tf.Tensor]:
 
 def preprocess(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, ignore: tf.Tensor, *,
                window_hw: tf.Tensor, canvas_hw: tuple[int, int], mean, std, max_boxes: int, max_ignore: int,
-               flip_seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+               flip_seed: tf.Tensor | None = None, scale: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
   """Decoded content -> the per-example tensors of the batch contract.
 
   Args:
     image: [h, w, 3] uint8 content (window ∩ image, top-left aligned with the window).
     boxes: [N, 4] f32 content-pixel xyxy targets; labels [N] int32; ignore [R, 4] content-pixel xyxy.
-    window_hw: [2] the window's (height, width); it sets the scale (padding past the image included).
+    window_hw: [2] the window's (height, width) (padding past the image included).
     canvas_hw: static (H, W).
     mean, std: RGB normalization in 0..255.
     max_boxes, max_ignore: static M, R.
     flip_seed: [2] int stateless seed for a random horizontal flip; None = no flip.
+    scale: [] f32 resize factor (`resize_factors`); None = `fit_scale` of the window.
 
   Returns:
     {'image' [H, W, 3] f32, 'pad_mask' [H, W] bool, 'boxes' [M, 4] cxcywh, 'labels' [M] i32, 'box_valid' [M],
@@ -274,7 +303,7 @@ def preprocess(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, ignore: tf
   ignore = tf.reshape(tf.cast(ignore, tf.float32), [-1, 4])
   if flip_seed is not None:
     image, boxes, ignore = random_flip(image, boxes, ignore, flip_seed)
-  scale = fit_scale(window_hw, canvas_hw)
+  scale = fit_scale(window_hw, canvas_hw) if scale is None else tf.cast(scale, tf.float32)
   size = resized_size(tf.shape(image)[:2], scale, canvas_hw)
   pixels = normalize(resize_exact(image, scale, size), mean, std)
   canvas, pad_mask = pad_to_canvas(pixels, canvas_hw)

@@ -2,8 +2,9 @@
 
 `CHECKS` maps a key of configs/base.py to a `Check`: a predicate on the value and the words for what the key
 accepts. Adding a key to the config adds one line here (tests/test_config_validation.py fails for a key without
-one). Checks that relate two keys (heads dividing the width, patch overlap below patch size) are in
-`CROSS_CHECKS`. `validate(config, mode)` raises `errors.ConfigError` for the first bad value:
+one). Checks that relate two keys (heads dividing the width, patch overlap below patch size, backbone weights
+named when training) are in `CROSS_CHECKS` (one with a `modes` attribute runs only in those --modes).
+`validate(config, mode)` raises `errors.ConfigError` for the first bad value:
 
   config.train.per_device_batch_size=0: expected an integer >= 1
 """
@@ -14,6 +15,7 @@ import os
 from typing import Any, Callable
 
 from mrqm_jax import errors
+from mrqm_jax import pretrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +80,36 @@ def optional_folder(modes: tuple[str, ...] = ()) -> Check:
                modes)
 
 
-def optional_file(*extensions: str, modes: tuple[str, ...] = ()) -> Check:
+def pretrained_backbone() -> Check:
+  """`model.pretrained` when training: 'none' (random backbone, on purpose), hf://OWNER/REPO[/FILE] or a file.
+
+  '' (not given) passes here; `_backbone_weights_named` refuses it when training.
+  """
   def ok(v):
-    return isinstance(v, str) and (v == '' or (v.endswith(extensions) and (
-        '://' in v or os.path.isfile(os.path.expanduser(v)))))
-  return Check(ok, f"'' or an existing {' or '.join(extensions)} file", modes)
+    if not isinstance(v, str):
+      return False
+    if v in ('', pretrained.NO_PRETRAINED) or pretrained.parse_hf_spec(v) is not None:
+      return True
+    return v.endswith(('.safetensors', '.npz')) and not v.startswith(pretrained.HF_SCHEME) and (
+        '://' in v or os.path.isfile(os.path.expanduser(v)))
+  return Check(ok, f'ImageNet weights for the backbone: {pretrained.TORCHVISION_RESNET50!r} (torchvision\'s '
+               "ResNet-50, fetched once into the Hugging Face cache; hf://OWNER/REPO[/FILE] in general), an existing "
+               ".safetensors or .npz state dict, or 'none' to train from a random backbone on purpose",
+               modes=('train',))
+
+
+_PRETRAINED_CHECK = pretrained_backbone()
+
+
+def _backbone_weights_named(get):
+  """Training needs the backbone's ImageNet weights named (or 'none', or train.init_from's checkpoint): the
+  recipes are Co-DINO's, which starts from torchvision's ImageNet ResNet-50, and a random frozen stem + stage 1
+  would stay random. The message says how to get the weights."""
+  if get('model.pretrained') == '' and not get('train.init_from'):
+    return (f"config.model.pretrained='': expected {_PRETRAINED_CHECK.accepts} (or train.init_from, a checkpoint "
+            'that holds them)')
+  return None
+_backbone_weights_named.modes = ('train',)
 
 
 # `iah.a_s` = A_S_AUTO: the smallest training instance area, resolved by `datasets.resolve_a_s` (the one place).
@@ -114,6 +141,8 @@ CHECKS: dict[str, Check] = {
     'dataset.slicing.ignore_inside_fraction': _FRACTION,
     'dataset.slicing.merge_nms_iou': _FRACTION,
     'input.image_size': numbers_tuple(2, lo=32, integers=True),
+    'input.resize_rule': choice('mmdet', 'fit_canvas'),
+    'input.resize_scale': numbers_tuple(2, lo=1),
     'input.random_flip': boolean(),
     'input.prefetch': integer(0),
     'input.num_parallel_calls': integer(1, also=(-1,)),
@@ -123,7 +152,7 @@ CHECKS: dict[str, Check] = {
     'model.backbone_width': _COUNT,
     'model.frozen_stages': integer(0, 4),
     'model.aux_downsample_bias': boolean(),
-    'model.pretrained': optional_file('.safetensors', '.npz', modes=('train',)),
+    'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
@@ -157,6 +186,7 @@ CHECKS: dict[str, Check] = {
     'dn.box_noise': _NON_NEGATIVE,
     'dn.num_queries': _COUNT,
     'dn.max_gt': _COUNT,
+    'dn.group_rule': choice('batch', 'image'),
     'iah.dynamic_threshold': boolean(),
     'iah.t_b': _FRACTION,
     'iah.k': _NON_NEGATIVE,
@@ -283,14 +313,17 @@ CROSS_CHECKS: tuple[Callable, ...] = (
     _overlap_below_patch,
     _levels_match_neck,
     _one_iah_anchor_size_per_aux_level,
+    _backbone_weights_named,
 )
 
 # Keys that shape the model or its input: eval/predict/export take them from the checkpoint's stored config.
-# Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them.
-LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False}
+# Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
+# (and the resize its model was trained with).
+LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'input.resize_rule': 'fit_canvas',
+                         'dn.group_rule': 'image'}
 
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
-                      'input.mean', 'input.std', 'dataset.num_classes')
+                      'input.resize_', 'input.mean', 'input.std', 'dataset.num_classes')
 
 
 def flatten(config) -> dict[str, Any]:
@@ -323,6 +356,8 @@ def problems(config, mode: str = 'train') -> list[str]:
       found.append(f'config.{key}={_show(value)}: expected {check.accepts}')
   if not found:  # cross checks assume each value is well-typed
     for cross in CROSS_CHECKS:
+      if mode not in getattr(cross, 'modes', (mode,)):   # a cross check of some --modes only
+        continue
       message = cross(lambda k: values[k])
       if message:
         found.append(message)

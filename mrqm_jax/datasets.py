@@ -11,6 +11,7 @@ import os
 
 from absl import logging
 import ml_collections
+import numpy as np
 
 from input_pipeline import readers
 from input_pipeline import stats
@@ -65,3 +66,20 @@ def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:
                             'annotations)')
   config.iah.a_s = float(stats.dataset_stats(train_records)['min_area'])
   logging.info('iah.a_s = -1 (auto) -> smallest training instance area %g px^2', config.iah.a_s)
+
+
+def dn_cap_report(config: ml_collections.ConfigDict, train_records: list) -> str | None:
+  """A warning line when training images hold more boxes than the denoising cap (None when none does, or
+  without denoising): such an image denoises a random `dn.max_gt` of its boxes each step (models/detector.py)."""
+  if not config.dn.enabled:
+    return None
+  cap = min(config.dn.max_gt, config.dataset.max_boxes)
+  counts = np.asarray([min(len(r.boxes), config.dataset.max_boxes) for r in train_records], np.int64)
+  over = counts > cap
+  if not over.any():
+    return None
+  sliced = ' (whole images; their patches hold fewer)' if config.dataset.slicing.enabled else ''
+  return (f'dn.max_gt={config.dn.max_gt}: {int(over.sum())} of {len(counts)} training images{sliced} hold more '
+          f'boxes ({int((counts[over] - cap).sum())} of their {int(counts[over].sum())} boxes are left out of '
+          f'denoising in an epoch); each step denoises a random {cap} of such an image\'s boxes (Co-DINO denoises '
+          f'all: dn.max_gt={int(counts.max())} would)')

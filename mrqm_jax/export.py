@@ -6,7 +6,9 @@ OUTPUT/
   inference.stablehlo   `jax.export` serialization of
                      (variables, image [B,H,W,3] f32 normalized, pad_mask [B,H,W] bool)
                      -> (boxes [B,K,4] canvas-normalized cxcywh, scores [B,K], labels [B,K] i32)
-                     with a symbolic batch size B; H, W = config.input.image_size; K = config.eval.max_detections.
+                     with a symbolic batch size B; H, W = config.input.image_size; K = config.eval.max_detections;
+                     the image scaled as config.json's input.resize_rule / resize_scale say
+                     (input_pipeline/transforms.resize_factors) and padded at the bottom and right.
 
 The deformable-attention sampling is plain gathers and arithmetic in StableHLO, so there is no custom op
 (the grid-sample op that blocks Co-DETR's ONNX export). Serving: `load_exported(OUTPUT)` in a fresh process

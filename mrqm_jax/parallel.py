@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mrqm_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -54,17 +56,53 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def global_batch_size(config) -> int:
-  """`train.global_batch_size`, or per_device_batch_size x device count when it is -1."""
-  if config.train.global_batch_size > 0:
-    size = config.train.global_batch_size
+# `train.global_batch_size` = GLOBAL_BATCH_PER_DEVICE: the global batch is per_device_batch_size x device count,
+# so it (and the effective learning rate) changes with the machine. Recipes fix the global batch instead.
+GLOBAL_BATCH_PER_DEVICE = -1
+
+
+def global_batch_size(config, device_count: int | None = None, process_count: int | None = None) -> int:
+  """The images per optimizer step over all devices and hosts.
+
+  `train.global_batch_size` when > 0 (the recipes: fixed whatever the device count, since train.learning_rate
+  was tuned for it), else (-1) `train.per_device_batch_size` x device count. Raises errors.ConfigError, saying
+  what to set, when the devices, hosts or `train.grad_accum_steps` cannot split it evenly.
+  device_count / process_count: jax.device_count() / jax.process_count() unless given (tests).
+  """
+  devices = jax.device_count() if device_count is None else device_count
+  hosts = jax.process_count() if process_count is None else process_count
+  accum = config.train.grad_accum_steps
+  if config.train.global_batch_size == GLOBAL_BATCH_PER_DEVICE:
+    size = config.train.per_device_batch_size * devices
+    key = f'config.train.global_batch_size=-1 (per_device_batch_size x {devices} device(s) = {size})'
   else:
-    size = config.train.per_device_batch_size * jax.device_count()
-  if size % jax.device_count():
-    raise ValueError(f'config.train.global_batch_size={size} is not divisible by the {jax.device_count()} devices')
-  if size % jax.process_count():
-    raise ValueError(f'global batch {size} is not divisible by the {jax.process_count()} hosts')
+    size = config.train.global_batch_size
+    key = f'config.train.global_batch_size={size}'
+  if size % devices:
+    raise errors.ConfigError(
+        f'{key} is not divisible by the {devices} devices: run on fewer devices (e.g. CUDA_VISIBLE_DEVICES=0), '
+        f'or set --config.train.global_batch_size to a multiple of {devices} and scale train.learning_rate with '
+        f'it (the recipe\'s rate is tuned for its own batch)')
+  if size % accum:
+    raise errors.ConfigError(f'{key} is not divisible by train.grad_accum_steps={accum}: set grad_accum_steps to '
+                             f'a divisor of the global batch')
+  if size % hosts:
+    raise errors.ConfigError(f'{key} is not divisible by the {hosts} hosts: set --config.train.global_batch_size '
+                             f'to a multiple of {hosts}')
   return size
+
+
+def describe_global_batch(config, device_count: int | None = None) -> str:
+  """Where the global batch comes from, for the run's log: 'global batch 2 (config.train.global_batch_size)'."""
+  devices = jax.device_count() if device_count is None else device_count
+  size = global_batch_size(config, device_count=devices, process_count=1)
+  accum = config.train.grad_accum_steps
+  split = f', {size // devices} per device' + (f' in {accum} accumulated micro-batches' if accum > 1 else '')
+  if config.train.global_batch_size == GLOBAL_BATCH_PER_DEVICE:
+    return (f'global batch {size} (train.global_batch_size=-1: per_device_batch_size '
+            f'{config.train.per_device_batch_size} x {devices} device(s); it grows with the device count while '
+            f'train.learning_rate stays {config.train.learning_rate:g}{split})')
+  return f'global batch {size} (train.global_batch_size, fixed whatever the device count{split})'
 
 
 def host_to_global(batch: dict, mesh: Mesh) -> dict:

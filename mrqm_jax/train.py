@@ -20,7 +20,8 @@ import ml_collections
 import tqdm
 
 from input_pipeline import pipeline
-from mrqm_jax import checkpointing, datasets, errors, evaluate, model_lib, parallel, train_lib, weights
+from mrqm_jax import checkpointing, config_validation, datasets, errors, evaluate, model_lib, parallel, pretrained
+from mrqm_jax import train_lib, weights
 from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.ops import losses as losses_lib
 
@@ -148,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   loss_history: if given, (step, loss) is appended at every logged step (benchmarks, tests, notebooks).
   """
+  config_validation.validate(config, 'train')  # main checked it already; notebooks and scripts call this directly
   parallel.initialize_distributed()
   mesh = parallel.create_mesh()
   is_chief = jax.process_index() == 0
@@ -158,22 +160,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             f'(split {config.dataset.train_split!r}): nothing to learn; check the annotations')
   datasets.resolve_a_s(config, data.train_records)
   config.lock()
-  try:
-    batch_size = parallel.global_batch_size(config)
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from None
+  batch_size = parallel.global_batch_size(config)  # ConfigError (what to set) when the devices cannot split it
+  pretrained_file = pretrained.resolve(config.model.pretrained)  # before compiling: a failed fetch is one line
   num_examples = pipeline.num_train_examples(config, data.train_records)  # patches when slicing
   per_epoch = steps_per_epoch(num_examples, batch_size)
   num_steps = total_steps(config, per_epoch)
 
   logging.info('Config:\n%s', config)
   logging.info('%s', parallel.describe_mesh(mesh))
+  logging.info('%s', parallel.describe_global_batch(config))
   logging.info('Data:\n%s', data.report)
+  dn_warning = datasets.dn_cap_report(config, data.train_records)
+  if dn_warning:
+    logging.warning('%s', dn_warning)
   if is_chief:
     print(f'mrqm_jax: {parallel.describe_mesh(mesh)}')
     print(f'mrqm_jax: {len(data.train_records)} training images ({num_examples} examples), '
-          f'{len(data.eval_records)} eval images, global batch {batch_size}, {per_epoch} steps/epoch, {num_steps} steps')
+          f'{len(data.eval_records)} eval images, {per_epoch} steps/epoch, {num_steps} steps')
+    print(f'mrqm_jax: {parallel.describe_global_batch(config)}')
     print(data.report)
+    if dn_warning:
+      print(f'mrqm_jax: warning: {dn_warning}')
 
   # Before anything compiles: a finished run asked for fewer steps than it holds would otherwise save the
   # newest parameters under a smaller step number.
@@ -195,11 +202,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=parallel.replicated(mesh))(init_rng)
-  if config.model.pretrained:
+  if pretrained_file:
     variables, report = weights.load_pretrained(config, jax.device_get(variables))
     variables = jax.device_put(variables, parallel.replicated(mesh))
     if is_chief:
-      print(f'mrqm_jax: pretrained backbone {config.model.pretrained}: {report.summary()}')
+      print(f'mrqm_jax: pretrained backbone {config.model.pretrained} ({pretrained_file}): {report.summary()}')
   if config.train.init_from:
     variables = init_from_checkpoint(config.train.init_from, variables, mesh)
     if is_chief:

@@ -16,7 +16,9 @@ Making a file from PyTorch (where torch is installed):
   import torchvision, safetensors.torch
   sd = torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict()
   safetensors.torch.save_file(sd, 'resnet50.safetensors')      # or numpy.savez('r50.npz', **{k: v.numpy()})
-then set `config.model.pretrained = 'resnet50.safetensors'`.
+then set `config.model.pretrained = 'resnet50.safetensors'`. Or let huggingface_hub fetch torchvision's ImageNet
+ResNet-50 (the weights mmdet's `torchvision://resnet50` means) once into its cache:
+`config.model.pretrained = 'hf://timm/resnet50.tv_in1k'` (HF_HUB_OFFLINE=1 then reads the cache only).
 """
 
 from collections.abc import Mapping, Sequence
@@ -28,6 +30,7 @@ from absl import logging
 from flax import traverse_util
 import numpy as np
 
+from mrqm_jax import pretrained
 from mrqm_jax.models import layers
 
 _BN_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
@@ -157,10 +160,10 @@ def load_pretrained(config, variables: Mapping[str, Any], module_path: Sequence[
 
   strict: raise ValueError (with the full report) if any backbone variable is missing or mis-shaped — a
   silently half-initialized pretrained backbone trains, but badly. Returns (variables, report); with no
-  pretrained path, the variables unchanged and None.
+  pretrained weights ('' or 'none'), the variables unchanged and None. hf:// specs: see `pretrained.resolve`.
   """
-  path = config.model.pretrained
-  if not path:
+  path = pretrained.resolve(config.model.pretrained)
+  if path is None:
     return variables, None
   new_vars, report = import_torch_state_dict(variables, load_state_dict(path), module_path, source_prefix)
   logging.info('pretrained backbone from %s: %s', path, report.summary())

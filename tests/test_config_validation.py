@@ -11,7 +11,7 @@ from mrqm_jax import errors
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from configs import base, smoke, sodad, visdrone  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import base, co_dino, smoke, sodad, visdrone  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_every_config_key_has_a_check():
@@ -21,9 +21,43 @@ def test_every_config_key_has_a_check():
   assert set(cv.CHECKS) - keys == set(), 'CHECKS names keys the config does not have'
 
 
-@pytest.mark.parametrize('module', [base, smoke, visdrone, sodad])
+@pytest.mark.parametrize('module', [base, smoke, visdrone, sodad, co_dino])
 def test_recipes_are_valid(module):
-  assert cv.problems(module.get_config()) == []
+  config = module.get_config()
+  if module is not smoke:   # the recipes name no weights: a training command must (see the next test)
+    config.model.pretrained = 'hf://timm/resnet50.tv_in1k'
+  assert cv.problems(config) == []
+
+
+@pytest.mark.parametrize('module', [visdrone, sodad, co_dino])
+def test_recipes_refuse_to_train_from_a_random_backbone_unless_told(module):
+  """Co-DINO starts from ImageNet weights; a recipe run without them says how to get them (one line, exit 2)."""
+  config = module.get_config()
+  with pytest.raises(errors.ConfigError) as e:
+    cv.validate(config, mode='train')
+  message = str(e.value)
+  assert message.startswith("config.model.pretrained='': expected ImageNet weights for the backbone: "
+                            "'hf://timm/resnet50.tv_in1k'")
+  assert "or 'none' to train from a random backbone on purpose" in message and '\n' not in message
+  assert e.value.exit_code == 2
+  assert cv.problems(config, mode='eval') == []   # eval/predict/export take the weights from the checkpoint
+  config.model.pretrained = 'none'
+  assert cv.problems(config, mode='train') == []
+
+
+def test_fine_tuning_from_a_checkpoint_needs_no_imagenet_weights(tmp_path):
+  """train.init_from's checkpoint (e.g. converted Co-DINO weights) holds the backbone: '' is fine then."""
+  config = visdrone.get_config()
+  config.train.init_from = str(tmp_path)
+  assert cv.problems(config, mode='train') == []
+
+
+def test_checkpoints_without_the_v04_keys_keep_the_rules_they_were_trained_with():
+  stored = _with().to_dict()
+  del stored['input']['resize_rule'], stored['dn']['group_rule']
+  merged, changed = cv.merge_stored_model_config(visdrone.get_config(), stored)
+  assert merged.input.resize_rule == 'fit_canvas' and merged.dn.group_rule == 'image'
+  assert {'input.resize_rule', 'dn.group_rule'} <= set(changed)
 
 
 def _with(**values):
@@ -44,7 +78,9 @@ def _with(**values):
     ('model__backbone', 'resnet999', "config.model.backbone='resnet999': expected one of 'resnet18'"),
     ('train__per_device_batch_size', 0, 'config.train.per_device_batch_size=0: expected an integer >= 1'),
     ('train__num_steps', 0, 'config.train.num_steps=0: expected an integer >= 1 or -1'),
-    ('model__pretrained', 'x.pth', "config.model.pretrained='x.pth': expected '' or an existing .safetensors"),
+    ('model__pretrained', 'x.pth', "config.model.pretrained='x.pth': expected ImageNet weights for the backbone"),
+    ('model__pretrained', 'hf://timm', "config.model.pretrained='hf://timm': expected ImageNet weights"),
+    ('model__pretrained', 'hf://timm/r50/pytorch_model.bin', "config.model.pretrained='hf://timm/r50/pytorch_model"),
     ('model__pretrained', '/no/such.npz', "config.model.pretrained='/no/such.npz'"),
     ('iah__a_s', 0.0, 'config.iah.a_s=0.0: expected a positive number (px^2) or -1 (auto'),
     ('iah__a_s', -3.0, 'config.iah.a_s=-3.0'),

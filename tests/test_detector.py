@@ -55,11 +55,12 @@ def test_dn_num_slots_fits_every_count(num_dn, max_gt):
   assert d == max(needed) and d % 2 == 0
 
 
-def test_dn_layout_matches_co_dino_groups():
+def test_dn_layout_image_rule_groups_each_image_by_its_own_count():
   num_dn, max_gt = 20, 32
   d = detector.dn_num_slots(num_dn, max_gt)
   counts = np.array([0, 1, 3, 7, 20, 25, 40])
-  lay = {k: np.asarray(v) for k, v in detector.dn_layout(jnp.asarray(counts), num_dn, max_gt, d).items()}
+  lay = {k: np.asarray(v) for k, v in detector.dn_layout(jnp.asarray(counts), num_dn, max_gt, d,
+                                                         group_rule='image').items()}
   for b, count in enumerate(counts):
     n = min(count, max_gt)
     groups = max(1, num_dn // n) if n else 0
@@ -90,7 +91,7 @@ def test_dn_mask_equals_co_dino_when_groups_fill_the_slots():
   # n = 5 gts, 20 DN queries: 4 groups of 10 fill exactly D = 40 slots; Co-DINO's mask must come out.
   num_dn, max_gt, q = 20, 5, 7
   d = detector.dn_num_slots(num_dn, max_gt)
-  lay = detector.dn_layout(jnp.asarray([5]), num_dn, max_gt, d)
+  lay = detector.dn_layout(jnp.asarray([5]), num_dn, max_gt, d, group_rule='image')
   allowed = np.asarray(detector.dn_self_attention_mask(lay['group'], q))[0]
   np.testing.assert_array_equal(allowed, ~_co_dino_blocked_mask(5, 4, q))
 
@@ -98,7 +99,7 @@ def test_dn_mask_equals_co_dino_when_groups_fill_the_slots():
 def test_dn_mask_hides_empty_slots_and_isolates_groups():
   num_dn, max_gt, q = 20, 32, 4
   d = detector.dn_num_slots(num_dn, max_gt)
-  lay = detector.dn_layout(jnp.asarray([3, 0]), num_dn, max_gt, d)
+  lay = detector.dn_layout(jnp.asarray([3, 0]), num_dn, max_gt, d, group_rule='image')
   allowed = np.asarray(detector.dn_self_attention_mask(lay['group'], q))
   group, valid = np.asarray(lay['group']), np.asarray(lay['valid'])
   for b in range(2):
@@ -131,14 +132,14 @@ def test_jitter_boxes_positive_and_negative_ranges():
   assert edge_xyxy.min() >= -1e-6 and edge_xyxy.max() <= 1 + 1e-6
 
 
-def test_make_dn_queries_uses_valid_gts_and_flips_labels():
+def test_make_dn_queries_image_rule_uses_valid_gts_and_flips_labels():
   m, c, dim = 6, 5, 8
   boxes = jnp.asarray(np.random.default_rng(0).uniform(0.2, 0.4, (2, m, 4)), jnp.float32)
   labels = jnp.asarray([[0, 1, 2, 3, 4, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
   box_valid = jnp.asarray([[False, True, False, True, True, False], [False] * m])
   embedding = jnp.asarray(np.random.default_rng(1).normal(size=(c, dim)), jnp.float32)
   d = detector.dn_num_slots(12, 6)
-  kwargs = dict(num_dn_queries=12, max_gt=6, num_slots=d)
+  kwargs = dict(num_dn_queries=12, max_gt=6, num_slots=d, group_rule='image')
   dn = detector.make_dn_queries(jax.random.PRNGKey(0), {'boxes': boxes, 'labels': labels, 'box_valid': box_valid},
                                 embedding, label_noise=0.0, box_noise=0.0, **kwargs)
   valid = np.asarray(dn['valid'])
@@ -161,6 +162,178 @@ def test_make_dn_queries_uses_valid_gts_and_flips_labels():
   clean = embedding[np.asarray(many['labels'])[np.arange(64)[:, None], np.asarray(noisy['gt_index'])]]
   changed = np.any(np.abs(np.asarray(noisy['content']) - np.asarray(clean)) > 1e-6, axis=-1)[v]
   assert 0.25 * 0.8 - 0.05 < changed.mean() < 0.25 * 0.8 + 0.05
+
+
+# One compile per shape instead of op-by-op dispatch (much faster on CPU for these many small ops).
+_make_dn_queries = jax.jit(detector.make_dn_queries, static_argnames=(
+    'num_dn_queries', 'max_gt', 'num_slots', 'label_noise', 'box_noise', 'group_rule'))
+
+
+def mmdet_dn_reference(counts, num_dn_queries, num_classes):
+  """mmdet 3.3 CdnQueryGenerator + DINOHead._get_dn_targets_single, rebuilt in NumPy for gt counts per image.
+
+  Returns (total queries 2NG, groups G, per image: gt [2NG] (gt rank of a real query, -1 = zero padding),
+  label target [2NG] (num_classes = background), label weight [2NG], box weight [2NG]).
+  """
+  width = max(counts)
+  groups = 1 if width == 0 else max(1, num_dn_queries // width)
+  total = 2 * width * groups
+  gt, label, label_weight, box_weight = [], [], [], []
+  for n in counts:
+    g = np.full(total, -1)
+    for k in range(2 * groups):          # collate: block k of width N holds the image's n queries first
+      g[k * width:k * width + n] = np.arange(n)
+    pos = (np.arange(groups)[:, None] * 2 * width + np.arange(n)[None]).ravel()
+    lab = np.full(total, num_classes)
+    lab[pos] = 0                          # any class: only where the label lands matters here
+    bw = np.zeros(total)
+    bw[pos] = 1
+    gt.append(g), label.append(lab), label_weight.append(np.ones(total)), box_weight.append(bw)
+  return total, groups, np.array(gt), np.array(label), np.array(label_weight), np.array(box_weight)
+
+
+def _dn_targets(counts, m, rng, num_classes=4):
+  """Targets with counts[b] valid gts scattered over m rows (not first), random boxes and labels."""
+  box_valid = np.zeros((len(counts), m), bool)
+  for b, n in enumerate(counts):
+    box_valid[b, rng.choice(m, n, replace=False)] = True
+  centres, sizes = rng.uniform(0.3, 0.7, (len(counts), m, 2)), rng.uniform(0.05, 0.2, (len(counts), m, 2))
+  return {'boxes': jnp.asarray(np.concatenate([centres, sizes], -1), jnp.float32),
+          'labels': jnp.asarray(rng.integers(0, num_classes, (len(counts), m)), jnp.int32),
+          'box_valid': jnp.asarray(box_valid)}
+
+
+# The DN tests below share one shape (batch 2, 16 gt rows, 4 classes) and these settings: one compile.
+_DN_M, _DN_C = 16, 4
+_DN = dict(num_dn_queries=20, max_gt=16, num_slots=detector.dn_num_slots(20, 16), label_noise=0.5, box_noise=1.0,
+           group_rule='batch')
+
+
+@pytest.mark.parametrize('counts', [(3, 7), (1, 1), (0, 0), (12, 2), (5, 0)])
+def test_dn_batch_rule_equals_mmdet_groups_slots_mask_and_background(counts):
+  """Group count from the densest image, slot layout, attention mask, and which slots are classified
+  (background unless positive) against mmdet's CdnQueryGenerator / DINOHead dn targets, in NumPy."""
+  num_dn, d, q, c = _DN['num_dn_queries'], _DN['num_slots'], 5, _DN_C
+  targets = _dn_targets(counts, _DN_M, np.random.default_rng(sum(counts)), c)
+  dn = _make_dn_queries(jax.random.PRNGKey(0), targets, jnp.ones((c, 8)), **_DN)
+  total, groups, ref_gt, ref_label, ref_label_weight, ref_box_weight = mmdet_dn_reference(counts, num_dn, c)
+  valid, positive = np.asarray(dn['valid']), np.asarray(dn['positive'])
+  gt_index, group = np.asarray(dn['gt_index']), np.asarray(dn['group'])
+  box_valid = np.asarray(targets['box_valid'])
+  for b in range(len(counts)):
+    # Slots in use = mmdet's 2NG queries, each with label weight 1 (padding included); the rest do not exist.
+    np.testing.assert_array_equal(valid[b, :total], ref_label_weight[b] == 1)
+    assert not valid[b, total:].any()
+    np.testing.assert_array_equal(positive[b, :total], ref_box_weight[b] == 1)          # box loss + class
+    np.testing.assert_array_equal(positive[b, :total], ref_label[b] < c)                # the rest: background
+    # The gt behind each query: the image's valid gts in file order; zero padding has none.
+    file_order = np.nonzero(box_valid[b])[0]
+    want = np.where(ref_gt[b] >= 0, file_order[np.clip(ref_gt[b], 0, None)] if len(file_order) else -1, -1)
+    np.testing.assert_array_equal(gt_index[b, :total], want)
+    assert np.all(gt_index[b, total:] == -1)
+    # Padding queries: zero content, reference box sigmoid(0) = 0.5, as mmdet's zero-initialised batch.
+    pad = valid[b] & (gt_index[b] < 0)
+    assert np.all(np.asarray(dn['content'])[b][pad] == 0) and np.allclose(np.asarray(dn['ref_boxes'])[b][pad], 0.5)
+    if total:
+      np.testing.assert_array_equal(group[b, :total], np.arange(total) // (total // groups))
+  # Attention: on the slots in use + the matching queries, exactly mmdet's mask; slots not in use are seen by no
+  # other query.
+  allowed = np.asarray(detector.dn_self_attention_mask(dn['group'], q))
+  keep = np.concatenate([np.arange(total), d + np.arange(q)])
+  width = max(counts)
+  for b in range(len(counts)):
+    np.testing.assert_array_equal(allowed[b][np.ix_(keep, keep)], ~_co_dino_blocked_mask(width, groups, q))
+    unused = np.arange(total, d)
+    assert not (allowed[b][:, unused] & ~np.eye(d + q, dtype=bool)[:, unused]).any()
+
+
+def test_dn_batch_rule_loss_gives_padding_slots_a_background_loss():
+  """The DN loss over make_dn_queries' slots equals mmdet's _loss_dn_single (QFL over every query with label
+  weight 1, background unless positive; L1 / GIoU over positives; avg factor = positives), in NumPy."""
+  from mrqm_jax.ops import losses  # pylint: disable=g-import-not-at-top
+  from tests.test_losses import np_iou_giou, np_qfl  # pylint: disable=g-import-not-at-top
+  counts, num_dn, d, c = (3, 1), _DN['num_dn_queries'], _DN['num_slots'], _DN_C
+  rng = np.random.default_rng(5)
+  targets = _dn_targets(counts, _DN_M, rng, c)
+  dn = _make_dn_queries(jax.random.PRNGKey(3), targets, jnp.ones((c, 8)), **_DN)
+  logits = rng.normal(size=(1, 2, d, c)).astype(np.float32)
+  pred = np.concatenate([rng.uniform(0.3, 0.7, (1, 2, d, 2)), rng.uniform(0.05, 0.2, (1, 2, d, 2))], -1)
+  outputs = dict(dn, pred_logits=jnp.asarray(logits), pred_boxes=jnp.asarray(pred, jnp.float32))
+  config = smoke.get_config()
+  gt = losses._sanitize_targets(targets, c)  # pylint: disable=protected-access
+  terms = jax.jit(lambda o, g: losses.denoising_losses(o, g, config, None))(outputs, gt)
+
+  total, groups, ref_gt, ref_label, ref_label_weight, ref_box_weight = mmdet_dn_reference(counts, num_dn, c)
+  assert total == 2 * 3 * 6 and groups == 6   # N = 3 (densest image), G = 20 // 3
+  gt_boxes, gt_labels = np.asarray(targets['boxes']), np.asarray(targets['labels'])
+  cls = l1 = giou = 0.0
+  num_pos = ref_box_weight.sum()
+  for b in range(2):
+    rows = np.nonzero(np.asarray(targets['box_valid'])[b])[0][np.clip(ref_gt[b], 0, None)]
+    target_boxes = gt_boxes[b, rows]
+    labels = np.where(ref_label[b] < c, gt_labels[b, rows], c)
+    iou, g = np_iou_giou(pred[0, b, :total], target_boxes)
+    cls += (np_qfl(logits[0, b, :total].astype(np.float64), labels, np.where(labels < c, iou, 0.0),
+                   config.loss.qfl_beta).sum(-1) * ref_label_weight[b]).sum()
+    l1 += (np.abs(pred[0, b, :total] - target_boxes).sum(-1) * ref_box_weight[b]).sum()
+    giou += ((1 - g) * ref_box_weight[b]).sum()
+  w = config.loss
+  np.testing.assert_allclose(float(terms['dn.cls']), cls / num_pos * w.cls_weight * w.dn_weight, rtol=2e-5)
+  np.testing.assert_allclose(float(terms['dn.bbox']), l1 / num_pos * w.bbox_weight * w.dn_weight, rtol=2e-5)
+  np.testing.assert_allclose(float(terms['dn.giou']), giou / num_pos * w.giou_weight * w.dn_weight, rtol=2e-5)
+
+
+def test_dn_cap_keeps_a_random_subset_in_file_order():
+  """An image over dn.max_gt denoises a random max_gt of its gts each step (not the first ones in the file)."""
+  num_dn, max_gt, m = 10, 4, 9
+  d = detector.dn_num_slots(num_dn, max_gt)
+  box_valid = jnp.asarray([[True] * 7 + [False, True], [True, False, True] + [False] * 6])
+  targets = {'boxes': jnp.full((2, m, 4), 0.3), 'labels': jnp.zeros((2, m), jnp.int32), 'box_valid': box_valid}
+  chosen = []
+  for seed in range(12):
+    dn = _make_dn_queries(jax.random.PRNGKey(seed), targets, jnp.ones((3, 4)), num_dn_queries=num_dn,
+                                  max_gt=max_gt, num_slots=d, label_noise=0.0, box_noise=0.0, group_rule='batch')
+    first_group = np.asarray(dn['gt_index'])[:, :max_gt]     # width = cap = 4 (image 0), positives of group 0
+    assert len(set(first_group[0])) == max_gt and list(first_group[0]) == sorted(first_group[0])
+    assert set(first_group[0]) <= {0, 1, 2, 3, 4, 5, 6, 8}
+    np.testing.assert_array_equal(first_group[1], [0, 2, -1, -1])   # under the cap: all, file order, padding
+    chosen.append(tuple(first_group[0]))
+  assert len(set(chosen)) > 3 and set(np.concatenate(chosen)) == {0, 1, 2, 3, 4, 5, 6, 8}
+
+
+def test_make_dn_queries_takes_given_noise():
+  """The noise draws live in draw_dn_noise: passing them equals drawing them; other draws change the queries."""
+  counts, d, c = (3, 2), _DN['num_slots'], _DN_C
+  targets = _dn_targets(counts, _DN_M, np.random.default_rng(0), c)
+  embedding = jnp.asarray(np.random.default_rng(1).normal(size=(c, 8)), jnp.float32)
+  kwargs = _DN
+  rng = jax.random.PRNGKey(4)
+  drawn = _make_dn_queries(rng, targets, embedding, **kwargs)
+  noise = detector.draw_dn_noise(rng, d, c, targets['box_valid'])
+  given = _make_dn_queries(None, targets, embedding, noise=noise, **kwargs)
+  for key in drawn:
+    np.testing.assert_array_equal(drawn[key], given[key])
+  quiet = dict(noise, box_u=jnp.zeros_like(noise['box_u']), flip_u=jnp.ones_like(noise['flip_u']))
+  clean = _make_dn_queries(None, targets, embedding, noise=quiet, **kwargs)
+  positive = np.asarray(clean['positive'])
+  gi = np.asarray(clean['gt_index'])
+  np.testing.assert_allclose(np.asarray(clean['ref_boxes'])[positive],
+                             np.asarray(targets['boxes'])[np.nonzero(positive)[0], gi[positive]], atol=1e-6)
+
+
+def test_dn_cap_report_counts_images_over_the_cap():
+  import types  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import datasets  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()   # dn.max_gt = 32
+  config.dataset.max_boxes = 36  # the input pipeline keeps at most 36 (and reports the rest itself)
+  records = [types.SimpleNamespace(boxes=np.zeros((n, 4))) for n in (3, 40, 32, 33, 0)]
+  line = datasets.dn_cap_report(config, records)
+  assert line.startswith('dn.max_gt=32: 2 of 5 training images hold more boxes (5 of their 69 boxes')
+  assert 'random 32' in line and 'dn.max_gt=36 would' in line
+  config.dn.max_gt = 8
+  assert 'dn.max_gt=8: 3 of 5 training images' in datasets.dn_cap_report(config, records)
+  config.dn.max_gt = 40
+  assert datasets.dn_cap_report(config, records) is None
 
 
 # ------------------------------------------------------------------------------------------- whole model
@@ -237,10 +410,12 @@ def test_train_outputs_contract(model_setup, train_result):
   dn = out['dn_outputs']
   assert dn['pred_logits'].shape == (nl, b, d, c) and dn['pred_boxes'].shape == (nl, b, d, 4)
   assert dn['gt_index'].shape == (b, d) and dn['gt_index'].dtype == jnp.int32
-  # Image 0: 5 gts -> 20 // 5 = 4 groups; image 1: gts 2, 7, 9 -> 6 groups.
-  assert int(dn['valid'][0].sum()) == 2 * 4 * 5 and int(dn['valid'][1].sum()) == 2 * 6 * 3
-  assert int(dn['positive'][0].sum()) == 4 * 5
-  assert set(np.asarray(dn['gt_index'][1])[np.asarray(dn['valid'][1])]) == {2, 7, 9}
+  # dn.group_rule 'batch': the densest image has 5 gts -> 20 // 5 = 4 groups of 5 + 5 slots for both images;
+  # image 1 (gts 2, 7, 9) pads each half-group with 2 background queries.
+  assert int(dn['valid'][0].sum()) == 2 * 4 * 5 and int(dn['valid'][1].sum()) == 2 * 4 * 5
+  assert int(dn['positive'][0].sum()) == 4 * 5 and int(dn['positive'][1].sum()) == 4 * 3
+  real = np.asarray(dn['valid'][1]) & (np.asarray(dn['gt_index'][1]) >= 0)
+  assert set(np.asarray(dn['gt_index'][1])[real]) == {2, 7, 9} and real.sum() == 2 * 4 * 3
   iah = out['iah_outputs']
   for key in ('cls_logits', 'pred_boxes', 'anchors', 'assigned_gt'):
     assert key in iah

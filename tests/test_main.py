@@ -27,7 +27,7 @@ def _run(*args):
     (['--config.dataset.format=bogus'], "config.dataset.format='bogus': expected one of"),
     (['--config.model.backbone=resnet999'], "config.model.backbone='resnet999': expected one of 'resnet18'"),
     (['--config.train.per_device_batch_size=0'], 'config.train.per_device_batch_size=0: expected an integer >= 1'),
-    (['--config.model.pretrained=x.pth'], "config.model.pretrained='x.pth': expected '' or an existing"),
+    (['--config.model.pretrained=x.pth'], "config.model.pretrained='x.pth': expected ImageNet weights"),
     (['--config.iah.a_s=0'], 'config.iah.a_s=0.0: expected a positive number (px^2) or -1 (auto'),
     (['--config.iah.a_s=auto', '--config.iah.t_b=1.5'], 'config.iah.t_b=1.5'),   # 'auto' itself is accepted
     (['--mode=eval', '--checkpoint=/nonexistent'], "--checkpoint not found: '/nonexistent'"),
@@ -52,7 +52,7 @@ def test_missing_config_file_is_named(tmp_path):
 def test_recipes_load_and_lock():
   """The recipes carry the paper's numbers and reject unknown keys."""
   sys.path.insert(0, str(REPO))
-  from configs import smoke, sodad, visdrone  # pylint: disable=g-import-not-at-top
+  from configs import co_dino, smoke, sodad, visdrone  # pylint: disable=g-import-not-at-top
   for module in (visdrone, sodad):
     c = module.get_config()
     assert c.model.backbone == 'resnet50' and c.model.neck == 'bifpn'
@@ -61,6 +61,10 @@ def test_recipes_load_and_lock():
     assert c.train.learning_rate == 2e-4 and c.train.weight_decay == 1e-4 and c.train.grad_clip_norm == 0.1
     assert c.train.num_epochs == 12 and tuple(c.train.lr_drop_epochs) == (11,)
     assert (c.iah.t_b, c.iah.k, c.iah.p) == (0.55, 0.15, 0.2)
+  for module in (visdrone, sodad, co_dino):   # Co-DINO's behaviour by default (docs/DESIGN.md, v0.4)
+    c = module.get_config()
+    assert c.train.global_batch_size == 2 and c.model.pretrained == '' and c.dn.group_rule == 'batch'
+    assert c.input.resize_rule == 'mmdet'
   for module in (visdrone, sodad, smoke):
     with pytest.raises(AttributeError):
       module.get_config().train.no_such_key = 1

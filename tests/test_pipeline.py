@@ -246,7 +246,9 @@ def test_real_val_dev_images(visdrone_val_dev):
   (batch,) = list(pipeline.eval_iterator(config, picked, global_batch_size=len(picked)))
   h, w = config.input.image_size
   for i, r in enumerate(picked):
-    scale = min(h / r.height, w / r.width)
+    # The recipe's resize: mmdet keep-ratio (1333, 800); every val_dev image is landscape and fits the canvas.
+    scale = min(1333 / max(r.height, r.width), 800 / min(r.height, r.width))
+    assert r.height * scale <= h and r.width * scale <= w
     assert batch['scale'][i] == pytest.approx(scale)
     np.testing.assert_array_equal(batch['orig_size'][i], [r.height, r.width])
     content = (~batch['pad_mask'][i]).sum(0).max(), (~batch['pad_mask'][i]).sum(1).max()
@@ -262,6 +264,26 @@ def test_real_val_dev_images(visdrone_val_dev):
     pixels = batch['image'][i][~batch['pad_mask'][i]] * np.array(config.input.std) + np.array(config.input.mean)
     np.testing.assert_allclose(pixels.mean(0), original.mean((0, 1)), atol=1.5)
   assert batch['valid'].all()
+
+
+def test_mmdet_resize_rule_in_the_pipeline_caps_and_counts_what_does_not_fit(dataset):
+  """input.resize_rule='mmdet' scales every example by min(long bound / long side, short bound / short side);
+  one too tall for the canvas is scaled to fit it instead, and the report counts it."""
+  config = _config(**{'input.resize_rule': 'mmdet', 'input.resize_scale': (45, 32)})
+  table, report = pipeline.prepare_examples(config, dataset, train=False)
+  batches = list(pipeline.eval_iterator(config, dataset, global_batch_size=len(dataset)))
+  capped = 0
+  for i, r in enumerate(dataset):
+    mmdet = min(45 / max(r.width, r.height), 32 / min(r.width, r.height))
+    fit = min(CANVAS[0] / r.height, CANVAS[1] / r.width)
+    too_big = r.height * mmdet > CANVAS[0] + 1e-6 or r.width * mmdet > CANVAS[1] + 1e-6
+    capped += too_big
+    assert batches[0]['scale'][i] == pytest.approx(fit if too_big else mmdet, rel=1e-6)
+  assert 0 < capped < len(dataset)
+  assert any(min(45 / max(r.width, r.height), 32 / min(r.width, r.height)) < min(CANVAS[0] / r.height,
+             CANVAS[1] / r.width) - 1e-6 for r in dataset)   # some example differs from fit_canvas
+  assert f'{capped} of {len(dataset)} examples' in report.summary() and 'resized to fit it instead' in report.summary()
+  assert len(table) == len(dataset)
 
 
 def test_create_datasets(dataset):

@@ -10,9 +10,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mrqm_jax import parallel, train_lib
+import pytest
+
+from mrqm_jax import errors, parallel, train_lib
 from tests.conftest import REPO
-from configs import smoke
+from configs import co_dino, smoke, sodad, visdrone
+
+
+@pytest.mark.parametrize('recipe', [visdrone, sodad, co_dino])
+@pytest.mark.parametrize('devices', [1, 2])
+def test_recipe_global_batch_is_fixed_whatever_the_device_count(recipe, devices):
+  """The paper's batch is 2: a recipe must not become batch 16 on 8 devices at the same learning rate."""
+  config = recipe.get_config()
+  assert parallel.global_batch_size(config, device_count=devices, process_count=1) == 2
+  assert 'fixed whatever the device count' in parallel.describe_global_batch(config, device_count=devices)
+
+
+def test_minus_one_global_batch_grows_with_devices_and_says_so():
+  config = smoke.get_config()
+  config.train.global_batch_size = -1
+  assert [parallel.global_batch_size(config, device_count=n, process_count=1) for n in (1, 4)] == [2, 8]
+  line = parallel.describe_global_batch(config, device_count=4)
+  assert line.startswith('global batch 8 (train.global_batch_size=-1: per_device_batch_size 2 x 4 device(s)')
+  assert 'grows with the device count' in line
+
+
+def test_global_batch_the_devices_cannot_split_is_one_line_saying_what_to_set():
+  config = visdrone.get_config()
+  with pytest.raises(errors.ConfigError) as e:
+    parallel.global_batch_size(config, device_count=8, process_count=1)
+  message = str(e.value)
+  assert message.startswith('config.train.global_batch_size=2 is not divisible by the 8 devices')
+  assert 'multiple of 8' in message and '\n' not in message and e.value.exit_code == 2
+  config.train.grad_accum_steps = 4
+  with pytest.raises(errors.ConfigError, match='grad_accum_steps=4'):
+    parallel.global_batch_size(config, device_count=1, process_count=1)
 
 
 def test_param_labels_by_path():

@@ -85,18 +85,53 @@ def test_resize_exact_matches_numpy_bilinear(hw, canvas):
   np.testing.assert_allclose(out, _bilinear_reference(image, s, expected_size), atol=5e-2)
 
 
+@pytest.mark.parametrize('w, h, mmdet, capped', [
+    (2000, 1500, 800 / 1500, False),     # 4:3 landscape: the short side bounds it (1067 x 800), as fit_canvas
+    (1920, 1080, 1333 / 1920, False),    # 16:9: the long side bounds it at 1333 px (fit_canvas: 1344)
+    (960, 540, 1333 / 960, False),       # upscaled the same way
+    (1500, 2000, 800 / 1500, True),      # portrait: mmdet's 800 x 1067 is taller than the 800 px canvas
+    (1080, 1920, 1333 / 1920, True),
+])
+def test_resize_factors_mmdet_keep_ratio_and_canvas_cap(w, h, mmdet, capped):
+  """mmcv keep-ratio rescale to (1333, 800): min(1333 / long, 800 / short); capped at the canvas fit."""
+  canvas = (800, 1344)
+  fit = min(800 / h, 1344 / w)
+  scale, was_capped = transforms.resize_factors(np.array([[h, w]]), canvas, 'mmdet', (1333, 800))
+  assert bool(was_capped[0]) == capped
+  assert scale[0] == pytest.approx(fit if capped else mmdet, rel=1e-6)
+  if capped:   # the portrait image at mmdet's scale would not fit; at the returned one it does, exactly
+    assert h * mmdet > 800 and h * scale[0] == pytest.approx(800, rel=1e-6)
+  # fit_canvas is bit-identical to the in-graph fit_scale (the v0.1-v0.3 rule)
+  fit_only, none = transforms.resize_factors(np.array([[h, w]]), canvas, 'fit_canvas')
+  assert fit_only[0] == transforms.fit_scale(tf.constant([h, w]), canvas).numpy() and not none.any()
+  # the order of resize_scale does not matter (mmdet's (w, h) tuple means long / short bounds)
+  np.testing.assert_array_equal(scale, transforms.resize_factors(np.array([[h, w]]), canvas, 'mmdet',
+                                                                 (800, 1333))[0])
+
+
+def test_preprocess_applies_a_given_scale():
+  image = np.full((30, 60, 3), 100, np.uint8)
+  ex = _example(image, np.array([[10, 5, 40, 25]], np.float32), [1], np.zeros((0, 4)), (40, 48), scale=0.5)
+  assert ex['scale'] == 0.5
+  assert (~ex['pad_mask']).sum(0).max() == 15 and (~ex['pad_mask']).sum(1).max() == 30   # 30 x 60 at 0.5
+  np.testing.assert_allclose(ex['boxes'][0], [25 * 0.5 / 48, 15 * 0.5 / 40, 30 * 0.5 / 48, 20 * 0.5 / 40],
+                             rtol=1e-6)
+
+
 def test_resize_exact_at_scale_one_is_identity():
   image = np.random.default_rng(2).integers(0, 255, (9, 11, 3), dtype=np.uint8)
   out = transforms.resize_exact(tf.constant(image), tf.constant(1.0), tf.constant([9, 11]))
   np.testing.assert_array_equal(out, image.astype(np.float32))
 
 
-def _example(image, boxes, labels, ignore, canvas, max_boxes=8, max_ignore=4, window=None, flip_seed=None):
+def _example(image, boxes, labels, ignore, canvas, max_boxes=8, max_ignore=4, window=None, flip_seed=None,
+             scale=None):
   window = image.shape[:2] if window is None else window
   return {k: v.numpy() for k, v in transforms.preprocess(
       tf.constant(image), tf.constant(boxes, tf.float32), tf.constant(labels, tf.int32),
       tf.constant(ignore, tf.float32), window_hw=tf.constant(window), canvas_hw=canvas, mean=MEAN, std=STD,
-      max_boxes=max_boxes, max_ignore=max_ignore, flip_seed=flip_seed).items()}
+      max_boxes=max_boxes, max_ignore=max_ignore, flip_seed=flip_seed,
+      scale=None if scale is None else tf.constant(scale, tf.float32)).items()}
 
 
 def test_box_maps_to_the_same_pixels():

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mrqm_jax import weights
+from mrqm_jax import errors, pretrained, weights
 from mrqm_jax.models import backbone
 from mrqm_jax.models import layers
 
@@ -193,3 +193,66 @@ def test_bad_paths_name_the_file(tmp_path):
   pth.write_bytes(b'x')
   with pytest.raises(ValueError, match='r50.pth'):
     weights.load_state_dict(str(pth))
+
+
+def _fake_hf_cache(cache, repo_id, filename, state_dict):
+  """huggingface_hub's cache layout, as a download leaves it: refs/main -> snapshot folder -> file (blob link)."""
+  from safetensors.numpy import save_file
+  commit = '0123456789abcdef0123456789abcdef01234567'
+  repo = cache / ('models--' + repo_id.replace('/', '--'))
+  (repo / 'refs').mkdir(parents=True)
+  (repo / 'refs' / 'main').write_text(commit)
+  (repo / 'blobs').mkdir()
+  blob = repo / 'blobs' / 'f00d'
+  save_file(state_dict, str(blob))
+  snapshot = repo / 'snapshots' / commit
+  snapshot.mkdir(parents=True)
+  (snapshot / filename).symlink_to(blob)
+  return snapshot / filename
+
+
+@pytest.fixture
+def offline_hf_cache(tmp_path, monkeypatch):
+  """An empty huggingface_hub cache in tmp_path with HF_HUB_OFFLINE on: nothing may touch the network."""
+  from huggingface_hub import constants
+  cache = tmp_path / 'hf_cache'
+  cache.mkdir()
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+  monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+  return cache
+
+
+def test_hf_spec_loads_timm_names_from_the_huggingface_cache_offline(offline_hf_cache):
+  """model.pretrained='hf://timm/...' runs the real hf_hub_download against a prepared cache (no network)."""
+  model = backbone.ResNet(depth=18, width=8)
+  template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  wrapped = {c: {'backbone': t} for c, t in template.items()}
+  sd = random_state_dict(torchvision_resnet_shapes(18, width=8), seed=3)   # timm's plain ResNet names
+  cached = _fake_hf_cache(offline_hf_cache, 'timm/resnet18.tv_in1k', 'model.safetensors', sd)
+  assert pretrained.resolve('hf://timm/resnet18.tv_in1k') == str(cached)
+  assert pretrained.resolve('hf://timm/resnet18.tv_in1k/model.safetensors') == str(cached)
+  config = ml_collections.ConfigDict({'model': {'pretrained': 'hf://timm/resnet18.tv_in1k', 'backbone': 'resnet18',
+                                                'backbone_width': 8}})
+  new_vars, report = weights.load_pretrained(config, wrapped)
+  assert report.complete and set(report.unused) == {'fc.weight', 'fc.bias'}
+  np.testing.assert_array_equal(new_vars['params']['backbone']['conv1']['kernel'],
+                                sd['conv1.weight'].transpose(2, 3, 1, 0))
+  for spec in ('none', ''):
+    config.model.pretrained = spec
+    assert weights.load_pretrained(config, wrapped) == (wrapped, None)
+
+
+def test_hf_spec_missing_from_the_offline_cache_is_one_line_saying_how_to_fetch_it(offline_hf_cache):
+  with pytest.raises(errors.ConfigError) as e:
+    pretrained.resolve(pretrained.TORCHVISION_RESNET50)
+  message = str(e.value)
+  assert message.startswith("config.model.pretrained='hf://timm/resnet50.tv_in1k': HF_HUB_OFFLINE is set")
+  assert 'hf download timm/resnet50.tv_in1k model.safetensors' in message and '\n' not in message
+
+
+@pytest.mark.parametrize('spec, parsed', [
+    ('hf://timm/resnet50.tv_in1k', ('timm/resnet50.tv_in1k', 'model.safetensors')),
+    ('hf://me/weights/sub/r50.npz', ('me/weights', 'sub/r50.npz')),
+    ('hf://timm', None), ('hf://timm/', None), ('hf://timm/r50/pytorch_model.bin', None), ('/x/r50.npz', None)])
+def test_hf_spec_parsing(spec, parsed):
+  assert pretrained.parse_hf_spec(spec) == parsed

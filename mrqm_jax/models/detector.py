@@ -9,8 +9,9 @@ returns the output dict of the shared contract (L decoder layers, Q = decoder.nu
   pred_logits [B, Q, C], pred_boxes [B, Q, 4]      last decoder layer, matching queries
   aux_outputs {pred_logits [L-1, B, Q, C], pred_boxes [L-1, B, Q, 4]}
   enc_outputs {pred_logits [B, Q, C], pred_boxes [B, Q, 4]}     the selected encoder proposals
-  dn_outputs  {pred_logits [L, B, D, C], pred_boxes [L, B, D, 4], gt_index [B, D] i32 (-1 = empty slot),
-               positive [B, D], valid [B, D]}                   only when train, targets given, dn.enabled
+  dn_outputs  {pred_logits [L, B, D, C], pred_boxes [L, B, D, 4], gt_index [B, D] i32 (-1 = no gt),
+               positive [B, D], valid [B, D] (in use: background unless positive)}
+                                                                only when train, targets given, dn.enabled
   {head}_outputs for each head of model.aux_heads ('iah_outputs', 'atss_outputs', 'rcnn_outputs'): everything
                the head returns (see IoUAwareHead, ATSSHead, RCNNBranch), plus its query group decoded by the
                shared decoder: query_logits [L, B, K, C], query_boxes [L, B, K, 4], query_gt [B, K] i32
@@ -33,16 +34,21 @@ Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_propo
   them (score -inf), because their boxes are (1, 1, 1, 1) and an inf would poison gradients in JAX.
 
 Contrastive denoising (Co-DINO `CdnQueryGenerator`, label noise 0.5, box noise 1.0), made static:
-  Co-DINO builds G = max(1, dn.num_queries // n) groups from the n gts of the batch's densest image, each group
-  holding n positive then n negative queries. We keep that group rule but apply it PER IMAGE with
-  n = min(#gts, dn.max_gt), inside a fixed number of DN slots D = `dn_num_slots(dn.num_queries, cap)` (the
-  largest 2 * G * n any n can need, cap = min(dn.max_gt, dataset.max_boxes)); slots past 2 * G * n are empty
-  (`valid` False). Per image rather than per batch so that an image's queries do not depend on which images
-  share its batch (or device). Denoising queries: content = label_embedding(label, flipped to a uniform random
-  class with probability label_noise / 2), reference = the gt box with each xyxy corner moved by
-  sign * u * (w/2 | h/2) * box_noise, u ~ U[0, 1) for positives and U[1, 2) for negatives, clipped to [0, 1].
-  Self-attention mask (`dn_self_attention_mask`): matching queries see only matching queries; a DN query sees
-  the valid queries of its own group and all matching queries (as DINO); every query sees itself.
+  each image denoises n = min(#gts, dn.max_gt) of its gts (all of them, in file order, when it has at most
+  dn.max_gt; else a random dn.max_gt each step, drawn from the 'dn' stream). `dn.group_rule='batch'` (Co-DINO):
+  the groups are w = the largest n of the batch wide and there are G = max(1, dn.num_queries // w) of them; each
+  group holds w positive then w negative queries, and an image with n < w fills the rest of each half with
+  padding queries (zero content, reference box sigmoid(0)) that attend their group and are classified as
+  background, as Co-DINO's zero-padded queries are (label_weights 1, label = background). 'image': w = the
+  image's own n (G per image, no padding), so an image's queries do not depend on which images share its batch.
+  The groups sit in a fixed number of DN slots D = `dn_num_slots(dn.num_queries, cap)` (the largest 2 * G * w
+  any w can need, cap = min(dn.max_gt, dataset.max_boxes)); slots past 2 * G * w are not in use (`valid`
+  False: no loss, attended by none). Denoising queries: content = label_embedding(label, flipped to a uniform
+  random class with probability label_noise / 2), reference = the gt box with each xyxy corner moved by
+  sign * u * (w/2 | h/2) * box_noise, u ~ U[0, 1) for positives and U[1, 2) for negatives, clipped to [0, 1];
+  every draw comes from `draw_dn_noise` (a caller may pass its own). Self-attention mask
+  (`dn_self_attention_mask`): matching queries see only matching queries; a DN query sees the in-use queries
+  of its own group (padding included, as Co-DINO) and all matching queries (as DINO); every query sees itself.
 
 Collaborative auxiliary heads (Co-DINO `forward_train` + `forward_aux`): every head runs on the aux levels (the
 encoder memory as maps + one stride-2 level, `aux_heads.AuxLevels`) and returns its positives; each head's group
@@ -126,6 +132,9 @@ def select_top_proposals(enc_logits: jax.Array, enc_boxes_logit: jax.Array, toke
 
 
 # ------------------------------------------------------------------------------------------------ denoising
+DN_GROUP_RULES = ('batch', 'image')
+
+
 def dn_groups(num_gts, num_dn_queries: int):
   """Co-DINO's dynamic group count for n gts: max(1, num_dn_queries // n) (1 when n = 0). Works on ints/arrays."""
   return jnp.maximum(1, num_dn_queries // jnp.maximum(num_gts, 1))
@@ -138,26 +147,34 @@ def dn_num_slots(num_dn_queries: int, max_gt: int) -> int:
   return 2 * max(max(1, num_dn_queries // n) * n for n in range(1, max_gt + 1))
 
 
-def dn_layout(num_gts: jax.Array, num_dn_queries: int, max_gt: int, num_slots: int) -> dict[str, jax.Array]:
-  """Where each DN slot sits: num_gts [B] i32 (valid gts per image) -> per slot [B, D]:
+def dn_layout(num_gts: jax.Array, num_dn_queries: int, max_gt: int, num_slots: int, *,
+              group_rule: str) -> dict[str, jax.Array]:
+  """Where each DN slot sits: num_gts [B] i32 (valid gts per image) -> per slot [B, D].
 
-  n = min(num_gts, max_gt), G = dn_groups(n); slot s belongs to group s // (2n); inside a group the first n
-  slots are positives and the next n negatives of gts 0..n-1 (`gt_rank`, the rank among the image's valid
-  gts); slots with group >= G (or n = 0) are empty. Returns {'group' (-1 = empty), 'gt_rank', 'positive',
-  'valid'}.
+  Each image denoises n = min(num_gts, max_gt) gts in groups of width w: group_rule 'batch' (Co-DINO) w = the
+  largest n of the batch, 'image' w = the image's own n. G = dn_groups(w) groups; slot s belongs to group
+  s // (2w); inside a group the first w slots are positives and the next w negatives of gt ranks 0..w-1
+  (`gt_rank`, the rank among the image's denoised gts). Returns {'group' (-1 = slot not in use), 'gt_rank',
+  'positive' (the slot's kind), 'valid' (in use: group < G and w > 0; such a slot attends its group and gets
+  a classification loss), 'real' (in use and gt_rank < n: it carries a gt; the others of a group pad it with
+  a background query, as Co-DINO pads images with fewer gts than the densest)}.
   """
+  if group_rule not in DN_GROUP_RULES:
+    raise ValueError(f'dn.group_rule must be one of {DN_GROUP_RULES}, got {group_rule!r}')
   n = jnp.minimum(jnp.asarray(num_gts, jnp.int32), max_gt)[:, None]     # [B, 1]
-  n_safe = jnp.maximum(n, 1)
+  width = jnp.broadcast_to(n.max(), n.shape) if group_rule == 'batch' else n
+  width_safe = jnp.maximum(width, 1)
   slot = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
-  group = slot // (2 * n_safe)
-  within = slot % (2 * n_safe)
-  valid = (n > 0) & (group < dn_groups(n, num_dn_queries))
-  return {'group': jnp.where(valid, group, -1), 'gt_rank': within % n_safe, 'positive': within < n_safe,
-          'valid': valid}
+  group = slot // (2 * width_safe)
+  within = slot % (2 * width_safe)
+  rank = within % width_safe
+  valid = (width > 0) & (group < dn_groups(width, num_dn_queries))
+  return {'group': jnp.where(valid, group, -1), 'gt_rank': rank, 'positive': within < width_safe,
+          'valid': valid, 'real': valid & (rank < n)}
 
 
 def dn_self_attention_mask(dn_group: jax.Array, num_matching: int) -> jax.Array:
-  """Self-attention mask of [DN queries; matching queries]: dn_group [B, D] (-1 = empty slot) ->
+  """Self-attention mask of [DN queries; matching queries]: dn_group [B, D] (-1 = slot not in use) ->
   [B, D + Q, D + Q] bool, True = row query may attend column query (see module doc)."""
   b, d = dn_group.shape
   n = d + num_matching
@@ -169,56 +186,100 @@ def dn_self_attention_mask(dn_group: jax.Array, num_matching: int) -> jax.Array:
   return dn_rows | matching_rows | jnp.eye(n, dtype=bool)[None]
 
 
-def jitter_boxes(rng: jax.Array, boxes: jax.Array, negative: jax.Array, box_noise: float) -> jax.Array:
-  """DINO's contrastive box noise: boxes [..., 4] cxcywh, negative [...] bool -> [..., 4] cxcywh in [0, 1].
-
-  Each xyxy corner moves by sign * u * half the box side * box_noise, sign = +-1, u ~ U[0, 1) (positives) or
-  U[1, 2) (negatives); the corners are clipped to [0, 1] (a negative box may come out inverted, i.e. with
-  a negative side, exactly as in Co-DINO; the decoder's logit clamp then treats the side as ~0).
-  """
+def draw_box_noise(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """DINO's box-noise draws for boxes of `shape` [..., 4]: (sign +-1, u ~ U[0, 1)), both [..., 4] f32."""
   sign_rng, mag_rng = jax.random.split(rng)
-  sign = jnp.where(jax.random.bernoulli(sign_rng, 0.5, boxes.shape), 1.0, -1.0)
-  magnitude = jax.random.uniform(mag_rng, boxes.shape) + negative[..., None].astype(jnp.float32)
+  sign = jnp.where(jax.random.bernoulli(sign_rng, 0.5, shape), 1.0, -1.0)
+  return sign, jax.random.uniform(mag_rng, shape)
+
+
+def apply_box_noise(boxes: jax.Array, negative: jax.Array, sign: jax.Array, u: jax.Array,
+                    box_noise: float) -> jax.Array:
+  """DINO's contrastive box noise: boxes [..., 4] cxcywh, negative [...] bool, sign / u [..., 4] (draw_box_noise)
+  -> [..., 4] cxcywh in [0, 1].
+
+  Each xyxy corner moves by sign * u' * half the box side * box_noise, u' = u (positives) or u + 1 (negatives,
+  so U[1, 2)); the corners are clipped to [0, 1] (a negative box may come out inverted, i.e. with a negative
+  side, exactly as in Co-DINO; the decoder's logit clamp then treats the side as ~0).
+  """
+  magnitude = u + negative[..., None].astype(jnp.float32)
   half = jnp.concatenate([boxes[..., 2:], boxes[..., 2:]], axis=-1) * 0.5
   corners = box_ops.cxcywh_to_xyxy(boxes) + sign * magnitude * half * box_noise
   return box_ops.xyxy_to_cxcywh(jnp.clip(corners, 0.0, 1.0))
 
 
-def make_dn_queries(rng: jax.Array, targets: dict, label_embedding: jax.Array, *, num_dn_queries: int,
-                    max_gt: int, num_slots: int, label_noise: float, box_noise: float) -> dict[str, jax.Array]:
+def jitter_boxes(rng: jax.Array, boxes: jax.Array, negative: jax.Array, box_noise: float) -> jax.Array:
+  """`apply_box_noise` with fresh draws from `rng`: boxes [..., 4] cxcywh, negative [...] -> [..., 4]."""
+  sign, u = draw_box_noise(rng, boxes.shape)
+  return apply_box_noise(boxes, negative, sign, u, box_noise)
+
+
+def draw_dn_noise(rng: jax.Array, num_slots: int, num_classes: int, gt_valid: jax.Array) -> dict[str, jax.Array]:
+  """Every random draw of one step's denoising queries (the 'dn' stream), in one place so that a caller can
+  pass its own instead (`make_dn_queries(noise=...)`, e.g. a reference implementation's draws).
+
+  gt_valid [B, M] -> {'gt_priority' [B, M] U[0, 1) (which gts an image over the cap keeps: the lowest),
+  'flip_u' [B, D] U[0, 1) (label flipped when < label_noise / 2), 'random_label' [B, D] i32 in [0, C),
+  'box_sign' [B, D, 4] +-1, 'box_u' [B, D, 4] U[0, 1)}.
+  """
+  b = gt_valid.shape[0]
+  label_rng, flip_rng, box_rng = jax.random.split(rng, 3)
+  sign, u = draw_box_noise(box_rng, (b, num_slots, 4))
+  return {'gt_priority': jax.random.uniform(jax.random.fold_in(rng, 3), gt_valid.shape),
+          'flip_u': jax.random.uniform(flip_rng, (b, num_slots)),
+          'random_label': jax.random.randint(label_rng, (b, num_slots), 0, num_classes),
+          'box_sign': sign, 'box_u': u}
+
+
+def dn_gt_subset(gt_valid: jax.Array, priority: jax.Array, max_gt: int) -> jax.Array:
+  """Which gts denoise: gt_valid [B, M], priority [B, M] -> [B, M] bool, every valid gt of an image with at most
+  max_gt, else the max_gt valid ones of lowest priority (a random subset when priority is uniform noise)."""
+  key = jnp.where(gt_valid, priority, jnp.inf)
+  rank = jnp.argsort(jnp.argsort(key, axis=1, stable=True), axis=1, stable=True)
+  return gt_valid & (rank < max_gt)
+
+
+def make_dn_queries(rng: jax.Array | None, targets: dict, label_embedding: jax.Array, *, num_dn_queries: int,
+                    max_gt: int, num_slots: int, label_noise: float, box_noise: float, group_rule: str,
+                    noise: dict | None = None) -> dict[str, jax.Array]:
   """Denoising queries of a batch (module doc).
 
-  targets: boxes [B, M, 4] cxcywh, labels [B, M] i32, box_valid [B, M] bool (valid gts anywhere in M; the
-  first min(#valid, max_gt) valid ones are used); label_embedding [C, D].
-  Returns content [B, D, Dm], ref_boxes [B, D, 4], gt_index [B, D] i32 (index into M, -1 = empty slot),
-  positive [B, D], valid [B, D], group [B, D] (-1 = empty slot).
+  targets: boxes [B, M, 4] cxcywh, labels [B, M] i32, box_valid [B, M] bool (valid gts anywhere in M); an
+  image with more than max_gt valid gts denoises a random max_gt of them (`dn_gt_subset`), in their original
+  order; label_embedding [C, D]. noise: `draw_dn_noise`'s dict to use instead of drawing from rng.
+  Returns content [B, D, Dm], ref_boxes [B, D, 4], gt_index [B, D] i32 (index into M, -1 = no gt: a padding
+  slot of a group, or a slot not in use), positive [B, D] (carries a gt, positive query), valid [B, D] (in use:
+  attends its group, classification loss; background unless positive), group [B, D] (-1 = not in use).
   """
   gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
   gt_labels = jnp.asarray(targets['labels'], jnp.int32)
   gt_valid = jnp.asarray(targets['box_valid'], bool)
   num_classes = label_embedding.shape[0]
-  # Valid gts first, in their original order (stable sort of the "invalid" flag).
-  order = jnp.argsort(~gt_valid, axis=1, stable=True).astype(jnp.int32)
-  layout = dn_layout(gt_valid.sum(axis=1), num_dn_queries, max_gt, num_slots)
+  if noise is None:
+    noise = draw_dn_noise(rng, num_slots, num_classes, gt_valid)
+  used = dn_gt_subset(gt_valid, noise['gt_priority'], max_gt)
+  # Denoised gts first, in their original order (stable sort of the "not used" flag).
+  order = jnp.argsort(~used, axis=1, stable=True).astype(jnp.int32)
+  layout = dn_layout(used.sum(axis=1), num_dn_queries, max_gt, num_slots, group_rule=group_rule)
   gt_index = jnp.take_along_axis(order, layout['gt_rank'], axis=1)                          # [B, D]
-  valid = layout['valid']
+  real = layout['real']
   labels = jnp.take_along_axis(gt_labels, gt_index, axis=1)
   boxes = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)
 
-  label_rng, flip_rng, box_rng = jax.random.split(rng, 3)
   if label_noise > 0:
-    flip = jax.random.uniform(flip_rng, labels.shape) < label_noise * 0.5
-    labels = jnp.where(flip, jax.random.randint(label_rng, labels.shape, 0, num_classes), labels)
+    flip = noise['flip_u'] < label_noise * 0.5
+    labels = jnp.where(flip, noise['random_label'], labels)
   if box_noise > 0:
-    boxes = jitter_boxes(box_rng, boxes, ~layout['positive'], box_noise)
+    boxes = apply_box_noise(boxes, ~layout['positive'], noise['box_sign'], noise['box_u'], box_noise)
   # Co-DINO feeds inverse_sigmoid(box, eps=1e-3) to the decoder, which takes its sigmoid again.
   boxes = jax.nn.sigmoid(decoder_lib.inverse_sigmoid(boxes))
 
-  content = jnp.where(valid[..., None], label_embedding[jnp.clip(labels, 0, num_classes - 1)], 0.0)
-  boxes = jnp.where(valid[..., None], boxes, jnp.asarray(EMPTY_SLOT_BOX, jnp.float32))
+  # Slots without a gt are Co-DINO's zero padding: zero content, reference box sigmoid(0).
+  content = jnp.where(real[..., None], label_embedding[jnp.clip(labels, 0, num_classes - 1)], 0.0)
+  boxes = jnp.where(real[..., None], boxes, jnp.asarray(EMPTY_SLOT_BOX, jnp.float32))
   return {'content': content, 'ref_boxes': jax.lax.stop_gradient(boxes),
-          'gt_index': jnp.where(valid, gt_index, -1), 'positive': layout['positive'] & valid, 'valid': valid,
-          'group': layout['group']}
+          'gt_index': jnp.where(real, gt_index, -1), 'positive': layout['positive'] & real,
+          'valid': layout['valid'], 'group': layout['group']}
 
 
 # ------------------------------------------------------------------------------------ auxiliary heads
@@ -242,12 +303,13 @@ def placeholder_targets(batch: int, max_boxes: int) -> dict:
 # ------------------------------------------------------------------------------------------------- detector
 @dataclasses.dataclass(frozen=True)
 class DNSpec:
-  """Contrastive denoising (`config.dn`): groups of `num_queries // n` for n gts, capped at `max_gt` gts."""
+  """Contrastive denoising (`config.dn`): groups of `num_queries // n` for n gts, capped at `max_gt` gts per image."""
   enabled: bool = True
   num_queries: int = 100
   max_gt: int = 200
   label_noise: float = 0.5
   box_noise: float = 1.0
+  group_rule: str = 'batch'   # DN_GROUP_RULES: group width from the batch's densest image (Co-DINO) or per image
 
 
 class MRQM(nn.Module):
@@ -325,7 +387,7 @@ class MRQM(nn.Module):
       num_dn = dn_num_slots(dn_cfg.num_queries, cap)
       dn = make_dn_queries(self.make_rng('dn'), targets, label_embedding, num_dn_queries=dn_cfg.num_queries,
                            max_gt=cap, num_slots=num_dn, label_noise=dn_cfg.label_noise,
-                           box_noise=dn_cfg.box_noise)
+                           box_noise=dn_cfg.box_noise, group_rule=dn_cfg.group_rule)
       dec = decode(jnp.concatenate([dn['content'].astype(content.dtype), content], axis=1),
                    jnp.concatenate([dn['ref_boxes'], refs], axis=1),
                    dn_self_attention_mask(dn['group'], num_queries))
@@ -457,7 +519,8 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
   return MRQM(
       backbone=build_backbone(config), neck=build_neck(config), encoder=build_encoder(config),
       decoder=build_decoder(config), num_queries=config.decoder.num_queries,
-      dn=DNSpec(bool(d.enabled), int(d.num_queries), int(d.max_gt), float(d.label_noise), float(d.box_noise)),
+      dn=DNSpec(bool(d.enabled), int(d.num_queries), int(d.max_gt), float(d.label_noise), float(d.box_noise),
+                str(d.group_rule)),
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, dtype=m.dtype)

@@ -8,7 +8,9 @@ Terms (each already multiplied by its weight, so `total == sum(terms.values())`;
                                  (all sets' matchings solved together: `match_query_sets`)
   enc.cls / ...                  the selected encoder proposals (`enc_outputs`), matched         x loss.enc_weight
   dn.cls / d{l}.dn.cls / ...     denoising queries (`dn_outputs`), every layer: positives reconstruct their gt,
-                                 negatives are background, no matching                          x loss.dn_weight
+                                 every other query in use (negatives, a group's padding) is background, no
+                                 matching (mmdet DINOHead dn targets: label weight 1 on every DN query)
+                                                                                                x loss.dn_weight
   iah.cls / iah.giou             dense IoU-aware head (`iah_outputs`): sigmoid focal loss on every valid anchor
                                  (positives: their gt's class), GIoU on positive anchors
                                                                  x iah.loss_weight * decoder.num_layers
