@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The aux heads' extra level: conv 3x3 s2 + GN; Co-DINO's conv has a bias (False: mrqm_jax <= 0.3's layout,
   # which checkpoints stored without this key get, so that they restore).
   c.model.aux_downsample_bias = True
+  # Two-stage selection: invalid encoder tokens (padding, proposals outside (0.01, 0.99)) compete in the top-k
+  # as in Co-DINO (False); True keeps them out (mrqm_jax <= 0.3; what checkpoints stored without this key get).
+  c.model.exclude_invalid_proposals = False
   # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
   # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
   # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen

@@ -152,6 +152,7 @@ CHECKS: dict[str, Check] = {
     'model.backbone_width': _COUNT,
     'model.frozen_stages': integer(0, 4),
     'model.aux_downsample_bias': boolean(),
+    'model.exclude_invalid_proposals': boolean(),
     'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
@@ -319,7 +320,8 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # Keys that shape the model or its input: eval/predict/export take them from the checkpoint's stored config.
 # Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
 # (and the resize its model was trained with).
-LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'input.resize_rule': 'fit_canvas',
+LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
+                         'input.resize_rule': 'fit_canvas',
                          'dn.group_rule': 'image'}
 
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',

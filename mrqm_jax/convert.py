@@ -82,8 +82,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
     flat = (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
   else:
     flat = np.frombuffer(data, _storage_dtype(dtype_name))
-  if not size:
-    return flat[offset].copy()
+  if not size:   # a 0-d tensor stays a (0-d) array
+    return np.array(flat[offset])
   itemsize = flat.dtype.itemsize
   return np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
                                          strides=tuple(s * itemsize for s in stride)).copy()
@@ -290,7 +290,7 @@ def _codino_rules(num_heads: int, roi_feat_dim: int, rpn_scales: int, rpn_ratios
       lambda m: f'{qh}.reg_branches.{m[1]}.{2 * int(m[2])}.{dense_leaf[m[3]][0]}', lambda m: dense_leaf[m[3]][1])
   add(r'params/decoder/final_norm/(scale|bias)', lambda m: f'{tr}.decoder.norm.{norm_leaf[m[1]]}', _copy)
   add(r'params/decoder/ref_point_head/layers_(\d)/(kernel|bias)',
-      lambda m: f'{tr}.decoder.ref_point_head.layers.{m[1]}.{dense_leaf[m[2]][0]}', lambda m: dense_leaf[m[2]][1])
+      lambda m: f'{tr}.decoder.ref_point_head.{2 * int(m[1])}.{dense_leaf[m[2]][0]}', lambda m: dense_leaf[m[2]][1])
   add(r'params/decoder/layers_(\d+)/self_attn/(query|key|value)/kernel',
       lambda m: f'{tr}.decoder.layers.{m[1]}.attentions.0.attn.in_proj_weight',
       lambda m: _qkv_kernel(mha[m[2]], num_heads))
@@ -528,12 +528,11 @@ def main(argv=None) -> int:
   from mrqm_jax import errors   # pylint: disable=g-import-not-at-top
 
   config_flag = config_flags.DEFINE_config_file('config', None, 'configs/*.py of the model to fill.')
-  source = flags.DEFINE_enum('from', 'codetr', ['codetr'], 'Checkpoint family.')
+  flags.DEFINE_enum('from', 'codetr', ['codetr'], 'Checkpoint family.')
   checkpoint = flags.DEFINE_string('checkpoint', None, 'Co-DETR checkpoint (.pth, .safetensors or .npz).')
   out = flags.DEFINE_string('out', None, 'Output folder (must not exist or be empty).')
 
   def _main(_):
-    del source
     try:
       if not checkpoint.value or not out.value or config_flag.value is None:
         raise errors.UsageError('--checkpoint, --config and --out are required')

@@ -30,8 +30,11 @@ Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_propo
   coordinate are invalid and their memory is zeroed; enc_output = LN(Dense(memory)); per-token class logits
   (enc class head) and boxes sigmoid(enc box head + logit(proposal)); the top-Q tokens by max class logit
   give the reference boxes (DETACHED) of the matching queries, whose content is a LEARNED embedding [Q, D].
-  One deviation: Co-DINO lets invalid tokens (inf proposals, constant logits) compete in the top-k; we exclude
-  them (score -inf), because their boxes are (1, 1, 1, 1) and an inf would poison gradients in JAX.
+  Invalid tokens compete in the top-k as in Co-DINO (`exclude_invalid_proposals=False`, the default): their
+  zeroed memory gives them one constant class logit, and their box logit is Co-DINO's +inf, written as the
+  finite INVALID_PROPOSAL_LOGIT (sigmoid 1.0 exactly in float32, zero gradient, no inf in JAX's gradients), so
+  a selected one becomes a query at box (1, 1, 1, 1). `exclude_invalid_proposals=True` (config
+  model.exclude_invalid_proposals; mrqm_jax <= 0.3) keeps them out of the top-k.
 
 Contrastive denoising (Co-DINO `CdnQueryGenerator`, label noise 0.5, box noise 1.0), made static:
   each image denoises n = min(#gts, dn.max_gt) of its gts (all of them, in file order, when it has at most
@@ -82,6 +85,8 @@ PROPOSAL_BASE_SIZE = 0.05
 PROPOSAL_VALID_RANGE = (0.01, 0.99)
 # Reference box of empty DN slots: Co-DINO pads them with zeros in logit space, i.e. sigmoid(0) = 0.5.
 EMPTY_SLOT_BOX = (0.5, 0.5, 0.5, 0.5)
+# Box logit of an invalid encoder token (Co-DINO: +inf): finite, yet sigmoid() is exactly 1.0 in float32.
+INVALID_PROPOSAL_LOGIT = 1e4
 
 
 # ------------------------------------------------------------------------------------------ query selection
@@ -337,6 +342,7 @@ class MRQM(nn.Module):
   aux_levels: aux_heads.AuxLevels | None = None
   aux_heads: tuple[nn.Module, ...] = ()
   max_boxes: int = 1000
+  exclude_invalid_proposals: bool = False
   dtype: Any = None
 
   @nn.compact
@@ -369,7 +375,12 @@ class MRQM(nn.Module):
                           name='enc_class_head')(out_memory).astype(jnp.float32)
     enc_boxes_logit = (decoder_lib.box_head(dim, dtype, name='enc_box_head')(out_memory).astype(jnp.float32)
                        + jnp.asarray(proposals_logit)[None])
-    top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, token_valid, num_queries)
+    if self.exclude_invalid_proposals:
+      selectable = token_valid
+    else:
+      selectable = jnp.ones_like(token_valid)
+      enc_boxes_logit = jnp.where(token_valid[..., None], enc_boxes_logit, INVALID_PROPOSAL_LOGIT)
+    top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, selectable, num_queries)
     top_boxes = jax.nn.sigmoid(top_boxes_logit)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0), (num_queries, dim))
     content = jnp.broadcast_to(query_embed.astype(out_memory.dtype), (batch, num_queries, dim))
@@ -523,4 +534,5 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
                 str(d.group_rule)),
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
-      max_boxes=config.dataset.max_boxes, dtype=m.dtype)
+      max_boxes=config.dataset.max_boxes, exclude_invalid_proposals=bool(m.exclude_invalid_proposals),
+      dtype=m.dtype)
