@@ -39,6 +39,27 @@ def test_level_pad_masks_nearest():
     np.testing.assert_array_equal(g, want)
 
 
+def test_invalid_tokens_compete_as_in_codino():
+  # Co-DINO: an invalid token (zeroed memory, +inf proposal) may win the top-k; its box is then (1, 1, 1, 1)
+  # exactly and no gradient flows through it (no inf/NaN from the finite stand-in either).
+  logits = jnp.asarray([[[0.0, 1.0], [9.0, 0.0], [2.0, 0.5]]])
+  boxes_logit = jnp.asarray([[[0.1, 0.2, -1.0, -2.0], [0.3, 0.1, -1.5, -0.5], [-0.2, 0.4, -2.0, -1.0]]])
+  valid = jnp.asarray([[True, False, True]])
+
+  def top_boxes(b, exclude):
+    b, selectable = detector.selectable_proposals(b, valid, exclude)
+    _, top = detector.select_top_proposals(logits, b, selectable, 2)
+    return jax.nn.sigmoid(top)
+
+  codino = top_boxes(boxes_logit, False)
+  np.testing.assert_array_equal(codino[0, 0], [1.0, 1.0, 1.0, 1.0])            # token 1 (score 9) first
+  np.testing.assert_allclose(codino[0, 1], jax.nn.sigmoid(boxes_logit[0, 2]))   # then token 2 (score 2)
+  grad = jax.grad(lambda b: top_boxes(b, False).sum())(boxes_logit)
+  assert np.all(np.isfinite(grad)) and np.all(grad[0, 1] == 0) and np.all(grad[0, 2] != 0)
+  legacy = top_boxes(boxes_logit, True)
+  np.testing.assert_allclose(legacy[0], jax.nn.sigmoid(boxes_logit[0, jnp.asarray([2, 0])]))
+
+
 def test_select_top_proposals_skips_invalid_tokens():
   logits = jnp.asarray([[[5.0, 0.0], [1.0, 3.0], [9.0, 0.0], [2.0, 0.0]]])
   boxes = jnp.arange(16.0).reshape(1, 4, 4)

@@ -121,6 +121,17 @@ def encoder_proposals(spatial_shapes) -> tuple[np.ndarray, np.ndarray]:
   return np.log(safe / (1.0 - safe)).astype(np.float32), in_range
 
 
+def selectable_proposals(enc_boxes_logit: jax.Array, token_valid: jax.Array, exclude_invalid: bool
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Which tokens may enter the top-k, and their box logits: enc_boxes_logit [B, S, 4], token_valid [B, S] ->
+  (box logits [B, S, 4], selectable [B, S]). Co-DINO (exclude_invalid=False): every token, an invalid one with
+  box logit INVALID_PROPOSAL_LOGIT (its +inf); exclude_invalid: valid tokens only, box logits unchanged."""
+  if exclude_invalid:
+    return enc_boxes_logit, token_valid
+  return (jnp.where(token_valid[..., None], enc_boxes_logit, INVALID_PROPOSAL_LOGIT),
+          jnp.ones_like(token_valid))
+
+
 def select_top_proposals(enc_logits: jax.Array, enc_boxes_logit: jax.Array, token_valid: jax.Array,
                          num_queries: int) -> tuple[jax.Array, jax.Array]:
   """Top-`num_queries` tokens by max class logit among valid tokens.
@@ -375,11 +386,8 @@ class MRQM(nn.Module):
                           name='enc_class_head')(out_memory).astype(jnp.float32)
     enc_boxes_logit = (decoder_lib.box_head(dim, dtype, name='enc_box_head')(out_memory).astype(jnp.float32)
                        + jnp.asarray(proposals_logit)[None])
-    if self.exclude_invalid_proposals:
-      selectable = token_valid
-    else:
-      selectable = jnp.ones_like(token_valid)
-      enc_boxes_logit = jnp.where(token_valid[..., None], enc_boxes_logit, INVALID_PROPOSAL_LOGIT)
+    enc_boxes_logit, selectable = selectable_proposals(enc_boxes_logit, token_valid,
+                                                       self.exclude_invalid_proposals)
     top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, selectable, num_queries)
     top_boxes = jax.nn.sigmoid(top_boxes_logit)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0), (num_queries, dim))
