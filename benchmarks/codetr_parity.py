@@ -194,6 +194,8 @@ def dump(args) -> None:
   forward_s = time.perf_counter() - t0
   for hk in hooks:
     hk.remove()
+  model.query_head.forward = original_forward          # the training pass below records only its losses
+  transformer.gen_encoder_output_proposals = original_gen
   # The reference's top-k (recomputed exactly as CoDinoTransformer.forward does).
   logits = torch.from_numpy(out['encoder/proposal_logits'])
   keep('encoder/topk_index', torch.topk(logits.max(-1)[0], model.query_head.num_query, dim=1)[1])
@@ -203,6 +205,40 @@ def dump(args) -> None:
     keep(f'detections/{i}/scores', inst.scores)
     keep(f'detections/{i}/labels', inst.labels)
   keep('batch/image', batch_inputs.permute(0, 2, 3, 1))   # normalized RGB, NHWC
+
+  # Training losses of the query head (matching, encoder and DN terms) on random small boxes: the head's
+  # outputs and dn_meta are saved, so our loss functions are compared on the reference's own predictions.
+  gen = torch.Generator().manual_seed(args.seed + 2)
+  for i, sample in enumerate(batch_samples):
+    n = args.num_gt + 7 * i      # images with different gt counts: DN padding slots exist
+    wh = 6.0 + 50.0 * torch.rand(n, 2, generator=gen)
+    xy = torch.rand(n, 2, generator=gen) * (torch.tensor([w, h], dtype=torch.float32) - wh)
+    boxes = torch.cat([xy, xy + wh], 1)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    sample.gt_instances = InstanceData(bboxes=boxes, labels=labels)
+    keep(f'gt/{i}/boxes', boxes)
+    keep(f'gt/{i}/labels', labels)
+  original_loss_by_feat = model.query_head.loss_by_feat
+
+  def loss_by_feat(cls_scores, bbox_preds, enc_scores, enc_boxes, gt_instances, img_metas, dn_meta):
+    keep('loss_in/logits', cls_scores)
+    keep('loss_in/boxes', bbox_preds)
+    keep('loss_in/enc_logits', enc_scores)
+    keep('loss_in/enc_boxes', enc_boxes)
+    keep('loss_in/num_dn', int(dn_meta['num_denoising_queries']))
+    keep('loss_in/num_dn_groups', int(dn_meta['num_denoising_groups']))
+    result = original_loss_by_feat(cls_scores, bbox_preds, enc_scores, enc_boxes, gt_instances, img_metas,
+                                   dn_meta)
+    for name, value in result.items():
+      keep(f'loss/{name}', value)
+    return result
+
+  model.query_head.loss_by_feat = loss_by_feat
+  model.train()
+  with torch.no_grad():
+    feats = model.extract_feat(batch_inputs)
+    model.query_head.loss(feats, batch_samples)
+  model.eval()
 
   os.makedirs(args.out, exist_ok=True)
   state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -356,6 +392,8 @@ def compare(args) -> int:
     rows.append((f'detections image {i} (top {len(ref_boxes)})', score_diff, score_diff,
                  f'labels equal {same_labels}/{len(ref_boxes)}; boxes max |diff| / image side {box_diff:.2e}'))
 
+  loss_rows = compare_losses(ref, config, batch, h, w) if 'loss/loss_cls' in ref else []
+
   print(f'\nmrqm_jax vs Co-DINO (mmdet 3.3.0 projects/CO-DETR), {images.shape[0]} images {h}x{w}, float32, '
         f'ours forward {forward_s:.1f} s (with compile), reference {meta["forward_s"]:.1f} s')
   print(f'| {"stage":<42} | {"max abs":>10} | {"max rel":>10} | note')
@@ -363,8 +401,74 @@ def compare(args) -> int:
   for stage, diff, rel, note in rows:
     print(f'| {stage:<42} | {diff:>10.3e} | {rel:>10.3e} | {note}')
   inference = [rel for stage, _, rel, _ in rows if rel == rel]
-  print(f'max_rel_inference={max(inference):.3e}')
+  if loss_rows:
+    print(f'\nQuery-head losses on the reference\'s own predictions (train mode, {len(loss_rows)} terms; ours: '
+          f'Hungarian matching, QFL / L1 / GIoU, normalizers):')
+    print(f'| {"term (reference name)":<42} | {"reference":>10} | {"ours":>10} | {"rel":>10}')
+    print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
+    for name, ref_value, ours_value, rel in loss_rows:
+      print(f'| {name:<42} | {ref_value:>10.5f} | {ours_value:>10.5f} | {rel:>10.3e}')
+  line = f'max_rel_inference={max(inference):.3e}'
+  if loss_rows:
+    line += f' max_rel_loss={max(r for _, _, _, r in loss_rows):.3e}'
+  print(line)
   return 0
+
+
+def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[str, float, float, float]]:
+  """Our matched (decoder layers, encoder) and denoising losses on the predictions the reference's query head
+  made in train mode, against the reference's loss values: [(reference name, reference, ours, relative)]."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+
+  counts = [len(ref[f'gt/{i}/labels']) for i in range(batch)]
+  m = max(counts)
+  gt_boxes = np.zeros((batch, m, 4), np.float32)
+  gt_labels = np.zeros((batch, m), np.int32)
+  gt_valid = np.zeros((batch, m), bool)
+  scale = np.array([w, h, w, h], np.float32)
+  for i, n in enumerate(counts):
+    gt_boxes[i, :n] = np.asarray(box_ops.xyxy_to_cxcywh(jnp.asarray(ref[f'gt/{i}/boxes'] / scale)))
+    gt_labels[i, :n] = ref[f'gt/{i}/labels']
+    gt_valid[i, :n] = True
+  gt = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
+  num_dn, groups = int(ref['loss_in/num_dn']), int(ref['loss_in/num_dn_groups'])
+  logits, boxes = jnp.asarray(ref['loss_in/logits']), jnp.asarray(ref['loss_in/boxes'])
+  outputs = {'pred_logits': logits[-1, :, num_dn:], 'pred_boxes': boxes[-1, :, num_dn:],
+             'aux_outputs': {'pred_logits': logits[:-1, :, num_dn:], 'pred_boxes': boxes[:-1, :, num_dn:]},
+             'enc_outputs': {'pred_logits': jnp.asarray(ref['loss_in/enc_logits']),
+                             'pred_boxes': jnp.asarray(ref['loss_in/enc_boxes'])}}
+  terms = losses.matched_losses(outputs, gt, jnp.maximum(gt_valid.sum(), 1).astype(jnp.float32), config)
+  # mmdet's DN layout: G groups of 2w queries (w = the batch's most gts): positives of gts 0..n-1 first, their
+  # negatives from w on; every DN query is classified (background unless positive).
+  width = num_dn // (2 * groups)
+  slot = np.arange(num_dn)
+  within = slot % (2 * width)
+  gt_index = np.where(within < width, within, within - width)[None].repeat(batch, 0)
+  positive = (within < width)[None] & (gt_index < np.asarray(counts)[:, None])
+  dn = {'pred_logits': logits[:, :, :num_dn], 'pred_boxes': boxes[:, :, :num_dn],
+        'gt_index': jnp.asarray(np.where(positive, gt_index, -1)), 'positive': jnp.asarray(positive),
+        'valid': jnp.ones((batch, num_dn), bool)}
+  terms.update(losses.denoising_losses(dn, gt, config, None))
+
+  def reference_name(ours: str) -> str:
+    *prefix, kind = ours.split('.')
+    kind = {'cls': 'loss_cls', 'bbox': 'loss_bbox', 'giou': 'loss_iou'}[kind]
+    layer = [p for p in prefix if p.startswith('d') and p[1:].isdigit()]
+    group = [p for p in prefix if p in ('enc', 'dn')]
+    name = (f'{group[0]}_{kind}' if group else kind)
+    return f'{layer[0]}.{name}' if layer else name
+
+  rows = []
+  for ours_name, value in sorted(terms.items()):
+    name = reference_name(ours_name)
+    ref_value = float(ref[f'loss/{name}'])
+    ours_value = float(value)
+    rows.append((name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
+  return rows
 
 
 def main(argv=None) -> int:
@@ -377,6 +481,7 @@ def main(argv=None) -> int:
   d.add_argument('--seed', type=int, default=0)
   d.add_argument('--noise', type=float, default=0.5, help='Gaussian noise on every parameter, x its mean |value|')
   d.add_argument('--threads', type=int, default=2)
+  d.add_argument('--num-gt', type=int, default=20, help='random gt boxes of the first image (the second: +7)')
   d.add_argument('--codetr-src', default=os.environ.get('CODETR_SRC', '/tmp/codetr_src'))
   c = sub.add_parser('compare', help='project venv: convert, run ours, print the table')
   c.add_argument('--dump', required=True)
