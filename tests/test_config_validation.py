@@ -11,7 +11,7 @@ from mrqm_jax import errors
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from configs import base, co_dino, smoke, sodad, visdrone  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import base, co_dino, co_dino_coco, smoke, sodad, visdrone  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_every_config_key_has_a_check():
@@ -21,7 +21,7 @@ def test_every_config_key_has_a_check():
   assert set(cv.CHECKS) - keys == set(), 'CHECKS names keys the config does not have'
 
 
-@pytest.mark.parametrize('module', [base, smoke, visdrone, sodad, co_dino])
+@pytest.mark.parametrize('module', [base, smoke, visdrone, sodad, co_dino, co_dino_coco])
 def test_recipes_are_valid(module):
   config = module.get_config()
   if module is not smoke:   # the recipes name no weights: a training command must (see the next test)
@@ -29,7 +29,7 @@ def test_recipes_are_valid(module):
   assert cv.problems(config) == []
 
 
-@pytest.mark.parametrize('module', [visdrone, sodad, co_dino])
+@pytest.mark.parametrize('module', [visdrone, sodad, co_dino, co_dino_coco])
 def test_recipes_refuse_to_train_from_a_random_backbone_unless_told(module):
   """Co-DINO starts from ImageNet weights; a recipe run without them says how to get them (one line, exit 2)."""
   config = module.get_config()
