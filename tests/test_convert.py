@@ -223,3 +223,25 @@ def test_cli_writes_a_checkpoint_the_restore_path_reads(tmp_path):
       [sys.executable, '-m', 'mrqm_jax.convert', '--from=codetr', f'--checkpoint={source}',
        '--config=configs/co_dino.py', f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 2 and 'not empty' in again.stderr and 'Traceback' not in again.stderr
+
+
+def test_train_init_from_takes_the_parameters_of_a_converted_folder(tmp_path):
+  """`train.init_from=DIR` (a folder `convert` wrote): training starts from its params and model_state."""
+  from configs import smoke
+  from mrqm_jax import parallel, train
+  config = smoke.get_config()
+  model = model_lib.make_model(config)
+  fresh = jax.device_get(jax.jit(lambda r: model_lib.init_variables(model, config, r))(jax.random.PRNGKey(0)))
+  marked = jax.tree.map(lambda x: np.full(x.shape, 0.25, x.dtype), fresh)
+  convert.write_converted(str(tmp_path / 'converted'), marked, config)
+  mesh = parallel.create_mesh()
+  got = train.init_from_checkpoint(str(tmp_path / 'converted'), fresh, mesh)
+  assert jax.tree.structure(got) == jax.tree.structure(fresh)
+  for leaf in jax.tree.leaves(got):
+    np.testing.assert_array_equal(np.asarray(leaf), 0.25)
+  other = smoke.get_config()
+  other.model.hidden_dim = 2 * config.model.hidden_dim   # a checkpoint of another model is an error, not a crash
+  wrong = jax.device_get(jax.jit(lambda r: model_lib.init_variables(model_lib.make_model(other), other, r))(
+      jax.random.PRNGKey(0)))
+  with pytest.raises(checkpointing.CheckpointError, match='does not match'):
+    train.init_from_checkpoint(str(tmp_path / 'converted'), wrong, mesh)
