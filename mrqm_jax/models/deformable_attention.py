@@ -12,11 +12,15 @@ location, weighted by the attention weights and summed over levels and points �
   levels x points x neighbours is a single contraction (`jnp.einsum`, measurably faster on XLA:CPU than
   `(w[..., None] * g).sum(-2)`; `benchmarks/deformable_attention.py` prints both).
 
-`packed_neighbours=True` switches to the layout used by scenic for TPUs: each level is zero-padded by one pixel
-and its four neighbours are packed along channels, `[H+1, W+1, 4*D]`, so a sample's whole 2x2 footprint is one
-contiguous row and the gather fetches 4*D values per index instead of D values per each of 4 indices. Same
-function (tests check both); which is faster depends on the backend (see the benchmark; on XLA:CPU the flat
-layout wins, and the packed table — 4x the value tokens — costs most when queries are few).
+`packed_neighbours=True` (layout 'packed') switches to the layout scenic uses for TPUs: each level is zero-padded
+by one pixel and its four neighbours are packed along channels, `[H+1, W+1, 4*D]`, so a sample's whole 2x2
+footprint is one contiguous row and the gather fetches 4*D values per index instead of D values per each of 4
+indices. It exists for XLA:TPU, which tiles an array's minor axis by 128 lanes: the flat layout's gathered
+`[..., L*P*4, D]` samples (D = 32) occupy 4x their bytes there, the packed rows (4*D = 128) 1x — and the packed
+path keeps every other array of Q*L*P samples lane-dense too (`_sample_packed`). Same function (tests check
+both). `resolve_sampling_layout` picks per backend for config `encoder.sampling_layout='auto'`: 'packed' on TPU,
+'flat' elsewhere (on XLA:CPU flat is faster and its compiled step smaller; `benchmarks/deformable_attention.py`
+prints both layouts, and `--tpu_memory` their XLA:TPU memory).
 
 `query_chunk_size` bounds memory for very many queries (the SAE's F2 update has 67k on an 800x1344 canvas):
 the queries are processed in rematerialized chunks, so the gathered samples of one chunk are the peak.
@@ -47,6 +51,22 @@ def level_start_index(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
     starts.append(total)
     total += h * w
   return tuple(starts)
+
+
+SAMPLING_LAYOUTS = ('auto', 'flat', 'packed')
+
+
+def resolve_sampling_layout(layout: str, backend: str | None = None) -> str:
+  """'flat' or 'packed' for config `encoder.sampling_layout` on `backend` (default: jax.default_backend()).
+
+  'auto' is 'packed' on TPU (lane-dense gathers: XLA:TPU's memory of the packed core is ~0.6x the flat one's)
+  and 'flat' on CPU and GPU (XLA:CPU: flat is faster and smaller; GPUs do not pad minor axes to 128 lanes)."""
+  if layout not in SAMPLING_LAYOUTS:
+    raise ValueError(f'sampling layout must be one of {SAMPLING_LAYOUTS} (config.encoder.sampling_layout), '
+                     f'got {layout!r}')
+  if layout != 'auto':
+    return layout
+  return 'packed' if (backend or jax.default_backend()) == 'tpu' else 'flat'
 
 
 def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
