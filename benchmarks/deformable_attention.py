@@ -130,6 +130,7 @@ def memory_table(case_names, batch, chunk, topology):
   for name in case_names:
     shapes, q = CASES[name]
     s = sum(h * w for h, w in shapes)
+    by_layout = {}
     for packed in (False, True):
       temps = []
       for device in (host, tpu):
@@ -142,8 +143,14 @@ def memory_table(case_names, batch, chunk, topology):
         compiled = bwd.lower(*args).compile()
         temps.append((compiled.memory_analysis().temp_size_in_bytes / 2**30, time.perf_counter() - start))
       (host_gib, _), (tpu_gib, tpu_s) = temps
-      print(f'{name:10s} {s:7d} {q:6d} {"packed" if packed else "flat":7s} {host_gib:9.3f} {tpu_gib:9.3f} '
-            f'{tpu_gib / host_gib:8.2f} {tpu_s:13.1f}')
+      layout = 'packed' if packed else 'flat'
+      by_layout[layout] = (host_gib, tpu_gib)
+      print(f'{name:10s} {s:7d} {q:6d} {layout:7s} {host_gib:9.3f} {tpu_gib:9.3f} {tpu_gib / host_gib:8.2f} '
+            f'{tpu_s:13.1f}')
+    host_auto, tpu_auto = da.resolve_sampling_layout('auto', host.platform), da.resolve_sampling_layout('auto', 'tpu')
+    print(f'{name:10s} sampling_layout=auto on each: XLA:TPU ({tpu_auto}) {by_layout[tpu_auto][1]:.3f} GiB / '
+          f'{host.platform} ({host_auto}) {by_layout[host_auto][0]:.3f} GiB = '
+          f'{by_layout[tpu_auto][1] / by_layout[host_auto][0]:.2f}')
 
 
 def flops_table():
