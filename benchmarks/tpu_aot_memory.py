@@ -17,6 +17,7 @@ host's backend (JAX_PLATFORMS=cpu here):
   matcher.backend 'auto' -> matching.resolve_backend(..., 'tpu') (the on-device solver: a host callback
                             cannot be compiled for a device the host does not drive)
   model.conv_impl 'auto' -> 'lax' (what layers.resolve_conv_impl picks off CPU)
+  encoder.sampling_layout 'auto' -> deformable_attention.resolve_sampling_layout(..., 'tpu') ('packed')
   compiler options       -> none (train_lib.memory_compiler_options is CPU-only)
 
 The program must fit the chip's HBM or XLA:TPU refuses to compile it (RESOURCE_EXHAUSTED, with the size it
@@ -69,6 +70,7 @@ def topology_kwargs(name: str) -> dict:
 def tpu_config(config):
   """A copy of the config with the backend-dependent 'auto' choices resolved as on a TPU (module doc)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import deformable_attention  # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import matching  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   if config.iah.a_s <= 0:       # as train_step.run: -1 = auto (resolved from data); the value does not change the cost
@@ -76,6 +78,8 @@ def tpu_config(config):
   config.matcher.backend = matching.resolve_backend(config.matcher.backend, 'tpu')
   if config.model.conv_impl == 'auto':
     config.model.conv_impl = 'lax'
+  config.encoder.sampling_layout = deformable_attention.resolve_sampling_layout(config.encoder.sampling_layout,
+                                                                                'tpu')
   config.lock()
   return config
 
@@ -121,7 +125,7 @@ def run(config, topology: str, num_boxes: int = 100, print_fn=print) -> dict:
   h, w = config.input.image_size
   print_fn(f'train step (TPU AOT): canvas {h}x{w}, batch {batch_size}, aux_heads={tuple(config.model.aux_heads)}, '
            f'dtype {config.model.dtype}, matcher {config.matcher.backend}, conv_impl {config.model.conv_impl}, '
-           f'remat {config.model.remat}, target {topology} ({devices[0].device_kind}, {len(devices)} device), '
+           f'remat {config.model.remat}, sampling_layout {config.encoder.sampling_layout}, target {topology} ({devices[0].device_kind}, {len(devices)} device), '
            f'jax {jax.__version__}')
   print_fn(f'{"lower (s)":<28} {lower_s:>10.1f}')
   print_fn(f'{"compile (s)":<28} {compile_s:>10.1f}')

@@ -99,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
   # image) and the FFN's [tokens, ffn_dim] activations; the attention was faster on XLA:CPU too (README, measured
   # table; benchmarks/deformable_attention.py --chunk). Only layers with more queries are chunked.
   c.encoder.query_chunk_size = 8192
+  # Gather layout of the encoder's deformable attention: 'flat' (4 gathers of D=32 channels per sample) |
+  # 'packed' (the 2x2 footprint as one 4*32-channel row: lane-dense on TPU) | 'auto' (packed on TPU, flat
+  # elsewhere). Same results; XLA:TPU pads 32-wide minor axes to 128 lanes (docs/DESIGN.md, memory decisions).
+  c.encoder.sampling_layout = 'auto'
 
   c.decoder = ml_collections.ConfigDict()
   c.decoder.num_layers = 6

@@ -175,6 +175,7 @@ CHECKS: dict[str, Check] = {
     'encoder.pe_temperature': _POSITIVE,
     'encoder.pe_offset': number(),
     'encoder.query_chunk_size': integer(0),
+    'encoder.sampling_layout': choice('auto', 'flat', 'packed'),
     'decoder.num_layers': _COUNT,
     'decoder.num_queries': _COUNT,
     'decoder.num_heads': _COUNT,

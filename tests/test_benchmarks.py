@@ -333,3 +333,77 @@ def test_bad_flag_is_one_line_and_exit_2():
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert '--steps' in result.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ benchmarks/device_check.sh
+def _device_check(tmp_path, *args, nvidia_smi=None, env_extra=None):
+  """Runs device_check.sh with a fake `nvidia-smi` first on PATH (`nvidia_smi`: its output, or None for one
+  that finds no GPU)."""
+  fake = tmp_path / 'bin'
+  fake.mkdir(exist_ok=True)
+  script = fake / 'nvidia-smi'
+  script.write_text('#!/bin/sh\n' + (f'echo "{nvidia_smi}"\n' if nvidia_smi else 'echo "No devices were found"; exit 6\n'))
+  script.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k != 'TPU_ACCELERATOR_TYPE'}
+  env.update(PATH=f'{fake}{os.pathsep}{os.environ["PATH"]}', PYTHON=sys.executable, **(env_extra or {}))
+  return subprocess.run(['bash', str(REPO / 'benchmarks' / 'device_check.sh'), *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_device_check_dry_run_plans_the_extra_and_two_dtypes_at_full_size(tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  from configs import visdrone  # pylint: disable=g-import-not-at-top
+  gpu = _device_check(tmp_path, '--dry-run', '--steps', '3', nvidia_smi='GPU 0: NVIDIA H100 (UUID: x)')
+  assert gpu.returncode == 0, gpu.stderr
+  lines = gpu.stdout.splitlines()
+  assert 'accelerator cuda' in lines[0]
+  assert lines[1] == f'would run: {sys.executable} -m pip install -e {REPO}[cuda]'
+  runs = [line for line in lines if 'train_step.py' in line]
+  assert [re.search(r'--config.model.dtype=(\w+)', r).group(1) for r in runs] == ['float32', 'bfloat16']
+  config = visdrone.get_config()
+  defined = set(re.findall(r"DEFINE_\w+\('([\w-]+)'", (REPO / 'benchmarks' / 'train_step.py').read_text()))
+  for run in runs:   # every flag is one train_step.py defines, every config key exists in the recipe
+    for flag in re.findall(r' --([\w.-]+)', run):
+      if flag.startswith('config.'):
+        section, key = flag.split('.')[1:]
+        assert key in config[section], flag
+      else:
+        assert flag in defined | {'config'}, flag
+    assert '--config.input.image_size=800,1344' in run and '--config.train.per_device_batch_size=2' in run
+    assert '--steps=3' in run
+  tpu = _device_check(tmp_path, '--dry-run', env_extra={'TPU_ACCELERATOR_TYPE': 'v5litepod-1'})
+  assert tpu.returncode == 0 and f'{REPO}[tpu]' in tpu.stdout, tpu.stdout + tpu.stderr
+  assert 'pip' not in _device_check(tmp_path, '--dry-run', '--no-install', '--accelerator=cuda').stdout
+
+
+@pytest.mark.parametrize('args, message', [((), 'no GPU'), (('--steps', '0'), '--steps'),
+                                           (('--accelerator', 'rocm'), '--accelerator'), (('--bogus',), '--bogus')])
+def test_device_check_bad_input_is_one_line_exit_2(tmp_path, args, message):
+  import glob  # pylint: disable=g-import-not-at-top
+  if not args and (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+    pytest.skip('this machine has a TPU: the no-accelerator case cannot be shown here')
+  result = _device_check(tmp_path, *args)
+  assert result.returncode == 2 and result.stdout == ''
+  assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_device_check_summarizes_a_train_step_log(smoke_run, tmp_path):
+  config, result, lines = smoke_run
+  log = tmp_path / 'float32.log'
+  log.write_text('\n'.join(['some pip output'] + lines) + '\n')
+  out = _device_check(tmp_path, '--summarize', str(log))
+  assert out.returncode == 0, out.stderr
+  header, row = out.stdout.splitlines()
+  cells = dict(zip(header.split(), row.split()))
+  assert cells['dtype'] == config.model.dtype == 'float32'
+  assert row.split(maxsplit=len(cells) - 1)[-1] == f"{result['backend']} ({result['device_kind']})"
+  assert float(cells['compile_s']) == pytest.approx(result['compile_s'], abs=0.06)
+  assert float(cells['step_s']) == pytest.approx(result['step_s'], abs=6e-4)
+  assert float(cells['images/s']) == pytest.approx(result['images_per_s'], abs=6e-4)
+  assert cells['MFU'] == 'n/a' and cells['dev_peak_GiB'] == '-'   # CPU: no peak FLOP/s, no memory_stats
+  assert float(cells['xla_peak']) == pytest.approx(result['peak_gib'], abs=6e-4)
+  bad = tmp_path / 'empty.log'
+  bad.write_text('no table\n')
+  failed = _device_check(tmp_path, '--summarize', str(bad))
+  assert failed.returncode == 2 and 'no train_step.py table' in failed.stderr

@@ -9,10 +9,13 @@ import math
 
 import jax
 from jax import test_util as jtu
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from mrqm_jax.models import deformable_attention as da
+from mrqm_jax.models import detector
 
 SHAPES = ((5, 7), (3, 4), (2, 2))  # three levels, non-square, one tiny
 
@@ -111,8 +114,9 @@ def test_shape_errors_name_the_problem():
     da.ms_deform_attn_core(value, SHAPES, loc, weights[..., :1])
 
 
-@pytest.mark.parametrize('variant', [dict(), dict(packed_neighbours=True), dict(query_chunk_size=2)],
-                         ids=['flat', 'packed', 'chunked'])
+@pytest.mark.parametrize('variant', [dict(), dict(packed_neighbours=True), dict(query_chunk_size=2),
+                                     dict(packed_neighbours=True, query_chunk_size=2)],
+                         ids=['flat', 'packed', 'chunked', 'packed-chunked'])
 def test_core_gradients(variant):
   """Reverse-mode gradients (value, locations, weights) vs finite differences, in float64."""
   shapes = ((3, 4), (2, 2))
@@ -124,6 +128,22 @@ def test_core_gradients(variant):
     weights = rng.uniform(size=(1, 3, 2, 2, 2))
     fn = lambda v, l, w: da.ms_deform_attn_core(v, shapes, l, w, **variant)  # noqa: E731
     jtu.check_grads(fn, (value, loc, weights), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradients_equal_flat_gradients_with_padding_and_outside_points():
+  """float32, the shapes of the random reference test (locations up to 0.3 outside): the packed layout's
+  gradients w.r.t. value, locations and weights are the flat layout's, also through query chunks."""
+  value, loc, weights = _inputs(3)
+  cot = np.random.default_rng(4).normal(size=(2, 6, 6)).astype(np.float32)
+
+  def grads(**variant):
+    fn = lambda v, l, w: jnp.vdot(da.ms_deform_attn_core(v, SHAPES, l, w, **variant), cot)  # noqa: E731
+    return jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(value, loc, weights)
+
+  want = grads()
+  for variant in (dict(packed_neighbours=True), dict(packed_neighbours=True, query_chunk_size=4)):
+    for g, w in zip(grads(**variant), want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_level_start_index():
@@ -241,3 +261,16 @@ def test_module_layout_and_chunking_do_not_change_the_result(module_case):
   for variant in (attn.clone(packed_neighbours=True), attn.clone(query_chunk_size=2)):
     b = variant.apply({'params': params}, query, points, value, SHAPES, pad)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sampling_layout_resolves_by_backend_and_reaches_the_encoder():
+  assert da.resolve_sampling_layout('auto', 'tpu') == 'packed'
+  assert da.resolve_sampling_layout('auto', 'cpu') == da.resolve_sampling_layout('auto', 'gpu') == 'flat'
+  assert da.resolve_sampling_layout('flat', 'tpu') == 'flat' and da.resolve_sampling_layout('packed', 'cpu') == 'packed'
+  with pytest.raises(ValueError, match='encoder.sampling_layout'):
+    da.resolve_sampling_layout('corners')
+  config = base.get_config()
+  assert config.encoder.sampling_layout == 'auto'
+  assert detector.build_encoder(config).packed_neighbours == (jax.default_backend() == 'tpu')
+  config.encoder.sampling_layout = 'packed'
+  assert detector.build_encoder(config).packed_neighbours

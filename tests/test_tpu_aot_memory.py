@@ -35,16 +35,20 @@ def test_topology_kwargs_rejects(name):
 def test_tpu_config_resolves_auto_choices_for_tpu():
   config = visdrone.get_config()
   assert config.matcher.backend == 'auto' and config.model.conv_impl == 'auto'
+  assert config.encoder.sampling_layout == 'auto'
   out = tam.tpu_config(config)
   assert out.matcher.backend == matching.resolve_backend('auto', 'tpu') == 'jax'
   assert out.model.conv_impl == 'lax'
+  assert out.encoder.sampling_layout == 'packed'   # lane-dense gathers on TPU
   assert out.iah.a_s > 0
   assert config.matcher.backend == 'auto'   # the input config is not changed
   config.unlock()
   config.model.conv_impl = 'matmul'
   config.matcher.backend = 'scipy'
+  config.encoder.sampling_layout = 'flat'
   out = tam.tpu_config(config)
   assert (out.model.conv_impl, out.matcher.backend) == ('matmul', 'scipy')   # explicit choices are kept
+  assert out.encoder.sampling_layout == 'flat'
 
 
 def test_cli_bad_topology_exits_2_with_one_line():

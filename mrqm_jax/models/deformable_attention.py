@@ -12,11 +12,15 @@ location, weighted by the attention weights and summed over levels and points �
   levels x points x neighbours is a single contraction (`jnp.einsum`, measurably faster on XLA:CPU than
   `(w[..., None] * g).sum(-2)`; `benchmarks/deformable_attention.py` prints both).
 
-`packed_neighbours=True` switches to the layout used by scenic for TPUs: each level is zero-padded by one pixel
-and its four neighbours are packed along channels, `[H+1, W+1, 4*D]`, so a sample's whole 2x2 footprint is one
-contiguous row and the gather fetches 4*D values per index instead of D values per each of 4 indices. Same
-function (tests check both); which is faster depends on the backend (see the benchmark; on XLA:CPU the flat
-layout wins, and the packed table — 4x the value tokens — costs most when queries are few).
+`packed_neighbours=True` (layout 'packed') switches to the layout scenic uses for TPUs: each level is zero-padded
+by one pixel and its four neighbours are packed along channels, `[H+1, W+1, 4*D]`, so a sample's whole 2x2
+footprint is one contiguous row and the gather fetches 4*D values per index instead of D values per each of 4
+indices. It exists for XLA:TPU, which tiles an array's minor axis by 128 lanes: the flat layout's gathered
+`[..., L*P*4, D]` samples (D = 32) occupy 4x their bytes there, the packed rows (4*D = 128) 1x — and the packed
+path keeps every other array of Q*L*P samples lane-dense too (`_sample_packed`). Same function (tests check
+both). `resolve_sampling_layout` picks per backend for config `encoder.sampling_layout='auto'`: 'packed' on TPU,
+'flat' elsewhere (on XLA:CPU flat is faster and its compiled step smaller; `benchmarks/deformable_attention.py`
+prints both layouts, and `--tpu_memory` their XLA:TPU memory).
 
 `query_chunk_size` bounds memory for very many queries (the SAE's F2 update has 67k on an 800x1344 canvas):
 the queries are processed in rematerialized chunks, so the gathered samples of one chunk are the peak.
@@ -47,6 +51,22 @@ def level_start_index(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
     starts.append(total)
     total += h * w
   return tuple(starts)
+
+
+SAMPLING_LAYOUTS = ('auto', 'flat', 'packed')
+
+
+def resolve_sampling_layout(layout: str, backend: str | None = None) -> str:
+  """'flat' or 'packed' for config `encoder.sampling_layout` on `backend` (default: jax.default_backend()).
+
+  'auto' is 'packed' on TPU (lane-dense gathers: XLA:TPU's memory of the packed core is ~0.6x the flat one's)
+  and 'flat' on CPU and GPU (XLA:CPU: flat is faster and smaller; GPUs do not pad minor axes to 128 lanes)."""
+  if layout not in SAMPLING_LAYOUTS:
+    raise ValueError(f'sampling layout must be one of {SAMPLING_LAYOUTS} (config.encoder.sampling_layout), '
+                     f'got {layout!r}')
+  if layout != 'auto':
+    return layout
+  return 'packed' if (backend or jax.default_backend()) == 'tpu' else 'flat'
 
 
 def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
@@ -145,8 +165,9 @@ def _sample(table: jax.Array, sampling_locations: jax.Array, attention_weights: 
             spatial_shapes: SpatialShapes, packed_neighbours: bool, use_einsum: bool,
             precision: Any) -> jax.Array:
   """Bilinear samples of `table` (see `_neighbour_table`), weighted and summed: -> [B, Q, M * D]."""
-  b, m = table.shape[:2]
-  d = table.shape[-1] // 4 if packed_neighbours else table.shape[-1]
+  if packed_neighbours:
+    return _sample_packed(table, sampling_locations, attention_weights, spatial_shapes=spatial_shapes)
+  b, m, _, d = table.shape
   q, nl, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
   dtype = table.dtype
 
@@ -167,30 +188,68 @@ def _sample(table: jax.Array, sampling_locations: jax.Array, attention_weights: 
   # Neighbour order: (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
   corner_w = [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]
 
-  if not packed_neighbours:
-    starts = np.array(level_start_index(spatial_shapes), np.int32)[:, None]
-    weights, indices = [], []
-    for (dy, dx), w in zip(((0, 0), (0, 1), (1, 0), (1, 1)), corner_w):
-      xi, yi = x0 + dx, y0 + dy
-      inside = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
-      weights.append(jnp.where(inside, w * attn, 0.0))
-      indices.append(starts + jnp.clip(yi, 0, heights - 1) * widths + jnp.clip(xi, 0, widths - 1))
-    index = jnp.stack(indices, axis=-1).reshape(b, m, q * nl * p * 4)
-    samples = _gather_rows(table, index).reshape(b, m, q, nl * p * 4, d)
-  else:
-    packed_starts, total = [], 0
-    for h, w in spatial_shapes:
-      packed_starts.append(total)
-      total += (h + 1) * (w + 1)
-    starts = np.array(packed_starts, np.int32)[:, None]
-    hits = (x0 >= -1) & (x0 < widths) & (y0 >= -1) & (y0 < heights)
-    weights = [jnp.where(hits, w * attn, 0.0) for w in corner_w]
-    index = starts + jnp.clip(y0 + 1, 0, heights) * (widths + 1) + jnp.clip(x0 + 1, 0, widths)
-    samples = _gather_rows(table, index.reshape(b, m, q * nl * p))  # [B, M, Q*L*P, 4D]
-    samples = samples.reshape(b, m, q, nl * p * 4, d)               # row = 4 neighbours x D, in corner order
+  starts = np.array(level_start_index(spatial_shapes), np.int32)[:, None]
+  weights, indices = [], []
+  for (dy, dx), w in zip(((0, 0), (0, 1), (1, 0), (1, 1)), corner_w):
+    xi, yi = x0 + dx, y0 + dy
+    inside = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
+    weights.append(jnp.where(inside, w * attn, 0.0))
+    indices.append(starts + jnp.clip(yi, 0, heights - 1) * widths + jnp.clip(xi, 0, widths - 1))
+  index = jnp.stack(indices, axis=-1).reshape(b, m, q * nl * p * 4)
+  samples = _gather_rows(table, index).reshape(b, m, q, nl * p * 4, d)
   weights = jnp.stack(weights, axis=-1).reshape(b, m, q, nl * p * 4).astype(dtype)
 
   out = _weighted_sum(weights, samples, use_einsum, precision)  # [B, M, Q, D]
+  return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, q, m * d)
+
+
+def _sample_packed(table: jax.Array, sampling_locations: jax.Array, attention_weights: jax.Array, *,
+                   spatial_shapes: SpatialShapes) -> jax.Array:
+  """`_sample` on the packed table [B, M, S', 4D], keeping every large array's minor axis 4D wide.
+
+  XLA:TPU tiles an array's two minor axes by (8, 128): a minor axis of D = 32 channels, or of L*P*4 = 64
+  weights, or of 4 corners, occupies 128 lanes (4x, 2x, 32x its bytes). So nothing of size Q*L*P is ever
+  shaped [..., 4, D] or [..., 4] here: the geometry is [B, M, Q, L*P] (one array per corner weight), the
+  gathered rows stay [B, M, Q, L*P, 4D], and each corner's weight is broadcast over its D lanes inside the
+  multiply-and-sum over L*P (fused, never stored); only the [B, M, Q, 4D] per-corner sums are split into
+  the four D-wide corners. Sums accumulate in at least float32 (as the flat path's einsum does for bf16).
+  """
+  b, m, _, d4 = table.shape
+  d = d4 // 4
+  q, nl, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+  lp = nl * p
+  dtype = table.dtype
+
+  # Per-sample constants as [L*P] vectors (level-major, as the reshape below) broadcasting against [B, M, Q, L*P].
+  heights = np.repeat(np.array([h for h, _ in spatial_shapes], np.int32), p)
+  widths = np.repeat(np.array([w for _, w in spatial_shapes], np.int32), p)
+  packed_sizes = [(h + 1) * (w + 1) for h, w in spatial_shapes]
+  starts = np.repeat(np.cumsum([0] + packed_sizes[:-1]).astype(np.int32), p)
+
+  geo = jnp.promote_types(sampling_locations.dtype, jnp.float32)
+  loc = sampling_locations.reshape(b, q, m, lp, 2).astype(geo)
+  px = jnp.transpose(loc[..., 0], (0, 2, 1, 3)) * widths - 0.5    # [B, M, Q, L*P], centres at integers
+  py = jnp.transpose(loc[..., 1], (0, 2, 1, 3)) * heights - 0.5
+  attn = jnp.transpose(attention_weights.reshape(b, q, m, lp), (0, 2, 1, 3)).astype(geo)
+  x0f, y0f = jnp.floor(px), jnp.floor(py)
+  fx, fy = px - x0f, py - y0f
+  x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
+  # Row (y0 + 1, x0 + 1) of a level's packed [H+1, W+1] grid holds the footprint of (x0, y0) (see
+  # `_neighbour_table`): every sample with x0 in [-1, W-1] and y0 in [-1, H-1] is one row, the rest read nothing.
+  hits = (x0 >= -1) & (x0 < widths) & (y0 >= -1) & (y0 < heights)
+  attn = jnp.where(hits, attn, 0.0)
+  corner_weights = [attn * (1 - fy) * (1 - fx), attn * (1 - fy) * fx, attn * fy * (1 - fx), attn * fy * fx]
+  index = starts + jnp.clip(y0 + 1, 0, heights) * (widths + 1) + jnp.clip(x0 + 1, 0, widths)
+
+  samples = _gather_rows(table, index.reshape(b, m, q * lp)).reshape(b, m, q, lp, d4)
+  # Lane l of a row belongs to corner l // D. Selecting each lane's weight elementwise (not concatenating four
+  # broadcasts, which XLA:TPU materializes at 4x) keeps it one fusion with the product and the sum.
+  lane_corner = np.arange(d4) // d
+  lane_weights = corner_weights[3].astype(dtype)[..., None]
+  for c in (2, 1, 0):
+    lane_weights = jnp.where(lane_corner == c, corner_weights[c].astype(dtype)[..., None], lane_weights)
+  per_corner = jnp.sum(lane_weights * samples, axis=3, dtype=jnp.promote_types(dtype, jnp.float32))  # [B, M, Q, 4D]
+  out = sum(per_corner[..., c * d:(c + 1) * d] for c in range(4)).astype(dtype)  # [B, M, Q, D]
   return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, q, m * d)
 
 

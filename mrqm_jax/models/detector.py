@@ -72,6 +72,7 @@ import numpy as np
 from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.models import bifpn
 from mrqm_jax.models import decoder as decoder_lib
+from mrqm_jax.models import deformable_attention
 from mrqm_jax.models import encoder as encoder_lib
 from mrqm_jax.models import atss_head
 from mrqm_jax.models import aux_heads
@@ -473,6 +474,7 @@ def build_encoder(config: ml_collections.ConfigDict, name: str | None = None) ->
                 num_points=e.num_points, ffn_dim=e.ffn_dim, dropout=e.dropout, num_levels=m.num_levels,
                 pe_temperature=e.pe_temperature, pe_offset=e.pe_offset,
                 query_chunk_size=e.query_chunk_size if e.query_chunk_size > 0 else None, dtype=m.dtype,
+                packed_neighbours=deformable_attention.resolve_sampling_layout(e.sampling_layout) == 'packed',
                 remat=m.remat, name=name)
   if e.type == 'sae':
     return encoder_lib.ScaleAwareEncoder(**kwargs)
