@@ -145,6 +145,31 @@ class ReadReport:
     return '\n'.join(lines)
 
 
+class DuplicateNameError(ValueError):
+  """Two images of a split would get one record name (same file, or one stem with two extensions)."""
+
+
+def check_unique_names(sources: list[tuple[str, str]], where: str) -> None:
+  """Raises DuplicateNameError when two `(name, source)` pairs share a name.
+
+  Record names key everything downstream (result files NAME.txt, the metrics' image keys, predictions), so two
+  images of one name would make the eval fail at the END of training, or silently keep one of them. Raised by
+  the readers, before anything compiles: which of the two is meant (or whether the annotations of one image are
+  split over two entries) only the user can tell, so it is an error, not a skip.
+  """
+  seen: dict[str, str] = {}
+  clashes = []
+  for name, source in sources:
+    if name in seen:
+      clashes.append(f'{name!r} ({seen[name]} and {source})')
+    else:
+      seen[name] = source
+  if clashes:
+    more = f' and {len(clashes) - 1} more' if len(clashes) > 1 else ''
+    raise DuplicateNameError(f'{where}: two images share the name {clashes[0]}{more}; result files and metrics '
+                             'key images by file name without extension: rename or remove one of each pair')
+
+
 def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int):
   """Clips a pixel xyxy box to [0, width] x [0, height]; width/height <= 0 means unknown (no clipping).
 

@@ -14,6 +14,7 @@ import sys
 class UsageError(Exception):
   """A mistake in the command line, config, inputs or workdir: one line, exit code 2."""
   exit_code = 2
+  label = 'error'   # the word after `PROG:` in the printed line
 
 
 class ConfigError(UsageError):
@@ -29,6 +30,24 @@ class TrainingError(UsageError):
   exit_code = 1
 
 
+class DataError(UsageError):
+  """A dataset the code cannot use as it is (two images of one name); the message names the files."""
+
+
+class WorkdirBusyError(UsageError):
+  """Another live process holds the workdir's lock; the message names it (pid, host)."""
+
+
+class OutputExistsError(UsageError):
+  """An output would replace an existing file; the message names it."""
+
+
+class Interrupted(UsageError):
+  """Ctrl-C (SIGINT): what was saved, in one line; exit code 130 (128 + SIGINT), as shells report it."""
+  exit_code = 130
+  label = 'interrupted'
+
+
 def one_line(message: object, limit: int = 300) -> str:
   """The first line of `message`, at most `limit` characters (library errors can dump whole specs)."""
   text = str(message).strip()
@@ -36,9 +55,9 @@ def one_line(message: object, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
-def fail(prog: str, message: object, exit_code: int = 2) -> None:
-  """Prints `prog: error: message` (one line) to stderr and exits."""
-  print(f'{prog}: error: {one_line(message, limit=1000)}', file=sys.stderr)
+def fail(prog: str, message: object, exit_code: int = 2, label: str = 'error') -> None:
+  """Prints `prog: LABEL: message` (one line) to stderr and exits."""
+  print(f'{prog}: {label}: {one_line(message, limit=1000)}', file=sys.stderr)
   sys.exit(exit_code)
 
 

@@ -263,13 +263,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
         return eval_metrics
       if step % eval_every == 0 or step == num_steps:
+        save(step)   # before the eval: an eval that fails or is killed never loses the trained step
         with report.timed('eval', wait_jax_async_dispatch=False):
           eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
                                                   data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if is_chief:
           tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
-        save(step, metrics={'AP': eval_metrics.get('AP', 0.0)})
+        ckpt.set_metrics(step, {'AP': eval_metrics.get('AP', 0.0)})   # ranks it for best-by-AP
       elif step % config.train.checkpoint_every_steps == 0:
         save(step)
   progress.close()

@@ -128,3 +128,73 @@ def test_evaluate_files_cli_empty_results_exit_2(tmp_path):
   lines = [l for l in result.stderr.splitlines() if 'evaluate_files' in l]
   assert lines and lines[-1].startswith('evaluate_files: error: none of the 0 result files')
   assert 'Traceback' not in result.stderr
+
+
+def _stub_model_and_step(monkeypatch, eval_fn):
+  """The loop without a model: 2 parameters, a step that returns them unchanged, eval = `eval_fn`. Nothing
+  of the detector compiles; the data, the loop, the checkpoints and the signal handling are the real ones."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import evaluate, model_lib, train_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(model_lib, 'make_model', lambda config: None)
+  monkeypatch.setattr(model_lib, 'init_variables', lambda model, config, rng: {'params': {'w': jnp.zeros(2)}})
+  monkeypatch.setattr(train_lib, 'make_train_step',
+                      lambda *a, **k: jax.jit(lambda state, batch: (state, {'loss': jnp.float32(1.0)})))
+  monkeypatch.setattr(evaluate, 'make_predict_fn', lambda *a, **k: None)
+  monkeypatch.setattr(evaluate, 'evaluate_params', eval_fn)
+
+
+def _two_image_run(tmp_path, num_steps):
+  _split(tmp_path / 'train', {'a': BOX, 'b': BOX})
+  _split(tmp_path / 'val', {'c': BOX})
+  c = _config(tmp_path, num_steps=num_steps, eval_every_epochs=100, checkpoint_every_steps=100)
+  return c, str(tmp_path / 'work')
+
+
+def test_a_failing_final_eval_never_loses_the_trained_step(tmp_path, monkeypatch):
+  def failing_eval(*args, **kwargs):
+    raise RuntimeError('the eval broke')
+
+  _stub_model_and_step(monkeypatch, failing_eval)
+  config, work = _two_image_run(tmp_path, num_steps=3)
+  with pytest.raises(RuntimeError, match='the eval broke'):
+    train.train_and_evaluate(config, work)
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [3]   # saved before the eval
+  ckpt.close()
+
+
+def test_the_final_eval_ap_still_ranks_the_step_saved_before_it(tmp_path, monkeypatch):
+  _stub_model_and_step(monkeypatch, lambda *a, **k: {'AP': 12.5})
+  config, work = _two_image_run(tmp_path, num_steps=2)
+  assert train.train_and_evaluate(config, work) == {'AP': 12.5}
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2] and ckpt.best_step() == 2
+  ckpt.close()
+
+
+def test_two_eval_images_of_one_stem_stop_training_before_anything_compiles(tmp_path):
+  """Used to pass the reader, train to the end and fail in the final eval ('duplicate record names')."""
+  _split(tmp_path / 'train', {'a': BOX})
+  _split(tmp_path / 'val', {'x': BOX})
+  Image.new('RGB', (40, 30)).save(tmp_path / 'val' / 'images' / 'x.png')
+  with pytest.raises(errors.DataError, match=r"two images share the name 'x' \(.*x.jpg and .*x.png\)"):
+    train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'work'))
+  assert not (tmp_path / 'work' / 'checkpoints').exists()
+
+
+def test_eval_mode_reads_a_root_that_holds_only_the_eval_split(tmp_path, monkeypatch):
+  from mrqm_jax import evaluate, model_lib  # pylint: disable=g-import-not-at-top
+
+  class Reached(Exception):
+    pass
+
+  def restore(*args, **kwargs):
+    raise Reached()   # the data was read; the model is not needed to show it
+
+  _split(tmp_path / 'val', {'x': BOX})
+  monkeypatch.setattr(model_lib, 'inference_config', lambda config, *a, **k: config)
+  monkeypatch.setattr(model_lib, 'restore_for_inference', restore)
+  with pytest.raises(Reached):
+    evaluate.evaluate_checkpoint(_config(tmp_path), str(tmp_path / 'work'))
+  with pytest.raises(FileNotFoundError, match="VisDrone split 'train' not found"):   # training still needs it
+    datasets.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
