@@ -23,7 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
 
-from mrqm_jax import errors
+from mrqm_jax import errors, paths
 
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'checkpoints_damaged'
@@ -36,12 +36,10 @@ CheckpointError = errors.CheckpointError
 
 def to_path(path: str | epath.PathLike) -> epath.Path:
   """An epath.Path; local paths (and file:// URLs) made absolute (Orbax wants them), buckets (gs://) untouched."""
-  text = str(path)
-  if text.startswith('file://'):
-    text = text[len('file://'):]
-  if '://' in text:
+  text = paths.user_path(str(path))
+  if paths.is_url(text):
     return epath.Path(text)
-  return epath.Path(epath.Path(text).expanduser().absolute())
+  return epath.Path(epath.Path(text).absolute())
 
 
 def reason(e: BaseException) -> str:

@@ -118,6 +118,18 @@ def test_evaluate_files_with_no_matching_result_file_is_an_error(tmp_path):
   assert max(metrics.values()) == pytest.approx(100.0)   # a perfect detection, whatever the metric keys
 
 
+@pytest.mark.parametrize('line, match', [('2,3,10,8,0.9,1e300,-1,-1', 'category .1e300. is out of range'),
+                                         ('1e308,3,1e308,8,0.9,4,-1,-1', 'x . w or y . h is too large')])
+def test_evaluate_files_numbers_beyond_range_are_one_line(tmp_path, line, match):
+  """Used to escape as OverflowError / ValueError tracebacks from the metrics."""
+  data = _split(tmp_path / 'data', {'a': BOX})
+  results = tmp_path / 'results'
+  results.mkdir()
+  (results / 'a.txt').write_text(line + '\n')
+  with pytest.raises(errors.UsageError, match=match):
+    evaluate_files.evaluate_folder('visdrone', str(data), str(results))
+
+
 def test_evaluate_files_cli_empty_results_exit_2(tmp_path):
   data = _split(tmp_path / 'data', {'a': BOX})
   (tmp_path / 'results').mkdir()
@@ -198,3 +210,26 @@ def test_eval_mode_reads_a_root_that_holds_only_the_eval_split(tmp_path, monkeyp
     evaluate.evaluate_checkpoint(_config(tmp_path), str(tmp_path / 'work'))
   with pytest.raises(FileNotFoundError, match="VisDrone split 'train' not found"):   # training still needs it
     datasets.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
+
+
+def test_ctrl_c_in_training_saves_the_step_and_raises_interrupted(tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _stub_model_and_step(monkeypatch, lambda *a, **k: pytest.fail('evaluated'))
+  calls = []
+
+  def step(state, batch):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C during the second step
+    return state, {'loss': jnp.float32(1.0)}
+
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a, **k: step)
+  config, work = _two_image_run(tmp_path, num_steps=50)
+  with pytest.raises(errors.Interrupted, match=r'Ctrl-C: saved step 2 to .*checkpoints; the same command resumes') as e:
+    train.train_and_evaluate(config, work)
+  assert e.value.exit_code == 130 and len(calls) == 2
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
