@@ -132,8 +132,9 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
       report.add('bad_field_count', where, None, f'bbox {bbox!r} does not have 4 numbers')
       continue
     values = [_number(v) for v in bbox]
-    if any(v is None for v in values):
-      report.add('non_numeric', where, None, f'bbox {bbox!r} has a value that is not a finite number')
+    if any(v is None for v in values) or not all(math.isfinite(values[i] + values[i + 2]) for i in (0, 1)):
+      report.add('non_numeric', where, None, f'bbox {bbox!r} has a value (or x + w, y + h) that is not a finite '
+                 'number')
       continue
     category = ann['category_id']
     flags = [_flag(ann.get(key, 0)) for key in ('iscrowd', 'ignore')]

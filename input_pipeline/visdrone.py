@@ -81,8 +81,9 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
     except ValueError:
       report.add('non_numeric', path, line_no, f'a field is not a number: {line!r}')
       continue
-    if not all(math.isfinite(v) for v in values):
-      report.add('non_numeric', path, line_no, f'a field is not finite: {line!r}')
+    if not all(math.isfinite(v) for v in values) or not all(
+        math.isfinite(values[i] + values[i + 2]) for i in (0, 1)):
+      report.add('non_numeric', path, line_no, f'a field (or x + w, y + h) is not finite: {line!r}')
       continue
     x, y, w, h, score, category = values[:6]
     if category != int(category) or not 0 <= category < NUM_CATEGORIES:

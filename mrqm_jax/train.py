@@ -145,6 +145,15 @@ class ReportProgress(periodic_actions.ReportProgress):
       self._writer.write_scalars(step, {'images_per_sec': self.images_per_sec})
 
 
+def _has_valid_example(valid) -> bool:
+  """Whether the global batch holds any decoded example (every host agrees: one all-gather when multi-host)."""
+  local = bool(valid.any())
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(local).any())
+
+
 def _scalars(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -268,17 +277,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
     return eval_metrics
 
+  skipped_steps = []   # steps whose whole batch was undecodable (blank replacements): skipped, counted
+
   with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
-      state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
+      if _has_valid_example(host_batch['valid']):
+        state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
+        trained = True
+      else:   # every image of the batch failed to decode (blanks): no update; a blank batch has no target
+        skipped_steps.append(step + 1)
+        trained = False
+        logging.warning('step %d: no image of the batch could be decoded: step skipped (%d so far)', step + 1,
+                        len(skipped_steps))
       step += 1
       progress.update(1)
       preempted = preemption.should_stop(step)
       saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
                 or preempted)
-      logging_step = step % config.train.log_every_steps == 0 or saving or step == start_step + 1
+      logging_step = trained and (step % config.train.log_every_steps == 0 or saving or step == start_step + 1)
       # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
       if logging_step:
         scalars = _scalars(metrics)   # (waits for the step, so the progress report below times finished steps)
@@ -313,4 +331,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     save(num_steps)
   ckpt.close()
   writer.flush()
+  if skipped_steps and is_chief:
+    print(f'mrqm_jax: warning: {len(skipped_steps)} step(s) skipped because no image of their batch could be '
+          f'decoded (steps {", ".join(map(str, skipped_steps[:10]))}{", ..." if len(skipped_steps) > 10 else ""}; '
+          'the files are named in the log)')
   return eval_metrics

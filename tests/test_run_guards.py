@@ -233,3 +233,33 @@ def test_ctrl_c_in_training_saves_the_step_and_raises_interrupted(tmp_path, monk
   assert ckpt.all_steps() == [2]
   ckpt.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+
+
+def test_a_batch_with_no_decodable_image_is_skipped_and_counted_not_trained(tmp_path, monkeypatch, capsys):
+  """Blank replacements of undecodable images gave a NaN gradient ('non-finite loss at step 1')."""
+  from mrqm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _stub_model_and_step(monkeypatch, lambda *a, **k: {'AP': 0.0})
+  batches = []
+
+  def step(state, batch):
+    batches.append(batch)
+    return state, {'loss': jnp.float32(1.0)}
+
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a, **k: step)
+  read = datasets.prepare_data
+
+  def read_then_damage(config, workdir, **kwargs):
+    data = read(config, workdir, **kwargs)
+    for record in data.train_records:   # damaged after the reader checked them, as on a flaky disk
+      with open(record.file_name, 'wb') as f:
+        f.write(b'\xff\xd8 no longer a jpeg \xff\xd9')
+    return data
+
+  monkeypatch.setattr(datasets, 'prepare_data', read_then_damage)
+  config, work = _two_image_run(tmp_path, num_steps=2)
+  train.train_and_evaluate(config, work)
+  assert batches == []   # never trained on blanks
+  assert '2 step(s) skipped because no image of their batch could be decoded (steps 1, 2' in capsys.readouterr().out
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
