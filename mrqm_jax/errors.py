@@ -4,7 +4,9 @@ Every error meant for the user derives from `UsageError`; `mrqm_jax.main` and `m
 that one base class and print `PROG: error: MESSAGE` with the class's `exit_code`. Modules raise the most
 specific subclass (a missing checkpoint is a `CheckpointError`, a NaN loss a `TrainingError`).
 
-Also the argument guards a CLI runs before loading anything heavy (`check_output_folder`), so the error is instant.
+Also the argument guards a CLI runs before loading anything heavy (`check_output_folder`, `check_new_files`), so
+the error is instant, and `write_traceback`: where an unexpected exception's traceback goes (WORKDIR/error.log)
+while the screen gets one line.
 """
 
 import datetime

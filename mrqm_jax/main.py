@@ -3,10 +3,13 @@ r"""mrqm_jax command line: train, evaluate, predict or export.
   python -m mrqm_jax.main --config=configs/visdrone.py --workdir=DIR [--mode=train|eval|predict|export] \
       [--config.dataset.root=/data/VisDrone] [--config.train.num_steps=1000]
 
-Before anything compiles, the flags, every config value (mrqm_jax/config_validation.py), the folders that must
-be written and, for eval/predict/export, the checkpoint and its stored config are checked. A problem prints one
-line naming it and exits with code 2, without a traceback: every error meant for the user is an
-`errors.UsageError`, the one class caught here (a non-finite loss, `errors.TrainingError`, exits with 1).
+Every path given (--workdir, --input, --output, --checkpoint, dataset.root, model.pretrained) is read once by
+`paths.user_path` (`~`, `file://`, `gs://`). Before anything compiles, the flags, every config value
+(mrqm_jax/config_validation.py), the folders that must be written, predict's outputs (no existing file replaced
+without --overwrite) and, for eval/predict/export, the checkpoint and its stored config are checked. A problem
+prints one line naming it and exits with code 2, without a traceback: every error meant for the user is an
+`errors.UsageError` (a non-finite loss, `errors.TrainingError`, exits with 1; Ctrl-C, `errors.Interrupted`, with
+130). Any other exception is a bug: one line naming WORKDIR/error.log, where its traceback is written; exit 1.
 """
 
 import importlib

@@ -265,6 +265,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        disable=not is_chief, mininterval=1.0)
   report = ReportProgress(images_per_step=batch_size, num_train_steps=num_steps, writer=writer,
                           every_steps=config.train.log_every_steps, every_secs=None)
+
   def stop(step, interrupted):
     """Saves `step` (if not yet) and ends the run: SIGTERM returns (exit 0), Ctrl-C raises Interrupted (130)."""
     save(step)
