@@ -199,7 +199,7 @@ def main(argv):
   except (FileNotFoundError, NotADirectoryError) as e:  # dataset / checkpoint paths found missing late
     _fail(str(e))
   except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, compiling): nothing to save
-    errors.fail(PROG, 'stopped by Ctrl-C (SIGINT) before training started or after it ended', 130, 'interrupted')
+    errors.fail(PROG, 'stopped by Ctrl-C (SIGINT)', 130, 'interrupted')
   except Exception as e:  # pylint: disable=broad-except  (a bug: its traceback goes to a file, one line here)
     log = errors.write_traceback(workdir, sys.argv)
     _fail(f'unexpected {type(e).__name__}: {errors.one_line(e, 200)} (a bug; traceback in {log})', 1)
