@@ -145,13 +145,19 @@ class ReportProgress(periodic_actions.ReportProgress):
       self._writer.write_scalars(step, {'images_per_sec': self.images_per_sec})
 
 
-def _has_valid_example(valid) -> bool:
-  """Whether the global batch holds any decoded example (every host agrees: one all-gather when multi-host)."""
-  local = bool(valid.any())
+def _all_decoded(valid) -> bool:
+  """Whether every example of the global batch was decoded (none is a blank stand-in; the pipeline marks those
+  valid=False). Every host agrees: one all-gather when multi-host.
+
+  A step on a batch holding a blank is skipped: the smoke model's gradient is NaN for an all-zero image, even
+  next to a real one (measured on the smoke step: loss finite, grad_norm NaN; a real image without boxes, or a
+  constant non-zero one, is fine), and the blank has no target to learn anyway.
+  """
+  local = bool(valid.all())
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.process_allgather(local).any())
+  return bool(multihost_utils.process_allgather(local).all())
 
 
 def _scalars(metrics) -> dict[str, float]:
@@ -278,19 +284,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
     return eval_metrics
 
-  skipped_steps = []   # steps whose whole batch was undecodable (blank replacements): skipped, counted
+  skipped_steps = []   # steps whose batch held an undecodable image (a blank stand-in): skipped, counted
 
   with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
-      if _has_valid_example(host_batch['valid']):
+      if _all_decoded(host_batch['valid']):
         state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
         trained = True
-      else:   # every image of the batch failed to decode (blanks): no update; a blank batch has no target
+      else:   # an image failed to decode: its all-zero blank stand-in gives the model a NaN gradient
         skipped_steps.append(step + 1)
         trained = False
-        logging.warning('step %d: no image of the batch could be decoded: step skipped (%d so far)', step + 1,
+        logging.warning('step %d: an image of the batch could not be decoded: step skipped (%d so far)', step + 1,
                         len(skipped_steps))
       step += 1
       progress.update(1)
@@ -333,7 +339,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt.close()
   writer.flush()
   if skipped_steps and is_chief:
-    print(f'mrqm_jax: warning: {len(skipped_steps)} step(s) skipped because no image of their batch could be '
+    print(f'mrqm_jax: warning: {len(skipped_steps)} step(s) skipped because an image of their batch could not be '
           f'decoded (steps {", ".join(map(str, skipped_steps[:10]))}{", ..." if len(skipped_steps) > 10 else ""}; '
           'the files are named in the log)')
   return eval_metrics
