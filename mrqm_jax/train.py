@@ -149,9 +149,9 @@ def _all_decoded(valid) -> bool:
   """Whether every example of the global batch was decoded (none is a blank stand-in; the pipeline marks those
   valid=False). Every host agrees: one all-gather when multi-host.
 
-  A step on a batch holding a blank is skipped: the smoke model's gradient is NaN for an all-zero image, even
-  next to a real one (measured on the smoke step: loss finite, grad_norm NaN; a real image without boxes, or a
-  constant non-zero one, is fine), and the blank has no target to learn anyway.
+  A step on a batch holding a blank is skipped: the smoke model's gradient is not finite for an all-zero image,
+  even next to a real one (benchmarks/blank_image_gradient.py: loss finite, grad_norm inf; a real image without
+  boxes, or a constant non-zero one, is fine), and the blank has no target to learn anyway.
   """
   local = bool(valid.all())
   if jax.process_count() == 1:
@@ -293,7 +293,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if _all_decoded(host_batch['valid']):
         state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
         trained = True
-      else:   # an image failed to decode: its all-zero blank stand-in gives the model a NaN gradient
+      else:   # an image failed to decode: its all-zero blank stand-in gives the model an inf gradient
         skipped_steps.append(step + 1)
         trained = False
         logging.warning('step %d: an image of the batch could not be decoded: step skipped (%d so far)', step + 1,
