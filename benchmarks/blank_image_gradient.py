@@ -43,7 +43,8 @@ def run(workdir: str, print_fn=print) -> dict:
   variables = jax.jit(functools.partial(model_lib.init_variables, model, config),
                       out_shardings=replicated)(init_rng)
   params, model_state = model_lib.split_variables(variables)
-  tx = train_lib.make_optimizer(config, params, per_epoch, frozen=train._frozen_predicate(config))  # pylint: disable=protected-access
+  frozen = train._frozen_predicate(config)  # pylint: disable=protected-access  (the training run's own)
+  tx = train_lib.make_optimizer(config, params, per_epoch, frozen=frozen)
   state = jax.jit(functools.partial(train_lib.create_train_state, tx=tx),
                   out_shardings=replicated)(params, model_state, rng=state_rng)
   host_state = jax.device_get(state)   # the step donates its state: a fresh copy for every batch

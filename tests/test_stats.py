@@ -114,4 +114,5 @@ def test_the_json_line_is_strict_json_even_for_boxes_beyond_float_range(tmp_path
   line = capsys.readouterr().out.strip().splitlines()[-1]
   s = json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in the JSON line'))
   assert (s['valid_boxes'], s['min_area']) == (1, 12.0)
-  assert stats.json_line({'a': float('nan'), 'b': {'c': float('inf')}, 'd': 1.5}) == '{"a": null, "b": {"c": null}, "d": 1.5}'
+  assert (stats.json_line({'a': float('nan'), 'b': {'c': float('inf')}, 'd': 1.5})
+          == '{"a": null, "b": {"c": null}, "d": 1.5}')
