@@ -226,13 +226,14 @@ def test_ctrl_c_in_training_saves_the_step_and_raises_interrupted(tmp_path, monk
 
   monkeypatch.setattr(train_lib, 'make_train_step', lambda *a, **k: step)
   config, work = _two_image_run(tmp_path, num_steps=50)
+  before = signal.getsignal(signal.SIGINT)
   with pytest.raises(errors.Interrupted, match=r'Ctrl-C: saved step 2 to .*checkpoints; the same command resumes') as e:
     train.train_and_evaluate(config, work)
   assert e.value.exit_code == 130 and len(calls) == 2
   ckpt = checkpointing.Checkpointer(work, read_only=True)
   assert ckpt.all_steps() == [2]
   ckpt.close()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+  assert signal.getsignal(signal.SIGINT) == before   # the caller's handler is back
 
 
 @pytest.mark.parametrize('damaged', [1, 2])   # one of the batch's two images, or both
