@@ -48,6 +48,10 @@ def get_config():
   c.train.lr_drop_epochs = ()
   c.train.checkpoint_every_steps = 100
   c.train.log_every_steps = 10
+  # The on-device solver, not 'auto' (SciPy on CPU): JAX never writes an executable with a host callback to its
+  # persistent compilation cache, so with SciPy every smoke run compiled its train step again (60-85 s). At
+  # smoke's 50 queries x 32 gts the device solver's loops are short. (docs/DESIGN.md, matching)
+  c.matcher.backend = 'jax'
   c.eval.protocol = 'visdrone'
   c.eval.batch_size = 4
   c.eval.max_detections = 100

@@ -39,6 +39,20 @@ def _number(value) -> float | None:
   return float(value)
 
 
+def _flag(value) -> bool | None:
+  """A 0/1 json flag (iscrowd, ignore) as a bool: numbers, booleans and their strings ("0", "1", "true");
+  None for anything else. bool("0") would be True and make every box an ignore region."""
+  if isinstance(value, (bool, int, float)):
+    return bool(value)
+  if isinstance(value, str):
+    text = value.strip().lower()
+    if text in ('0', '0.0', 'false', ''):
+      return False
+    if text in ('1', '1.0', 'true'):
+      return True
+  return None
+
+
 def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_label: Mapping[int, int],
                       ignore_category_ids: Iterable[int] = (), *, check_images: bool = True,
                       max_messages: int = 20) -> tuple[list[records_lib.ImageRecord], records_lib.ReadReport]:
@@ -59,6 +73,15 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
   report = records_lib.ReadReport(source=json_path, max_messages=max_messages)
   ignore_category_ids = set(ignore_category_ids)
 
+  # Two entries (other ids) of one file, or one stem with two extensions: an error before anything compiles. A
+  # repeated id is a counted skip below.
+  named, ids = [], set()
+  for index, entry in enumerate(data['images']):
+    if (isinstance(entry, dict) and isinstance(entry.get('file_name'), str)
+        and isinstance(entry.get('id'), (int, str)) and entry['id'] not in ids):
+      ids.add(entry['id'])
+      named.append((os.path.splitext(entry['file_name'])[0], f'images[{index}] {entry["file_name"]!r}'))
+  records_lib.check_unique_names(named, json_path)
   images = {}
   for index, entry in enumerate(data['images']):
     where = f'{json_path} images[{index}]'
@@ -109,11 +132,17 @@ def records_from_coco(data: dict, json_path: str, image_dir: str, category_to_la
       report.add('bad_field_count', where, None, f'bbox {bbox!r} does not have 4 numbers')
       continue
     values = [_number(v) for v in bbox]
-    if any(v is None for v in values):
-      report.add('non_numeric', where, None, f'bbox {bbox!r} has a value that is not a finite number')
+    if any(v is None for v in values) or not all(math.isfinite(values[i] + values[i + 2]) for i in (0, 1)):
+      report.add('non_numeric', where, None, f'bbox {bbox!r} has a value (or x + w, y + h) that is not a finite '
+                 'number')
       continue
     category = ann['category_id']
-    is_ignore = category in ignore_category_ids or bool(ann.get('iscrowd', 0)) or bool(ann.get('ignore', 0))
+    flags = [_flag(ann.get(key, 0)) for key in ('iscrowd', 'ignore')]
+    if None in flags:
+      report.add('malformed_entry', where, None,
+                 f'"iscrowd" {ann.get("iscrowd")!r} / "ignore" {ann.get("ignore")!r}: expected 0 or 1')
+      continue
+    is_ignore = category in ignore_category_ids or any(flags)
     if not is_ignore and category not in category_to_label:
       report.add('unknown_category', where, None, f'category_id {category!r} is not in the category list')
       continue
@@ -155,6 +184,11 @@ def category_mapping(data: dict, json_path: str) -> tuple[dict[int, int], list[s
   for index, category in enumerate(categories):
     if not isinstance(category, dict) or 'id' not in category:
       raise ValueError(f'{json_path}: categories[{index}] needs an "id"')
+    if isinstance(category['id'], bool) or not isinstance(category['id'], (int, str)):
+      raise ValueError(f'{json_path}: categories[{index}] id {category["id"]!r} is not an integer or a string')
+    if type(category['id']) is not type(categories[0]['id']):  # sorted() cannot order 3 and '3'
+      raise ValueError(f'{json_path}: categories[{index}] id {category["id"]!r} is not of the type of '
+                       f'categories[0] id {categories[0]["id"]!r}: use integer ids (or strings) throughout')
     if category['id'] in by_id:
       raise ValueError(f'{json_path}: categories[{index}] repeats id {category["id"]!r}')
     by_id[category['id']] = str(category.get('name', category['id']))

@@ -70,7 +70,7 @@ class ImageRecord:
 # Problem kinds and whether the row/image they concern is dropped ('skip') or kept after fixing ('fix').
 PROBLEM_KINDS = {
     'missing_image': 'skip',          # annotation file without an image (or a json entry whose file is absent)
-    'corrupt_image': 'skip',          # unreadable header, or a JPEG without its end marker (truncated)
+    'corrupt_image': 'skip',          # unreadable header, or a JPEG/PNG cut short (truncated)
     'missing_annotation': 'fix',      # image without annotation file: kept with no boxes
     'bad_field_count': 'skip',        # line with the wrong number of comma-separated fields
     'non_numeric': 'skip',            # a field that is not a number
@@ -145,6 +145,31 @@ class ReadReport:
     return '\n'.join(lines)
 
 
+class DuplicateNameError(ValueError):
+  """Two images of a split would get one record name (same file, or one stem with two extensions)."""
+
+
+def check_unique_names(sources: list[tuple[str, str]], where: str) -> None:
+  """Raises DuplicateNameError when two `(name, source)` pairs share a name.
+
+  Record names key everything downstream (result files NAME.txt, the metrics' image keys, predictions), so two
+  images of one name would make the eval fail at the END of training, or silently keep one of them. Raised by
+  the readers, before anything compiles: which of the two is meant (or whether the annotations of one image are
+  split over two entries) only the user can tell, so it is an error, not a skip.
+  """
+  seen: dict[str, str] = {}
+  clashes = []
+  for name, source in sources:
+    if name in seen:
+      clashes.append(f'{name!r} ({seen[name]} and {source})')
+    else:
+      seen[name] = source
+  if clashes:
+    more = f' and {len(clashes) - 1} more' if len(clashes) > 1 else ''
+    raise DuplicateNameError(f'{where}: two images share the name {clashes[0]}{more}; result files and metrics '
+                             'key images by file name without extension: rename or remove one of each pair')
+
+
 def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int):
   """Clips a pixel xyxy box to [0, width] x [0, height]; width/height <= 0 means unknown (no clipping).
 
@@ -158,19 +183,24 @@ def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int
   return clipped, clipped != (x0, y0, x1, y1)
 
 
-def _jpeg_tail_has_end_marker(path: str, tail_bytes: int = 4096) -> bool:
+# The bytes a complete file of each format ends with (JPEG's end-of-image marker, PNG's IEND chunk type).
+END_MARKERS = {'JPEG': b'\xff\xd9', 'PNG': b'IEND'}
+
+
+def _tail_has(path: str, marker: bytes, tail_bytes: int = 4096) -> bool:
   with open(path, 'rb') as f:
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - tail_bytes))
-    return b'\xff\xd9' in f.read()
+    return marker in f.read()
 
 
 def image_size(path: str, report: ReadReport) -> tuple[int, int] | None:
   """(width, height) from the image header; None, counted in `report`, if missing or unreadable.
 
-  A JPEG must also end with its end-of-image marker: a truncated download has a valid header but would fail
-  in tf.io.decode_jpeg mid-training. Only the file's tail is read; the rare JPEG with extra data after the
-  marker (some cameras append metadata) is then fully decoded once to tell it from a truncated one.
+  A JPEG must also end with its end-of-image marker, a PNG with its IEND chunk: a truncated download has a
+  valid header but would fail in tf.io.decode_* mid-training (or give a blank prediction). Only the file's tail
+  is read; a file without the marker in its tail (a JPEG with metadata appended after it) is then fully decoded
+  once to tell it from a truncated one.
   """
   if not os.path.isfile(path):
     report.add('missing_image', path, None, 'image file not found')
@@ -178,7 +208,7 @@ def image_size(path: str, report: ReadReport) -> tuple[int, int] | None:
   try:
     with Image.open(path) as image:
       width, height = image.size
-      if image.format == 'JPEG' and not _jpeg_tail_has_end_marker(path):
+      if image.format in END_MARKERS and not _tail_has(path, END_MARKERS[image.format]):
         image.load()   # raises OSError if the data really is truncated
   except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
     report.add('corrupt_image', path, None, f'cannot read the image ({type(e).__name__}: {e})')

@@ -156,8 +156,20 @@ def main(argv=None) -> int:
   stats = dataset_stats(records, class_names, report)
   print(report.summary())
   print(format_table(stats))
-  print(json.dumps(stats))
+  print(json_line(stats))
   return 0
+
+
+def json_line(stats: dict) -> str:
+  """`stats` as one strict JSON object: a non-finite number (which json.dumps would print as NaN / Infinity,
+  which JSON parsers reject) becomes null."""
+  def clean(value):
+    if isinstance(value, dict):
+      return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+      return None
+    return value
+  return json.dumps(clean(stats), allow_nan=False)
 
 
 if __name__ == '__main__':

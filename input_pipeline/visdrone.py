@@ -81,8 +81,9 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
     except ValueError:
       report.add('non_numeric', path, line_no, f'a field is not a number: {line!r}')
       continue
-    if not all(math.isfinite(v) for v in values):
-      report.add('non_numeric', path, line_no, f'a field is not finite: {line!r}')
+    if not all(math.isfinite(v) for v in values) or not all(
+        math.isfinite(values[i] + values[i + 2]) for i in (0, 1)):
+      report.add('non_numeric', path, line_no, f'a field (or x + w, y + h) is not finite: {line!r}')
       continue
     x, y, w, h, score, category = values[:6]
     if category != int(category) or not 0 <= category < NUM_CATEGORIES:
@@ -120,15 +121,14 @@ def parse_annotation_text(text: str, path: str, width: int, height: int, report:
 
 
 def _files_by_stem(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
+  """{stem: path}; DuplicateNameError when two files share a stem (x.jpg + x.png: which one is meant?)."""
   if not os.path.isdir(folder):
     return {}
-  found = {}
   with os.scandir(folder) as entries:
-    for entry in entries:
-      stem, ext = os.path.splitext(entry.name)
-      if ext.lower() in extensions and entry.is_file():
-        found[stem] = entry.path
-  return found
+    found = sorted((os.path.splitext(entry.name)[0], entry.path) for entry in entries
+                   if os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file())
+  records_lib.check_unique_names(found, folder)
+  return dict(found)
 
 
 def read_split(root: str, split: str | None = None, *, annotations_only: bool | None = False,

@@ -23,24 +23,23 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
 
-from mrqm_jax import errors
+from mrqm_jax import errors, paths
 
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'checkpoints_damaged'
 CONFIG_FILE = 'config/metadata'   # where ocp.args.JsonSave puts the 'config' item inside a step folder
 EXPORT_CONFIG_FILE = 'config.json'
+METRICS_ITEM = 'metrics'          # Orbax's item (and file) name for a step's metrics (best-by-AP)
 
 CheckpointError = errors.CheckpointError
 
 
 def to_path(path: str | epath.PathLike) -> epath.Path:
   """An epath.Path; local paths (and file:// URLs) made absolute (Orbax wants them), buckets (gs://) untouched."""
-  text = str(path)
-  if text.startswith('file://'):
-    text = text[len('file://'):]
-  if '://' in text:
+  text = paths.user_path(str(path))
+  if paths.is_url(text):
     return epath.Path(text)
-  return epath.Path(epath.Path(text).expanduser().absolute())
+  return epath.Path(epath.Path(text).absolute())
 
 
 def reason(e: BaseException) -> str:
@@ -100,6 +99,23 @@ class Checkpointer:
             data=ocp.args.JsonSave({'step': int(data_step)})),
         metrics=metrics, force=force)
     return saved
+
+  def set_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    """Attaches `metrics` to the saved `step` (for best-by-AP), as `save(..., metrics=)` would have stored them.
+
+    Training saves a step BEFORE evaluating it, so an eval that fails (or is killed) never loses the step; the
+    AP is added afterwards. Orbax keeps a step's metrics as its 'metrics' json item (STEP/metrics/metrics) and
+    reads them back on reload; tests/test_checkpointing.py checks that best_step() sees them, also in a new
+    CheckpointManager.
+    """
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      item = self.directory / str(step) / METRICS_ITEM
+      item.mkdir(parents=True, exist_ok=True)
+      (item / METRICS_ITEM).write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f'mrqm_set_metrics_{step}')
+    self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host at the same step once any host got a preemption notice (JAX's sync service)."""

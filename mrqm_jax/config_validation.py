@@ -416,7 +416,12 @@ def merge_stored_model_config(config, stored: dict, overrides=()) -> tuple[Any, 
     node = config
     for part in parents:
       node = node[part]
-    node[leaf] = float(value) if isinstance(mine, float) and _is_number(value) else value
+    try:
+      node[leaf] = float(value) if isinstance(mine, float) and _is_number(value) else value
+    except (TypeError, ValueError):   # ConfigDict refuses a value of another type
+      raise errors.CheckpointError(
+          f'the config stored with the checkpoint has {key}={value!r}, which is not a {type(mine).__name__} '
+          f'like config.{key}={_show(mine)}: the stored config is damaged or from an incompatible version') from None
     changed.append(key)
   return config, changed
 

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import readers
+from input_pipeline import records as records_lib
 from input_pipeline import stats
 from input_pipeline import synthetic
 from mrqm_jax import config_validation, errors
@@ -30,8 +31,12 @@ class Data:
   report: str
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-  """Reads both splits; with `dataset.root` unset (smoke), writes synthetic VisDrone-layout data first."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: str, *, train_split: bool = True) -> Data:
+  """Reads both splits; with `dataset.root` unset (smoke), writes synthetic VisDrone-layout data first.
+
+  train_split=False (`--mode=eval`) reads the eval split alone (train_records is then []), so a dataset root that
+  holds only the val split can be evaluated. Two images of one name in a split are a DataError (one line).
+  """
   if not config.dataset.root:
     root = os.path.join(workdir, 'data')
     h, w = config.input.image_size
@@ -44,16 +49,21 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     with config.unlocked():
       config.dataset.root = root
       config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
+  train_records, summaries = [], []
   try:
     readers.check_distinct_splits(config.dataset)
-    train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
-    eval_records, eval_report, _ = readers.read_dataset(config.dataset, config.dataset.eval_split)
+    if train_split:
+      train_records, train_report, class_names = readers.read_dataset(config.dataset, config.dataset.train_split)
+      summaries.append(train_report.summary())
+    eval_records, eval_report, class_names = readers.read_dataset(config.dataset, config.dataset.eval_split)
+    summaries.append(eval_report.summary())
+  except records_lib.DuplicateNameError as e:
+    raise errors.DataError(str(e)) from None
   except ValueError as e:  # a config value that disagrees with the data (format, num_classes, splits)
     raise errors.ConfigError(str(e)) from None
-  if not train_records:
+  if train_split and not train_records:
     raise errors.UsageError(f'no training images in {config.dataset.root} (split {config.dataset.train_split!r})')
-  return Data(train_records, eval_records, class_names,
-              train_report.summary() + '\n' + eval_report.summary())
+  return Data(train_records, eval_records, class_names, '\n'.join(summaries))
 
 
 def resolve_a_s(config: ml_collections.ConfigDict, train_records: list) -> None:

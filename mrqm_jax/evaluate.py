@@ -113,7 +113,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   parallel.initialize_distributed()
   mesh = parallel.create_mesh()
   config = model_lib.inference_config(config, workdir, checkpoint, overrides)
-  data = datasets.prepare_data(config, workdir)
+  data = datasets.prepare_data(config, workdir, train_split=False)   # a root with only the eval split will do
   model, config, variables = model_lib.restore_for_inference(config, workdir, checkpoint, mesh)
   params, model_state = model_lib.split_variables(variables)
   metrics = evaluate_params(model, config, params, model_state, data.eval_records, mesh, data.class_names)

@@ -3,10 +3,13 @@ r"""mrqm_jax command line: train, evaluate, predict or export.
   python -m mrqm_jax.main --config=configs/visdrone.py --workdir=DIR [--mode=train|eval|predict|export] \
       [--config.dataset.root=/data/VisDrone] [--config.train.num_steps=1000]
 
-Before anything compiles, the flags, every config value (mrqm_jax/config_validation.py), the folders that must
-be written and, for eval/predict/export, the checkpoint and its stored config are checked. A problem prints one
-line naming it and exits with code 2, without a traceback: every error meant for the user is an
-`errors.UsageError`, the one class caught here (a non-finite loss, `errors.TrainingError`, exits with 1).
+Every path given (--workdir, --input, --output, --checkpoint, dataset.root, model.pretrained) is read once by
+`paths.user_path` (`~`, `file://`, `gs://`). Before anything compiles, the flags, every config value
+(mrqm_jax/config_validation.py), the folders that must be written, predict's outputs (no existing file replaced
+without --overwrite) and, for eval/predict/export, the checkpoint and its stored config are checked. A problem
+prints one line naming it and exits with code 2, without a traceback: every error meant for the user is an
+`errors.UsageError` (a non-finite loss, `errors.TrainingError`, exits with 1; Ctrl-C, `errors.Interrupted`, with
+130). Any other exception is a bug: one line naming WORKDIR/error.log, where its traceback is written; exit 1.
 """
 
 import importlib
@@ -24,6 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mrqm_jax import config_validation  # noqa: E402
 from mrqm_jax import errors  # noqa: E402
+from mrqm_jax import paths  # noqa: E402
 
 MODES = ('train', 'eval', 'predict', 'export')
 PROG = 'mrqm_jax'
@@ -37,6 +41,8 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict/export: output directory.')
 _HEATMAPS = flags.DEFINE_bool('heatmaps', False, 'predict: also write query heatmaps (paper Fig. 2).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'predict: replace result files already in --output (default: refuse, naming one).')
 
 UsageError = errors.UsageError
 
@@ -82,8 +88,19 @@ def _short(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _is_url(path: str) -> bool:
-  return '://' in str(path)
+_is_url = paths.is_url
+
+# Config keys that hold a path: read by paths.user_path like the path flags ('' and 'auto' stay as they are).
+PATH_KEYS = (('dataset', 'root'), ('model', 'pretrained'), ('train', 'init_from'), ('', 'compilation_cache_dir'))
+
+
+def normalize_config_paths(config) -> None:
+  """`~` expanded and `file://` stripped in the config's path keys (in place), as paths.user_path does."""
+  for section, key in PATH_KEYS:
+    holder = config[section] if section else config
+    value = holder[key]
+    if isinstance(value, str) and value not in ('', 'auto'):
+      holder[key] = paths.user_path(value)
 
 
 def check_writable(folder: str, what: str) -> None:
@@ -100,7 +117,8 @@ def check_writable(folder: str, what: str) -> None:
     raise UsageError(f'{what} {folder} is not writable ({why})') from None
 
 
-def validate(config, workdir: str, mode: str) -> None:
+def validate(config, workdir: str, mode: str, input_path: str | None = None, checkpoint: str | None = None
+             ) -> None:
   """Checks what a user can get wrong before anything heavy starts; raises UsageError."""
   if mode not in MODES:
     raise UsageError(f'--mode={mode!r} is not one of {", ".join(MODES)}')
@@ -111,12 +129,12 @@ def validate(config, workdir: str, mode: str) -> None:
   if mode in ('train', 'eval') and root and not _is_url(root) and not os.path.isdir(root):
     raise UsageError(f'dataset folder not found: config.dataset.root={root!r}')
   if mode == 'predict':
-    if not _INPUT.value:
+    if not input_path:
       raise UsageError('--mode=predict needs --input=FILE_OR_DIR')
-    if not os.path.exists(_INPUT.value):
-      raise UsageError(f'--input not found: {_INPUT.value!r}')
-  if _CHECKPOINT.value and not _is_url(_CHECKPOINT.value) and not os.path.exists(_CHECKPOINT.value):
-    raise UsageError(f'--checkpoint not found: {_CHECKPOINT.value!r}')
+    if not os.path.exists(input_path):
+      raise UsageError(f'--input not found: {input_path!r}')
+  if checkpoint and not _is_url(checkpoint) and not os.path.exists(checkpoint):
+    raise UsageError(f'--checkpoint not found: {checkpoint!r}')
 
 
 def enable_compilation_cache(setting: str) -> str | None:
@@ -147,36 +165,44 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  workdir, mode = _WORKDIR.value, _MODE.value
+  mode = _MODE.value
+  # Every path the CLI takes, read once (paths.user_path): `~`, `file://` and `gs://` mean the same everywhere.
+  workdir, input_path, checkpoint = (paths.user_path(v) for v in (_WORKDIR.value, _INPUT.value, _CHECKPOINT.value))
   overrides = config_validation.overridden_keys(sys.argv[1:])
   try:
-    validate(config, workdir, mode)
+    normalize_config_paths(config)
+    validate(config, workdir, mode, input_path, checkpoint)
     if mode in ('train', 'eval'):
       check_writable(workdir, '--workdir')
-    output = _OUTPUT.value or os.path.join(workdir, 'predictions' if mode == 'predict' else 'export')
-    if mode == 'predict':  # before creating it: the output must not be (in) the input folder
-      errors.check_output_folder(_INPUT.value, output)
+    output = paths.user_path(_OUTPUT.value) or os.path.join(workdir, 'predictions' if mode == 'predict' else 'export')
+    if mode == 'predict':  # before creating it: the output must not be (in) the input folder, nor replace files
+      errors.check_output_folder(input_path, output)
+      paths.check_predict_output_files(input_path, output, _HEATMAPS.value, _OVERWRITE.value)
     if mode in ('predict', 'export'):
       check_writable(output, '--output')
     if mode != 'train':  # the checkpoint and its stored config, before anything compiles
       from mrqm_jax import model_lib  # pylint: disable=g-import-not-at-top
-      model_lib.inference_config(config, workdir, _CHECKPOINT.value, overrides)
+      model_lib.inference_config(config, workdir, checkpoint, overrides)
     enable_compilation_cache(config.compilation_cache_dir)
     if mode == 'train':
       _mode_module('train').train_and_evaluate(config, workdir)
     elif mode == 'eval':
-      _mode_module('evaluate').evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value,
-                                                   overrides=overrides)
+      _mode_module('evaluate').evaluate_checkpoint(config, workdir, checkpoint=checkpoint, overrides=overrides)
     elif mode == 'predict':
-      _mode_module('predict').predict_files(config, workdir, _INPUT.value, output, checkpoint=_CHECKPOINT.value,
-                                            heatmaps=_HEATMAPS.value, overrides=overrides)
+      _mode_module('predict').predict_files(config, workdir, input_path, output, checkpoint=checkpoint,
+                                            heatmaps=_HEATMAPS.value, overrides=overrides,
+                                            overwrite=_OVERWRITE.value)
     elif mode == 'export':
-      _mode_module('export').export_model(config, workdir, output, checkpoint=_CHECKPOINT.value,
-                                          overrides=overrides)
+      _mode_module('export').export_model(config, workdir, output, checkpoint=checkpoint, overrides=overrides)
   except UsageError as e:
-    _fail(str(e), e.exit_code)
+    errors.fail(PROG, str(e), e.exit_code, e.label)
   except (FileNotFoundError, NotADirectoryError) as e:  # dataset / checkpoint paths found missing late
     _fail(str(e))
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, compiling): nothing to save
+    errors.fail(PROG, 'stopped by Ctrl-C (SIGINT)', 130, 'interrupted')
+  except Exception as e:  # pylint: disable=broad-except  (a bug: its traceback goes to a file, one line here)
+    log = errors.write_traceback(workdir, sys.argv)
+    _fail(f'unexpected {type(e).__name__}: {errors.one_line(e, 200)} (a bug; traceback in {log})', 1)
 
 
 def _mode_module(name: str):

@@ -1,6 +1,7 @@
 """`--mode=predict`: images (a file or a folder) -> VisDrone txt, COCO json, and drawn PNGs.
 
-Outputs in OUTPUT (which must not be the input folder or inside it: predict never writes over its input):
+Outputs in OUTPUT (which must not be the input folder or inside it, nor a single input image's own folder:
+predict never writes over its input; nor does it replace any existing file there without --overwrite):
   NAME.txt              one line per detection, VisDrone-DET toolkit format `x,y,w,h,score,category,-1,-1`
                         (category 1-based, as the dataset's own ids)
   detections.json       COCO results list [{image_id, file_name, category_id, bbox [x,y,w,h], score}]
@@ -25,35 +26,15 @@ from PIL import Image
 
 from input_pipeline import pipeline
 from input_pipeline import records as records_lib
-from mrqm_jax import errors, evaluate, model_lib, parallel, visualize
+from mrqm_jax import errors, evaluate, model_lib, parallel, paths, visualize
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
-
-
-def list_images(path: str) -> list[str]:
-  if os.path.isfile(path):
-    return [path]
-  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-  if not files:
-    raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {path}')
-  return files
-
-
-def output_names(paths: list[str]) -> list[str]:
-  """Output file stems, one per input, never two alike: the stem where unique, else the file name."""
-  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  counts: dict[str, int] = {}
-  for stem in stems:
-    counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
-  names = [stem if counts[stem.lower()] == 1 else os.path.basename(p) for stem, p in zip(stems, paths)]
-  # NAME_heatmap.png of one image must not be another image's NAME.png; a file name keeps them apart.
-  taken = {n.lower() for n in names}
-  names = [os.path.basename(p) if n.lower().endswith('_heatmap') and n.lower()[:-len('_heatmap')] in taken else n
-           for n, p in zip(names, paths)]
-  if len({n.lower() for n in names}) != len(names):  # e.g. 'x.jpg' (a stem) next to x.jpg.png
-    names = [os.path.relpath(p, os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(p))
-             .replace(os.sep, '__') for p in paths]
-  return names
+# Input listing and output names live in paths.py (no jax/tf imports), so main.py checks them before anything
+# heavy loads; predict uses them from there.
+IMAGE_EXTENSIONS = paths.IMAGE_EXTENSIONS
+list_images = paths.list_images
+output_names = paths.output_names
+output_files = paths.predict_output_files
+check_output_files = paths.check_predict_output_files
 
 
 def image_records(paths: list[str]) -> tuple[list[records_lib.ImageRecord], list[str]]:
@@ -126,9 +107,14 @@ def write_outputs(output: str, records, detections: dict, class_names, score_thr
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str, input_path: str, output: str,
-                  checkpoint: str | None = None, heatmaps: bool = False, overrides=()) -> dict:
-  """Runs the model on every image under `input_path` and writes the outputs described above."""
+                  checkpoint: str | None = None, heatmaps: bool = False, overrides=(), overwrite: bool = False
+                  ) -> dict:
+  """Runs the model on every image under `input_path` and writes the outputs described above.
+
+  A file of those names already in `output` is an OutputExistsError before anything runs, unless `overwrite`.
+  """
   errors.check_output_folder(input_path, output)
+  check_output_files(input_path, output, heatmaps, overwrite)
   mesh = parallel.create_mesh()
   config = ml_collections.ConfigDict(config.to_dict())
   if config.predict.slice_large_images:

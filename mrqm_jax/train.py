@@ -3,12 +3,15 @@
 Reads the dataset (or writes the synthetic one for the smoke config), builds the model and the data-parallel
 step, resumes from WORKDIR/checkpoints when there is a checkpoint, trains with a progress bar (step, loss,
 images/s, ETA), writes TensorBoard events to WORKDIR/tensorboard, evaluates every `train.eval_every_epochs`,
-checkpoints every `train.checkpoint_every_steps` and at the end, and on SIGTERM (preemption) saves and exits.
+checkpoints every `train.checkpoint_every_steps`, before every eval and at the end, and on SIGTERM (preemption)
+or Ctrl-C saves and exits. WORKDIR/lock keeps a second training off a live workdir.
 A NaN or Inf loss stops training naming the step; the last good checkpoint stays.
 """
 
+import contextlib
 import functools
 import math
+import os
 import signal
 from typing import Callable
 
@@ -20,8 +23,8 @@ import ml_collections
 import tqdm
 
 from input_pipeline import pipeline
-from mrqm_jax import checkpointing, config_validation, datasets, errors, evaluate, model_lib, parallel, pretrained
-from mrqm_jax import train_lib, weights
+from mrqm_jax import checkpointing, config_validation, datasets, errors, evaluate, model_lib, parallel, paths
+from mrqm_jax import pretrained, train_lib, weights
 from mrqm_jax.models import backbone as backbone_lib
 from mrqm_jax.ops import losses as losses_lib
 
@@ -63,32 +66,45 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 class _Preemption:
-  """Preemption (SIGTERM) as a decision the loop checks after every step: save that step, then exit cleanly.
+  """Preemption (SIGTERM) and Ctrl-C (SIGINT) as a decision the loop checks after every step: save that step,
+  then exit (SIGTERM: exit 0; SIGINT: errors.Interrupted, exit 130). A second Ctrl-C exits at once, unsaved.
 
-  One process: our SIGTERM handler sets a flag. Several processes (multi-host): Orbax's `reached_preemption`
-  (JAX's preemption sync service, which catches SIGTERM itself) tells every host the same step to save at,
-  even when only some hosts got the signal; a per-process flag would let hosts save different steps.
+  One process: our handlers set a flag, so the signal never lands as a KeyboardInterrupt inside JAX (which once
+  swallowed it in a gc callback and ran on to the end). Several processes (multi-host): Orbax's
+  `reached_preemption` (JAX's preemption sync service, which catches SIGTERM itself) tells every host the same
+  step to save at, even when only some hosts got the signal; a per-process flag would let hosts save different
+  steps. Ctrl-C is then left to Python (KeyboardInterrupt, one line from main.py; nothing saved).
   """
 
   def __init__(self, ckpt: checkpointing.Checkpointer | None = None):
     self.requested = False
+    self.interrupted = False   # by SIGINT (Ctrl-C) rather than SIGTERM
     self._ckpt = ckpt
     self._multi = jax.process_count() > 1 and ckpt is not None
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if self._multi:
       return self  # JAX's preemption service owns SIGTERM; a Python handler would hide the notice from it
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum, handler in ((signal.SIGTERM, self._handle), (signal.SIGINT, self._handle_interrupt)):
+        self._previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-      self._previous = None
+      pass
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and exiting')
     self.requested = True
+
+  def _handle_interrupt(self, signum, frame):
+    del signum, frame
+    if self.interrupted:
+      os.write(2, b'mrqm_jax: interrupted: Ctrl-C again: exiting at once, without saving\n')
+      os._exit(130)  # pylint: disable=protected-access  (no cleanup: the user asked to stop now)
+    self.interrupted = self.requested = True
+    os.write(2, b'\nmrqm_jax: Ctrl-C: saving the current step, then exiting (Ctrl-C again: exit at once, unsaved)\n')
 
   def should_stop(self, step: int) -> bool:
     """Called by every process after every step (the multi-host sync needs each step)."""
@@ -97,8 +113,10 @@ class _Preemption:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(signum, previous)
+    self._previous = {}
 
 
 def check_finite(scalars: dict[str, float], step: int, last_checkpoint: int | None, directory: str) -> None:
@@ -128,6 +146,21 @@ class ReportProgress(periodic_actions.ReportProgress):
       self._writer.write_scalars(step, {'images_per_sec': self.images_per_sec})
 
 
+def _all_decoded(valid) -> bool:
+  """Whether every example of the global batch was decoded (none is a blank stand-in; the pipeline marks those
+  valid=False). Every host agrees: one all-gather when multi-host.
+
+  A step on a batch holding a blank is skipped: the smoke model's gradient is not finite for an all-zero image,
+  even next to a real one (benchmarks/blank_image_gradient.py: loss finite, grad_norm inf; a real image without
+  boxes, or a constant non-zero one, is fine), and the blank has no target to learn anyway.
+  """
+  local = bool(valid.all())
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(local).all())
+
+
 def _scalars(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -147,10 +180,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        loss_history: list | None = None) -> dict[str, float]:
   """Trains (resuming if WORKDIR/checkpoints has a checkpoint), evaluates, and returns the last eval metrics.
 
+  Holds WORKDIR/lock for the whole run (the chief process of a multi-host job), taken before anything is
+  read or written: a second training on a live workdir is a one-line WorkdirBusyError naming the first.
   loss_history: if given, (step, loss) is appended at every logged step (benchmarks, tests, notebooks).
   """
   config_validation.validate(config, 'train')  # main checked it already; notebooks and scripts call this directly
   parallel.initialize_distributed()
+  with paths.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, loss_history)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        loss_history: list | None) -> dict[str, float]:
   mesh = parallel.create_mesh()
   is_chief = jax.process_index() == 0
   config = ml_collections.ConfigDict(config.to_dict())  # a private, mutable copy (a_s, resolved root)
@@ -253,17 +294,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        disable=not is_chief, mininterval=1.0)
   report = ReportProgress(images_per_step=batch_size, num_train_steps=num_steps, writer=writer,
                           every_steps=config.train.log_every_steps, every_secs=None)
+
+  def stop(step, interrupted):
+    """Saves `step` (if not yet) and ends the run: SIGTERM returns (exit 0), Ctrl-C raises Interrupted (130)."""
+    save(step)
+    ckpt.wait()
+    progress.close()
+    if interrupted:
+      ckpt.close()
+      raise errors.Interrupted(f'Ctrl-C: saved step {step} to {ckpt.directory}; the same command resumes there')
+    if is_chief:
+      print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
+    return eval_metrics
+
+  skipped_steps = []   # steps whose batch held an undecodable image (a blank stand-in): skipped, counted
+
   with _Preemption(ckpt) as preemption:
     step = start_step
     while step < num_steps:
       host_batch = next(train_iter)
-      state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
+      if _all_decoded(host_batch['valid']):
+        state, metrics = train_step(state, parallel.host_to_global({k: host_batch[k] for k in step_keys}, mesh))
+        trained = True
+      else:   # an image failed to decode: its all-zero blank stand-in gives the model an inf gradient
+        skipped_steps.append(step + 1)
+        trained = False
+        logging.warning('step %d: an image of the batch could not be decoded: step skipped (%d so far)', step + 1,
+                        len(skipped_steps))
       step += 1
       progress.update(1)
       preempted = preemption.should_stop(step)
       saving = (step % config.train.checkpoint_every_steps == 0 or step % eval_every == 0 or step == num_steps
                 or preempted)
-      logging_step = step % config.train.log_every_steps == 0 or saving or step == start_step + 1
+      logging_step = trained and (step % config.train.log_every_steps == 0 or saving or step == start_step + 1)
       # Checked before every save too, so a checkpoint never holds the params of a non-finite step.
       if logging_step:
         scalars = _scalars(metrics)   # (waits for the step, so the progress report below times finished steps)
@@ -279,20 +342,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           postfix['img_s'] = f'{report.images_per_sec:.1f}'
         progress.set_postfix(postfix)
       if preempted:
-        save(step)
-        ckpt.wait()
-        progress.close()
-        if is_chief:
-          print(f'mrqm_jax: preempted; saved step {step} to {ckpt.directory}')
-        return eval_metrics
+        return stop(step, preemption.interrupted)
       if step % eval_every == 0 or step == num_steps:
+        save(step)   # before the eval: an eval that fails or is killed never loses the trained step
         with report.timed('eval', wait_jax_async_dispatch=False):
           eval_metrics = evaluate.evaluate_params(model, config, state.params, state.model_state,
                                                   data.eval_records, mesh, data.class_names, predict_fn=predict_fn)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if is_chief:
           tqdm.tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
-        save(step, metrics={'AP': eval_metrics.get('AP', 0.0)})
+        ckpt.set_metrics(step, {'AP': eval_metrics.get('AP', 0.0)})   # ranks it for best-by-AP
+        if preemption.requested:   # a signal during the eval: this step is saved, stop here
+          return stop(step, preemption.interrupted)
       elif step % config.train.checkpoint_every_steps == 0:
         save(step)
   progress.close()
@@ -300,4 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     save(num_steps)
   ckpt.close()
   writer.flush()
+  if skipped_steps and is_chief:
+    print(f'mrqm_jax: warning: {len(skipped_steps)} step(s) skipped because an image of their batch could not be '
+          f'decoded (steps {", ".join(map(str, skipped_steps[:10]))}{", ..." if len(skipped_steps) > 10 else ""}; '
+          'the files are named in the log)')
   return eval_metrics

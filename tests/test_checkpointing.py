@@ -54,6 +54,22 @@ def test_keeps_last_k_and_best_ap(tmp_path):
   ckpt.close()
 
 
+def test_metrics_set_after_the_save_rank_the_best_as_saved_with_them(tmp_path):
+  """Training saves a step before its eval and adds the AP afterwards: the same keep-last-K + best-by-AP."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
+  for step, ap in {1: 10.0, 2: 50.0, 3: 20.0, 4: 30.0}.items():
+    ckpt.save(step, _state(step), _config(), data_step=step)
+    ckpt.set_metrics(step, {'AP': ap})
+  assert sorted(ckpt.all_steps()) == [2, 3, 4] and ckpt.best_step() == 2
+  ckpt.close()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)   # a resumed run reads them back
+  assert ckpt.best_step() == 2
+  ckpt.save(5, _state(5), _config(), data_step=5)
+  ckpt.set_metrics(5, {'AP': 1.0})
+  assert sorted(ckpt.all_steps()) == [2, 4, 5] and ckpt.best_step() == 2
+  ckpt.close()
+
+
 def test_unreadable_checkpoint_names_the_folder(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
   state = _state(1)

@@ -128,6 +128,14 @@ def test_stored_model_keys_win_and_disagreeing_overrides_are_errors():
     cv.merge_stored_model_config(smoke.get_config(), stored, overrides={'model.hidden_dim'})
 
 
+@pytest.mark.parametrize('key, value', [('hidden_dim', 'wide'), ('hidden_dim', [32]), ('backbone', 5)])
+def test_a_stored_model_value_of_the_wrong_type_is_one_checkpoint_error(key, value):
+  stored = smoke.get_config().to_dict()
+  stored['model'][key] = value
+  with pytest.raises(errors.CheckpointError, match=rf'the config stored with the checkpoint has model.{key}='):
+    cv.merge_stored_model_config(smoke.get_config(), stored, overrides=set())
+
+
 @pytest.mark.parametrize('stored_a_s, want', [('auto', -1.0), ('1024', 1024.0), (144.0, 144.0), (-1.0, -1.0)])
 def test_stored_a_s_of_the_string_layout_becomes_a_float(stored_a_s, want):
   """Checkpoints written while iah.a_s was a string ('auto' or a number) restore into the float key."""

@@ -107,3 +107,68 @@ def test_compilation_cache_is_on_by_default_in_the_user_cache_dir_and_switchable
   assert run('auto') == [expected, expected] and os.path.isdir(expected)
   assert run('') == ['None', 'None']
   assert run(str(tmp_path / 'mine')) == [str(tmp_path / 'mine')] * 2
+
+
+def test_predict_into_a_folder_of_annotations_is_refused_naming_a_file(tmp_path):
+  """The issue's case: --output=DATASET/val/annotations replaced the ground truth with predictions."""
+  images, annotations = tmp_path / 'val' / 'images', tmp_path / 'val' / 'annotations'
+  images.mkdir(parents=True)
+  annotations.mkdir()
+  for name in ('a', 'b'):
+    (images / f'{name}.jpg').write_bytes(b'not decoded before the check')
+    (annotations / f'{name}.txt').write_text('1,2,3,4,1,4,0,0\n')
+  result = _run('--config=configs/smoke.py', f'--workdir={tmp_path / "w"}', '--mode=predict', f'--input={images}',
+                f'--output={annotations}')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      f'mrqm_jax: error: --output={annotations} already holds {annotations / "a.txt"} (and 1 more of the files it '
+      'would write): predict never replaces a file; choose an empty folder or pass --overwrite']
+  assert all((annotations / f'{n}.txt').read_text() == '1,2,3,4,1,4,0,0\n' for n in 'ab')
+
+
+def _run_in(cwd, env_updates, *args):
+  env = dict(os.environ, PYTHONPATH=str(REPO), **env_updates)   # this checkout, from any folder
+  return subprocess.run([sys.executable, '-m', 'mrqm_jax.main', f'--config={REPO / "configs" / "smoke.py"}', *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_home_and_file_url_workdirs_mean_one_folder_everywhere(tmp_path):
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  result = _run_in(cwd, {'HOME': str(home)}, '--workdir=~/W', '--mode=eval')
+  assert result.returncode == 2 and f'no checkpoint in {home / "W"}' in result.stderr, result.stderr
+  assert (home / 'W').is_dir() and not (cwd / '~').exists()   # no literal ./~ folder
+  result = _run_in(cwd, {}, f'--workdir=file://{tmp_path / "F"}', '--mode=eval')   # was KeyError: 'file://'
+  assert result.returncode == 2 and f'no checkpoint in {tmp_path / "F"}' in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / 'F').is_dir()
+
+
+_PATCHED_MAIN = '''
+import sys
+from mrqm_jax import errors, main, model_lib
+def boom(*args, **kwargs):
+  raise {exception}
+model_lib.inference_config = boom
+sys.argv = ['mrqm_jax', '--config=configs/smoke.py', '--workdir=' + sys.argv[1], '--mode=eval']
+main.run()
+'''
+
+
+@pytest.mark.parametrize('exception, code, line', [
+    ("TypeError('a bug deep inside')", 1,
+     'mrqm_jax: error: unexpected TypeError: a bug deep inside (a bug; traceback in {log})'),
+    ('KeyboardInterrupt()', 130, 'mrqm_jax: interrupted: stopped by Ctrl-C (SIGINT)'),
+    ("errors.Interrupted('Ctrl-C: saved step 7 to X')", 130, 'mrqm_jax: interrupted: Ctrl-C: saved step 7 to X'),
+])
+def test_an_unexpected_exception_is_one_line_naming_the_log_with_the_traceback(tmp_path, exception, code, line):
+  result = subprocess.run([sys.executable, '-c', _PATCHED_MAIN.format(exception=exception), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == code, result.stderr
+  log = tmp_path / 'error.log'
+  assert result.stderr.strip().splitlines()[0].startswith(line.format(log=log)), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and 'Traceback' not in result.stderr
+  if code == 1:
+    text = log.read_text()
+    assert 'Traceback (most recent call last)' in text and "TypeError: a bug deep inside" in text
+    assert '--mode=eval' in text

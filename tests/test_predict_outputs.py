@@ -79,3 +79,57 @@ def test_images_sharing_a_stem_keep_both_results_and_a_truncated_jpeg_loses_noth
   assert sorted(r['file_name'] for r in results) == ['bad.jpg', 'x.jpg', 'x.png']
   # The input images are untouched.
   assert Image.open(paths[1]).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_a_single_image_may_write_below_its_own_folder_but_not_into_it(tmp_path):
+  f = _image(tmp_path / 'a.png')
+  errors.check_output_folder(f, str(tmp_path / 'out'))             # used to be refused
+  errors.check_output_folder(f, str(tmp_path / 'out' / 'deeper'))
+  with pytest.raises(errors.UsageError, match='folder of the input image'):
+    errors.check_output_folder(f, str(tmp_path))                   # out/a.png would be a.png itself
+
+
+def test_a_file_predict_would_write_that_already_exists_is_named_and_nothing_is_replaced(tmp_path):
+  images = tmp_path / 'val' / 'images'
+  images.mkdir(parents=True)
+  annotations = tmp_path / 'val' / 'annotations'   # the case: --output=DATASET/val/annotations
+  annotations.mkdir()
+  for name in ('a', 'b'):
+    _image(images / f'{name}.jpg')
+    (annotations / f'{name}.txt').write_text('1,2,3,4,1,4,0,0\n')
+  with pytest.raises(errors.OutputExistsError,
+                     match=rf'--output={annotations} already holds {annotations / "a.txt"} \(and 1 more'):
+    predict.check_output_files(str(images), str(annotations))
+  predict.check_output_files(str(images), str(annotations), overwrite=True)   # the user's explicit choice
+  predict.check_output_files(str(images), str(tmp_path / 'new'))             # a folder not there yet
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'b_heatmap.png').write_bytes(b'')
+  predict.check_output_files(str(images), str(tmp_path / 'out'))
+  with pytest.raises(errors.OutputExistsError, match='b_heatmap.png'):
+    predict.check_output_files(str(images), str(tmp_path / 'out'), heatmaps=True)
+  assert all(open(annotations / f'{n}.txt').read() == '1,2,3,4,1,4,0,0\n' for n in 'ab')
+
+
+def test_predict_refuses_existing_outputs_before_restoring_a_model(tmp_path, monkeypatch):
+  from mrqm_jax import model_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(model_lib, 'restore_for_inference', lambda *a, **k: pytest.fail('restored a model'))
+  src = tmp_path / 'in'
+  src.mkdir()
+  _image(src / 'x.png')
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'detections.json').write_text('[]')
+  with pytest.raises(errors.OutputExistsError, match='detections.json'):
+    predict.predict_files(None, str(tmp_path / 'w'), str(src), str(out))
+
+
+def test_a_truncated_png_is_skipped_up_front(tmp_path):
+  good = _image(tmp_path / 'good.png')
+  bad = str(tmp_path / 'bad.png')
+  noise = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+  Image.fromarray(noise).save(bad)
+  data = open(bad, 'rb').read()
+  with open(bad, 'wb') as f:   # header intact, pixel data and IEND missing
+    f.write(data[:len(data) // 2])
+  records, skipped = predict.image_records([good, bad])
+  assert skipped == [bad] and [r.name for r in records] == ['good']

@@ -55,3 +55,56 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
   assert stops[0] and stops[1], outputs
   assert stops[0][0][0] == stops[1][0][0], stops   # the same step on both hosts
   assert int(stops[0][0][0]) >= 10
+
+
+_SINGLE_WORKER = '''
+import sys, time
+from mrqm_jax import train
+with train._Preemption() as preemption:
+  for step in range(1, 600):
+    time.sleep(0.05)
+    print(f'step {step}', flush=True)
+    if preemption.should_stop(step):
+      print(f'stop {step} interrupted {preemption.interrupted}', flush=True)
+      time.sleep(float(sys.argv[1]))   # the save
+      print('saved', flush=True)
+      break
+  else:
+    print('ran to the end', flush=True)
+'''
+
+
+def _single(second_signal: bool):
+  """Runs the worker, Ctrl-C after step 10 and, with `second_signal`, again during its (long) save."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=str(REPO))
+  proc = subprocess.Popen([sys.executable, '-c', _SINGLE_WORKER, '60' if second_signal else '0'], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    seen = []
+    for line in proc.stdout:
+      seen.append(line)
+      if line.startswith('step 10'):
+        proc.send_signal(signal.SIGINT)
+      if line.startswith('stop') and second_signal:
+        proc.send_signal(signal.SIGINT)
+        break
+    out, err = proc.communicate(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode, ''.join(seen) + out, err
+
+
+def test_ctrl_c_stops_the_loop_at_the_next_step_like_sigterm():
+  code, out, err = _single(second_signal=False)
+  assert code == 0 and 'Traceback' not in err, err
+  assert re.search(r'stop 1[01] interrupted True', out) and 'saved' in out, out
+  assert 'Ctrl-C: saving the current step' in err
+
+
+def test_a_second_ctrl_c_exits_at_once_with_130_and_one_line():
+  code, out, err = _single(second_signal=True)
+  assert code == 130, (out, err)
+  assert 'saved' not in out   # did not wait for the 60 s "save"
+  assert err.strip().splitlines()[-1] == 'mrqm_jax: interrupted: Ctrl-C again: exiting at once, without saving'
+  assert 'Traceback' not in err

@@ -262,15 +262,71 @@ def test_each_bad_json_annotation_is_counted_and_located(tmp_path, bad, kind):
 def test_json_image_problems(tmp_path):
   data = _coco_dict([{'id': 1, 'image_id': 5, 'bbox': [1, 1, 5, 5], 'category_id': 2}])
   data['images'] += [{'id': 5, 'file_name': 'missing.jpg', 'width': W, 'height': H},
-                     {'id': 6, 'file_name': 'a.jpg', 'width': 10, 'height': H},   # wrong width in json
+                     {'id': 6, 'file_name': 'c.jpg', 'width': 10, 'height': H},   # wrong width in json
                      {'file_name': 'a.jpg'}]
   root, path = _soda_folder(tmp_path, data)
+  _write_image(os.path.join(root, 'Images', 'c.jpg'))
   records, report = soda_d.read_split(root, 'train')
   assert report.counts == {'missing_image': 1, 'size_mismatch': 1, 'malformed_entry': 1}
   assert any(m.startswith(f'{path} images[3]: size_mismatch') for m in report.messages)
   assert any(m.startswith(f'{path} images[4]: malformed_entry') for m in report.messages)
   assert all(r.width == W for r in records)
   assert report.target_rows == 0   # the missing image's annotation went with it, not counted as unknown
+
+
+@pytest.mark.parametrize('second', [{'id': 8, 'file_name': 'a.jpg'},    # another id, the same file
+                                    {'id': 8, 'file_name': 'a.png'}])   # another file, the same stem
+def test_two_json_images_of_one_name_are_an_error_naming_both(tmp_path, second):
+  """Names key the metrics and the result files: a clash used to pass the reader and fail the final eval."""
+  data = _coco_dict([{'id': 1, 'image_id': 3, 'bbox': [1, 1, 5, 5], 'category_id': 2}])
+  data['images'].append(dict(second, width=W, height=H))
+  root, path = _soda_folder(tmp_path, data)
+  _write_image(os.path.join(root, 'Images', 'a.png'))
+  with pytest.raises(records_lib.DuplicateNameError,
+                     match=rf"{path}: two images share the name 'a' \(images\[1\] 'a.jpg' and images\[2\] "
+                           rf"'{second['file_name']}'\)"):
+    soda_d.read_split(root, 'train')
+
+
+def test_a_repeated_json_image_id_stays_a_counted_skip(tmp_path):
+  data = _coco_dict([])
+  data['images'].append({'id': 3, 'file_name': 'a.jpg', 'width': W, 'height': H})
+  root, _ = _soda_folder(tmp_path, data)
+  records, report = soda_d.read_split(root, 'train')
+  assert len(records) == 2 and report.counts == {'malformed_entry': 1}
+
+
+def test_visdrone_images_of_one_stem_are_an_error_naming_both(tmp_path):
+  root = _visdrone_folder(tmp_path, {'x': '1,1,5,5,1,4,0,0\n', 'y': ''})
+  _write_image(os.path.join(root, 'images', 'x.png'))
+  with pytest.raises(records_lib.DuplicateNameError, match=r"two images share the name 'x' \(.*x.jpg and .*x.png\)"):
+    visdrone.read_split(root)
+
+
+@pytest.mark.parametrize('value, crowd', [('0', False), ('1', True), (0, False), (1, True), (True, True),
+                                          ('false', False)])
+def test_iscrowd_as_a_string_is_read_as_its_value(tmp_path, value, crowd):
+  anns = [{'id': 1, 'image_id': 3, 'bbox': [1, 1, 5, 5], 'category_id': 2, 'iscrowd': value}]
+  root, _ = _soda_folder(tmp_path, _coco_dict(anns))
+  records, report = soda_d.read_split(root, 'train')
+  assert (len(records[0].boxes), len(records[0].ignore)) == ((0, 1) if crowd else (1, 0))
+  assert report.num_problems == 0
+
+
+def test_an_unreadable_iscrowd_is_a_counted_skip(tmp_path):
+  anns = [{'id': 1, 'image_id': 3, 'bbox': [1, 1, 5, 5], 'category_id': 2, 'iscrowd': 'maybe'}]
+  root, _ = _soda_folder(tmp_path, _coco_dict(anns))
+  records, report = soda_d.read_split(root, 'train')
+  assert report.counts == {'malformed_entry': 1} and len(records[0].boxes) == len(records[0].ignore) == 0
+
+
+@pytest.mark.parametrize('ids, match', [((1, '2'), "categories\\[1\\] id '2' is not of the type"),
+                                        ((1, [2]), r'categories\[1\] id \[2\] is not an integer or a string'),
+                                        ((1, 2.5), 'is not an integer or a string')])
+def test_coco_category_ids_of_mixed_or_unhashable_types_are_one_value_error(tmp_path, ids, match):
+  data = _coco_dict([], [{'id': i, 'name': f'c{k}'} for k, i in enumerate(ids)])
+  with pytest.raises(ValueError, match=match):
+    coco.category_mapping(data, 'x.json')
 
 
 def test_soda_d_rejects_foreign_categories_and_names_missing_files(tmp_path):

@@ -118,6 +118,18 @@ def test_evaluate_files_with_no_matching_result_file_is_an_error(tmp_path):
   assert max(metrics.values()) == pytest.approx(100.0)   # a perfect detection, whatever the metric keys
 
 
+@pytest.mark.parametrize('line, match', [('2,3,10,8,0.9,1e300,-1,-1', 'category .1e300. is out of range'),
+                                         ('1e308,3,1e308,8,0.9,4,-1,-1', 'x . w or y . h is too large')])
+def test_evaluate_files_numbers_beyond_range_are_one_line(tmp_path, line, match):
+  """Used to escape as OverflowError / ValueError tracebacks from the metrics."""
+  data = _split(tmp_path / 'data', {'a': BOX})
+  results = tmp_path / 'results'
+  results.mkdir()
+  (results / 'a.txt').write_text(line + '\n')
+  with pytest.raises(errors.UsageError, match=match):
+    evaluate_files.evaluate_folder('visdrone', str(data), str(results))
+
+
 def test_evaluate_files_cli_empty_results_exit_2(tmp_path):
   data = _split(tmp_path / 'data', {'a': BOX})
   (tmp_path / 'results').mkdir()
@@ -128,3 +140,130 @@ def test_evaluate_files_cli_empty_results_exit_2(tmp_path):
   lines = [l for l in result.stderr.splitlines() if 'evaluate_files' in l]
   assert lines and lines[-1].startswith('evaluate_files: error: none of the 0 result files')
   assert 'Traceback' not in result.stderr
+
+
+def _stub_model_and_step(monkeypatch, eval_fn):
+  """The loop without a model: 2 parameters, a step that returns them unchanged, eval = `eval_fn`. Nothing
+  of the detector compiles; the data, the loop, the checkpoints and the signal handling are the real ones."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import evaluate, model_lib, train_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(model_lib, 'make_model', lambda config: None)
+  monkeypatch.setattr(model_lib, 'init_variables', lambda model, config, rng: {'params': {'w': jnp.zeros(2)}})
+  monkeypatch.setattr(train_lib, 'make_train_step',
+                      lambda *a, **k: jax.jit(lambda state, batch: (state, {'loss': jnp.float32(1.0)})))
+  monkeypatch.setattr(evaluate, 'make_predict_fn', lambda *a, **k: None)
+  monkeypatch.setattr(evaluate, 'evaluate_params', eval_fn)
+
+
+def _two_image_run(tmp_path, num_steps):
+  _split(tmp_path / 'train', {'a': BOX, 'b': BOX})
+  _split(tmp_path / 'val', {'c': BOX})
+  c = _config(tmp_path, num_steps=num_steps, eval_every_epochs=100, checkpoint_every_steps=100)
+  return c, str(tmp_path / 'work')
+
+
+def test_a_failing_final_eval_never_loses_the_trained_step(tmp_path, monkeypatch):
+  def failing_eval(*args, **kwargs):
+    raise RuntimeError('the eval broke')
+
+  _stub_model_and_step(monkeypatch, failing_eval)
+  config, work = _two_image_run(tmp_path, num_steps=3)
+  with pytest.raises(RuntimeError, match='the eval broke'):
+    train.train_and_evaluate(config, work)
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [3]   # saved before the eval
+  ckpt.close()
+
+
+def test_the_final_eval_ap_still_ranks_the_step_saved_before_it(tmp_path, monkeypatch):
+  _stub_model_and_step(monkeypatch, lambda *a, **k: {'AP': 12.5})
+  config, work = _two_image_run(tmp_path, num_steps=2)
+  assert train.train_and_evaluate(config, work) == {'AP': 12.5}
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2] and ckpt.best_step() == 2
+  ckpt.close()
+
+
+def test_two_eval_images_of_one_stem_stop_training_before_anything_compiles(tmp_path):
+  """Used to pass the reader, train to the end and fail in the final eval ('duplicate record names')."""
+  _split(tmp_path / 'train', {'a': BOX})
+  _split(tmp_path / 'val', {'x': BOX})
+  Image.new('RGB', (40, 30)).save(tmp_path / 'val' / 'images' / 'x.png')
+  with pytest.raises(errors.DataError, match=r"two images share the name 'x' \(.*x.jpg and .*x.png\)"):
+    train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'work'))
+  assert not (tmp_path / 'work' / 'checkpoints').exists()
+
+
+def test_eval_mode_reads_a_root_that_holds_only_the_eval_split(tmp_path, monkeypatch):
+  from mrqm_jax import evaluate, model_lib  # pylint: disable=g-import-not-at-top
+
+  class Reached(Exception):
+    pass
+
+  def restore(*args, **kwargs):
+    raise Reached()   # the data was read; the model is not needed to show it
+
+  _split(tmp_path / 'val', {'x': BOX})
+  monkeypatch.setattr(model_lib, 'inference_config', lambda config, *a, **k: config)
+  monkeypatch.setattr(model_lib, 'restore_for_inference', restore)
+  with pytest.raises(Reached):
+    evaluate.evaluate_checkpoint(_config(tmp_path), str(tmp_path / 'work'))
+  with pytest.raises(FileNotFoundError, match="VisDrone split 'train' not found"):   # training still needs it
+    datasets.prepare_data(_config(tmp_path), str(tmp_path / 'work'))
+
+
+def test_ctrl_c_in_training_saves_the_step_and_raises_interrupted(tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  from mrqm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _stub_model_and_step(monkeypatch, lambda *a, **k: pytest.fail('evaluated'))
+  calls = []
+
+  def step(state, batch):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C during the second step
+    return state, {'loss': jnp.float32(1.0)}
+
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a, **k: step)
+  config, work = _two_image_run(tmp_path, num_steps=50)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(errors.Interrupted, match=r'Ctrl-C: saved step 2 to .*checkpoints; the same command resumes') as e:
+    train.train_and_evaluate(config, work)
+  assert e.value.exit_code == 130 and len(calls) == 2
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
+  assert signal.getsignal(signal.SIGINT) == before   # the caller's handler is back
+
+
+@pytest.mark.parametrize('damaged', [1, 2])   # one of the batch's two images, or both
+def test_a_batch_with_an_undecodable_image_is_skipped_and_counted_not_trained(tmp_path, monkeypatch, capsys,
+                                                                              damaged):
+  """Blank stand-ins of undecodable images gave a NaN gradient ('non-finite loss at step 1'), also next to a real
+  image."""
+  from mrqm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _stub_model_and_step(monkeypatch, lambda *a, **k: {'AP': 0.0})
+  batches = []
+
+  def step(state, batch):
+    batches.append(batch)
+    return state, {'loss': jnp.float32(1.0)}
+
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a, **k: step)
+  read = datasets.prepare_data
+
+  def read_then_damage(config, workdir, **kwargs):
+    data = read(config, workdir, **kwargs)
+    for record in data.train_records[:damaged]:   # damaged after the reader checked them, as on a flaky disk
+      with open(record.file_name, 'wb') as f:
+        f.write(b'\xff\xd8 no longer a jpeg \xff\xd9')
+    return data
+
+  monkeypatch.setattr(datasets, 'prepare_data', read_then_damage)
+  config, work = _two_image_run(tmp_path, num_steps=2)
+  train.train_and_evaluate(config, work)
+  assert batches == []   # never trained on blanks
+  assert '2 step(s) skipped because an image of their batch could not be decoded (steps 1, 2' in capsys.readouterr().out
+  ckpt = checkpointing.Checkpointer(work, read_only=True)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from input_pipeline import records as records_lib
 from input_pipeline import stats
@@ -103,3 +104,15 @@ def test_empty_dataset_does_not_crash():
   s = stats.dataset_stats([])
   assert (s['images'], s['boxes'], s['min_area'], s['max_boxes_per_image']) == (0, 0, None, 0)
   assert np.isfinite(s['mean_boxes_per_image'])
+
+
+def test_the_json_line_is_strict_json_even_for_boxes_beyond_float_range(tmp_path, capsys):
+  """x + w overflowing to inf is a counted problem row, and no NaN / Infinity reaches the JSON line."""
+  os.makedirs(tmp_path / 'annotations')
+  (tmp_path / 'annotations' / 'a.txt').write_text('1e308,2,1e308,4,1,4,0,0\n1,2,3,4,1,4,0,0\n')
+  assert stats.main(['--format=visdrone', f'--root={tmp_path}', '--annotations_only=yes']) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  s = json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in the JSON line'))
+  assert (s['valid_boxes'], s['min_area']) == (1, 12.0)
+  assert (stats.json_line({'a': float('nan'), 'b': {'c': float('inf')}, 'd': 1.5})
+          == '{"a": null, "b": {"c": null}, "d": 1.5}')

@@ -193,6 +193,10 @@ def parse_result_text(text: str, path: str) -> detections_lib.Detections:
       raise ResultFileError(f'{path}:{line_no}: negative width/height {fields[2]},{fields[3]}: {line!r}')
     if category != int(category):
       raise ResultFileError(f'{path}:{line_no}: category {fields[5]!r} is not an integer: {line!r}')
+    if abs(category) >= 2 ** 31:   # the labels are int64 arrays; such a category can be no class
+      raise ResultFileError(f'{path}:{line_no}: category {fields[5]!r} is out of range: {line!r}')
+    if not (math.isfinite(x + w) and math.isfinite(y + h)):
+      raise ResultFileError(f'{path}:{line_no}: x + w or y + h is too large to represent: {line!r}')
     boxes.append((x, y, x + w, y + h))
     scores.append(score)
     labels.append(int(category) - 1)
