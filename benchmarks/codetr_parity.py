@@ -234,10 +234,30 @@ def dump(args) -> None:
     return result
 
   model.query_head.loss_by_feat = loss_by_feat
+
+  generator_class = type(model.query_head.dn_generator)
+  original_call = generator_class.__call__
+
+  def dn_call(self, *a, **k):   # the DN queries this step drew (label flips, box noise): ours will use the same
+    label_query, bbox_query, attn_mask, dn_meta = original_call(self, *a, **k)
+    keep('dn/label_query', label_query)
+    keep('dn/bbox_query', bbox_query)
+    keep('dn/attn_mask', attn_mask)
+    return label_query, bbox_query, attn_mask, dn_meta
+
+  generator_class.__call__ = dn_call   # CdnQueryGenerator defines __call__ itself: hooks never fire
   model.train()
-  with torch.no_grad():
+  model.zero_grad()
+  with torch.enable_grad():
     feats = model.extract_feat(batch_inputs)
-    model.query_head.loss(feats, batch_samples)
+    head_losses, _ = model.query_head.loss(feats, batch_samples)
+    sum(v for v in head_losses.values()).backward()
+  generator_class.__call__ = original_call
+  # Gradient norm of every parameter under the query head's total loss (the aux heads' losses are not in it).
+  for name, p in model.named_parameters():
+    if p.grad is not None:
+      keep(f'grad_norm/{name}', torch.linalg.vector_norm(p.grad.double()))
+  model.zero_grad()
   model.eval()
 
   os.makedirs(args.out, exist_ok=True)
@@ -393,6 +413,9 @@ def compare(args) -> int:
                  f'labels equal {same_labels}/{len(ref_boxes)}; boxes max |diff| / image side {box_diff:.2e}'))
 
   loss_rows = compare_losses(ref, config, batch, h, w) if 'loss/loss_cls' in ref else []
+  grad_rows, totals, clipped = ([], None, 0)
+  if 'dn/label_query' in ref:
+    grad_rows, totals, clipped = compare_gradients(ref, meta, state, images, batch, h, w)
 
   print(f'\nmrqm_jax vs Co-DINO (mmdet 3.3.0 projects/CO-DETR), {images.shape[0]} images {h}x{w}, float32, '
         f'ours forward {forward_s:.1f} s (with compile), reference {meta["forward_s"]:.1f} s')
@@ -408,11 +431,147 @@ def compare(args) -> int:
     print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
     for name, ref_value, ours_value, rel in loss_rows:
       print(f'| {name:<42} | {ref_value:>10.5f} | {ours_value:>10.5f} | {rel:>10.3e}')
+  if grad_rows:
+    print(f'\nGradient norms under the query head\'s total training loss (our forward in train mode, the reference\'s '
+          f'DN draws pinned; {clipped} DN boxes with a corner at the border; total loss: reference {totals[0]:.5f}, '
+          f'ours {totals[1]:.5f}, rel {abs(totals[1] - totals[0]) / abs(totals[0]):.3e}):')
+    print(f'| {"module group":<42} | {"reference":>10} | {"ours":>10} | {"rel":>10}')
+    print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
+    for name, ref_value, ours_value, rel in grad_rows:
+      print(f'| {name:<42} | {ref_value:>10.4e} | {ours_value:>10.4e} | {rel:>10.3e}')
   line = f'max_rel_inference={max(inference):.3e}'
   if loss_rows:
     line += f' max_rel_loss={max(r for _, _, _, r in loss_rows):.3e}'
+  if grad_rows:
+    line += (f' max_rel_grad={max(r for _, _, _, r in grad_rows):.3e}'
+             f' rel_total_loss_train={abs(totals[1] - totals[0]) / abs(totals[0]):.3e}')
   print(line)
   return 0
+
+
+def reference_targets(ref: dict, batch: int, h: int, w: int):
+  """The dump's gts as our targets: (boxes [B, M, 4] cxcywh / image size, labels [B, M], valid [B, M], counts)."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  counts = [len(ref[f'gt/{i}/labels']) for i in range(batch)]
+  m = max(counts)
+  gt_boxes = np.tile(np.asarray([0.5, 0.5, 0.1, 0.1], np.float32), (batch, m, 1))
+  gt_labels = np.zeros((batch, m), np.int32)
+  gt_valid = np.zeros((batch, m), bool)
+  for i, n in enumerate(counts):
+    xyxy = ref[f'gt/{i}/boxes'].astype(np.float64) / np.array([w, h, w, h])
+    gt_boxes[i, :n] = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+    gt_labels[i, :n] = ref[f'gt/{i}/labels']
+    gt_valid[i, :n] = True
+  return gt_boxes, gt_labels, gt_valid, counts
+
+
+def pinned_dn_noise(ref: dict, gt_boxes, gt_labels, gt_valid, counts, label_embedding, num_slots: int,
+                    box_noise: float) -> tuple[dict, int]:
+  """`detector.draw_dn_noise`'s dict that makes our DN queries the reference's: each slot's label recovered from
+  its content (the nearest label-embedding row), each box from its reference box (sign +1, magnitude solved).
+  Returns (noise, number of slots whose box could not be matched exactly: a corner clipped at the border)."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  label_query, bbox_query = ref['dn/label_query'], ref['dn/bbox_query'].astype(np.float64)
+  batch, used = label_query.shape[:2]
+  groups = int(ref['loss_in/num_dn_groups'])
+  width = used // (2 * groups)
+  emb = np.asarray(label_embedding, np.float64)
+  noise = {'gt_priority': np.zeros(gt_valid.shape, np.float32),
+           'flip_u': np.ones((batch, num_slots), np.float32), 'random_label': np.zeros((batch, num_slots), np.int32),
+           'box_sign': np.ones((batch, num_slots, 4), np.float32),
+           'box_u': np.full((batch, num_slots, 4), 0.5, np.float32)}
+  clipped = 0
+  for i in range(batch):
+    for s in range(used):
+      within = s % (2 * width)
+      j, negative = within % width, within >= width
+      if j >= counts[i]:
+        continue   # a padding slot of its group: no noise
+      label = int(np.argmin(((emb - label_query[i, s]) ** 2).sum(-1)))
+      if label != gt_labels[i, j]:
+        noise['flip_u'][i, s], noise['random_label'][i, s] = 0.0, label
+      box = 1.0 / (1.0 + np.exp(-bbox_query[i, s]))
+      target = np.concatenate([box[:2] - box[2:] / 2, box[:2] + box[2:] / 2])
+      clipped += int(np.any((target < 0) | (target > 1)))
+      g = gt_boxes[i, j].astype(np.float64)
+      corners = np.concatenate([g[:2] - g[2:] / 2, g[:2] + g[2:] / 2])
+      half = np.concatenate([g[2:], g[2:]]) / 2
+      noise['box_u'][i, s] = (target - corners) / (half * box_noise) - float(negative)
+  return noise, clipped
+
+
+GRADIENT_GROUPS = (   # (group, reference name pattern, our variable path pattern)
+    ('backbone (trained stages)', r'backbone\.', r'backbone/'),
+    ('neck', r'neck\.', r'neck/'),
+    ('level embedding', r'query_head\.transformer\.level_embeds', r'encoder/level_embed'),
+    *((f'encoder layer {i}', rf'query_head\.transformer\.encoder\.layers\.{i}\.', rf'encoder/layers_{i}/')
+      for i in range(6)),
+    ('enc_output + norm', r'query_head\.transformer\.enc_output', r'enc_output'),
+    ('encoder class head', r'query_head\.cls_branches\.6\.', r'enc_class_head/'),
+    ('encoder box head', r'query_head\.reg_branches\.6\.', r'enc_box_head/'),
+    ('query embedding', r'query_head\.transformer\.query_embed', r'query_embed'),
+    ('DN label embedding', r'query_head\.dn_generator\.label_embedding', r'label_embedding'),
+    *((f'decoder layer {i}', rf'query_head\.transformer\.decoder\.layers\.{i}\.', rf'decoder/layers_{i}/')
+      for i in range(6)),
+    ('decoder ref point head + norm', r'query_head\.transformer\.decoder\.(ref_point_head|norm)',
+     r'decoder/(ref_point_head|final_norm)'),
+    ('decoder class heads', r'query_head\.cls_branches\.[0-5]\.', r'decoder/class_heads_'),
+    ('decoder box heads', r'query_head\.reg_branches\.[0-5]\.', r'decoder/box_heads_'),
+)
+
+
+def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: int, h: int, w: int):
+  """The query head's total training loss (matched layers, encoder, DN; the reference's drawn DN queries pinned)
+  and the gradient norm of each module group: [(group, reference, ours, relative)], (ref loss, our loss)."""
+  import re   # pylint: disable=g-import-not-at-top
+
+  import flax   # pylint: disable=g-import-not-at-top
+  import jax   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+
+  config = parity_config(meta)
+  config.model.aux_heads = ()            # the reference's query-head loss alone
+  model = model_lib.make_model(config)
+  abstract = model_lib.abstract_variables(model, config)
+  converted, _ = convert.convert_codetr(state_dict, abstract, config)
+  variables = jax.tree.map(jnp.asarray, convert.fill_from_init(converted, model, config))
+  params, model_state = model_lib.split_variables(variables)
+  gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
+  targets = {'boxes': jnp.asarray(gt_boxes), 'labels': jnp.asarray(gt_labels), 'box_valid': jnp.asarray(gt_valid)}
+  cap = min(config.dn.max_gt, gt_valid.shape[1])
+  num_slots = detector_lib.dn_num_slots(config.dn.num_queries, cap)
+  noise, clipped = pinned_dn_noise(ref, gt_boxes, gt_labels, gt_valid, counts, params['label_embedding'],
+                                   num_slots, config.dn.box_noise)
+  noise = jax.tree.map(jnp.asarray, noise)
+  original_draw = detector_lib.draw_dn_noise
+  detector_lib.draw_dn_noise = lambda *a, **k: noise
+  pad_mask = jnp.zeros(images.shape[:3], bool)
+  key = jax.random.PRNGKey(0)
+
+  def loss_fn(p):
+    outputs = model.apply({'params': p, **model_state}, images, pad_mask, targets=targets, train=True,
+                          rngs={'dn': key, 'aux': key, 'dropout': key})
+    return losses.compute_losses(outputs, targets, config)
+
+  try:
+    (total, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  finally:
+    detector_lib.draw_dn_noise = original_draw
+  ours_norms = {'/'.join(k): float(jnp.sum(jnp.square(v.astype(jnp.float64) if jax.config.x64_enabled else v)))
+                for k, v in flax.traverse_util.flatten_dict(grads).items()}
+  ref_norms = {k[len('grad_norm/'):]: float(v) ** 2 for k, v in ref.items() if k.startswith('grad_norm/')}
+  rows = []
+  for group, ref_pattern, ours_pattern in GRADIENT_GROUPS:
+    r = np.sqrt(sum(v for k, v in ref_norms.items() if re.match(ref_pattern, k)))
+    o = np.sqrt(sum(v for k, v in ours_norms.items() if re.match(ours_pattern, k)))
+    rows.append((group, float(r), float(o), abs(o - r) / max(r, 1e-30)))
+  ref_total = float(sum(float(v) for k, v in ref.items() if k.startswith('loss/')))
+  return rows, (ref_total, float(total)), clipped
 
 
 def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[str, float, float, float]]:
@@ -424,16 +583,7 @@ def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[
   from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
 
-  counts = [len(ref[f'gt/{i}/labels']) for i in range(batch)]
-  m = max(counts)
-  gt_boxes = np.zeros((batch, m, 4), np.float32)
-  gt_labels = np.zeros((batch, m), np.int32)
-  gt_valid = np.zeros((batch, m), bool)
-  scale = np.array([w, h, w, h], np.float32)
-  for i, n in enumerate(counts):
-    gt_boxes[i, :n] = np.asarray(box_ops.xyxy_to_cxcywh(jnp.asarray(ref[f'gt/{i}/boxes'] / scale)))
-    gt_labels[i, :n] = ref[f'gt/{i}/labels']
-    gt_valid[i, :n] = True
+  gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
   gt = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
   num_dn, groups = int(ref['loss_in/num_dn']), int(ref['loss_in/num_dn_groups'])
   logits, boxes = jnp.asarray(ref['loss_in/logits']), jnp.asarray(ref['loss_in/boxes'])
