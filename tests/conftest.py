@@ -24,6 +24,22 @@ except Exception:  # pragma: no cover - TF absent or already initialised
   pass
 
 
+def pytest_configure(config):
+  # `-n 2 --dist loadfile` (README's, CI's command): pytest-xdist by default queues the files by their number of
+  # tests, which puts the one-test end-to-end files (minutes each) last, where one worker runs them while the other
+  # idles. Keep the collection order below instead.
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files holding `slow` tests (the compiles and training runs) first, so the many short files fill in behind
+  them on whichever worker is free (longest first); test order inside a file is kept (module fixtures)."""
+  del config
+  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow_files)   # stable
+
+
 @pytest.fixture(scope='session')
 def visdrone_val_dev():
   """../shared/data/visdrone/val_dev (142 real VisDrone val images); skipped, naming the path, if absent."""
