@@ -14,8 +14,14 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
-jax.config.update('jax_compilation_cache_dir', str(REPO / '.pytest_cache' / 'jax_cache'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+# Starts empty on a fresh CI machine; shared by the tests of one run (both xdist workers) and, through the
+# environment, by every subprocess a test starts (CLI runs, notebook kernels), which then load what another test
+# compiled. (Executables with host callbacks, e.g. the SciPy matcher's step, are never stored.)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(REPO / '.pytest_cache' / 'jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 try:  # TF must not grab all host threads/memory next to XLA.
   import tensorflow as tf
