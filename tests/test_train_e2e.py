@@ -17,9 +17,13 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 STEPS = 6
+# matcher.backend=jax: JAX never writes an executable with a host callback (the SciPy matcher's) to the persistent
+# compilation cache, so with 'auto' (SciPy on CPU) every training run below compiled the train step again (about
+# 2 CPU-minutes each, four runs); the device solver's step compiles once for the file. The SciPy matcher through
+# training and resuming stays covered end to end by tests/test_notebooks.py and tests/test_smoke_learning.py.
 COMMON = [f'--config.train.num_steps={STEPS}', '--config.train.checkpoint_every_steps=3',
           '--config.train.eval_every_epochs=1000', '--config.train.log_every_steps=1',
-          '--config.eval.num_images=8']
+          '--config.eval.num_images=8', '--config.matcher.backend=jax']
 
 
 def _env(**extra):
