@@ -562,7 +562,7 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
     (total, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   finally:
     detector_lib.draw_dn_noise = original_draw
-  ours_norms = {'/'.join(k): float(jnp.sum(jnp.square(v.astype(jnp.float64) if jax.config.x64_enabled else v)))
+  ours_norms = {'/'.join(k): float(np.sum(np.square(np.asarray(v, np.float64))))
                 for k, v in flax.traverse_util.flatten_dict(grads).items()}
   ref_norms = {k[len('grad_norm/'):]: float(v) ** 2 for k, v in ref.items() if k.startswith('grad_norm/')}
   rows = []
@@ -580,7 +580,6 @@ def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[
   import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
   import numpy as np   # pylint: disable=g-import-not-at-top
 
-  from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
 
   gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)

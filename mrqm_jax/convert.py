@@ -26,9 +26,9 @@ counterpart and is named unfilled). The query groups' box embedding: Co-DINO ord
 (x, y, w, h), ours (y, x, w, h): the projection's input rows are swapped to match (`_xy_first_pe`).
 """
 
+import collections
 from collections.abc import Callable, Mapping
 import dataclasses
-import json
 import os
 import pickle
 import re
@@ -36,7 +36,16 @@ import sys
 import zipfile
 from typing import Any
 
+from absl import app
+from absl import flags
+from flax import traverse_util
+import jax
+from ml_collections import config_flags
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file
+
+from mrqm_jax import checkpointing, errors, model_lib, weights
 
 SKIPPED_LEAVES = ('num_batches_tracked',)
 # Sense-X/Co-DETR (mmdet 2) name -> mmdetection 3 name.
@@ -102,8 +111,7 @@ class _Unpickler(pickle.Unpickler):
     self._archive, self._prefix = archive, prefix
 
   def find_class(self, module, name):
-    if (module, name) in (('collections', 'OrderedDict'),):
-      import collections  # pylint: disable=g-import-not-at-top
+    if (module, name) == ('collections', 'OrderedDict'):
       return collections.OrderedDict
     if module == 'torch._utils' and name in ('_rebuild_tensor_v2', '_rebuild_tensor'):
       return _rebuild_tensor
@@ -160,7 +168,6 @@ def load_checkpoint(path: str) -> dict[str, np.ndarray]:
   if path.endswith(('.pth', '.pt', '.bin', '.ckpt')):
     state = flatten_state_dict(read_torch_zip(path))
   elif path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     state = dict(load_file(path))
   elif path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as data:
@@ -388,31 +395,18 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (str(k),)))
-    return out
-  return {prefix: tree}
+def _flatten(tree) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(tree, keep_empty_nodes=False)
 
 
 def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
+  return traverse_util.unflatten_dict(dict(flat))
 
 
 def convert_codetr(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any], config
                    ) -> tuple[dict, ConversionReport]:
   """Co-DETR state dict -> (variables {'params', 'batch_stats'...} as NumPy, report). Variables that no key
   fills keep None (the caller fills them from an init)."""
-  from mrqm_jax import weights   # pylint: disable=g-import-not-at-top  (the backbone's names: one mapping)
-
   report = ConversionReport()
   state = {}
   for name, value in state_dict.items():
@@ -478,9 +472,6 @@ def convert_codetr(state_dict: Mapping[str, np.ndarray], abstract_variables: Map
 # -------------------------------------------------------------------------------------------------- the CLI
 def write_converted(out_dir: str, variables: dict, config) -> None:
   """DIR/params (Orbax: {'params', 'model_state'}) and DIR/config.json: the layout of an export folder."""
-  import orbax.checkpoint as ocp   # pylint: disable=g-import-not-at-top
-
-  from mrqm_jax import checkpointing, model_lib   # pylint: disable=g-import-not-at-top
   params, model_state = model_lib.split_variables(variables)
   out = checkpointing.to_path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -491,9 +482,6 @@ def write_converted(out_dir: str, variables: dict, config) -> None:
 
 def fill_from_init(converted: dict, model, config, seed: int = 0) -> dict:
   """Variables left None by the conversion take the model's own initialisation (named in the report)."""
-  import jax   # pylint: disable=g-import-not-at-top
-
-  from mrqm_jax import model_lib   # pylint: disable=g-import-not-at-top
   flat = _flatten(converted)
   if all(v is not None for v in flat.values()):
     return converted
@@ -504,8 +492,6 @@ def fill_from_init(converted: dict, model, config, seed: int = 0) -> dict:
 
 def run(checkpoint: str, config, out_dir: str) -> ConversionReport:
   """Converts CHECKPOINT for CONFIG into OUT_DIR; returns the report (also written to OUT_DIR)."""
-  from mrqm_jax import checkpointing, model_lib   # pylint: disable=g-import-not-at-top
-
   state = load_checkpoint(checkpoint)
   model = model_lib.make_model(config)
   abstract = model_lib.abstract_variables(model, config)
@@ -522,11 +508,6 @@ def run(checkpoint: str, config, out_dir: str) -> ConversionReport:
 
 
 def main(argv=None) -> int:
-  from absl import app, flags   # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags   # pylint: disable=g-import-not-at-top
-
-  from mrqm_jax import errors   # pylint: disable=g-import-not-at-top
-
   config_flag = config_flags.DEFINE_config_file('config', None, 'configs/*.py of the model to fill.')
   flags.DEFINE_enum('from', 'codetr', ['codetr'], 'Checkpoint family.')
   checkpoint = flags.DEFINE_string('checkpoint', None, 'Co-DETR checkpoint (.pth, .safetensors or .npz).')
