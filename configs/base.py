@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Two-stage selection: invalid encoder tokens (padding, proposals outside (0.01, 0.99)) compete in the top-k
   # as in Co-DINO (False); True keeps them out (mrqm_jax <= 0.3; what checkpoints stored without this key get).
   c.model.exclude_invalid_proposals = False
+  # Where the aux heads' anchors (ATSS, RPN, IAH) sit: 'mmdet' at (j, i) x the level's nominal stride (mmdet's
+  # AnchorGenerator, center_offset 0, as Co-DETR); 'cell_centers' at the cells' centres (mrqm_jax <= 0.3, what
+  # checkpoints stored without this key get).
+  c.model.anchor_grid = 'mmdet'
   # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
   # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
   # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen

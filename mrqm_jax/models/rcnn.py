@@ -114,13 +114,15 @@ class RCNNBranch(nn.Module):
   max_pos: int = 300
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
 
   @nn.compact
   def __call__(self, maps, level_pad, targets: dict) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
-    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales))
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales,
+                                                          grid=self.anchor_grid, strides=self.strides))
     anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
     rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
