@@ -872,10 +872,14 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
   levels = min(rcnn.num_roi_levels, num_maps)
   feats = roi_align.multilevel_roi_align(ref_maps[:levels], rois_px, tuple(rcnn.strides[:levels]),
                                          output_size=rcnn.roi_size, sampling_ratio=rcnn.sampling_ratio,
-                                         finest_scale=rcnn.finest_scale)
+                                         max_samples=rcnn.adaptive_max_samples, finest_scale=rcnn.finest_scale)
   ref_feats = ref['roi/feats'].reshape(feats.shape)
+  level = np.asarray(roi_align.map_roi_levels(rois_px, levels))
+  side = (np.asarray(rois_px)[..., 2:] - np.asarray(rois_px)[..., :2]) / np.asarray(rcnn.strides)[level][..., None]
+  needed = int(np.ceil(side / rcnn.roi_size).max())
   row('RoIAlign features', feats, ref_feats,
-      f'ours sampling_ratio={rcnn.sampling_ratio}; mmcv (Co-DINO) sampling_ratio=0: adaptive, per RoI')
+      f'sampling_ratio={rcnn.sampling_ratio} (0: adaptive, cap {rcnn.adaptive_max_samples}; these RoIs need '
+      f'up to {needed} per side)')
   head = aux_heads.Shared2FCHead(rcnn.num_classes, rcnn.fc_dim, rcnn.dtype).apply(
       {'params': params['rcnn']['bbox_head']}, jnp.asarray(ref_feats))
   row('RoI head class logits (reference features)', head['cls_logits'], ref['roi/cls'].reshape(batch, -1, rcnn.num_classes + 1))

@@ -526,7 +526,7 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
         tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
         r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
         r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
-        m.conv_impl, m.dtype, anchor_grid=m.anchor_grid, name='rcnn')
+        m.conv_impl, m.dtype, anchor_grid=m.anchor_grid, adaptive_max_samples=r.adaptive_max_samples, name='rcnn')
   raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
 
 
