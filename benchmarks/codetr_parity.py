@@ -829,6 +829,7 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
   from mrqm_jax.models import aux_heads   # pylint: disable=g-import-not-at-top
   from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.models import iou_aware_head   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import rcnn as rcnn_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import assigners, box_coder, losses, roi_align   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
 
@@ -913,6 +914,77 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
                f'reference {int(ref_positive.sum())}'))
   for ours_name, ref_name in (('atss.cls', 'loss_cls1'), ('atss.giou', 'loss_bbox1'),
                               ('atss.centerness', 'loss_centerness1')):
+    ref_value = float(np.sum(ref[f'loss_all/{ref_name}']))
+    ours_value = float(terms[ours_name])
+    loss_rows.append((ref_name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
+
+  # Faster R-CNN losses on the reference's outputs and its RPN / RoI samples (the sampled anchors found among ours
+  # by their coordinates: our RPN anchors are mmdet's, scale-major).
+  sizes, scales_of = rcnn_lib.rpn_anchor_sizes(rcnn.strides, rcnn.rpn_octave_base_scale, rcnn.rpn_scales_per_octave)
+  rpn_anchors = np.asarray(iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
+                                                           grid=rcnn.anchor_grid, strides=rcnn.strides))
+  rpn_px = np.asarray(box_ops.cxcywh_to_pixel_xyxy(jnp.asarray(rpn_anchors), (h, w)))
+  lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(rpn_px)}
+  rpn_logits = scale_major(flatten_levels(ref, 'rpn/cls', num_maps), 1)[..., 0]
+  rpn_deltas = scale_major(flatten_levels(ref, 'rpn/reg', num_maps), 4)
+  gt_cxcywh = np.asarray(gt_boxes)
+  out = {k: [] for k in ('rpn_logits', 'rpn_deltas', 'rpn_delta_targets', 'rpn_pos', 'rpn_valid', 'roi_logits',
+                         'roi_boxes', 'roi_gt', 'roi_valid')}
+  unmatched = 0
+  ref_roi_cls = ref['roi/cls'].reshape(batch, -1, rcnn.num_classes + 1)
+  ref_roi_reg = ref['roi/reg'].reshape(batch, -1, rcnn.num_classes, 4)
+  for i in range(batch):
+    priors = ref[f'rpn/sample/{i}/priors']
+    index = []
+    for p in priors:
+      j = lookup.get(tuple(np.round(p, 1)))
+      unmatched += j is None
+      index.append(0 if j is None else j)
+    index = np.asarray(index)
+    num_pos = len(ref[f'rpn/sample/{i}/pos'])
+    positive = np.arange(len(index)) < num_pos
+    matched_gt = np.zeros(len(index), np.int64)
+    matched_gt[:num_pos] = ref[f'rpn/sample/{i}/pos_gt']
+    anchors_i = jnp.asarray(rpn_anchors[index])
+    targets_i = jnp.where(jnp.asarray(positive)[:, None], jnp.asarray(gt_cxcywh[i][matched_gt]), anchors_i)
+    out['rpn_logits'].append(rpn_logits[i, index])
+    out['rpn_deltas'].append(rpn_deltas[i, index])
+    out['rpn_delta_targets'].append(box_coder.encode_deltas(anchors_i, targets_i, box_coder.UNIT_STDS))
+    out['rpn_pos'].append(positive)
+    out['rpn_valid'].append(np.ones(len(index), bool))
+    roi_pos = len(ref[f'roi/sample/{i}/pos'])
+    num_rois = ref_roi_cls.shape[1]
+    roi_gt = np.full(num_rois, -1, np.int64)
+    roi_gt[:roi_pos] = ref[f'roi/sample/{i}/pos_gt']
+    rois_i = box_ops.pixel_xyxy_to_cxcywh(jnp.asarray(ref[f'roi/sample/{i}/priors']), (h, w))
+    target_class = np.asarray(gt_labels[i])[np.maximum(roi_gt, 0)]
+    deltas = ref_roi_reg[i][np.arange(num_rois), target_class]
+    out['roi_logits'].append(ref_roi_cls[i])
+    out['roi_boxes'].append(box_coder.decode_deltas(rois_i, jnp.asarray(deltas), box_coder.DELTA_STDS))
+    out['roi_gt'].append(roi_gt)
+    out['roi_valid'].append(np.ones(num_rois, bool))
+  out = {k: jnp.stack([jnp.asarray(v) for v in vs]) for k, vs in out.items()}
+  terms = losses.rcnn_losses(out, gt, config, None)
+  # Proposals from the reference's RPN outputs: ours (per-level top-k, NMS, the best num_proposals) against its.
+  anchor_valid_rpn = aux_heads.anchor_valid_mask(level_pad, per_location)
+  level_sizes = tuple(a * b * per_location for a, b in shapes)
+  for i in range(batch):
+    proposals, valid = rcnn_lib.select_proposals(
+        jnp.asarray(rpn_logits[i]), jnp.asarray(rpn_deltas[i]), jnp.asarray(rpn_anchors), anchor_valid_rpn[i],
+        level_sizes, (h, w), nms_pre=rcnn.nms_pre, nms_iou=rcnn.nms_iou, num_proposals=rcnn.num_proposals)
+    ours_boxes = np.asarray(proposals)[np.asarray(valid)]
+    ref_boxes = ref[f'rpn/proposals/{i}/boxes']
+    ours_set = {tuple(np.round(b, 2)) for b in ours_boxes}
+    common = sum(tuple(np.round(b, 2)) in ours_set for b in ref_boxes)
+    n = min(len(ours_boxes), len(ref_boxes))
+    diff = float(np.abs(ours_boxes[:n] - ref_boxes[:n]).max()) if n else 0.0
+    rows.append((f'RPN proposals image {i}', diff, diff / max(h, w),
+                 f'{common}/{len(ref_boxes)} reference boxes among ours ({len(ours_boxes)}); first {n} in order: '
+                 f'max |diff| px {diff:.2e}'))
+  rows.append(('RPN sampled anchors found among ours', float('nan'), float('nan'),
+               f'{batch * len(index) - unmatched}/{batch * len(index)} (by pixel coordinates)'))
+  for ours_name, ref_name in (('rpn.cls', 'loss_rpn_cls'), ('rpn.bbox', 'loss_rpn_bbox'),
+                              ('roi.cls', 'loss_cls0'), ('roi.giou', 'loss_bbox0')):
     ref_value = float(np.sum(ref[f'loss_all/{ref_name}']))
     ours_value = float(terms[ours_name])
     loss_rows.append((ref_name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
