@@ -317,10 +317,14 @@ def test_group_norm_over_a_region_matches_numpy(dtype):
   # The region at the image's resolution (2x, odd size): the level's positions are its every other row/column.
   fine = np.repeat(np.repeat(region, 2, axis=1), 2, axis=2)[:, :11, :17]
   np.testing.assert_array_equal(np.asarray(apply(variables, xin, jnp.asarray(fine))), np.asarray(y))
-  # No region: statistics over the whole map, as before.
+  # No region: statistics over the whole map, as before; a region covering the map (a canvas-filling batch's
+  # extent) gives the same up to float rounding.
   whole = _numpy_group_norm(np.asarray(xin.astype(jnp.float32)), np.ones_like(region), 32, scale, bias)
-  np.testing.assert_allclose(np.asarray(apply(variables, xin).astype(jnp.float32)), whole, **tol)
+  unmasked = np.asarray(apply(variables, xin).astype(jnp.float32))
+  np.testing.assert_allclose(unmasked, whole, **tol)
   assert not np.allclose(whole, expected, rtol=0.1)
+  covering = np.asarray(apply(variables, xin, jnp.ones((1, 11, 17), bool)).astype(jnp.float32))
+  np.testing.assert_allclose(covering, unmasked, rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)
 
 
 def _rect(hw, inside_hw):
