@@ -153,6 +153,7 @@ CHECKS: dict[str, Check] = {
     'model.frozen_stages': integer(0, 4),
     'model.aux_downsample_bias': boolean(),
     'model.exclude_invalid_proposals': boolean(),
+    'model.anchor_grid': choice('mmdet', 'cell_centers'),
     'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
@@ -224,7 +225,8 @@ CHECKS: dict[str, Check] = {
     'rcnn.roi_pos_fraction': _FRACTION,
     'rcnn.num_roi_levels': _COUNT,
     'rcnn.roi_size': _COUNT,
-    'rcnn.sampling_ratio': _COUNT,
+    'rcnn.sampling_ratio': integer(0),
+    'rcnn.adaptive_max_samples': _COUNT,
     'rcnn.finest_scale': _POSITIVE,
     'rcnn.fc_dim': _COUNT,
     'rcnn.max_pos': _COUNT,
@@ -324,6 +326,7 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # (and the resize its model was trained with).
 LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
                          'model.norm_region': 'canvas',
+                         'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',
                          'dn.group_rule': 'image'}
 

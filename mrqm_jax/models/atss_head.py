@@ -55,6 +55,7 @@ class ATSSHead(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
 
   @nn.compact
   def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
@@ -62,7 +63,8 @@ class ATSSHead(nn.Module):
     if len(self.strides) != len(shapes):
       raise ValueError(f'ATSSHead: {len(self.strides)} strides for {len(shapes)} levels')
     anchors = jnp.asarray(iou_aware_head.generate_anchors(
-        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,)))
+        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,),
+        grid=self.anchor_grid, strides=self.strides))
     dense = aux_heads.DenseHead(1, self.num_classes, self.stacked_convs, True, self.norm, self.conv_impl,
                                 self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)

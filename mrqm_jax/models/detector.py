@@ -522,11 +522,12 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
     return iou_aware_head.IoUAwareHead(
         num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
         iou_threshold(config), max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm,
-        conv_impl=m.conv_impl, dtype=m.dtype, name='iah')
+        conv_impl=m.conv_impl, dtype=m.dtype, anchor_grid=m.anchor_grid, strides=strides, name='iah')
   if head_name == 'atss':
     a = config.atss
     return atss_head.ATSSHead(num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
-                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, name='atss')
+                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, anchor_grid=m.anchor_grid,
+                              name='atss')
   if head_name == 'rcnn':
     r = config.rcnn
     return rcnn.RCNNBranch(
@@ -534,7 +535,7 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
         tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
         r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
         r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
-        m.conv_impl, m.dtype, name='rcnn')
+        m.conv_impl, m.dtype, anchor_grid=m.anchor_grid, adaptive_max_samples=r.adaptive_max_samples, name='rcnn')
   raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
 
 
