@@ -159,6 +159,7 @@ CHECKS: dict[str, Check] = {
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),
+    'model.norm_region': choice('batch', 'canvas'),
     'model.hidden_dim': _COUNT,
     'model.num_levels': integer(4, 6),
     'model.aux_heads': Check(lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v)
@@ -324,6 +325,7 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
 # (and the resize its model was trained with).
 LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
+                         'model.norm_region': 'canvas',
                          'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',
                          'dn.group_rule': 'image'}

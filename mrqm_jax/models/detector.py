@@ -340,6 +340,11 @@ class MRQM(nn.Module):
   Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head',
   'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
   'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
+
+  norm_region (config.model.norm_region): 'batch' — every GroupNorm (neck, aux level, dense heads) takes its
+  statistics over `layers.batch_extent(pad_mask)`, the union of the batch's images (the padding inside it
+  included), as Co-DETR's GroupNorms see mmdet's batch tensor; 'canvas' — over the whole canvas (<= 0.3). The
+  extent is over the batch this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
   # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
@@ -355,6 +360,7 @@ class MRQM(nn.Module):
   aux_heads: tuple[nn.Module, ...] = ()
   max_boxes: int = 1000
   exclude_invalid_proposals: bool = False
+  norm_region: str = 'batch'   # layers.NORM_REGIONS: GroupNorm statistics over the batch's extent or the canvas
   dtype: Any = None
 
   @nn.compact
@@ -372,7 +378,10 @@ class MRQM(nn.Module):
     batch = images.shape[0]
 
     # Backbone -> neck -> encoder.
-    feats = self.neck(self.backbone(images.astype(dtype)))
+    if self.norm_region not in layers.NORM_REGIONS:
+      raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
+    norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
+    feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
     enc = self.encoder(feats, level_pad_masks(pad_mask, shapes), deterministic=not train)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
@@ -425,10 +434,10 @@ class MRQM(nn.Module):
     # parameters exist).
     if self.aux_heads and (use_targets or self.is_initializing()):
       head_targets = targets if use_targets else placeholder_targets(batch, self.max_boxes)
-      maps = self.aux_levels(memory, enc.spatial_shapes)
+      maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
       for aux_head in self.aux_heads:
-        head = aux_head(maps, level_pad, head_targets)
+        head = aux_head(maps, level_pad, head_targets, norm_region)
         queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{aux_head.name}')(
             head['pos_ref_boxes'], head.get('pos_feat'))
         if use_targets:   # (at init the decoder's parameters exist already)
@@ -546,4 +555,4 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, exclude_invalid_proposals=bool(m.exclude_invalid_proposals),
-      dtype=m.dtype)
+      norm_region=str(m.norm_region), dtype=m.dtype)

@@ -276,7 +276,9 @@ class IoUAwareHead(nn.Module):
     assigns nothing and reads none of it), max_pos (K), stacked_convs, norm, conv_impl, dtype.
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
-  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}) -> dict, A = R * sum H_l W_l:
+  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}, norm_region: None or
+  [B | 1, H, W] bool, the GroupNorm statistics region at the image's resolution, `aux_heads.DenseHead`) -> dict,
+  A = R * sum H_l W_l:
     cls_logits [B, A, C]   pred_boxes [B, A, 4] (anchor + deltas)   anchors [A, 4]   anchor_valid [B, A]
     assigned_gt [B, A] int32 (-1 negative)   assigned_iou [B, A]
     pos_ref_boxes [B, K, 4] (C_pos, the positive anchors; no gradient)   pos_feat [B, K, D] (F''_pos, the aux
@@ -297,13 +299,13 @@ class IoUAwareHead(nn.Module):
   strides: tuple[int, ...] = ()       # nominal stride of each aux level (px), for anchor_grid='mmdet'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     per_location = len(self.anchor_scales) * len(self.anchor_ratios)
     anchors = jnp.asarray(generate_anchors(shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios,
                                            self.anchor_scales, grid=self.anchor_grid, strides=self.strides or None))
     dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
-                                self.conv_impl, self.dtype, name='dense')(maps)
+                                self.conv_impl, self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)                            # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)

@@ -82,7 +82,8 @@ class RCNNBranch(nn.Module):
   conv_impl, dtype. RNG stream 'aux' (sampling).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
-  'labels' [B, M], 'box_valid' [B, M]}) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
+  'labels' [B, M], 'box_valid' [B, M]}, norm_region: unused — the branch has no GroupNorm, as mmdet's RPNHead and
+  Shared2FCBBoxHead; taken so that every aux head has one call) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
   K = min(max_pos, int(N * roi_pos_fraction))):
     rpn_logits [B, S]  rpn_deltas [B, S, 4]  rpn_delta_targets [B, S, 4]  rpn_pos [B, S]  rpn_valid [B, S]
     roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
@@ -119,7 +120,8 @@ class RCNNBranch(nn.Module):
   adaptive_max_samples: int = 6       # RoIAlign's per-side cap when sampling_ratio = 0 (mmcv's adaptive rule)
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
+    del norm_region
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
