@@ -263,7 +263,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Co-DINO's test-time soft-NMS (co_dino_5scale_r50_1x_coco.py test_cfg: max_per_img=300,
   # nms=dict(type='soft_nms', iou_threshold=0.8); mmcv soft_nms defaults method='linear', sigma=0.5,
   # min_score=1e-3), class-aware as mmcv's batched_nms, inside the jitted eval/predict function
-  # (ops/postprocess.soft_nms): top decoder.num_queries (query, class) candidates -> soft-NMS -> the first
+  # (ops/postprocess.soft_nms): top eval.max_detections (query, class) candidates -> soft-NMS -> the first
   # eval.max_detections. False: plain top eval.max_detections (DINO, no NMS). The metrics' own caps
   # (maxDets) are the protocol's, not eval.max_detections.
   c.eval.soft_nms = False
