@@ -594,6 +594,8 @@ def compare(args) -> int:
   aux_rows, aux_loss_rows = ([], [])
   if 'aux/maps/0' in ref:
     aux_rows, aux_loss_rows = compare_aux_heads(ref, config, model, variables['params'], pad_mask, batch, h, w)
+    group_rows, group_loss_rows = compare_aux_groups(ref, config, model, variables['params'], pad_mask, batch, h, w)
+    aux_rows, aux_loss_rows = aux_rows + group_rows, aux_loss_rows + group_loss_rows
 
   print(f'\nmrqm_jax vs Co-DINO (mmdet 3.3.0 projects/CO-DETR), {images.shape[0]} images {h}x{w}, float32, '
         f'ours forward {forward_s:.1f} s (with compile), reference {meta["forward_s"]:.1f} s')
@@ -988,6 +990,66 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
     ref_value = float(np.sum(ref[f'loss_all/{ref_name}']))
     ours_value = float(terms[ours_name])
     loss_rows.append((ref_name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
+  return rows, loss_rows
+
+
+def compare_aux_groups(ref: dict, config, model, params, pad_mask, batch: int, h: int, w: int):
+  """Each aux query group of the dump (aux0 = R-CNN, aux1 = ATSS: Co-DINO's order): the reference's group (its
+  positives and drawn negatives, their boxes in the image frame) decoded by our query-group embedding and decoder
+  on the reference's encoder memory, then our aux-query loss on the reference's decoded outputs and targets.
+  Returns (rows, loss rows)."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax.models import aux_heads   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+
+  rows, loss_rows = [], []
+  num_maps = len([k for k in ref if k.startswith('aux/maps/')])
+  enc_maps = [jnp.asarray(ref[f'aux/maps/{level}']) for level in range(num_maps - 1)]
+  shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in enc_maps)
+  memory = jnp.concatenate([m.reshape(batch, -1, m.shape[-1]) for m in enc_maps], axis=1)
+  level_masks = detector_lib.level_pad_masks(pad_mask, shapes)
+  memory_pad_mask = jnp.concatenate([m.reshape(batch, -1) for m in level_masks], axis=1)
+  image_frame = config.model.box_frame == 'image'
+  ratios = detector_lib.valid_ratios(level_masks) if image_frame else None
+  box_frame = detector_lib.image_box_frame(pad_mask) if image_frame else jnp.ones((batch, 4), jnp.float32)
+  gt_boxes, gt_labels, gt_valid, _ = reference_targets(ref, batch, h, w)
+  gt = (detector_lib.to_box_frame(jnp.asarray(gt_boxes), box_frame), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
+  dim = config.model.hidden_dim
+  for index in range(2):
+    key = f'aux{index}'
+    if f'{key}/coords' not in ref:
+      continue
+    head = str(ref[f'{key}/name'])
+    refs = jnp.asarray(ref[f'{key}/coords'])                       # [B, K, 4] cxcywh, image frame
+    queries = aux_heads.AuxQueryGroup(dim, None).apply({'params': params[f'aux_query_{head}']}, refs, None)
+    decoded = model.decoder.apply({'params': params['decoder']}, queries, refs, memory, memory_pad_mask, shapes,
+                                  None, train=False, valid_ratios=ratios)
+    layers = decoded['pred_logits'].shape[0]
+    for layer in range(layers):
+      diff, rel = relative(decoded['pred_logits'][layer], ref[f'{key}/logits'][layer])
+      rows.append((f'aux group {head}: layer {layer} logits', diff, rel, f'K={refs.shape[1]}, unmasked'))
+      diff, rel = relative(decoded['pred_boxes'][layer], ref[f'{key}/boxes'][layer])
+      rows.append((f'aux group {head}: layer {layer} boxes', diff, rel, ''))
+    # Losses on the reference's own decoded outputs: the slots' gts found from their targets.
+    labels, targets = ref[f'{key}/labels'], ref[f'{key}/targets']
+    query_gt = np.full(labels.shape, -1, np.int32)
+    frame_gt = np.asarray(gt[0])
+    for i in range(batch):
+      for k in np.nonzero(labels[i] < config.dataset.num_classes)[0]:
+        query_gt[i, k] = int(np.argmin(np.abs(frame_gt[i] - targets[i, k]).sum(-1)))
+    head_out = {'query_logits': jnp.asarray(ref[f'{key}/logits']), 'query_boxes': jnp.asarray(ref[f'{key}/boxes']),
+                'query_gt': jnp.asarray(query_gt), 'query_valid': jnp.asarray(ref[f'{key}/label_weights'] > 0)}
+    terms = losses.aux_query_losses(head_out, gt, config, None, f'aux_{head}')
+    for ours_name, value in sorted(terms.items()):
+      *prefix, kind = ours_name.split('.')
+      name = {'cls': 'loss_cls_aux', 'bbox': 'loss_bbox_aux', 'giou': 'loss_iou_aux'}[kind] + str(index)
+      layer = [p for p in prefix if p.startswith('d') and p[1:].isdigit()]
+      name = f'{layer[0]}.{name}' if layer else name
+      ref_value = float(ref[f'loss_all/{name}'])
+      loss_rows.append((name, ref_value, float(value), abs(float(value) - ref_value) / max(abs(ref_value), 1e-12)))
   return rows, loss_rows
 
 
