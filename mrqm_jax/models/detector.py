@@ -18,9 +18,10 @@ returns the output dict of the shared contract (L decoder layers, Q = decoder.nu
                (-1 = background or dead slot), query_valid [B, K] (live: in the loss)
                                                                           only when train, targets given
 RNG streams: 'dn' (label flips and box jitter of the denoising queries), 'aux' (the R-CNN branch's anchor and RoI
-sampling, the query groups' negatives) and 'dropout' (only when a dropout rate is > 0), all only with train=True. `init` with train=False
-creates every parameter (the DN label embedding, the auxiliary heads and their query projections included), so a
-train-mode apply needs nothing more; inference reads none of the auxiliary parameters (`inference_params`).
+sampling, the query groups' negatives) and 'dropout' (only when a dropout rate is > 0), all only with train=True.
+`init` with train=False creates every parameter (the DN label embedding, the auxiliary heads and their query
+projections included), so a train-mode apply needs nothing more; inference reads none of the auxiliary parameters
+(`inference_params`).
 Targets: boxes [B, M, 4] cxcywh, labels [B, M], box_valid [B, M], and scale [B] (canvas px per original px; eq. 8
 of the IoU-aware head works in original pixels).
 Everything is static-shaped: one compilation per input shape.

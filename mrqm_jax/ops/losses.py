@@ -33,7 +33,7 @@ Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50
 - The auxiliary-query decoder losses use the same per-layer loss as the main branch, x lambda_1 = 1.
 - Normalization (Co-DETR's avg_factor): the matched losses by the number of valid gt boxes, the DN losses by
   the number of positive DN queries, the dense losses by the number of positive anchors, the aux-query
-  losses (classification included, Co-DETR's bg_cls_weight = 0) by the number of positive aux queries; each summed over the whole batch and clamped at 1. Under a
+  losses by the number of positive aux queries (also their QFL); each summed over the batch, clamped at 1. Under a
   plain `jax.jit` over a sharded global batch (this project's train step) the sums are global by construction.
   Inside `shard_map`/`pmap`, pass `axis_name`: every count is `psum`-ed over it, so each device's loss is its
   share of the global loss (sum, not mean, the per-device gradients). `num_boxes` overrides the gt count.
