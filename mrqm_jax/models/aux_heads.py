@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mrqm_jax.models import layers
 from mrqm_jax.models.position_encoding import box_sine_embedding
+from mrqm_jax.ops import assigners
 
 def aux_level_shapes(spatial_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
   """The encoder's level shapes plus the extra level: ceil(H / 2), ceil(W / 2) of the coarsest (static)."""
@@ -235,16 +236,16 @@ def query_group(rng: jax.Array | None, pos_index: jax.Array, pos_valid: jax.Arra
     raise ValueError(f'config.model.aux_query_padding must be one of {QUERY_PADDINGS}, got {padding!r}')
   num_pos = pos_valid.sum(axis=1, dtype=jnp.int32)[:, None]                                      # [B, 1]
   group_size = jnp.minimum(jnp.maximum(MIN_QUERY_SLOTS, num_pos.max()), num_slots)
-  # A uniform random subset in random order: the top num_slots of iid uniform priorities over the negatives.
-  num_candidates = negative.shape[1]
-  priority = jax.random.uniform(rng, negative.shape)
-  scores = jnp.pad(jnp.where(negative, priority, -1.0), ((0, 0), (0, max(0, num_slots - num_candidates))),
-                   constant_values=-1.0)
-  found, neg_index = jax.lax.top_k(scores, num_slots)
+  # Up to num_slots distinct negatives per image, a uniform random subset in random order (mmdet's sampler with
+  # no positive share draws exactly that).
+  negative = jnp.asarray(negative, bool)
+  neg_index, _, neg_found = jax.vmap(lambda r, neg: assigners.random_sample(
+      r, jnp.where(neg, assigners.NEGATIVE, assigners.IGNORED), num_slots, 0.0, valid=neg))(
+          jax.random.split(rng, batch), negative)
   neg_slot = jnp.clip(slots - num_pos, 0, num_slots - 1)
   is_pos = slots < num_pos
-  is_neg = ~is_pos & (slots < group_size) & (jnp.take_along_axis(found, neg_slot, axis=1) >= 0.0)
-  index = jnp.where(is_pos, pos_index, jnp.take_along_axis(neg_index, neg_slot, axis=1).astype(jnp.int32))
+  is_neg = ~is_pos & (slots < group_size) & jnp.take_along_axis(neg_found, neg_slot, axis=1)
+  index = jnp.where(is_pos, pos_index, jnp.take_along_axis(neg_index, neg_slot, axis=1))
   live = is_pos | is_neg
   return jnp.where(live, index, dead_index), live
 
@@ -273,7 +274,8 @@ def anchor_query_group(pos_index: jax.Array, pos_valid: jax.Array, assigned_gt: 
 
 
 class AuxQueryGroup(nn.Module):
-  """A head's positives -> its query group (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
+  """A head's group candidates (its positives; with 'negatives' padding also background negatives, `query_group`)
+  -> its queries (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
 
     Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F_pos))]
 
