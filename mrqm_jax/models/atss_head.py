@@ -104,4 +104,3 @@ class ATSSHead(nn.Module):
         **group,
         'query_ref_boxes': jax.lax.stop_gradient(anchors[group['query_index']]),
     }
-
