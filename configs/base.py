@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Two-stage selection: invalid encoder tokens (padding, proposals outside (0.01, 0.99)) compete in the top-k
   # as in Co-DINO (False); True keeps them out (mrqm_jax <= 0.3; what checkpoints stored without this key get).
   c.model.exclude_invalid_proposals = False
+  # Where the aux heads' anchors (ATSS, RPN, IAH) sit: 'mmdet' at (j, i) x the level's nominal stride (mmdet's
+  # AnchorGenerator, center_offset 0, as Co-DETR); 'cell_centers' at the cells' centres (mrqm_jax <= 0.3, what
+  # checkpoints stored without this key get).
+  c.model.anchor_grid = 'mmdet'
   # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
   # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
   # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen
@@ -67,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
   c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py
+  # Where every GroupNorm (neck, aux extra level, ATSS / IoU-aware heads' towers) takes its statistics: 'batch' =
+  # the batch's extent, rows / columns up to the largest image of the batch, as Co-DETR's GroupNorms see mmdet's
+  # batch tensor (padded to its largest image); 'canvas' = the whole static canvas, padding beyond the batch's
+  # images included (mrqm_jax <= 0.3; what checkpoints stored without this key get). docs/DESIGN.md.
+  c.model.norm_region = 'batch'
   c.model.hidden_dim = 256
   c.model.num_levels = 4                 # P2..P5
   # Convolution implementation (models/layers.py). 'lax' = lax.conv (GPU/TPU); 'matmul' = shifted-slice matmuls
@@ -188,9 +197,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.rcnn.roi_pos_fraction = 0.25
   c.rcnn.num_roi_levels = 5              # SingleRoIExtractor featmap_strides 4..64
   c.rcnn.roi_size = 7
-  # mmcv RoIAlign sampling_ratio=0 adapts the samples per bin to each RoI, which a static shape cannot; 2 per
-  # bin side is torchvision/Detectron2's fixed choice.
-  c.rcnn.sampling_ratio = 2
+  # 0 = mmcv's adaptive RoIAlign (Co-DINO): ceil(RoI side / 7) samples per bin side, per RoI, on a static grid of
+  # at most rcnn.adaptive_max_samples per side (a RoI needing more gets that many, evenly spaced); N >= 1: a
+  # fixed N x N per bin (mrqm_jax <= 0.3: 2, torchvision/Detectron2's choice).
+  c.rcnn.sampling_ratio = 0
+  c.rcnn.adaptive_max_samples = 6
   c.rcnn.finest_scale = 56.0
   c.rcnn.fc_dim = 1024                   # Shared2FCBBoxHead
   c.rcnn.max_pos = 300                   # query group cap (at most roi_num_samples * roi_pos_fraction = 128)

@@ -153,11 +153,13 @@ CHECKS: dict[str, Check] = {
     'model.frozen_stages': integer(0, 4),
     'model.aux_downsample_bias': boolean(),
     'model.exclude_invalid_proposals': boolean(),
+    'model.anchor_grid': choice('mmdet', 'cell_centers'),
     'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),
+    'model.norm_region': choice('batch', 'canvas'),
     'model.hidden_dim': _COUNT,
     'model.num_levels': integer(4, 6),
     'model.aux_heads': Check(lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v)
@@ -224,7 +226,8 @@ CHECKS: dict[str, Check] = {
     'rcnn.roi_pos_fraction': _FRACTION,
     'rcnn.num_roi_levels': _COUNT,
     'rcnn.roi_size': _COUNT,
-    'rcnn.sampling_ratio': _COUNT,
+    'rcnn.sampling_ratio': integer(0),
+    'rcnn.adaptive_max_samples': _COUNT,
     'rcnn.finest_scale': _POSITIVE,
     'rcnn.fc_dim': _COUNT,
     'rcnn.max_pos': _COUNT,
@@ -323,6 +326,8 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
 # (and the resize its model was trained with).
 LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
+                         'model.norm_region': 'canvas',
+                         'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',
                          'dn.group_rule': 'image', 'model.aux_query_padding': 'masked'}
 

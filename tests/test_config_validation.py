@@ -54,10 +54,11 @@ def test_fine_tuning_from_a_checkpoint_needs_no_imagenet_weights(tmp_path):
 
 def test_checkpoints_without_the_v04_keys_keep_the_rules_they_were_trained_with():
   stored = _with().to_dict()
-  del stored['input']['resize_rule'], stored['dn']['group_rule']
+  del stored['input']['resize_rule'], stored['dn']['group_rule'], stored['model']['norm_region']
   merged, changed = cv.merge_stored_model_config(visdrone.get_config(), stored)
   assert merged.input.resize_rule == 'fit_canvas' and merged.dn.group_rule == 'image'
-  assert {'input.resize_rule', 'dn.group_rule'} <= set(changed)
+  assert merged.model.norm_region == 'canvas'
+  assert {'input.resize_rule', 'dn.group_rule', 'model.norm_region'} <= set(changed)
 
 
 def _with(**values):
@@ -89,6 +90,7 @@ def _with(**values):
     ('train__learning_rate', 0.0, 'config.train.learning_rate=0.0: expected a number > 0'),
     ('model__frozen_stages', 7, 'config.model.frozen_stages=7: expected an integer in [0, 4]'),
     ('model__dtype', 'float16', "config.model.dtype='float16'"),
+    ('model__norm_region', 'image', "config.model.norm_region='image': expected one of 'batch', 'canvas'"),
     ('encoder__num_heads', 5, 'config.encoder.num_heads=5: must divide config.model.hidden_dim=32'),
     ('dataset__slicing__overlap', 900, 'config.dataset.slicing.overlap=900: must be smaller than'),
 ])

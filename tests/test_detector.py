@@ -1,6 +1,7 @@
 """MRQM detector: query selection and denoising pieces vs NumPy/closed forms, and the whole SMOKE model
 (compiled once per mode): output contract, DN isolation, eval outputs, finite gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +13,7 @@ from configs import smoke
 from mrqm_jax import export
 from mrqm_jax.models import aux_heads
 from mrqm_jax.models import detector
+from mrqm_jax.models import layers
 from mrqm_jax.ops import boxes as box_ops
 
 
@@ -577,3 +579,34 @@ def test_export_has_no_auxiliary_branch(model_setup):
     fn = export.inference_fn(detector.build_model(config), config.eval.max_detections)
     texts.append(jax.jit(fn).lower(variables, s['images'], s['pad']).as_text())
   assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize('norm_region', ['batch', 'canvas'])
+def test_every_group_norm_gets_the_norm_region(norm_region):
+  """model.norm_region reaches every GroupNorm of the detector (neck, aux level, IAH and ATSS towers): 'batch'
+  hands each the batch's extent (`layers.batch_extent`, tested in test_layers.py, as each part's use of it in
+  test_bifpn.py), 'canvas' none. Traced abstractly (eval_shape): nothing compiles."""
+  config = _smoke_config()
+  config.model.norm_region = norm_region
+  config.model.aux_heads = ('iah', 'atss')   # the heads with GroupNorm (R-CNN has none)
+  model = detector.build_model(config)
+  b, (h, w) = 2, config.input.image_size
+  pad = np.ones((b, h, w), bool)
+  pad[0, :96, :80] = False
+  pad[1, :64, :112] = False
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.NeckNorm) and context.method_name == '__call__':
+      region = args[1] if len(args) > 1 else kwargs.get('norm_region')
+      seen['/'.join(context.module.path)] = None if region is None else tuple(region.shape)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda r: model.init({'params': r, 'dropout': r, 'dn': r, 'aux': r}, jnp.zeros((b, h, w, 3)),
+                                        jnp.asarray(pad), train=False), jax.random.key(0))
+  assert {path.split('/')[0] for path in seen} == {'neck', 'aux_levels', 'iah', 'atss'}
+  assert len(seen) == 4 + 6 + 1 + 2 + 2   # BiFPN: 4 input projections, 6 blocks; downsample; 2 towers per head
+  want = (1, h, w) if norm_region == 'batch' else None
+  assert {path: region for path, region in seen.items() if region != want} == {}
+

@@ -144,6 +144,36 @@ def test_generate_anchors_against_loops():
     iah.generate_anchors(SHAPES, CANVAS, SIZES[:3], RATIOS)
 
 
+def test_generate_anchors_mmdet_grid_against_mmdet_generator_restated():
+  """grid='mmdet': mmdet's AnchorGenerator (center_offset 0), restated: base anchors centred at the origin,
+  x1 = -w / 2 ..., shifted by (j * stride, i * stride) over the level's grid, ratio-major there -> ours
+  scale-major; compared in pixel xyxy. A level whose cells do not divide the canvas (here 61.5 px cells of a
+  nominal stride 64) keeps the nominal stride."""
+  canvas, strides = (800, 1344), (4, 64)
+  shapes = ((200, 336), (13, 21))
+  sizes, ratios, scales = (8.0, 128.0), (0.5, 1.0, 2.0), (1.0, 2 ** 0.5)
+  got = iah.generate_anchors(shapes, canvas, sizes, ratios, scales, grid='mmdet', strides=strides)
+  expected = []
+  for (hl, wl), size, stride in zip(shapes, sizes, strides):
+    h_ratios = np.sqrt(np.asarray(ratios))
+    ws = (size * (1 / h_ratios)[:, None] * np.asarray(scales)[None]).reshape(-1)   # mmdet: ratio-major
+    hs = (size * h_ratios[:, None] * np.asarray(scales)[None]).reshape(-1)
+    base = np.stack([-ws / 2, -hs / 2, ws / 2, hs / 2], -1)                      # [ratio * scale, 4]
+    base = base.reshape(len(ratios), len(scales), 4).swapaxes(0, 1).reshape(-1, 4)   # -> scale-major
+    for row, col in itertools.product(range(hl), range(wl)):
+      expected.append(base + np.asarray([col, row, col, row], np.float64) * stride)
+  expected = np.concatenate(expected)
+  got_px = np.concatenate([got[:, :2] - got[:, 2:] / 2, got[:, :2] + got[:, 2:] / 2], -1) * np.asarray(
+      [canvas[1], canvas[0]] * 2)
+  np.testing.assert_allclose(got_px, expected, atol=2e-3)
+  cells = iah.generate_anchors(shapes, canvas, sizes, ratios, scales)   # 'cell_centers' (v0.3)
+  assert np.abs(cells[:, :2] - got[:, :2]).max() * 1344 > 30          # the coarse level's grid drifts
+  with pytest.raises(ValueError, match='anchor_grid'):
+    iah.generate_anchors(shapes, canvas, sizes, ratios, grid='corners', strides=strides)
+  with pytest.raises(ValueError, match='nominal stride'):
+    iah.generate_anchors(shapes, canvas, sizes, ratios, grid='mmdet')
+
+
 # ----------------------------------------------------------------------------------------------- assignment
 @pytest.mark.parametrize('seed', [0, 1])
 def test_assign_matches_numpy_reference(anchors, seed):

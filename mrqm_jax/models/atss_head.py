@@ -40,7 +40,8 @@ class ATSSHead(nn.Module):
   side / stride), topk, max_pos (K), stacked_convs, norm, conv_impl, dtype.
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool, targets {'boxes' [B, M, 4],
-  'box_valid' [B, M]}) -> dict, A = sum H_l W_l:
+  'box_valid' [B, M]}, norm_region: None or [B | 1, H, W] bool, the GroupNorm statistics region at the image's
+  resolution, `aux_heads.DenseHead`) -> dict, A = sum H_l W_l:
     cls_logits [B, A, C]  pred_boxes [B, A, 4]  centerness [B, A] (logits)  anchors [A, 4]  anchor_valid [B, A]
     assigned_gt [B, A] (-1 negative)  centerness_target [B, A]
     pos_ref_boxes [B, P, 4]  pos_gt [B, P]  pos_valid [B, P]   (the chosen positives, P = max_pos)
@@ -58,17 +59,19 @@ class ATSSHead(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
   query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     if len(self.strides) != len(shapes):
       raise ValueError(f'ATSSHead: {len(self.strides)} strides for {len(shapes)} levels')
     anchors = jnp.asarray(iou_aware_head.generate_anchors(
-        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,)))
+        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,),
+        grid=self.anchor_grid, strides=self.strides))
     dense = aux_heads.DenseHead(1, self.num_classes, self.stacked_convs, True, self.norm, self.conv_impl,
-                                self.dtype, name='dense')(maps)
+                                self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, 1)
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)

@@ -41,7 +41,8 @@ class AuxLevels(nn.Module):
   """Encoder memory `[B, S, D]` (levels of `spatial_shapes`, level-major) -> L + 1 maps `[B, H_l, W_l, D]`.
 
   The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`, an nn.Conv2d
-  WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3).
+  WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3), its
+  statistics over `norm_region` ([B | 1, H, W] bool at the image's resolution, `layers.NeckNorm`) when given.
   Parameters: 'downsample'.
   """
   norm: str = 'group'
@@ -50,7 +51,8 @@ class AuxLevels(nn.Module):
   conv_bias: bool = True
 
   @nn.compact
-  def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
+  def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]],
+               norm_region: jax.Array | None = None) -> list[jax.Array]:
     maps, start = [], 0
     for h, w in spatial_shapes:
       maps.append(memory[:, start:start + h * w].reshape(memory.shape[0], h, w, memory.shape[-1]))
@@ -60,7 +62,7 @@ class AuxLevels(nn.Module):
                        f'{memory.shape[1]}')
     extra = layers.ConvNorm(memory.shape[-1], 3, 2, self.norm, conv_impl=self.conv_impl, dtype=self.dtype,
                             kernel_init=nn.initializers.lecun_normal(), use_bias=self.conv_bias,
-                            name='downsample')(maps[-1])
+                            name='downsample')(maps[-1], norm_region)
     return maps + [extra]
 
 
@@ -79,8 +81,9 @@ def anchor_valid_mask(level_pad: Sequence[jax.Array], per_location: int) -> jax.
 class DenseHead(nn.Module):
   """ATSS-style dense head shared over levels (mmdet ATSSHead; the IoU-aware head uses it without centerness).
 
-  maps: L maps `[B, H_l, W_l, D]` -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with centerness
-  'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
+  maps: L maps `[B, H_l, W_l, D]` (norm_region: optional [B | 1, H, W] bool at the image's resolution, the towers'
+  GroupNorm statistics region, `layers.NeckNorm`) -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with
+  centerness 'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
   Structure: `stacked_convs` x (conv 3x3 + GN + ReLU) per branch (class / box), then conv 3x3 to R * C logits,
   R * 4 deltas (x a learnable per-level scale, init 1) and R centerness logits on the box tower.
   Parameters: 'cls_tower_{i}', 'reg_tower_{i}', 'cls_out', 'reg_out', 'reg_scale_{l}', 'centerness_out'.
@@ -94,7 +97,7 @@ class DenseHead(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, maps: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  def __call__(self, maps: Sequence[jax.Array], norm_region: jax.Array | None = None) -> dict[str, jax.Array]:
     dim = maps[0].shape[-1]
     conv = lambda n, name, **kw: layers.Conv2D(n, 3, padding=1, impl=self.conv_impl, dtype=self.dtype,  # noqa
                                                kernel_init=nn.initializers.normal(0.01), name=name, **kw)
@@ -109,9 +112,9 @@ class DenseHead(nn.Module):
     for level, x in enumerate(maps):
       c, r = x, x
       for block in cls_tower:
-        c = block(c)
+        c = block(c, norm_region)
       for block in reg_tower:
-        r = block(r)
+        r = block(r, norm_region)
       scale = self.param(f'reg_scale_{level}', nn.initializers.ones_init(), (), jnp.float32)
       logits.append(cls_out(c))
       deltas.append(reg_out(r) * scale.astype(r.dtype))

@@ -352,6 +352,11 @@ class MRQM(nn.Module):
   Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head',
   'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
   'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
+
+  norm_region (config.model.norm_region): 'batch' — every GroupNorm (neck, aux level, dense heads) takes its
+  statistics over `layers.batch_extent(pad_mask)`, the union of the batch's images (the padding inside it
+  included), as Co-DETR's GroupNorms see mmdet's batch tensor; 'canvas' — over the whole canvas (<= 0.3). The
+  extent is over the batch this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
   # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
@@ -367,6 +372,7 @@ class MRQM(nn.Module):
   aux_heads: tuple[nn.Module, ...] = ()
   max_boxes: int = 1000
   exclude_invalid_proposals: bool = False
+  norm_region: str = 'batch'   # layers.NORM_REGIONS: GroupNorm statistics over the batch's extent or the canvas
   dtype: Any = None
 
   @nn.compact
@@ -384,7 +390,10 @@ class MRQM(nn.Module):
     batch = images.shape[0]
 
     # Backbone -> neck -> encoder.
-    feats = self.neck(self.backbone(images.astype(dtype)))
+    if self.norm_region not in layers.NORM_REGIONS:
+      raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
+    norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
+    feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
     enc = self.encoder(feats, level_pad_masks(pad_mask, shapes), deterministic=not train)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
@@ -437,10 +446,10 @@ class MRQM(nn.Module):
     # parameters exist).
     if self.aux_heads and (use_targets or self.is_initializing()):
       head_targets = targets if use_targets else placeholder_targets(batch, self.max_boxes)
-      maps = self.aux_levels(memory, enc.spatial_shapes)
+      maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
       for aux_head in self.aux_heads:
-        head = aux_head(maps, level_pad, head_targets)
+        head = aux_head(maps, level_pad, head_targets, norm_region)
         queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{aux_head.name}')(
             head['query_ref_boxes'], head.get('query_feat'))
         if use_targets:   # (at init the decoder's parameters exist already)
@@ -524,11 +533,12 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
     return iou_aware_head.IoUAwareHead(
         num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
         iou_threshold(config), max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm,
-        conv_impl=m.conv_impl, dtype=m.dtype, query_padding=m.aux_query_padding, name='iah')
+        conv_impl=m.conv_impl, dtype=m.dtype, anchor_grid=m.anchor_grid, strides=strides,
+        query_padding=m.aux_query_padding, name='iah')
   if head_name == 'atss':
     a = config.atss
     return atss_head.ATSSHead(num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
-                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype,
+                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, anchor_grid=m.anchor_grid,
                               query_padding=m.aux_query_padding, name='atss')
   if head_name == 'rcnn':
     r = config.rcnn
@@ -537,7 +547,8 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
         tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
         r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
         r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
-        m.conv_impl, m.dtype, query_padding=m.aux_query_padding, name='rcnn')
+        m.conv_impl, m.dtype, anchor_grid=m.anchor_grid, adaptive_max_samples=r.adaptive_max_samples,
+        query_padding=m.aux_query_padding, name='rcnn')
   raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
 
 
@@ -557,4 +568,4 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, exclude_invalid_proposals=bool(m.exclude_invalid_proposals),
-      dtype=m.dtype)
+      norm_region=str(m.norm_region), dtype=m.dtype)

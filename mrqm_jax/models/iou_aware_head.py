@@ -102,9 +102,13 @@ def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], rule: IoUThreshold, scale=
                                t_b=rule.t_b, k=rule.k, p=rule.p, a_s=rule.a_s)
 
 
+ANCHOR_GRIDS = ('mmdet', 'cell_centers')
+
+
 def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequence[int],
                      sizes: Sequence[float], ratios: Sequence[float],
-                     scales: Sequence[float] = (1.0,)) -> np.ndarray:
+                     scales: Sequence[float] = (1.0,), *, grid: str = 'cell_centers',
+                     strides: Sequence[float] | None = None) -> np.ndarray:
   """Anchors for every location of every level, in the encoder's token order.
 
   Args:
@@ -113,6 +117,12 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     sizes: L base sizes in pixels (one per level).
     ratios: height/width ratios (mmdet convention); each anchor has area (size * scale)^2.
     scales: multipliers of each level's base size (mmdet's octave scales).
+    grid: where anchor centres sit (config.model.anchor_grid): 'mmdet' at (j, i) x the level's nominal stride
+      (`strides`, px; mmdet's AnchorGenerator, center_offset 0: Co-DETR's ATSS, RPN and so the IAH built on them);
+      'cell_centers' at the centres of the level's cells, ((j + 0.5) / W_l, (i + 0.5) / H_l) of the canvas
+      (mrqm_jax <= 0.3). They differ by half a stride, and more on a level whose H_l does not divide the canvas
+      (800 / 13 = 61.5 px cells for the nominal 64).
+    strides: L nominal strides in px; needed by grid='mmdet'.
 
   Returns:
     [A, 4] float32 normalized cxcywh (NumPy, a trace-time constant), A = R * sum_l H_l W_l with
@@ -126,13 +136,22 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     raise ValueError(f'iah.anchor_ratios must be positive h/w ratios, got {tuple(ratios)}')
   if not scales or any(v <= 0 for v in scales):
     raise ValueError(f'iah.anchor_scales must be positive multipliers, got {tuple(scales)}')
+  if grid not in ANCHOR_GRIDS:
+    raise ValueError(f'config.model.anchor_grid must be one of {ANCHOR_GRIDS}, got {grid!r}')
+  if grid == 'mmdet' and (strides is None or len(strides) != len(shapes)):
+    raise ValueError(f'generate_anchors: grid=\'mmdet\' needs one nominal stride per level ({len(shapes)}), got '
+                     f'{strides}')
   canvas_h, canvas_w = (float(v) for v in canvas_hw)
   scale_of = np.repeat(np.asarray(scales, np.float64), len(ratios))      # [R], scale-major
   ratio_of = np.tile(np.asarray(ratios, np.float64), len(scales))
   per_level = []
-  for (height, width), size in zip(shapes, sizes):
-    cy = (np.arange(height) + 0.5) / height
-    cx = (np.arange(width) + 0.5) / width
+  for level, ((height, width), size) in enumerate(zip(shapes, sizes)):
+    if grid == 'mmdet':
+      cy = np.arange(height) * float(strides[level]) / canvas_h
+      cx = np.arange(width) * float(strides[level]) / canvas_w
+    else:
+      cy = (np.arange(height) + 0.5) / height
+      cx = (np.arange(width) + 0.5) / width
     anchor_w = size * scale_of / np.sqrt(ratio_of) / canvas_w    # [R]
     anchor_h = size * scale_of * np.sqrt(ratio_of) / canvas_h
     grid_y, grid_x, r = np.meshgrid(cy, cx, np.arange(len(scale_of)), indexing='ij')   # [H, W, R]
@@ -262,7 +281,9 @@ class IoUAwareHead(nn.Module):
     negatives' draw, with 'negatives' in training).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
-  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}) -> dict, A = R * sum H_l W_l:
+  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}, norm_region: None or
+  [B | 1, H, W] bool, the GroupNorm statistics region at the image's resolution, `aux_heads.DenseHead`) -> dict,
+  A = R * sum H_l W_l:
     cls_logits [B, A, C]   pred_boxes [B, A, 4] (anchor + deltas)   anchors [A, 4]   anchor_valid [B, A]
     assigned_gt [B, A] int32 (-1 negative)   assigned_iou [B, A]
     pos_anchor_index [B, P]   pos_ref_boxes [B, P, 4] (C_pos, the positive anchors; no gradient)   pos_feat
@@ -284,16 +305,18 @@ class IoUAwareHead(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`generate_anchors`)
+  strides: tuple[int, ...] = ()       # nominal stride of each aux level (px), for anchor_grid='mmdet'
   query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     per_location = len(self.anchor_scales) * len(self.anchor_ratios)
     anchors = jnp.asarray(generate_anchors(shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios,
-                                           self.anchor_scales))
+                                           self.anchor_scales, grid=self.anchor_grid, strides=self.strides or None))
     dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
-                                self.conv_impl, self.dtype, name='dense')(maps)
+                                self.conv_impl, self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)                            # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)

@@ -11,8 +11,9 @@ Static version of mmdet 2.x `RPNHead` + `CoStandardRoIHead` as `co_dino_5scale_r
   RoIs       the valid gts and the proposals (add_gt_as_proposals) -> `max_iou_assign` (0.5 / 0.5 / 0.5, no
              low-quality) -> `random_sample` 512 at 0.25 positive (step RNG stream 'aux').
   RoIAlign   7 x 7, aligned, level by `map_roi_levels` (finest_scale 56) over the first `num_roi_levels` aux
-             levels, `sampling_ratio` samples per bin side: a static count, where mmcv's 0 adapts it per RoI
-             (ceil(RoI size / 7)) — 2 is the fixed value torchvision / Detectron2 use.
+             levels, `sampling_ratio` samples per bin side; 0 (Co-DINO's, the recipes') is mmcv's adaptive
+             ceil(RoI side / 7) per RoI on a static grid of at most `adaptive_max_samples` per side
+             (`roi_align` module doc); 2 is torchvision / Detectron2's fixed count (mrqm_jax <= 0.3).
   box head   Shared2FC (1024), softmax over C + 1, class-specific deltas (stds 0.1, 0.1, 0.2, 0.2) decoded
              for the GIoU loss (reg_decoded_bbox).
 Query group: the positive sampled RoIs (proposals or gts), in sample order (random), at most
@@ -84,7 +85,8 @@ class RCNNBranch(nn.Module):
   (sampling, and the query group's negatives).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
-  'labels' [B, M], 'box_valid' [B, M]}) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
+  'labels' [B, M], 'box_valid' [B, M]}, norm_region: unused — the branch has no GroupNorm, as mmdet's RPNHead and
+  Shared2FCBBoxHead; taken so that every aux head has one call) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
   K = min(max_pos, int(N * roi_pos_fraction))):
     rpn_logits [B, S]  rpn_deltas [B, S, 4]  rpn_delta_targets [B, S, 4]  rpn_pos [B, S]  rpn_valid [B, S]
     roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
@@ -120,14 +122,18 @@ class RCNNBranch(nn.Module):
   max_pos: int = 300
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
+  adaptive_max_samples: int = 6       # RoIAlign's per-side cap when sampling_ratio = 0 (mmcv's adaptive rule)
   query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
+    del norm_region
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
-    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales))
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales,
+                                                          grid=self.anchor_grid, strides=self.strides))
     anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
     rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
@@ -185,6 +191,7 @@ class RCNNBranch(nn.Module):
     levels = min(self.num_roi_levels, len(maps))
     feats = roi_align.multilevel_roi_align(list(maps[:levels]), rois_px, tuple(self.strides[:levels]),
                                            output_size=self.roi_size, sampling_ratio=self.sampling_ratio,
+                                           max_samples=self.adaptive_max_samples,
                                            finest_scale=self.finest_scale)
     head = aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(feats)
     target_class = jnp.take_along_axis(gt_labels, jnp.maximum(roi_gt, 0), axis=1)
