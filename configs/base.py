@@ -142,6 +142,11 @@ def get_config() -> ml_collections.ConfigDict:
   # export contain none). 'iah' (IoU-aware head, MRQM) | 'atss' (Co-DINO's ATSS head) | 'rcnn' (Faster R-CNN:
   # RPN + RoI head). MRQM = ('iah', 'rcnn'); Co-DINO = ('atss', 'rcnn'); () = plain DINO.
   c.model.aux_heads = ('iah', 'rcnn')
+  # Each aux head's query group: 'negatives' (Co-DETR) pads every image's positives with random negative anchors /
+  # RoIs of that image, classified as background, to max(9, most positives of an image in the batch) slots, the
+  # group unmasked; 'masked' (mrqm_jax <= 0.3; what checkpoints stored without this key get) keeps the positives
+  # only and hides the other slots from attention and loss.
+  c.model.aux_query_padding = 'negatives'
 
   # IoU-Aware Head (paper section 3.2) in the ATSS head's place.
   c.iah = ml_collections.ConfigDict()

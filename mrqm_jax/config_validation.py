@@ -165,6 +165,7 @@ CHECKS: dict[str, Check] = {
     'model.aux_heads': Check(lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v)
                              and all(h in ('iah', 'atss', 'rcnn') for h in v),
                              "a tuple of distinct names from 'iah', 'atss', 'rcnn', e.g. ('iah', 'rcnn') or ()"),
+    'model.aux_query_padding': choice('negatives', 'masked'),
     'model.conv_impl': choice('lax', 'matmul', 'auto'),
     'model.remat': boolean(),
     'model.dtype': choice('float32', 'bfloat16'),
@@ -328,7 +329,7 @@ LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_inva
                          'model.norm_region': 'canvas',
                          'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',
-                         'dn.group_rule': 'image'}
+                         'dn.group_rule': 'image', 'model.aux_query_padding': 'masked'}
 
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
                       'input.resize_', 'input.mean', 'input.std', 'dataset.num_classes')

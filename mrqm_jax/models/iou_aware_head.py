@@ -31,9 +31,12 @@ auxiliary decoder starts from them), `pos_ref_boxes` are the positive anchors, n
 They are constants (no gradient). `pos_feat` is the encoder token F''_pos at that anchor's location and keeps its
 gradient: the auxiliary branch is meant to supervise the encoder output through it.
 
-Padding slots among the K: Co-DETR by default fills them with random negative anchors classified as background;
-we leave them empty (`pos_valid=False`, as Co-DETR's `use_zero_padding=True`): the paper treats every query of
-the auxiliary branch as a positive, and padding must contribute nothing to the loss.
+Padding slots of the query group (`query_padding`, config model.aux_query_padding): 'negatives' (default, as
+Co-DETR's `use_zero_padding=False`, which MRQM inherits from Co-DINO) pads every image's group to K = max(9, most
+positives of an image in the batch) slots with random negative anchors of the image, classified as background,
+their query's feature term being the aux-map feature at the negative's location (Co-DETR gathers the features of
+padding too); 'masked' (mrqm_jax <= 0.3) leaves the slots empty (`query_live=False`, as `use_zero_padding=True`).
+See `aux_heads.query_group`.
 """
 
 from collections.abc import Sequence
@@ -273,7 +276,9 @@ class IoUAwareHead(nn.Module):
 
   Attributes: num_classes, canvas_hw (H, W), anchor_sizes (one per aux level, canvas px), anchor_ratios,
     anchor_scales, threshold (the IoU threshold rule; its A_s must be resolved, > 0, for a training call — init
-    assigns nothing and reads none of it), max_pos (K), stacked_convs, norm, conv_impl, dtype.
+    assigns nothing and reads none of it), max_pos (positives per image in the query group), stacked_convs, norm,
+    conv_impl, dtype, query_padding ('negatives' | 'masked', `aux_heads.query_group`). RNG stream 'aux' (the
+    negatives' draw, with 'negatives' in training).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
   targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}, norm_region: None or
@@ -281,8 +286,13 @@ class IoUAwareHead(nn.Module):
   A = R * sum H_l W_l:
     cls_logits [B, A, C]   pred_boxes [B, A, 4] (anchor + deltas)   anchors [A, 4]   anchor_valid [B, A]
     assigned_gt [B, A] int32 (-1 negative)   assigned_iou [B, A]
-    pos_ref_boxes [B, K, 4] (C_pos, the positive anchors; no gradient)   pos_feat [B, K, D] (F''_pos, the aux
-    map feature at the positive's location; with gradient)   pos_gt [B, K] int32   pos_valid [B, K]
+    pos_anchor_index [B, P]   pos_ref_boxes [B, P, 4] (C_pos, the positive anchors; no gradient)   pos_feat
+    [B, P, D] (F''_pos, the aux map feature at the positive's location; with gradient)   pos_gt [B, P] int32
+    pos_valid [B, P]   (the chosen positives, P = max_pos)
+    query_index [B, K] (anchor of each slot)  query_live [B, K]  query_ref_boxes [B, K, 4]  query_feat [B, K, D]
+    (as pos_ref_boxes / pos_feat, for every slot)  query_gt [B, K] (-1: background or dead)   the query group,
+    K = query_group_slots(max_pos); targets['iah_query_index'] [B, K] (-1 = dead slot), when given, pins its
+    anchors (nothing is drawn)
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -297,6 +307,7 @@ class IoUAwareHead(nn.Module):
   dtype: Any = None
   anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`generate_anchors`)
   strides: tuple[int, ...] = ()       # nominal stride of each aux level (px), for anchor_grid='mmdet'
+  query_padding: str = 'negatives'
 
   @nn.compact
   def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
@@ -323,6 +334,8 @@ class IoUAwareHead(nn.Module):
     tokens = aux_heads.flatten_anchor_maps(maps, maps[0].shape[-1])                          # [B, T, D]
     pos_feat = jnp.take_along_axis(tokens, (pos_anchor_index // per_location)[..., None], axis=1)
     pos_gt = jnp.where(pos_valid, jnp.take_along_axis(assigned_gt, pos_anchor_index, axis=1), 0)
+    group = aux_heads.anchor_query_group(pos_anchor_index, pos_valid, assigned_gt, anchor_valid,
+                                         **aux_heads.query_group_settings(self, self.max_pos, targets))
     return {
         'cls_logits': dense['cls_logits'],
         'pred_boxes': pred_boxes,
@@ -335,4 +348,7 @@ class IoUAwareHead(nn.Module):
         'pos_feat': pos_feat,
         'pos_gt': pos_gt.astype(jnp.int32),
         'pos_valid': pos_valid,
+        **group,
+        'query_ref_boxes': jax.lax.stop_gradient(anchors[group['query_index']]),
+        'query_feat': jnp.take_along_axis(tokens, (group['query_index'] // per_location)[..., None], axis=1),
     }

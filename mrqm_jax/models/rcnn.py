@@ -17,7 +17,9 @@ Static version of mmdet 2.x `RPNHead` + `CoStandardRoIHead` as `co_dino_5scale_r
   box head   Shared2FC (1024), softmax over C + 1, class-specific deltas (stds 0.1, 0.1, 0.2, 0.2) decoded
              for the GIoU loss (reg_decoded_bbox).
 Query group: the positive sampled RoIs (proposals or gts), in sample order (random), at most
-`min(max_pos, num_rois * pos_fraction)` per image; reference box = the RoI, target = its assigned gt.
+`min(max_pos, num_rois * pos_fraction)` per image; reference box = the RoI, target = its assigned gt. With
+`query_padding='negatives'` (Co-DETR, which feeds the RoI head's sampled RoIs with their labels to the group) the
+group is padded with random negative sampled RoIs, labelled background (`aux_heads.query_group`).
 """
 
 from typing import Any
@@ -79,7 +81,8 @@ class RCNNBranch(nn.Module):
   (rpn_octave_base_scale, rpn_scales_per_octave, rpn_ratios, rpn_pos_iou, rpn_neg_iou, rpn_min_pos_iou,
   rpn_num_samples, rpn_pos_fraction, nms_pre, nms_iou, num_proposals), the RoI settings (roi_pos_iou,
   roi_num_samples, roi_pos_fraction, num_roi_levels, roi_size, sampling_ratio, finest_scale, fc_dim), max_pos,
-  conv_impl, dtype. RNG stream 'aux' (sampling).
+  conv_impl, dtype, query_padding ('negatives' | 'masked', `aux_heads.query_group`). RNG stream 'aux'
+  (sampling, and the query group's negatives).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
   'labels' [B, M], 'box_valid' [B, M]}, norm_region: unused — the branch has no GroupNorm, as mmdet's RPNHead and
@@ -89,7 +92,10 @@ class RCNNBranch(nn.Module):
     roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
     roi_gt [B, N] (-1 background)  roi_valid [B, N]
     proposals [B, P, 4] normalized cxcywh  proposal_valid [B, P]
-    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the query group)
+    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the positive RoIs: sample slots 0..K-1)
+    query_index [B, G] (sample slot of each group slot, into roi_*)  query_live [B, G]  query_ref_boxes [B, G, 4]
+    query_gt [B, G] (-1: background or dead)   the query group, G = query_group_slots(K);
+    targets['rcnn_query_index'] [B, G] (-1 = dead slot), when given, pins its sample slots (nothing is drawn)
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -118,6 +124,7 @@ class RCNNBranch(nn.Module):
   dtype: Any = None
   anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
   adaptive_max_samples: int = 6       # RoIAlign's per-side cap when sampling_ratio = 0 (mmcv's adaptive rule)
+  query_padding: str = 'negatives'
 
   @nn.compact
   def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
@@ -136,8 +143,11 @@ class RCNNBranch(nn.Module):
       aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(
           jnp.zeros((batch, self.roi_num_samples, self.roi_size, self.roi_size, dim), maps[0].dtype))
       k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
+      g = aux_heads.query_group_slots(k, self.query_padding)
       return {'pos_ref_boxes': jnp.full((batch, k, 4), 0.5), 'pos_gt': jnp.zeros((batch, k), jnp.int32),
-              'pos_valid': jnp.zeros((batch, k), bool)}
+              'pos_valid': jnp.zeros((batch, k), bool), 'query_index': jnp.zeros((batch, g), jnp.int32),
+              'query_live': jnp.zeros((batch, g), bool), 'query_ref_boxes': jnp.full((batch, g, 4), 0.5),
+              'query_gt': jnp.full((batch, g), -1, jnp.int32)}
 
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     gt_boxes = jnp.where(gt_valid[..., None], jnp.asarray(targets['boxes'], jnp.float32), 0.0)
@@ -191,6 +201,13 @@ class RCNNBranch(nn.Module):
 
     k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
     pos_valid = roi_is_pos[:, :k] & roi_valid[:, :k]
+    settings = aux_heads.query_group_settings(self, k, targets)
+    # Dead slots hold their own sample slot (as 'masked' did before the switch existed); nothing reads them.
+    dead = jnp.broadcast_to(jnp.minimum(jnp.arange(settings['num_slots'], dtype=jnp.int32),
+                                        self.roi_num_samples - 1), (batch, settings['num_slots']))
+    query_index, query_live = aux_heads.query_group(
+        pos_index=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k)), pos_valid=pos_valid,
+        negative=roi_valid & ~roi_is_pos, dead_index=dead, **settings)
     return {
         'rpn_logits': take(rpn['logits']), 'rpn_deltas': take(rpn['deltas']),
         'rpn_delta_targets': jax.lax.stop_gradient(rpn_delta_targets),
@@ -201,4 +218,7 @@ class RCNNBranch(nn.Module):
         'proposal_valid': proposal_valid,
         'pos_ref_boxes': rois[:, :k], 'pos_gt': jnp.where(pos_valid, roi_gt[:, :k], 0).astype(jnp.int32),
         'pos_valid': pos_valid,
+        'query_index': query_index, 'query_live': query_live,
+        'query_ref_boxes': jnp.take_along_axis(rois, query_index[..., None], axis=1),
+        'query_gt': jnp.where(query_live, jnp.take_along_axis(roi_gt, query_index, axis=1), -1).astype(jnp.int32),
     }
