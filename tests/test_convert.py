@@ -87,8 +87,12 @@ def test_query_group_projection_sees_codino_box_embedding():
   rng = np.random.default_rng(2)
   d = 16
   boxes = rng.uniform(0.1, 0.9, (1, 5, 4)).astype(np.float32)
+  boxes[0, 0] = [0.0, 0.5, 2.7, 1.3]     # an anchor on the border, wider than the image (coarse aux levels)
   w, b = rng.standard_normal((d, 4 * d // 2)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
-  torch_proj = _codino_proposal_pos_embed(boxes[0].astype(np.float64), d // 2) @ w.T + b
+  # Co-DINO's forward_aux: get_proposal_pos_embed(inverse_sigmoid(anchors)), which applies sigmoid again.
+  x = np.clip(boxes[0].astype(np.float64), 0.0, 1.0)
+  seen = 1.0 / (1.0 + np.exp(-np.log(np.maximum(x, 1e-5) / np.maximum(1.0 - x, 1e-5))))
+  torch_proj = _codino_proposal_pos_embed(seen, d // 2) @ w.T + b
   params = {'pos_proj': {'kernel': convert._xy_first_pe(w), 'bias': b},
             'pos_norm': {'scale': np.ones(d, np.float32), 'bias': np.zeros(d, np.float32)}}
   ours = aux_heads.AuxQueryGroup(d).apply({'params': params}, jnp.asarray(boxes))[0]

@@ -276,6 +276,10 @@ def anchor_query_group(pos_index: jax.Array, pos_valid: jax.Array, assigned_gt: 
   return {'query_index': index, 'query_live': live, 'query_gt': query_gt.astype(jnp.int32)}
 
 
+# mmdet's inverse_sigmoid eps: Co-DINO's forward_aux embeds sigmoid(inverse_sigmoid(boxes)), i.e. boxes clipped to it.
+QUERY_EMBED_EPS = 1e-5
+
+
 class AuxQueryGroup(nn.Module):
   """A head's group candidates (its positives; with 'negatives' padding also background negatives, `query_group`)
   -> its queries (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
@@ -285,13 +289,16 @@ class AuxQueryGroup(nn.Module):
   ref_boxes [B, K, 4] normalized cxcywh (no gradient), pos_feat [B, K, D] or None -> queries [B, K, D].
   Co-DINO's own heads use the coordinate term only (`with_coord_feat=False`); the IoU-aware head adds the
   encoder features at its positives (eq. 9). Parameters: 'pos_proj', 'pos_norm' (+ 'feat_proj', 'feat_norm').
+  PE sees the boxes clipped to [1e-5, 1 - 1e-5]: Co-DINO embeds sigmoid(inverse_sigmoid(C_pos)) (mmdet's eps 1e-5),
+  and anchors of the coarse aux levels are wider than the image (an 8 x 128 px ATSS anchor: w > 1).
   """
   hidden_dim: int
   dtype: Any = None
 
   @nn.compact
   def __call__(self, ref_boxes: jax.Array, pos_feat: jax.Array | None = None) -> jax.Array:
-    pe = box_sine_embedding(ref_boxes, self.hidden_dim // 2).astype(self.dtype or jnp.float32)
+    clipped = jnp.clip(ref_boxes, QUERY_EMBED_EPS, 1.0 - QUERY_EMBED_EPS)
+    pe = box_sine_embedding(clipped, self.hidden_dim // 2).astype(self.dtype or jnp.float32)
     q = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=self.dtype, name='pos_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
                                                                  name='pos_proj')(pe))
     if pos_feat is not None:
