@@ -143,8 +143,11 @@ def test_giou_is_invariant_to_a_per_axis_scaling():
   a = np.concatenate([rng.uniform(0.2, 0.8, (50, 2)), rng.uniform(0.05, 0.4, (50, 2))], -1)
   b = np.concatenate([rng.uniform(0.2, 0.8, (50, 2)), rng.uniform(0.05, 0.4, (50, 2))], -1)
   frame = np.concatenate([rng.uniform(0.3, 1.0, (50, 2))] * 2, -1)   # (w, h, w, h)
-  giou = lambda p, q: np.asarray(box_ops.elementwise_giou(box_ops.cxcywh_to_xyxy(jnp.asarray(p, jnp.float32)),  # noqa: E731
-                                                          box_ops.cxcywh_to_xyxy(jnp.asarray(q, jnp.float32))))
+
+  def giou(p, q):
+    xyxy = lambda boxes: box_ops.cxcywh_to_xyxy(jnp.asarray(boxes, jnp.float32))  # noqa: E731
+    return np.asarray(box_ops.elementwise_giou(xyxy(p), xyxy(q)))
+
   np.testing.assert_allclose(giou(a / frame, b / frame), giou(a, b), rtol=1e-5, atol=1e-6)
   assert np.abs(giou(a, b)).max() > 0.05 and np.any(giou(a, b) < 0)   # not trivially equal values
   # L1 is not invariant: that is the difference the frame makes.

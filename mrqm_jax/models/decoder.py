@@ -174,7 +174,7 @@ class DINODecoder(nn.Module):
     """Layer l and its heads (module doc): -> (x_{l+1}, ref_{l+1}, ref_for_pred_{l+1}, logits_l, boxes_l)."""
     if valid_ratios is None:   # 'canvas' frame: every level is read at ref itself
       attn_ref, pos_ref = ref, ref
-    else:                      # 'image' frame: per-level scaled boxes; the position embedding of level 0's
+    else:                      # 'image' frame: per-level scaled boxes, the position embedding of level 0's
       attn_ref = level_reference_boxes(ref, valid_ratios)
       pos_ref = attn_ref[:, :, 0]
     # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.

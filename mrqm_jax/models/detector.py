@@ -39,10 +39,11 @@ canvas gets the same outputs in both.
 
 Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_proposals`):
   every encoder token gets an anchor proposal centred on its pixel with side 0.05 * 2^level (in the box
-  frame: normalized by the level's unpadded extent, or by the padded canvas); tokens on padding and proposals not inside (0.01, 0.99) on every
-  coordinate are invalid and their memory is zeroed; enc_output = LN(Dense(memory)); per-token class logits
-  (enc class head) and boxes sigmoid(enc box head + logit(proposal)); the top-Q tokens by max class logit
-  give the reference boxes (DETACHED) of the matching queries, whose content is a LEARNED embedding [Q, D].
+  frame: normalized by the level's unpadded extent, or by the padded canvas); tokens on padding and proposals
+  not inside (0.01, 0.99) on every coordinate are invalid and their memory is zeroed; enc_output =
+  LN(Dense(memory)); per-token class logits (enc class head) and boxes sigmoid(enc box head + logit(proposal));
+  the top-Q tokens by max class logit give the reference boxes (DETACHED) of the matching queries, whose content
+  is a LEARNED embedding [Q, D].
   Invalid tokens compete in the top-k as in Co-DINO (`exclude_invalid_proposals=False`, the default): their
   zeroed memory gives them one constant class logit, and their box logit is Co-DINO's +inf, written as the
   finite INVALID_PROPOSAL_LOGIT (sigmoid 1.0 exactly in float32, zero gradient, no inf in JAX's gradients), so
