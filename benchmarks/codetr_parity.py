@@ -44,8 +44,28 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..
 def parse_size(text: str) -> tuple[int, int]:
   h, w = (int(v) for v in text.split(','))
   if h % 32 or w % 32:
-    raise argparse.ArgumentTypeError(f'--size={text}: H and W must be multiples of 32 (no padding in the batch)')
+    raise argparse.ArgumentTypeError(f'--size={text}: H and W must be multiples of 32 (the batch canvas)')
   return h, w
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+  h, w = (int(v) for v in text.split(','))
+  if h < 32 or w < 32:
+    raise argparse.ArgumentTypeError(f'--image-size={text}: H and W must be >= 32')
+  return h, w
+
+
+def image_sizes(args, count: int) -> list[tuple[int, int]]:
+  """Each image's own (H, W): --image-size per image (a padded batch), else --size for all."""
+  sizes = list(args.image_size or [])
+  if not sizes:
+    return [tuple(args.size)] * count
+  if len(sizes) != count:
+    sys.exit(f'codetr_parity: {len(sizes)} --image-size for {count} images')
+  canvas = (max(h for h, _ in sizes), max(w for _, w in sizes))
+  if canvas[0] % 32 or canvas[1] % 32:
+    sys.exit(f'codetr_parity: the largest --image-size {canvas} must be multiples of 32 (the batch canvas)')
+  return sizes
 
 
 def default_images() -> list[str]:
@@ -85,6 +105,9 @@ def dump(args) -> None:
   importlib.import_module('projects.CO-DETR.codetr')
   m = cfg.model
   m.backbone.init_cfg = None
+  # No activation checkpointing in the encoder (fairscale's does not allow torch.autograd.grad, which the
+  # gradient under the query head's loss alone needs); same values, more memory.
+  m.query_head.transformer.encoder.with_cp = -1
   m.query_head.num_classes = NUM_CLASSES
   for rh in m.roi_head:
     rh.bbox_head.num_classes = NUM_CLASSES
@@ -101,20 +124,23 @@ def dump(args) -> None:
       scale = args.noise * max(float(p.detach().abs().mean()), 0.02)
       p.add_(torch.randn(p.shape, generator=gen) * scale)
 
-  h, w = args.size
   images = args.image or default_images()
   if not images:
     sys.exit('codetr_parity: no --image given and ../shared/data/visdrone/val_dev/images is absent')
+  sizes = image_sizes(args, len(images))
   inputs, samples = [], []
-  for i, path in enumerate(images):
+  for i, (path, (h, w)) in enumerate(zip(images, sizes)):
     rgb = np.asarray(Image.open(path).convert('RGB').resize((w, h), Image.BILINEAR))
     bgr = np.ascontiguousarray(rgb[..., ::-1])   # mmdet loads BGR (cv2); its preprocessor converts to RGB
     inputs.append(torch.from_numpy(bgr).permute(2, 0, 1).contiguous())
     samples.append(DetDataSample(metainfo=dict(
         img_id=i, img_path=path, ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0), flip=False,
-        flip_direction=None, batch_input_shape=(h, w), pad_shape=(h, w))))
+        flip_direction=None, pad_shape=(h, w))))
+  # The preprocessor pads the batch to its largest image (pad value 0 after normalisation) and sets
+  # batch_input_shape: a batch of different sizes is a padded batch, as in Co-DINO's 1x recipe.
   data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples), False)
   batch_inputs, batch_samples = data['inputs'], data['data_samples']
+  h, w = (int(v) for v in batch_inputs.shape[-2:])
 
   # BN calibration: frozen statistics = this batch's per-channel statistics, layer by layer.
   bns = [mod for mod in model.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
@@ -211,8 +237,9 @@ def dump(args) -> None:
   gen = torch.Generator().manual_seed(args.seed + 2)
   for i, sample in enumerate(batch_samples):
     n = args.num_gt + 7 * i      # images with different gt counts: DN padding slots exist
+    ih, iw = sizes[i]
     wh = 6.0 + 50.0 * torch.rand(n, 2, generator=gen)
-    xy = torch.rand(n, 2, generator=gen) * (torch.tensor([w, h], dtype=torch.float32) - wh)
+    xy = torch.rand(n, 2, generator=gen) * (torch.tensor([iw, ih], dtype=torch.float32) - wh)
     boxes = torch.cat([xy, xy + wh], 1)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
     sample.gt_instances = InstanceData(bboxes=boxes, labels=labels)
@@ -246,17 +273,39 @@ def dump(args) -> None:
     return label_query, bbox_query, attn_mask, dn_meta
 
   generator_class.__call__ = dn_call   # CdnQueryGenerator defines __call__ itself: hooks never fire
+  restore = record_aux_heads(model, keep)
   model.train()
   model.zero_grad()
+  head_terms = {}
+  original_head_loss = model.query_head.loss_by_feat
+
+  def head_loss_by_feat(*a, **k):   # the query head's own terms, for the gradient under them alone
+    result = original_head_loss(*a, **k)
+    head_terms.update(result)
+    return result
+
+  model.query_head.loss_by_feat = head_loss_by_feat
   with torch.enable_grad():
-    feats = model.extract_feat(batch_inputs)
-    head_losses, _ = model.query_head.loss(feats, batch_samples)
-    sum(v for v in head_losses.values()).backward()
+    # The whole training loss as mmdet computes it: query head, RPN, RoI head, ATSS head, the aux query groups.
+    all_losses = model.loss(batch_inputs, batch_samples)
+    for name, value in all_losses.items():
+      keep(f'loss_all/{name}', torch.stack(list(value)) if isinstance(value, (list, tuple)) else value)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_grads = torch.autograd.grad(sum(head_terms.values()), [p for _, p in params], retain_graph=True,
+                                     allow_unused=True)
+    total = sum(sum(v) if isinstance(v, (list, tuple)) else v for n, v in all_losses.items() if 'loss' in n)
+    keep('loss_all/total', total)
+    total.backward()
   generator_class.__call__ = original_call
-  # Gradient norm of every parameter under the query head's total loss (the aux heads' losses are not in it).
-  for name, p in model.named_parameters():
+  model.query_head.loss_by_feat = original_head_loss
+  restore()
+  # Gradient norm of every parameter under the query head's total loss, and under the whole training loss.
+  for (name, _), g in zip(params, head_grads):
+    if g is not None:
+      keep(f'grad_norm/{name}', torch.linalg.vector_norm(g.double()))
+  for name, p in params:
     if p.grad is not None:
-      keep(f'grad_norm/{name}', torch.linalg.vector_norm(p.grad.double()))
+      keep(f'grad_norm_all/{name}', torch.linalg.vector_norm(p.grad.double()))
   model.zero_grad()
   model.eval()
 
@@ -265,7 +314,7 @@ def dump(args) -> None:
   torch.save({'state_dict': state, 'meta': {'note': 'codetr_parity random weights', 'seed': args.seed}},
              os.path.join(args.out, 'checkpoint.pth'))
   np.savez(os.path.join(args.out, 'intermediates.npz'), **out)
-  meta = dict(size=list(args.size), images=images, seed=args.seed, noise=args.noise, num_classes=NUM_CLASSES,
+  meta = dict(size=[h, w], image_sizes=[list(v) for v in sizes], images=images, seed=args.seed, noise=args.noise, num_classes=NUM_CLASSES,
               forward_s=forward_s, torch=torch.__version__, config=REF_CONFIG,
               test_cfg=dict(max_per_img=int(model.query_head.test_cfg.get('max_per_img', 300)),
                             nms=dict(model.query_head.test_cfg.get('nms') or {})))
@@ -273,6 +322,121 @@ def dump(args) -> None:
     json.dump(meta, f, indent=1)
   print(f'codetr_parity dump: {len(out)} tensors, {len(state)} checkpoint entries, forward {forward_s:.1f} s '
         f'-> {args.out}')
+
+
+def record_aux_heads(model, keep):
+  """Patches the reference's auxiliary branches so that the training pass records what they computed and drew:
+  the aux levels, the ATSS / RPN / RoI outputs, RPN and RoI samples, proposals, each aux query group's targets
+  (get_aux_targets: chosen coords, labels, weights) and its decoded outputs. Returns a function that undoes it."""
+  import torch   # pylint: disable=g-import-not-at-top
+  undo = []
+  nhwc = lambda t: t.permute(0, 2, 3, 1)   # noqa: E731
+
+  def wrap(obj, name, make):
+    original = getattr(obj, name)
+    setattr(obj, name, make(original))
+    undo.append(lambda: setattr(obj, name, original))
+
+  def head_loss(original):
+    def call(x, samples):
+      losses, maps = original(x, samples)
+      for level, m in enumerate(maps):
+        keep(f'aux/maps/{level}', nhwc(m))
+      return losses, maps
+    return call
+
+  wrap(model.query_head, 'loss', head_loss)
+
+  def on_atss(_, __, outputs):
+    for kind, maps in zip(('cls', 'reg', 'ctr'), outputs):
+      for level, m in enumerate(maps):
+        keep(f'atss/{kind}/{level}', nhwc(m))
+
+  def on_rpn(_, __, outputs):
+    for kind, maps in zip(('cls', 'reg'), outputs):
+      for level, m in enumerate(maps):
+        keep(f'rpn/{kind}/{level}', nhwc(m))
+
+  def on_roi_extractor(_, inputs, output):
+    keep('roi/rois', inputs[1])
+    keep('roi/feats', nhwc(output))
+
+  def on_roi_head(_, __, outputs):
+    keep('roi/cls', outputs[0])
+    keep('roi/reg', outputs[1])
+
+  roi_head = model.roi_head[0]
+  hooks = [model.bbox_head[0].register_forward_hook(on_atss), model.rpn_head.register_forward_hook(on_rpn),
+           roi_head.bbox_roi_extractor.register_forward_hook(on_roi_extractor),
+           roi_head.bbox_head.register_forward_hook(on_roi_head)]
+  undo.extend(h.remove for h in hooks)
+  calls = {'rpn': 0, 'roi': 0}
+
+  def sampler(kind):
+    def make(original):
+      def call(assign_result, *a, **k):
+        result = original(assign_result, *a, **k)
+        i = calls[kind]
+        calls[kind] += 1
+        keep(f'{kind}/sample/{i}/pos', result.pos_inds)
+        keep(f'{kind}/sample/{i}/neg', result.neg_inds)
+        keep(f'{kind}/sample/{i}/pos_gt', result.pos_assigned_gt_inds)
+        keep(f'{kind}/sample/{i}/priors', result.priors)
+        keep(f'{kind}/assign/{i}/gt', assign_result.gt_inds)
+        return result
+      return call
+    return make
+
+  wrap(model.rpn_head.sampler, 'sample', sampler('rpn'))
+  wrap(roi_head.bbox_sampler, 'sample', sampler('roi'))
+
+  def rpn_loss_and_predict(original):
+    def call(*a, **k):
+      losses, proposals = original(*a, **k)
+      for i, p in enumerate(proposals):
+        keep(f'rpn/proposals/{i}/boxes', p.bboxes)
+        keep(f'rpn/proposals/{i}/scores', p.scores)
+      return losses, proposals
+    return call
+
+  wrap(model.rpn_head, 'loss_and_predict', rpn_loss_and_predict)
+
+  def atss_loss(original):
+    def call(*a, **k):
+      result = original(*a, **k)
+      anchors, labels, targets = result['pos_coords'][:3]
+      keep('atss/anchors', torch.stack(list(anchors)) if isinstance(anchors, (list, tuple)) else anchors)
+      keep('atss/labels', torch.stack(list(labels)) if isinstance(labels, (list, tuple)) else labels)
+      keep('atss/targets', torch.stack(list(targets)) if isinstance(targets, (list, tuple)) else targets)
+      return result
+    return call
+
+  wrap(model.bbox_head[0], 'loss_by_feat', atss_loss)
+
+  def aux_targets(original):
+    def call(pos_coords, img_metas, feats, head_idx):
+      result = original(pos_coords, img_metas, feats, head_idx)
+      for name, value in zip(('coords', 'labels', 'targets', 'label_weights', 'bbox_weights', 'feats'), result):
+        keep(f'aux{head_idx}/{name}', value)
+      keep(f'aux{head_idx}/name', pos_coords[-1])
+      return result
+    return call
+
+  def forward_aux(original):
+    def call(feats, img_metas, targets, head_idx):
+      result = original(feats, img_metas, targets, head_idx)
+      keep(f'aux{head_idx}/logits', result[0])
+      keep(f'aux{head_idx}/boxes', result[1])
+      return result
+    return call
+
+  wrap(model.query_head, 'get_aux_targets', aux_targets)
+  wrap(model.query_head, 'forward_aux', forward_aux)
+
+  def restore():
+    for fn in reversed(undo):
+      fn()
+  return restore
 
 
 # --------------------------------------------------------------------------------------- compare (mrqm_jax)
@@ -285,6 +449,16 @@ def parity_config(meta: dict):
   c.model.dtype = 'float32'
   c.model.pretrained = ''
   return c
+
+
+def batch_pad_mask(meta: dict, batch: int):
+  """[B, H, W] bool, True on the padding of each image in the dump's batch (images sit top-left, as mmdet pads)."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  h, w = meta['size']
+  mask = np.ones((batch, h, w), bool)
+  for i, (ih, iw) in enumerate(meta.get('image_sizes') or [(h, w)] * batch):
+    mask[i, :ih, :iw] = False
+  return mask
 
 
 def relative(ours, ref) -> tuple[float, float]:
@@ -325,7 +499,7 @@ def compare(args) -> int:
   variables = jax.tree.map(jnp.asarray, variables)
 
   images = jnp.asarray(ref['batch/image'])
-  pad_mask = jnp.zeros(images.shape[:3], bool)
+  pad_mask = jnp.asarray(batch_pad_mask(meta, images.shape[0]))
   ref['encoder/topk_index'] = ref['encoder/topk_index'].astype(np.int64)
   ref_topk = jnp.asarray(ref['encoder/topk_index'], jnp.int32)
   ours_topk = {}
@@ -417,6 +591,12 @@ def compare(args) -> int:
   if 'dn/label_query' in ref:
     grad_rows, totals, clipped = compare_gradients(ref, meta, state, images, batch, h, w)
 
+  aux_rows, aux_loss_rows = ([], [])
+  if 'aux/maps/0' in ref:
+    aux_rows, aux_loss_rows = compare_aux_heads(ref, config, model, variables['params'], pad_mask, batch, h, w)
+    group_rows, group_loss_rows = compare_aux_groups(ref, config, model, variables['params'], pad_mask, batch, h, w)
+    aux_rows, aux_loss_rows = aux_rows + group_rows, aux_loss_rows + group_loss_rows
+
   print(f'\nmrqm_jax vs Co-DINO (mmdet 3.3.0 projects/CO-DETR), {images.shape[0]} images {h}x{w}, float32, '
         f'ours forward {forward_s:.1f} s (with compile), reference {meta["forward_s"]:.1f} s')
   print(f'| {"stage":<42} | {"max abs":>10} | {"max rel":>10} | note')
@@ -439,7 +619,19 @@ def compare(args) -> int:
     print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
     for name, ref_value, ours_value, rel in grad_rows:
       print(f'| {name:<42} | {ref_value:>10.4e} | {ours_value:>10.4e} | {rel:>10.3e}')
+  if aux_rows:
+    print('\nAuxiliary branches (the dump\'s training pass), each on the reference\'s own inputs:')
+    print(f'| {"part":<42} | {"max abs":>10} | {"max rel":>10} | note')
+    print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|------')
+    for stage, diff, rel, note in aux_rows:
+      print(f'| {stage:<42} | {diff:>10.3e} | {rel:>10.3e} | {note}')
+    print(f'| {"loss term (reference name)":<42} | {"reference":>10} | {"ours":>10} | {"rel":>10}')
+    for name, ref_value, ours_value, rel in aux_loss_rows:
+      print(f'| {name:<42} | {ref_value:>10.5f} | {ours_value:>10.5f} | {rel:>10.3e}')
+  loss_rows = loss_rows + aux_loss_rows
   line = f'max_rel_inference={max(inference):.3e}'
+  if aux_rows:
+    line += f' max_rel_aux={max(rel for _, _, rel, _ in aux_rows if rel == rel):.3e}'
   if loss_rows:
     line += f' max_rel_loss={max(r for _, _, _, r in loss_rows):.3e}'
   if grad_rows:
@@ -550,7 +742,7 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
   noise = jax.tree.map(jnp.asarray, noise)
   original_draw = detector_lib.draw_dn_noise
   detector_lib.draw_dn_noise = lambda *a, **k: noise
-  pad_mask = jnp.zeros(images.shape[:3], bool)
+  pad_mask = jnp.asarray(batch_pad_mask(meta, batch))
   key = jax.random.PRNGKey(0)
 
   def loss_fn(p):
@@ -620,6 +812,247 @@ def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[
   return rows
 
 
+def flatten_levels(ref: dict, prefix: str, count: int):
+  """The reference's per-level NHWC maps `prefix/{l}` -> [B, sum H_l W_l, C] (our anchor order for 1 anchor)."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  maps = [ref[f'{prefix}/{level}'] for level in range(count)]
+  return np.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
+
+
+def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h: int, w: int):
+  """Co-DINO's auxiliary branches on the reference's own inputs (train pass of the dump), each part isolated:
+  the aux levels from the reference's encoder memory; the ATSS, RPN and RoI heads on the reference's aux maps
+  (and RoIs); the ATSS losses on the reference's ATSS outputs and anchors. Returns (rows, loss rows)."""
+  import jax   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax.models import atss_head as atss_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import aux_heads   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import iou_aware_head   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import rcnn as rcnn_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import assigners, box_coder, losses, roi_align   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
+
+  rows, loss_rows = [], []
+
+  def row(stage, ours, reference, note=''):
+    diff, rel = relative(ours, reference)
+    rows.append((stage, diff, rel, note))
+
+  num_maps = len([k for k in ref if k.startswith('aux/maps/')])
+  ref_maps = [jnp.asarray(ref[f'aux/maps/{level}']) for level in range(num_maps)]
+  shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in ref_maps)
+  memory = jnp.concatenate([m.reshape(batch, -1, m.shape[-1]) for m in ref_maps[:-1]], axis=1)
+  level_pad = detector_lib.level_pad_masks(pad_mask, shapes)
+  ours_maps = model.aux_levels.apply({'params': params['aux_levels']}, memory, shapes[:-1])
+  row('aux level (downsample conv + GN)', ours_maps[-1], ref_maps[-1])
+
+  heads = {head.name: head for head in model.aux_heads}
+  atss = heads['atss']
+  dense = aux_heads.DenseHead(1, atss.num_classes, atss.stacked_convs, True, atss.norm, atss.conv_impl,
+                              atss.dtype).apply({'params': params['atss']['dense']}, ref_maps)
+  row('ATSS class logits', dense['cls_logits'], flatten_levels(ref, 'atss/cls', num_maps))
+  row('ATSS box deltas', dense['deltas'], flatten_levels(ref, 'atss/reg', num_maps))
+  row('ATSS centerness', dense['centerness'], flatten_levels(ref, 'atss/ctr', num_maps)[..., 0])
+
+  rcnn = heads['rcnn']
+  per_location = rcnn.rpn_scales_per_octave * len(rcnn.rpn_ratios)
+  rpn = aux_heads.RPNHead(per_location, ref_maps[0].shape[-1], rcnn.conv_impl, rcnn.dtype).apply(
+      {'params': params['rcnn']['rpn']}, ref_maps)
+  ratios, scales = len(rcnn.rpn_ratios), rcnn.rpn_scales_per_octave
+
+  def scale_major(x, per_anchor):   # mmdet: a location's anchors ratio-major; ours scale-major
+    b, n, _ = x.shape
+    return x.reshape(b, n, ratios, scales, per_anchor).swapaxes(2, 3).reshape(b, -1, per_anchor)
+
+  row('RPN objectness', rpn['logits'], scale_major(flatten_levels(ref, 'rpn/cls', num_maps), 1)[..., 0])
+  row('RPN deltas', rpn['deltas'], scale_major(flatten_levels(ref, 'rpn/reg', num_maps), 4))
+
+  rois = ref['roi/rois']
+  rois_px = jnp.asarray(rois[:, 1:].reshape(batch, -1, 4))
+  levels = min(rcnn.num_roi_levels, num_maps)
+  feats = roi_align.multilevel_roi_align(ref_maps[:levels], rois_px, tuple(rcnn.strides[:levels]),
+                                         output_size=rcnn.roi_size, sampling_ratio=rcnn.sampling_ratio,
+                                         max_samples=rcnn.adaptive_max_samples, finest_scale=rcnn.finest_scale)
+  ref_feats = ref['roi/feats'].reshape(feats.shape)
+  level = np.asarray(roi_align.map_roi_levels(rois_px, levels))
+  side = (np.asarray(rois_px)[..., 2:] - np.asarray(rois_px)[..., :2]) / np.asarray(rcnn.strides)[level][..., None]
+  needed = int(np.ceil(side / rcnn.roi_size).max())
+  row('RoIAlign features', feats, ref_feats,
+      f'sampling_ratio={rcnn.sampling_ratio} (0: adaptive, cap {rcnn.adaptive_max_samples}; these RoIs need '
+      f'up to {needed} per side)')
+  head = aux_heads.Shared2FCHead(rcnn.num_classes, rcnn.fc_dim, rcnn.dtype).apply(
+      {'params': params['rcnn']['bbox_head']}, jnp.asarray(ref_feats))
+  row('RoI head class logits (reference features)', head['cls_logits'], ref['roi/cls'].reshape(batch, -1, rcnn.num_classes + 1))
+  row('RoI head deltas (reference features)', head['deltas'], ref['roi/reg'].reshape(head['deltas'].shape))
+
+  # ATSS losses on the reference's outputs, with our anchors (model.anchor_grid) and our assignment.
+  gt_boxes, gt_labels, gt_valid, _ = reference_targets(ref, batch, h, w)
+  gt = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
+  anchors = jnp.asarray(iou_aware_head.generate_anchors(
+      shapes, (h, w), [atss.octave_base_scale * s for s in atss.strides], (1.0,), (1.0,), grid=atss.anchor_grid,
+      strides=atss.strides))
+  anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, (h, w))
+  row('ATSS anchors (pixels)', anchors_px, ref['atss/anchors'][0], f'model.anchor_grid={atss.anchor_grid!r}')
+  deltas = jnp.asarray(flatten_levels(ref, 'atss/reg', num_maps))
+  anchor_valid = aux_heads.anchor_valid_mask(level_pad, 1)
+  per_level = tuple(a * b for a, b in shapes)
+  gt_px = box_ops.cxcywh_to_pixel_xyxy(gt[0], (h, w))
+  assigned, _ = jax.vmap(lambda g, v, av: assigners.atss_assign(anchors_px, per_level, g, v, topk=atss.topk,
+                                                                anchor_valid=av))(gt_px, gt[2], anchor_valid)
+  ref_positive = ref['atss/labels'] < atss.num_classes
+  same = int(((np.asarray(assigned) >= 0) == ref_positive).sum())
+  target = jnp.take_along_axis(gt[0], jnp.maximum(assigned, 0)[..., None], axis=1)
+  atss_out = {'cls_logits': jnp.asarray(flatten_levels(ref, 'atss/cls', num_maps)),
+              'pred_boxes': box_coder.decode_deltas(anchors[None], deltas, box_coder.DELTA_STDS),
+              'centerness': jnp.asarray(flatten_levels(ref, 'atss/ctr', num_maps)[..., 0]),
+              'anchor_valid': anchor_valid, 'assigned_gt': assigned,
+              'centerness_target': jnp.where(assigned >= 0, atss_lib.centerness_target(anchors[None], target), 0.0)}
+  terms = losses.atss_losses(atss_out, gt, config, None)
+  rows.append(('ATSS assignment (positive / negative agree)', float('nan'), float('nan'),
+               f'{same}/{ref_positive.size} anchors; positives ours {int((np.asarray(assigned) >= 0).sum())}, '
+               f'reference {int(ref_positive.sum())}'))
+  for ours_name, ref_name in (('atss.cls', 'loss_cls1'), ('atss.giou', 'loss_bbox1'),
+                              ('atss.centerness', 'loss_centerness1')):
+    ref_value = float(np.sum(ref[f'loss_all/{ref_name}']))
+    ours_value = float(terms[ours_name])
+    loss_rows.append((ref_name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
+
+  # Faster R-CNN losses on the reference's outputs and its RPN / RoI samples (the sampled anchors found among ours
+  # by their coordinates: our RPN anchors are mmdet's, scale-major).
+  sizes, scales_of = rcnn_lib.rpn_anchor_sizes(rcnn.strides, rcnn.rpn_octave_base_scale, rcnn.rpn_scales_per_octave)
+  rpn_anchors = np.asarray(iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
+                                                           grid=rcnn.anchor_grid, strides=rcnn.strides))
+  rpn_px = np.asarray(box_ops.cxcywh_to_pixel_xyxy(jnp.asarray(rpn_anchors), (h, w)))
+  lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(rpn_px)}
+  rpn_logits = scale_major(flatten_levels(ref, 'rpn/cls', num_maps), 1)[..., 0]
+  rpn_deltas = scale_major(flatten_levels(ref, 'rpn/reg', num_maps), 4)
+  gt_cxcywh = np.asarray(gt_boxes)
+  out = {k: [] for k in ('rpn_logits', 'rpn_deltas', 'rpn_delta_targets', 'rpn_pos', 'rpn_valid', 'roi_logits',
+                         'roi_boxes', 'roi_gt', 'roi_valid')}
+  unmatched = 0
+  ref_roi_cls = ref['roi/cls'].reshape(batch, -1, rcnn.num_classes + 1)
+  ref_roi_reg = ref['roi/reg'].reshape(batch, -1, rcnn.num_classes, 4)
+  for i in range(batch):
+    priors = ref[f'rpn/sample/{i}/priors']
+    index = []
+    for p in priors:
+      j = lookup.get(tuple(np.round(p, 1)))
+      unmatched += j is None
+      index.append(0 if j is None else j)
+    index = np.asarray(index)
+    num_pos = len(ref[f'rpn/sample/{i}/pos'])
+    positive = np.arange(len(index)) < num_pos
+    matched_gt = np.zeros(len(index), np.int64)
+    matched_gt[:num_pos] = ref[f'rpn/sample/{i}/pos_gt']
+    anchors_i = jnp.asarray(rpn_anchors[index])
+    targets_i = jnp.where(jnp.asarray(positive)[:, None], jnp.asarray(gt_cxcywh[i][matched_gt]), anchors_i)
+    out['rpn_logits'].append(rpn_logits[i, index])
+    out['rpn_deltas'].append(rpn_deltas[i, index])
+    out['rpn_delta_targets'].append(box_coder.encode_deltas(anchors_i, targets_i, box_coder.UNIT_STDS))
+    out['rpn_pos'].append(positive)
+    out['rpn_valid'].append(np.ones(len(index), bool))
+    roi_pos = len(ref[f'roi/sample/{i}/pos'])
+    num_rois = ref_roi_cls.shape[1]
+    roi_gt = np.full(num_rois, -1, np.int64)
+    roi_gt[:roi_pos] = ref[f'roi/sample/{i}/pos_gt']
+    rois_i = box_ops.pixel_xyxy_to_cxcywh(jnp.asarray(ref[f'roi/sample/{i}/priors']), (h, w))
+    target_class = np.asarray(gt_labels[i])[np.maximum(roi_gt, 0)]
+    deltas = ref_roi_reg[i][np.arange(num_rois), target_class]
+    out['roi_logits'].append(ref_roi_cls[i])
+    out['roi_boxes'].append(box_coder.decode_deltas(rois_i, jnp.asarray(deltas), box_coder.DELTA_STDS))
+    out['roi_gt'].append(roi_gt)
+    out['roi_valid'].append(np.ones(num_rois, bool))
+  out = {k: jnp.stack([jnp.asarray(v) for v in vs]) for k, vs in out.items()}
+  terms = losses.rcnn_losses(out, gt, config, None)
+  # Proposals from the reference's RPN outputs: ours (per-level top-k, NMS, the best num_proposals) against its.
+  anchor_valid_rpn = aux_heads.anchor_valid_mask(level_pad, per_location)
+  level_sizes = tuple(a * b * per_location for a, b in shapes)
+  for i in range(batch):
+    proposals, valid = rcnn_lib.select_proposals(
+        jnp.asarray(rpn_logits[i]), jnp.asarray(rpn_deltas[i]), jnp.asarray(rpn_anchors), anchor_valid_rpn[i],
+        level_sizes, (h, w), nms_pre=rcnn.nms_pre, nms_iou=rcnn.nms_iou, num_proposals=rcnn.num_proposals)
+    ours_boxes = np.asarray(proposals)[np.asarray(valid)]
+    ref_boxes = ref[f'rpn/proposals/{i}/boxes']
+    ours_set = {tuple(np.round(b, 2)) for b in ours_boxes}
+    common = sum(tuple(np.round(b, 2)) in ours_set for b in ref_boxes)
+    n = min(len(ours_boxes), len(ref_boxes))
+    diff = float(np.abs(ours_boxes[:n] - ref_boxes[:n]).max()) if n else 0.0
+    rows.append((f'RPN proposals image {i}', diff, diff / max(h, w),
+                 f'{common}/{len(ref_boxes)} reference boxes among ours ({len(ours_boxes)}); first {n} in order: '
+                 f'max |diff| px {diff:.2e}'))
+  rows.append(('RPN sampled anchors found among ours', float('nan'), float('nan'),
+               f'{batch * len(index) - unmatched}/{batch * len(index)} (by pixel coordinates)'))
+  for ours_name, ref_name in (('rpn.cls', 'loss_rpn_cls'), ('rpn.bbox', 'loss_rpn_bbox'),
+                              ('roi.cls', 'loss_cls0'), ('roi.giou', 'loss_bbox0')):
+    ref_value = float(np.sum(ref[f'loss_all/{ref_name}']))
+    ours_value = float(terms[ours_name])
+    loss_rows.append((ref_name, ref_value, ours_value, abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)))
+  return rows, loss_rows
+
+
+def compare_aux_groups(ref: dict, config, model, params, pad_mask, batch: int, h: int, w: int):
+  """Each aux query group of the dump (aux0 = R-CNN, aux1 = ATSS: Co-DINO's order): the reference's group (its
+  positives and drawn negatives, their boxes in the image frame) decoded by our query-group embedding and decoder
+  on the reference's encoder memory, then our aux-query loss on the reference's decoded outputs and targets.
+  Returns (rows, loss rows)."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax.models import aux_heads   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+
+  rows, loss_rows = [], []
+  num_maps = len([k for k in ref if k.startswith('aux/maps/')])
+  enc_maps = [jnp.asarray(ref[f'aux/maps/{level}']) for level in range(num_maps - 1)]
+  shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in enc_maps)
+  memory = jnp.concatenate([m.reshape(batch, -1, m.shape[-1]) for m in enc_maps], axis=1)
+  level_masks = detector_lib.level_pad_masks(pad_mask, shapes)
+  memory_pad_mask = jnp.concatenate([m.reshape(batch, -1) for m in level_masks], axis=1)
+  image_frame = config.model.box_frame == 'image'
+  ratios = detector_lib.valid_ratios(level_masks) if image_frame else None
+  box_frame = detector_lib.image_box_frame(pad_mask) if image_frame else jnp.ones((batch, 4), jnp.float32)
+  gt_boxes, gt_labels, gt_valid, _ = reference_targets(ref, batch, h, w)
+  gt = (detector_lib.to_box_frame(jnp.asarray(gt_boxes), box_frame), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
+  dim = config.model.hidden_dim
+  for index in range(2):
+    key = f'aux{index}'
+    if f'{key}/coords' not in ref:
+      continue
+    head = str(ref[f'{key}/name'])
+    refs = jnp.asarray(ref[f'{key}/coords'])                       # [B, K, 4] cxcywh, image frame
+    queries = aux_heads.AuxQueryGroup(dim, None).apply({'params': params[f'aux_query_{head}']}, refs, None)
+    decoded = model.decoder.apply({'params': params['decoder']}, queries, refs, memory, memory_pad_mask, shapes,
+                                  None, train=False, valid_ratios=ratios)
+    layers = decoded['pred_logits'].shape[0]
+    for layer in range(layers):
+      diff, rel = relative(decoded['pred_logits'][layer], ref[f'{key}/logits'][layer])
+      rows.append((f'aux group {head}: layer {layer} logits', diff, rel, f'K={refs.shape[1]}, unmasked'))
+      diff, rel = relative(decoded['pred_boxes'][layer], ref[f'{key}/boxes'][layer])
+      rows.append((f'aux group {head}: layer {layer} boxes', diff, rel, ''))
+    # Losses on the reference's own decoded outputs: the slots' gts found from their targets.
+    labels, targets = ref[f'{key}/labels'], ref[f'{key}/targets']
+    query_gt = np.full(labels.shape, -1, np.int32)
+    frame_gt = np.asarray(gt[0])
+    for i in range(batch):
+      for k in np.nonzero(labels[i] < config.dataset.num_classes)[0]:
+        query_gt[i, k] = int(np.argmin(np.abs(frame_gt[i] - targets[i, k]).sum(-1)))
+    head_out = {'query_logits': jnp.asarray(ref[f'{key}/logits']), 'query_boxes': jnp.asarray(ref[f'{key}/boxes']),
+                'query_gt': jnp.asarray(query_gt), 'query_valid': jnp.asarray(ref[f'{key}/label_weights'] > 0)}
+    terms = losses.aux_query_losses(head_out, gt, config, None, f'aux_{head}')
+    for ours_name, value in sorted(terms.items()):
+      *prefix, kind = ours_name.split('.')
+      name = {'cls': 'loss_cls_aux', 'bbox': 'loss_bbox_aux', 'giou': 'loss_iou_aux'}[kind] + str(index)
+      layer = [p for p in prefix if p.startswith('d') and p[1:].isdigit()]
+      name = f'{layer[0]}.{name}' if layer else name
+      ref_value = float(ref[f'loss_all/{name}'])
+      loss_rows.append((name, ref_value, float(value), abs(float(value) - ref_value) / max(abs(ref_value), 1e-12)))
+  return rows, loss_rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   sub = p.add_subparsers(dest='command', required=True)
@@ -627,6 +1060,8 @@ def main(argv=None) -> int:
   d.add_argument('--out', required=True)
   d.add_argument('--image', action='append', default=None, help='image path (repeat; default: two val_dev images)')
   d.add_argument('--size', type=parse_size, default=DEFAULT_SIZE, help='H,W every image is resized to')
+  d.add_argument('--image-size', type=parse_image_size, action='append', default=None,
+                 help='H,W of one image (repeat, one per image): a padded batch of different sizes')
   d.add_argument('--seed', type=int, default=0)
   d.add_argument('--noise', type=float, default=0.5, help='Gaussian noise on every parameter, x its mean |value|')
   d.add_argument('--threads', type=int, default=2)

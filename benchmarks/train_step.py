@@ -29,6 +29,7 @@ it traces the step with abstract shapes, without running the init or compiling (
 Otherwise it also runs `--warmup` untimed steps (default 0 on CPU, where a step takes far longer than its
 first-run setup, and 1 on GPU/TPU), then `--steps` timed steps (default 1 on CPU, 10 on GPU/TPU) and prints:
   step, median / images/s   median wall time of the timed steps, batch / median
+  step CPU, median          median process CPU seconds of the timed steps (all threads; steadier under load)
   TFLOP/s                   model FLOPs / median step time
   TFLOP/s, executed         executed FLOPs / median step time (the hardware's matmul/conv throughput)
   MFU                       TFLOP/s (model FLOPs) / the device's dense peak for config.model.dtype
@@ -467,16 +468,21 @@ def run(config, *, steps: int | None = None, warmup: int | None = None, num_boxe
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
     median = statistics.median(times)
-    result.update(step_s=median, images_per_s=batch_size / median, loss=float(metrics['loss']))
+    result.update(step_s=median, step_cpu_s=statistics.median(cpu_times), images_per_s=batch_size / median,
+                  loss=float(metrics['loss']))
     print_fn(f'{"step, median (s)":<28} {median:>10.3f}   (of {len(times)}: '
              f'{", ".join(f"{t:.3f}" for t in times)}; after {warmup} warm-up)')
+    # Process CPU seconds (all threads): steadier than wall time on a shared machine, and what
+    # ../shared/reference/codino_step.py prints for the PyTorch reference.
+    print_fn(f'{"step CPU, median (s)":<28} {result["step_cpu_s"]:>10.3f}   (process CPU seconds, all threads)')
     print_fn(f'{"images/s":<28} {batch_size / median:>10.3f}')
     tflops, mfu = throughput(flops, median, result['device_kind'], config.model.dtype)
     peak_entry = device_peak(result['device_kind'], config.model.dtype)

@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Two-stage selection: invalid encoder tokens (padding, proposals outside (0.01, 0.99)) compete in the top-k
   # as in Co-DINO (False); True keeps them out (mrqm_jax <= 0.3; what checkpoints stored without this key get).
   c.model.exclude_invalid_proposals = False
+  # Where the aux heads' anchors (ATSS, RPN, IAH) sit: 'mmdet' at (j, i) x the level's nominal stride (mmdet's
+  # AnchorGenerator, center_offset 0, as Co-DETR); 'cell_centers' at the cells' centres (mrqm_jax <= 0.3, what
+  # checkpoints stored without this key get).
+  c.model.anchor_grid = 'mmdet'
   # What boxes inside the model are normalized by (models/detector.py, docs/DESIGN.md "Box frame"): 'image' =
   # each image's own resized size before padding, mapped onto the padded feature maps by per-level valid ratios
   # (Co-DINO's 1x recipe, mmdet img_shape; L1 loss, L1 matching cost, DN noise and encoder proposals in that
@@ -73,6 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
   c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py
+  # Where every GroupNorm (neck, aux extra level, ATSS / IoU-aware heads' towers) takes its statistics: 'batch' =
+  # the batch's extent, rows / columns up to the largest image of the batch, as Co-DETR's GroupNorms see mmdet's
+  # batch tensor (padded to its largest image); 'canvas' = the whole static canvas, padding beyond the batch's
+  # images included (mrqm_jax <= 0.3; what checkpoints stored without this key get). docs/DESIGN.md.
+  c.model.norm_region = 'batch'
   c.model.hidden_dim = 256
   c.model.num_levels = 4                 # P2..P5
   # Convolution implementation (models/layers.py). 'lax' = lax.conv (GPU/TPU); 'matmul' = shifted-slice matmuls
@@ -139,6 +148,11 @@ def get_config() -> ml_collections.ConfigDict:
   # export contain none). 'iah' (IoU-aware head, MRQM) | 'atss' (Co-DINO's ATSS head) | 'rcnn' (Faster R-CNN:
   # RPN + RoI head). MRQM = ('iah', 'rcnn'); Co-DINO = ('atss', 'rcnn'); () = plain DINO.
   c.model.aux_heads = ('iah', 'rcnn')
+  # Each aux head's query group: 'negatives' (Co-DETR) pads every image's positives with random negative anchors /
+  # RoIs of that image, classified as background, to max(9, most positives of an image in the batch) slots, the
+  # group unmasked; 'masked' (mrqm_jax <= 0.3; what checkpoints stored without this key get) keeps the positives
+  # only and hides the other slots from attention and loss.
+  c.model.aux_query_padding = 'negatives'
 
   # IoU-Aware Head (paper section 3.2) in the ATSS head's place.
   c.iah = ml_collections.ConfigDict()
@@ -189,9 +203,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.rcnn.roi_pos_fraction = 0.25
   c.rcnn.num_roi_levels = 5              # SingleRoIExtractor featmap_strides 4..64
   c.rcnn.roi_size = 7
-  # mmcv RoIAlign sampling_ratio=0 adapts the samples per bin to each RoI, which a static shape cannot; 2 per
-  # bin side is torchvision/Detectron2's fixed choice.
-  c.rcnn.sampling_ratio = 2
+  # 0 = mmcv's adaptive RoIAlign (Co-DINO): ceil(RoI side / 7) samples per bin side, per RoI, on a static grid of
+  # at most rcnn.adaptive_max_samples per side (a RoI needing more gets that many, evenly spaced); N >= 1: a
+  # fixed N x N per bin (mrqm_jax <= 0.3: 2, torchvision/Detectron2's choice).
+  c.rcnn.sampling_ratio = 0
+  c.rcnn.adaptive_max_samples = 6
   c.rcnn.finest_scale = 56.0
   c.rcnn.fc_dim = 1024                   # Shared2FCBBoxHead
   c.rcnn.max_pos = 300                   # query group cap (at most roi_num_samples * roi_pos_fraction = 128)
@@ -258,7 +274,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Co-DINO's test-time soft-NMS (co_dino_5scale_r50_1x_coco.py test_cfg: max_per_img=300,
   # nms=dict(type='soft_nms', iou_threshold=0.8); mmcv soft_nms defaults method='linear', sigma=0.5,
   # min_score=1e-3), class-aware as mmcv's batched_nms, inside the jitted eval/predict function
-  # (ops/postprocess.soft_nms): top decoder.num_queries (query, class) candidates -> soft-NMS -> the first
+  # (ops/postprocess.soft_nms): top eval.max_detections (query, class) candidates -> soft-NMS -> the first
   # eval.max_detections. False: plain top eval.max_detections (DINO, no NMS). The metrics' own caps
   # (maxDets) are the protocol's, not eval.max_detections.
   c.eval.soft_nms = False

@@ -13,7 +13,7 @@ def get_config():
   # The paper's batch (2 images, one RTX 3090) whatever the device count: train.learning_rate 2e-4 is tuned for it.
   c.train.global_batch_size = 2
   c.eval.protocol = 'visdrone'   # headline: the paper's COCO-style AP..AP_L; toolkit_* beside it
-  # Co-DINO's test_cfg: soft-NMS (IoU 0.8, linear) over the top num_queries candidates, 300 kept per image.
+  # Co-DINO's test_cfg: the top 300 (query, class) candidates, soft-NMS (IoU 0.8, linear), 300 kept per image.
   c.eval.soft_nms = True
   c.eval.max_detections = 300
   # Eq. 8's A_s: the area bound of VisDrone's smallest evaluated size class (S: <= 32^2 px^2), chosen from the

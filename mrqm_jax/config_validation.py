@@ -154,16 +154,19 @@ CHECKS: dict[str, Check] = {
     'model.aux_downsample_bias': boolean(),
     'model.exclude_invalid_proposals': boolean(),
     'model.box_frame': choice('image', 'canvas'),
+    'model.anchor_grid': choice('mmdet', 'cell_centers'),
     'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
     'model.neck': choice('bifpn', 'fpn', 'channel_mapper'),
     'model.bifpn_repeats': _COUNT,
     'model.neck_norm': choice('group', 'none'),
+    'model.norm_region': choice('batch', 'canvas'),
     'model.hidden_dim': _COUNT,
     'model.num_levels': integer(4, 6),
     'model.aux_heads': Check(lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v)
                              and all(h in ('iah', 'atss', 'rcnn') for h in v),
                              "a tuple of distinct names from 'iah', 'atss', 'rcnn', e.g. ('iah', 'rcnn') or ()"),
+    'model.aux_query_padding': choice('negatives', 'masked'),
     'model.conv_impl': choice('lax', 'matmul', 'auto'),
     'model.remat': boolean(),
     'model.dtype': choice('float32', 'bfloat16'),
@@ -224,7 +227,8 @@ CHECKS: dict[str, Check] = {
     'rcnn.roi_pos_fraction': _FRACTION,
     'rcnn.num_roi_levels': _COUNT,
     'rcnn.roi_size': _COUNT,
-    'rcnn.sampling_ratio': _COUNT,
+    'rcnn.sampling_ratio': integer(0),
+    'rcnn.adaptive_max_samples': _COUNT,
     'rcnn.finest_scale': _POSITIVE,
     'rcnn.fc_dim': _COUNT,
     'rcnn.max_pos': _COUNT,
@@ -324,8 +328,10 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # (and the resize its model was trained with).
 LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
                          'model.box_frame': 'canvas',
+                         'model.norm_region': 'canvas',
+                         'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',
-                         'dn.group_rule': 'image'}
+                         'dn.group_rule': 'image', 'model.aux_query_padding': 'masked'}
 
 MODEL_KEY_PREFIXES = ('model.', 'encoder.', 'decoder.', 'dn.', 'iah.', 'atss.', 'rcnn.', 'input.image_size',
                       'input.resize_', 'input.mean', 'input.std', 'dataset.num_classes')

@@ -24,14 +24,16 @@ def make_predict_fn(model, config: ml_collections.ConfigDict, mesh):
   """Jitted (variables, batch) -> {'boxes' [B,K,4] original-pixel xyxy, 'scores' [B,K], 'labels' [B,K]}.
 
   K = config.eval.max_detections. Inputs sharded over 'data', outputs replicated (every host sees all).
-  With `eval.soft_nms`, Co-DINO's test path: the top decoder.num_queries candidates, soft-NMS, the first K.
+  With `eval.soft_nms`, Co-DINO's test path: the top K (query, class) candidates, soft-NMS, the first K.
   """
   num_detections = config.eval.max_detections
   soft_nms = bool(config.eval.soft_nms)
 
   def predict(variables, batch):
     outputs = model.apply(variables, batch['image'], batch['pad_mask'], train=False)
-    candidates = min(config.decoder.num_queries, outputs['pred_logits'].shape[1] * outputs['pred_logits'].shape[2])
+    # Co-DETR (both codebases): the top max_per_img (query, class) pairs are the soft-NMS candidates, and the
+    # first max_per_img survivors are kept: max_per_img is eval.max_detections here.
+    candidates = min(num_detections, outputs['pred_logits'].shape[1] * outputs['pred_logits'].shape[2])
     dets = postprocess.detections_from_outputs(
         outputs['pred_logits'], outputs['pred_boxes'], canvas_hw=tuple(config.input.image_size),
         scale=batch['scale'], patch_origin=batch['patch_origin'], orig_size=batch['orig_size'],

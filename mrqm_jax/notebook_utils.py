@@ -210,7 +210,8 @@ def iah_positives(config: ml_collections.ConfigDict, boxes: np.ndarray, box_vali
   canvas_hw = tuple(int(v) for v in config.input.image_size)
   shapes = aux_heads.aux_level_shapes(encoder_spatial_shapes(config))   # the IAH runs on the aux levels
   anchors = iou_aware_head.generate_anchors(shapes, canvas_hw, iah.anchor_sizes, iah.anchor_ratios,
-                                            iah.anchor_scales)
+                                            iah.anchor_scales, grid=config.model.anchor_grid,
+                                            strides=aux_heads.aux_level_strides(len(shapes) - 1))
   per_location = len(iah.anchor_scales) * len(iah.anchor_ratios)
   if pad_mask is None:
     anchor_valid = np.ones(len(anchors), bool)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrqm_jax.ops import losses
-from tests.test_losses import (B, C, L, M, K, make_config, np_focal, np_iou_giou, np_query_loss, random_boxes,
-                               split_float)
+from tests.test_losses import (B, C, L, M, K, make_config, np_focal, np_iou_giou, np_qfl, np_query_loss, np_xyxy,
+                               random_boxes, split_float)
 
 A, S, N = 30, 10, 12     # dense anchors, RPN samples, RoI samples
 
@@ -178,3 +178,70 @@ def test_aux_head_padding_contributes_exactly_zero():
     axis = axis[0]
     np.testing.assert_allclose(np.take(pg, np.arange(g.shape[axis]), axis), g, rtol=1e-5, atol=1e-8)
     assert np.all(np.take(pg, np.arange(g.shape[axis], pg.shape[axis]), axis) == 0)
+
+
+def np_codetr_aux_loss(cls_scores, bbox_preds, labels, label_weights, bbox_targets, bbox_weights, num_classes,
+                       image_sizes, beta=2.0):
+  """Co-DETR's `_loss_aux_by_feat_single` for one decoder layer, restated in NumPy: cls_scores [B, K, C],
+  bbox_preds / bbox_targets [B, K, 4] normalized cxcywh, labels [B, K] (num_classes = background), label_weights
+  [B, K], bbox_weights [B, K, 4], image_sizes [(h, w)] -> (loss_cls, loss_bbox, loss_iou), each unweighted
+  (the configured loss weights apart: QFL 1, L1 5, GIoU 2). bg_cls_weight = 0, so the classification avg factor
+  is the number of positives, as the box losses'."""
+  n = labels.size
+  labels, label_weights = labels.reshape(n), label_weights.reshape(n)
+  scores_in, preds = cls_scores.reshape(n, -1), bbox_preds.reshape(n, 4)
+  targets, weights = bbox_targets.reshape(n, 4), bbox_weights.reshape(n, 4)
+  pos = np.flatnonzero((labels >= 0) & (labels < num_classes))
+  num_pos = len(pos)
+  cls_avg_factor = max(num_pos * 1.0 + (n - num_pos) * 0.0, 1)
+  quality = np.zeros(n)
+  quality[pos] = np_iou_giou(preds[pos], targets[pos])[0]
+  loss_cls = (np_qfl(scores_in.astype(np.float64), labels, quality, beta).sum(1) * label_weights).sum()
+  loss_cls /= cls_avg_factor
+  num_pos = max(num_pos, 1)
+  factors = np.concatenate([np.tile([w, h, w, h], (bbox_preds.shape[1], 1)) for h, w in image_sizes])
+  # GIoU on pixel boxes (Co-DETR scales by the image size): the same value as on normalized ones.
+  px_pred = np_xyxy(preds) * factors
+  px_target = np_xyxy(targets) * factors
+  to_cxcywh = lambda b: np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)  # noqa: E731
+  giou = np_iou_giou(to_cxcywh(px_pred), to_cxcywh(px_target))[1]
+  loss_iou = ((1 - giou) * weights.mean(1)).sum() / num_pos
+  loss_bbox = (np.abs(preds - targets) * weights).sum() / num_pos
+  return np.array([loss_cls, loss_bbox, loss_iou])
+
+
+def test_negatives_group_loss_equals_codetr():
+  """A group padded with background negatives (K = 9 live slots of 12; image 0: 3 positives, image 1: 1; dead
+  slots full of garbage) against Co-DETR's formula: QFL over every live slot (background = all-zero target), L1 +
+  GIoU on positives, every term / the positives of the batch (4)."""
+  config = config_for(('atss',))
+  aux, targets = make_outputs(seed=5)
+  rng = np.random.default_rng(6)
+  k_max, k, num_pos = 12, 9, np.array([3, 1])
+  query_gt = np.full((B, k_max), -1, np.int32)
+  query_gt[0, :3] = [2, 0, 1]
+  query_gt[1, :1] = [3]
+  live = np.broadcast_to(np.arange(k_max) < k, (B, k_max)).copy()
+  logits = rng.normal(size=(L, B, k_max, C)).astype(np.float32)
+  boxes = random_boxes(rng, (L, B, k_max))
+  logits[:, :, k:] = np.nan                          # dead slots: garbage, never read
+  boxes[:, :, k:] = np.inf
+  query_gt[:, k:] = 1
+  aux['atss_outputs'].update(query_logits=logits, query_boxes=boxes, query_gt=query_gt, query_valid=live)
+  _, terms = compute(config, aux, targets)
+
+  # Co-DETR's tensors hold the K live slots only.
+  labels = np.where(query_gt[:, :k] >= 0, np.take_along_axis(targets['labels'], np.maximum(query_gt[:, :k], 0), 1),
+                    C)
+  bbox_targets = np.where((query_gt[:, :k] >= 0)[..., None],
+                          np.take_along_axis(targets['boxes'], np.maximum(query_gt[:, :k], 0)[..., None], 1), 0.0)
+  bbox_weights = np.broadcast_to((np.arange(k)[None] < num_pos[:, None])[..., None], (B, k, 4)).astype(np.float64)
+  assert (labels < C).sum() == 4
+  w = config.loss
+  for layer in range(L):
+    expected = np_codetr_aux_loss(logits[layer, :, :k], boxes[layer, :, :k], labels, np.ones((B, k)),
+                                  bbox_targets, bbox_weights, C, [(750, 1333), (800, 1067)])
+    prefix = 'aux_atss.' if layer == L - 1 else f'd{layer}.aux_atss.'
+    np.testing.assert_allclose(
+        [terms[prefix + 'cls'], terms[prefix + 'bbox'], terms[prefix + 'giou']],
+        expected * np.array([w.cls_weight, w.bbox_weight, w.giou_weight]) * w.aux_query_weight, rtol=1e-4)

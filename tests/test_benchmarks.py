@@ -273,6 +273,9 @@ def test_train_step_benchmark_table_adds_up(smoke_run):
   # TFLOP/s = the step's model FLOPs (jaxpr count) / the median step time; no peak for a CPU.
   assert result['flops'] > 0
   assert result['tflops'] == pytest.approx(result['flops'] / result['step_s'] / 1e12)
+  # Process CPU seconds of the same steps (the figure compared with the PyTorch reference's step).
+  assert result['step_cpu_s'] > 0 and float(table['step CPU, median (s)'][0]) == pytest.approx(
+      result['step_cpu_s'], abs=6e-4)
   assert result['tflops_executed'] == pytest.approx(result['flops_executed'] / result['step_s'] / 1e12)
   # The optimizer has no matmul: the step's jaxpr counts what the loss-and-gradient trace counts; model =
   # executed - recompute; XLA counts the elementwise ops too (and this smoke step has no loop with matmuls).

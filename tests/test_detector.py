@@ -1,6 +1,7 @@
 """MRQM detector: query selection and denoising pieces vs NumPy/closed forms, and the whole SMOKE model
 (compiled once per mode): output contract, DN isolation, eval outputs, finite gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +11,9 @@ import pytest
 from configs import smoke
 
 from mrqm_jax import export
+from mrqm_jax.models import aux_heads
 from mrqm_jax.models import detector
+from mrqm_jax.models import layers
 from mrqm_jax.ops import boxes as box_ops
 
 
@@ -421,7 +424,7 @@ def test_train_outputs_contract(model_setup, train_result):
   (_, out), _ = train_result
   b, q, c, nl = 2, cfg.decoder.num_queries, cfg.dataset.num_classes, cfg.decoder.num_layers
   d = detector.dn_num_slots(cfg.dn.num_queries, min(cfg.dn.max_gt, cfg.dataset.max_boxes))
-  k = cfg.iah.max_pos
+  k = aux_heads.query_group_slots(cfg.iah.max_pos, cfg.model.aux_query_padding)
   assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'dn_outputs', 'iah_outputs',
                       'atss_outputs', 'rcnn_outputs', 'box_frame'}
   # The smoke config's 'image' frame: image 1 is 96 of the canvas's 128 columns wide.
@@ -450,19 +453,20 @@ def test_train_outputs_contract(model_setup, train_result):
   atss = out['atss_outputs']
   num_locations = sum((128 // s) ** 2 for s in (4, 8, 16, 32, 64))
   assert atss['cls_logits'].shape == (b, num_locations, c) and atss['centerness'].shape == (b, num_locations)
-  assert atss['query_logits'].shape == (nl, b, cfg.atss.max_pos, c)
+  assert atss['query_logits'].shape == (nl, b, aux_heads.query_group_slots(cfg.atss.max_pos, 'negatives'), c)
   # R-CNN: sampled RPN anchors and RoIs; the query group holds the positive RoIs (IoU >= 0.5 with their gt).
   r = out['rcnn_outputs']
   assert r['rpn_logits'].shape == (b, cfg.rcnn.rpn_num_samples)
   assert r['roi_logits'].shape == (b, cfg.rcnn.roi_num_samples, c + 1)
-  kr = min(cfg.rcnn.max_pos, int(cfg.rcnn.roi_num_samples * cfg.rcnn.roi_pos_fraction))
+  kr = aux_heads.query_group_slots(min(cfg.rcnn.max_pos, int(cfg.rcnn.roi_num_samples * cfg.rcnn.roi_pos_fraction)),
+                                   cfg.model.aux_query_padding)
   assert r['query_logits'].shape == (nl, b, kr, c) and r['query_valid'].shape == (b, kr)
   gts = np.asarray(model_setup['targets']['boxes'])
   for i in range(b):
-    valid = np.asarray(r['query_valid'][i])
-    assert valid.sum() >= int(model_setup['targets']['box_valid'][i].sum())   # every gt is its own RoI
-    refs = np.asarray(r['pos_ref_boxes'][i])[valid]
-    owners = gts[i][np.asarray(r['query_gt'][i])[valid]]
+    positive = np.asarray(r['query_gt'][i]) >= 0
+    assert positive.sum() >= int(model_setup['targets']['box_valid'][i].sum())   # every gt is its own RoI
+    refs = np.asarray(r['query_ref_boxes'][i])[positive]
+    owners = gts[i][np.asarray(r['query_gt'][i])[positive]]
     ious = np.diag(np.asarray(box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(refs), box_ops.cxcywh_to_xyxy(owners))))
     assert np.all(ious >= 0.5 - 1e-5)
     assert not np.any(np.asarray(r['rpn_pos'][i]) & ~np.asarray(r['rpn_valid'][i]))
@@ -472,6 +476,34 @@ def test_train_outputs_contract(model_setup, train_result):
       assert np.all(np.isfinite(leaf))
   boxes = np.asarray(out['pred_boxes'])
   assert np.all((boxes >= 0) & (boxes <= 1))
+
+
+@pytest.mark.slow
+def test_aux_query_groups_padded_with_negatives(model_setup, train_result):
+  """model.aux_query_padding='negatives' (the default, Co-DETR): each head's group holds K = max(9, most
+  positives of an image in the batch) live slots per image: the image's chosen positives, then distinct negatives
+  of that image (anchors on the image assigned to no gt; R-CNN: sampled negative RoIs), classified as background."""
+  (_, out), _ = train_result
+  assert model_setup['config'].model.aux_query_padding == 'negatives'
+  for head in ('iah', 'atss', 'rcnn'):
+    o = {k: np.asarray(v) for k, v in out[f'{head}_outputs'].items()}
+    num_pos = o['pos_valid'].sum(1)
+    k = max(9, num_pos.max())
+    slots = np.arange(o['query_live'].shape[1])
+    np.testing.assert_array_equal(o['query_valid'], o['query_live'])
+    np.testing.assert_array_equal(o['query_live'], np.broadcast_to(slots < k, o['query_live'].shape))
+    for i in range(2):
+      np.testing.assert_array_equal(o['query_gt'][i] >= 0, slots < num_pos[i])
+      np.testing.assert_array_equal(o['query_ref_boxes'][i, :num_pos[i]], o['pos_ref_boxes'][i, :num_pos[i]])
+      negatives = o['query_index'][i, num_pos[i]:k]
+      assert len(set(negatives)) == k - num_pos[i]
+      if head == 'rcnn':
+        assert np.all(o['roi_valid'][i, negatives]) and np.all(o['roi_gt'][i, negatives] == -1)
+      else:
+        assert np.all(o['assigned_gt'][i, negatives] == -1) and np.all(o['anchor_valid'][i, negatives])
+        np.testing.assert_array_equal(o['query_ref_boxes'][i, :k], o['anchors'][o['query_index'][i, :k]])
+    assert np.all(np.isfinite(o['query_logits'])) and np.all(np.isfinite(o['query_boxes']))
+  assert not out['iah_outputs']['anchor_valid'][1].all()     # image 1's padding anchors exist, and are excluded
 
 
 @pytest.mark.slow
@@ -549,3 +581,34 @@ def test_export_has_no_auxiliary_branch(model_setup):
     fn = export.inference_fn(detector.build_model(config), config.eval.max_detections)
     texts.append(jax.jit(fn).lower(variables, s['images'], s['pad']).as_text())
   assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize('norm_region', ['batch', 'canvas'])
+def test_every_group_norm_gets_the_norm_region(norm_region):
+  """model.norm_region reaches every GroupNorm of the detector (neck, aux level, IAH and ATSS towers): 'batch'
+  hands each the batch's extent (`layers.batch_extent`, tested in test_layers.py, as each part's use of it in
+  test_bifpn.py), 'canvas' none. Traced abstractly (eval_shape): nothing compiles."""
+  config = _smoke_config()
+  config.model.norm_region = norm_region
+  config.model.aux_heads = ('iah', 'atss')   # the heads with GroupNorm (R-CNN has none)
+  model = detector.build_model(config)
+  b, (h, w) = 2, config.input.image_size
+  pad = np.ones((b, h, w), bool)
+  pad[0, :96, :80] = False
+  pad[1, :64, :112] = False
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.NeckNorm) and context.method_name == '__call__':
+      region = args[1] if len(args) > 1 else kwargs.get('norm_region')
+      seen['/'.join(context.module.path)] = None if region is None else tuple(region.shape)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda r: model.init({'params': r, 'dropout': r, 'dn': r, 'aux': r}, jnp.zeros((b, h, w, 3)),
+                                        jnp.asarray(pad), train=False), jax.random.key(0))
+  assert {path.split('/')[0] for path in seen} == {'neck', 'aux_levels', 'iah', 'atss'}
+  assert len(seen) == 4 + 6 + 1 + 2 + 2   # BiFPN: 4 input projections, 6 blocks; downsample; 2 towers per head
+  want = (1, h, w) if norm_region == 'batch' else None
+  assert {path: region for path, region in seen.items() if region != want} == {}
+

@@ -2,6 +2,7 @@
 written independently here, plus the module's outputs and gradients."""
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -143,6 +144,36 @@ def test_generate_anchors_against_loops():
     iah.generate_anchors(SHAPES, CANVAS, SIZES[:3], RATIOS)
 
 
+def test_generate_anchors_mmdet_grid_against_mmdet_generator_restated():
+  """grid='mmdet': mmdet's AnchorGenerator (center_offset 0), restated: base anchors centred at the origin,
+  x1 = -w / 2 ..., shifted by (j * stride, i * stride) over the level's grid, ratio-major there -> ours
+  scale-major; compared in pixel xyxy. A level whose cells do not divide the canvas (here 61.5 px cells of a
+  nominal stride 64) keeps the nominal stride."""
+  canvas, strides = (800, 1344), (4, 64)
+  shapes = ((200, 336), (13, 21))
+  sizes, ratios, scales = (8.0, 128.0), (0.5, 1.0, 2.0), (1.0, 2 ** 0.5)
+  got = iah.generate_anchors(shapes, canvas, sizes, ratios, scales, grid='mmdet', strides=strides)
+  expected = []
+  for (hl, wl), size, stride in zip(shapes, sizes, strides):
+    h_ratios = np.sqrt(np.asarray(ratios))
+    ws = (size * (1 / h_ratios)[:, None] * np.asarray(scales)[None]).reshape(-1)   # mmdet: ratio-major
+    hs = (size * h_ratios[:, None] * np.asarray(scales)[None]).reshape(-1)
+    base = np.stack([-ws / 2, -hs / 2, ws / 2, hs / 2], -1)                      # [ratio * scale, 4]
+    base = base.reshape(len(ratios), len(scales), 4).swapaxes(0, 1).reshape(-1, 4)   # -> scale-major
+    for row, col in itertools.product(range(hl), range(wl)):
+      expected.append(base + np.asarray([col, row, col, row], np.float64) * stride)
+  expected = np.concatenate(expected)
+  got_px = np.concatenate([got[:, :2] - got[:, 2:] / 2, got[:, :2] + got[:, 2:] / 2], -1) * np.asarray(
+      [canvas[1], canvas[0]] * 2)
+  np.testing.assert_allclose(got_px, expected, atol=2e-3)
+  cells = iah.generate_anchors(shapes, canvas, sizes, ratios, scales)   # 'cell_centers' (v0.3)
+  assert np.abs(cells[:, :2] - got[:, :2]).max() * 1344 > 30          # the coarse level's grid drifts
+  with pytest.raises(ValueError, match='anchor_grid'):
+    iah.generate_anchors(shapes, canvas, sizes, ratios, grid='corners', strides=strides)
+  with pytest.raises(ValueError, match='nominal stride'):
+    iah.generate_anchors(shapes, canvas, sizes, ratios, grid='mmdet')
+
+
 # ----------------------------------------------------------------------------------------------- assignment
 @pytest.mark.parametrize('seed', [0, 1])
 def test_assign_matches_numpy_reference(anchors, seed):
@@ -262,10 +293,11 @@ def test_select_positives_round_robin_against_reference():
 
 
 # ----------------------------------------------------------------------------------------------- module
-def make_head(config, a_s=3.0):
+def make_head(config, a_s=3.0, query_padding='negatives'):
   i = config.iah
   return iah.IoUAwareHead(config.dataset.num_classes, CANVAS, SIZES, tuple(i.anchor_ratios), tuple(i.anchor_scales),
-                          dataclasses.replace(detector.iou_threshold(config), a_s=a_s), max_pos=i.max_pos)
+                          dataclasses.replace(detector.iou_threshold(config), a_s=a_s), max_pos=i.max_pos,
+                          query_padding=query_padding, name='iah')   # named as in the detector
 
 
 @pytest.fixture(scope='module')
@@ -287,7 +319,7 @@ def head_setup():
              'box_valid': jnp.asarray(valid)}
   head = make_head(config)
   variables = jax.jit(head.init)(jax.random.PRNGKey(0), maps, pad, targets)
-  apply = jax.jit(head.apply)
+  apply = jax.jit(functools.partial(head.apply, rngs={'aux': jax.random.PRNGKey(1)}))
   return config, head, variables, apply, maps, pad, targets
 
 
@@ -351,3 +383,45 @@ def test_module_requires_resolved_a_s(head_setup):
   config, _, variables, _, maps, pad, targets = head_setup
   with pytest.raises(ValueError, match='auto'):
     make_head(config, a_s=-1.0).apply(variables, maps, pad, targets)     # config.iah.a_s = -1 (auto)
+
+
+def test_module_query_group_negatives(head_setup):
+  """'negatives': image 0's 5 positives, then negatives on the image up to K = 9 (the floor); image 1 (no
+  object) holds 9 negatives, none on its padding; each slot's box, feature and target come from its anchor."""
+  config, _, variables, apply, maps, pad, targets = head_setup
+  out = apply(variables, maps, pad, targets)
+  per_location = len(config.iah.anchor_scales) * len(config.iah.anchor_ratios)
+  tokens = np.concatenate([np.asarray(m).reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
+  index, live, query_gt = (np.asarray(out[k]) for k in ('query_index', 'query_live', 'query_gt'))
+  assert index.shape == (2, config.iah.max_pos)
+  np.testing.assert_array_equal(live, np.broadcast_to(np.arange(config.iah.max_pos) < 9, live.shape))
+  pos_valid = np.asarray(out['pos_valid'])
+  np.testing.assert_array_equal(index[0, :5], np.asarray(out['pos_anchor_index'][0])[pos_valid[0]])
+  assigned, anchor_valid = np.asarray(out['assigned_gt']), np.asarray(out['anchor_valid'])
+  for b, num_pos in ((0, 5), (1, 0)):
+    negatives = index[b, num_pos:9]
+    assert len(set(negatives)) == 9 - num_pos
+    assert np.all(assigned[b, negatives] == -1) and np.all(anchor_valid[b, negatives])
+    np.testing.assert_array_equal(query_gt[b, :9], assigned[b, index[b, :9]])
+    np.testing.assert_array_equal(out['query_ref_boxes'][b][live[b]], out['anchors'][index[b][live[b]]])
+    np.testing.assert_array_equal(out['query_feat'][b][live[b]], tokens[b][index[b][live[b]] // per_location])
+  np.testing.assert_array_equal(query_gt[~live], -1)
+
+
+def test_module_query_group_masked_is_the_old_positives_group(head_setup):
+  """'masked' feeds the decoder what mrqm_jax <= 0.3 fed it (its positives' boxes, features, mask and targets),
+  bit for bit; pinned indices override the draw."""
+  config, _, variables, _, maps, pad, targets = head_setup
+  masked = make_head(config, query_padding='masked').apply(variables, maps, pad, targets)
+  np.testing.assert_array_equal(masked['query_live'], masked['pos_valid'])
+  np.testing.assert_array_equal(masked['query_ref_boxes'], masked['pos_ref_boxes'])
+  np.testing.assert_array_equal(masked['query_feat'], masked['pos_feat'])
+  np.testing.assert_array_equal(masked['query_gt'], np.where(masked['pos_valid'], masked['pos_gt'], -1))
+  pinned = np.full((2, config.iah.max_pos), -1, np.int32)
+  pinned[:, :3] = [[7, 0, 41], [3, 2, 1]]
+  out = make_head(config).apply(variables, maps, pad, dict(targets, iah_query_index=jnp.asarray(pinned)))
+  np.testing.assert_array_equal(out['query_live'], pinned >= 0)
+  np.testing.assert_array_equal(np.asarray(out['query_index'])[:, :3], pinned[:, :3])
+  np.testing.assert_array_equal(out['query_ref_boxes'][:, :3], np.asarray(out['anchors'])[pinned[:, :3]])
+  np.testing.assert_array_equal(np.asarray(out['query_gt'])[:, :3],
+                                np.take_along_axis(np.asarray(out['assigned_gt']), pinned[:, :3], 1))

@@ -278,3 +278,97 @@ def test_conv_norm_names_its_layers():
   assert set(default) == {'conv', 'norm'} and 'bias' not in default['conv']   # no bias before the norm
   named = layers.ConvNorm(8, 1, norm='none', conv_name='pointwise', norm_name='n').init(jax.random.PRNGKey(0), x)
   assert set(named['params']) == {'pointwise'} and named['params']['pointwise']['kernel'].shape == (1, 1, 4, 8)
+
+
+# ------------------------------------------------------- GroupNorm over a region (config.model.norm_region)
+def _numpy_group_norm(x, region, groups, scale, bias, eps=1e-5):
+  """GroupNorm whose statistics come from the region's positions only, applied everywhere (float64).
+  x [B, H, W, C], region [B, H, W] bool, scale / bias [C]."""
+  x = np.asarray(x, np.float64)
+  out = np.empty_like(x)
+  per_group = x.shape[-1] // groups
+  for i in range(x.shape[0]):
+    for g in range(groups):
+      chans = slice(g * per_group, (g + 1) * per_group)
+      inside = x[i][region[i]][:, chans]                      # [positions in the region, channels of g]
+      out[i, ..., chans] = (x[i, ..., chans] - inside.mean()) / np.sqrt(inside.var() + eps)
+  return out * scale + bias
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_group_norm_over_a_region_matches_numpy(dtype):
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 6, 9, 64)) * 2 + 10   # an offset: bf16 statistics (E[x^2] - E[x]^2) would be off by %
+  x[:, 4:] += 40.0                              # outside image 0's region: would move its statistics
+  x[:, :, 7:] -= 30.0
+  region = np.zeros((2, 6, 9), bool)
+  region[0, :4, :7] = True
+  region[1, :2, :5] = True                      # one region per image (the batch extent is one for all)
+  scale, bias = rng.normal(size=64), rng.normal(size=64)
+  variables = {'params': {'gn': {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}}}
+  norm = layers.NeckNorm('group', dtype=dtype)
+  xin = jnp.asarray(x, dtype)
+  expected = _numpy_group_norm(np.asarray(xin.astype(jnp.float32)), region, 32, scale, bias)   # 32 groups of 2
+  tol = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else dict(rtol=1e-2, atol=2e-2)
+  apply = jax.jit(norm.apply)
+  y = apply(variables, xin, jnp.asarray(region))
+  assert y.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, **tol)
+  # The region at the image's resolution (2x, odd size): the level's positions are its every other row/column.
+  fine = np.repeat(np.repeat(region, 2, axis=1), 2, axis=2)[:, :11, :17]
+  np.testing.assert_array_equal(np.asarray(apply(variables, xin, jnp.asarray(fine))), np.asarray(y))
+  # No region: statistics over the whole map, as before; a region covering the map (a canvas-filling batch's
+  # extent) gives the same up to float rounding.
+  whole = _numpy_group_norm(np.asarray(xin.astype(jnp.float32)), np.ones_like(region), 32, scale, bias)
+  unmasked = np.asarray(apply(variables, xin).astype(jnp.float32))
+  np.testing.assert_allclose(unmasked, whole, **tol)
+  assert not np.allclose(whole, expected, rtol=0.1)
+  covering = np.asarray(apply(variables, xin, jnp.ones((1, 11, 17), bool)).astype(jnp.float32))
+  np.testing.assert_allclose(covering, unmasked, rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)
+
+
+def _rect(hw, inside_hw):
+  r = np.zeros(hw, bool)
+  r[:inside_hw[0], :inside_hw[1]] = True
+  return r
+
+
+def test_batch_extent_is_the_union_of_the_images():
+  pad = np.ones((3, 20, 30), bool)
+  pad[0, :12, :9] = False     # tall-narrow and short-wide images: the extent is 15 x 25, holding padding of both
+  pad[1, :15, :25] = False
+  pad[2, :4, :4] = False
+  extent = np.asarray(layers.batch_extent(jnp.asarray(pad)))
+  assert extent.shape == (1, 20, 30)
+  np.testing.assert_array_equal(extent[0], _rect((20, 30), (15, 25)))
+  # A batch without a valid pixel: the whole canvas (statistics over no position are undefined).
+  assert np.asarray(layers.batch_extent(jnp.ones((2, 20, 30), bool))).all()
+  assert np.asarray(layers.batch_extent(jnp.zeros((2, 20, 30), bool))).all()
+
+
+@pytest.mark.parametrize('extent_hw', [(75, 101), (40, 66), (33, 1), (1, 101), (17, 64)])
+def test_region_at_each_level_is_the_feature_map_of_the_extent(extent_hw):
+  """The extent at each level (`region_at`) is exactly the feature map our own backbone, neck extra levels and aux
+  `downsample` produce for an image of the extent's size — what mmdet's batch tensor of that size has there."""
+  from mrqm_jax.models import backbone, bifpn   # pylint: disable=g-import-not-at-top
+  resnet, neck = backbone.ResNet(18, width=4), bifpn.ChannelMapper(8, num_levels=6)
+  downsample = layers.ConvNorm(8, 3, 2)
+
+  def level_shapes(hw):
+    image = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
+    feats = jax.eval_shape(resnet.apply, jax.eval_shape(resnet.init, jax.random.key(0), image), image)
+    maps = jax.eval_shape(neck.apply, jax.eval_shape(neck.init, jax.random.key(0), feats), feats)
+    extra = jax.eval_shape(downsample.apply, jax.eval_shape(downsample.init, jax.random.key(0), maps[-1]), maps[-1])
+    return [tuple(m.shape[1:3]) for m in maps + [extra]]
+
+  canvas = (75, 101)
+  pad = np.ones((2, *canvas), bool)
+  pad[0, :extent_hw[0], :max(1, extent_hw[1] // 2)] = False
+  pad[1, :max(1, extent_hw[0] // 3), :extent_hw[1]] = False
+  region = layers.batch_extent(jnp.asarray(pad))
+  for canvas_level, extent_level in zip(level_shapes(canvas), level_shapes(extent_hw)):   # strides 4 .. 256
+    at_level = np.asarray(layers.region_at(region, canvas_level))
+    assert at_level.shape == (1, *canvas_level)
+    np.testing.assert_array_equal(at_level[0], _rect(canvas_level, extent_level))
+  with pytest.raises(ValueError, match='power-of-two'):
+    layers.region_at(region, (25, 34))

@@ -1,6 +1,7 @@
 """postprocess: top-k over queries x classes and canvas -> original-pixel boxes, vs a NumPy reference."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -260,3 +261,33 @@ def test_merge_caps_and_rejects_unknown_images():
 def test_shift_detections():
   d = postprocess.shift_detections(Detections(np.array([[1, 2, 3, 4]]), np.array([1.0]), np.array([2])), (650, 100))
   np.testing.assert_array_equal(d.boxes, [[651, 102, 653, 104]])
+
+
+def test_predict_fn_soft_nms_candidates_are_max_per_img():
+  """Co-DETR's test path: topk(max_per_img) (query, class) pairs are the soft-NMS candidates (not all queries).
+  A: 0.9; B: 0.8, inside A with IoU 0.95 (linear decay -> 0.04); C: 0.5, apart. With K = 2 the candidates are A, B and the
+  result A, B; had C been a candidate (v0.3 took decoder.num_queries), A, C."""
+  from mrqm_jax import evaluate, parallel   # pylint: disable=g-import-not-at-top
+  from configs import smoke   # pylint: disable=g-import-not-at-top
+
+  def logit(p):
+    return float(np.log(p / (1 - p)))
+
+  logits = np.full((1, 3, 2), -20.0, np.float32)
+  logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 0] = logit(0.9), logit(0.8), logit(0.5)
+  boxes = np.asarray([[[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.19], [0.8, 0.8, 0.1, 0.1]]], np.float32)
+
+  class Stub:
+    def apply(self, variables, image, pad_mask, train=False):
+      del variables, image, pad_mask, train
+      return {'pred_logits': jnp.asarray(logits), 'pred_boxes': jnp.asarray(boxes)}
+
+  config = smoke.get_config()
+  config.eval.soft_nms, config.eval.max_detections = True, 2
+  h, w = config.input.image_size
+  batch = {'image': jnp.zeros((1, h, w, 3)), 'pad_mask': jnp.zeros((1, h, w), bool), 'scale': jnp.ones((1,)),
+           'patch_origin': jnp.zeros((1, 2)), 'orig_size': jnp.asarray([[h, w]], jnp.int32)}
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  dets = evaluate.make_predict_fn(Stub(), config, mesh)({}, batch)
+  scores = np.asarray(dets['scores'][0])
+  np.testing.assert_allclose(scores, [0.9, 0.8 * (1 - 0.19 / 0.2)], rtol=1e-4)

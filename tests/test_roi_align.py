@@ -35,6 +35,7 @@ def _ref_bilinear(feat, y, x):
 
 
 def _ref_roi_align(feat, rois, scale, out, ratio, aligned):
+  """ratio 0: mmcv's adaptive grid, ceil(roi side / out) samples per bin side, the mean over max(ny * nx, 1)."""
   res = np.zeros((len(rois), out, out, feat.shape[2]))
   off = 0.5 if aligned else 0.0
   for r, (x1, y1, x2, y2) in enumerate(rois):
@@ -43,15 +44,17 @@ def _ref_roi_align(feat, rois, scale, out, ratio, aligned):
     if not aligned:
       rw, rh = max(rw, 1.0), max(rh, 1.0)
     bw, bh = rw / out, rh / out
+    ny = ratio if ratio > 0 else int(math.ceil(rh / out))
+    nx = ratio if ratio > 0 else int(math.ceil(rw / out))
     for ph in range(out):
       for pw in range(out):
         acc = np.zeros(feat.shape[2])
-        for iy in range(ratio):
-          y = sy + ph * bh + (iy + 0.5) * bh / ratio
-          for ix in range(ratio):
-            x = sx + pw * bw + (ix + 0.5) * bw / ratio
+        for iy in range(ny):
+          y = sy + ph * bh + (iy + 0.5) * bh / ny
+          for ix in range(nx):
+            x = sx + pw * bw + (ix + 0.5) * bw / nx
             acc += _ref_bilinear(feat, y, x)
-        res[r, ph, pw] = acc / (ratio * ratio)
+        res[r, ph, pw] = acc / max(ny * nx, 1)
   return res
 
 
@@ -79,6 +82,34 @@ def test_roi_align_matches_reference(aligned, stride, out, ratio):
   ref = _ref_roi_align(feat.astype(np.float64), rois.astype(np.float64), 1.0 / stride, out, ratio, aligned)
   np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
   assert np.all(got[0] == 0) and np.abs(got[2]).max() > 0
+
+
+@pytest.mark.parametrize('aligned', [True, False])
+def test_adaptive_sampling_matches_mmcv_rule(aligned):
+  """sampling_ratio=0 (Co-DINO's RoIAlign): per-RoI ceil(side / out) samples per bin side, exact while no RoI
+  needs more than max_samples; a RoI that needs more gets max_samples evenly spaced ones."""
+  rng = np.random.default_rng(3)
+  stride, out, cap = 4, 3, 5
+  feat = rng.normal(size=(24, 32, 2)).astype(np.float32)
+  xy = rng.uniform(-6, 100, (12, 2))
+  wh = rng.uniform(0.2, 55, (12, 2))                 # <= 55 / 4 / 3 -> at most 5 samples per bin side
+  rois = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+  rois[0] = [20, 20, 20, 20] if aligned else rois[0]   # zero extent: no samples, zeros (aligned)
+  fn = jax.jit(lambda f, r: RA.roi_align(f, r, spatial_scale=1.0 / stride, output_size=out, sampling_ratio=0,
+                                         aligned=aligned, max_samples=cap))
+  got = np.asarray(fn(feat, rois))
+  ref = _ref_roi_align(feat.astype(np.float64), rois.astype(np.float64), 1.0 / stride, out, 0, aligned)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+  counts = np.ceil((rois[:, 2:] - rois[:, :2]) / stride / out)
+  assert counts.max() == cap and len(set(counts.reshape(-1))) > 3   # the cap is reached, counts vary
+  # A RoI needing 8 per side, capped at 5: the mean of 5 x 5 evenly spaced samples (the fixed-ratio rule).
+  big = np.asarray([[0, 0, 96, 96]], np.float32)
+  capped = np.asarray(RA.roi_align(feat, big, spatial_scale=1.0 / stride, output_size=out, sampling_ratio=0,
+                                   aligned=aligned, max_samples=cap))
+  np.testing.assert_allclose(capped, _ref_roi_align(feat.astype(np.float64), big.astype(np.float64),
+                                                    1.0 / stride, out, cap, aligned), atol=2e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match='max_samples'):
+    RA.roi_align(feat, rois, spatial_scale=0.25, sampling_ratio=0)
 
 
 def test_map_roi_levels():
@@ -142,4 +173,4 @@ def test_nan_rois_give_zeros_and_finite_gradients():
 
 def test_bad_sampling_ratio():
   with pytest.raises(ValueError, match='sampling_ratio'):
-    RA.roi_align(jnp.zeros((4, 4, 1)), jnp.zeros((1, 4)), spatial_scale=1.0, sampling_ratio=0)
+    RA.roi_align(jnp.zeros((4, 4, 1)), jnp.zeros((1, 4)), spatial_scale=1.0, sampling_ratio=-1)

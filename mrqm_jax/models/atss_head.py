@@ -3,9 +3,10 @@
 mmdet ATSSHead as Co-DINO configures it: `aux_heads.DenseHead` with stacked_convs 1, GroupNorm, class / box /
 centerness outputs; one anchor per location of side `octave_base_scale x stride` (8 x stride, ratio 1) on every aux
 level; `ops.assigners.atss_assign` with top-9 candidates per level; DeltaXYWH box coding with stds
-(0.1, 0.1, 0.2, 0.2). Its positive anchors become a query group (`pos_ref_boxes`, Co-DINO `pos_coords`), at most
-`max_pos` per image chosen round-robin over objects as the IoU-aware head does (`select_positives`; Co-DETR picks a
-random subset).
+(0.1, 0.1, 0.2, 0.2). Its positive anchors become a query group (Co-DINO `pos_coords`), at most `max_pos` per
+image chosen round-robin over objects as the IoU-aware head does (`select_positives`; Co-DETR picks a random
+subset); with `query_padding='negatives'` (Co-DETR) the group is padded with random negative anchors of the image
+labelled background (`aux_heads.query_group`).
 """
 
 from typing import Any
@@ -39,10 +40,14 @@ class ATSSHead(nn.Module):
   side / stride), topk, max_pos (K), stacked_convs, norm, conv_impl, dtype.
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool, targets {'boxes' [B, M, 4],
-  'box_valid' [B, M]}) -> dict, A = sum H_l W_l:
+  'box_valid' [B, M]}, norm_region: None or [B | 1, H, W] bool, the GroupNorm statistics region at the image's
+  resolution, `aux_heads.DenseHead`) -> dict, A = sum H_l W_l:
     cls_logits [B, A, C]  pred_boxes [B, A, 4]  centerness [B, A] (logits)  anchors [A, 4]  anchor_valid [B, A]
     assigned_gt [B, A] (-1 negative)  centerness_target [B, A]
-    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the query group; no feature term)
+    pos_ref_boxes [B, P, 4]  pos_gt [B, P]  pos_valid [B, P]   (the chosen positives, P = max_pos)
+    query_index [B, K] (anchor of each slot)  query_live [B, K]  query_ref_boxes [B, K, 4] (the anchors; no
+    gradient)  query_gt [B, K] (-1: background or dead)   the query group, K = query_group_slots(max_pos);
+    targets['atss_query_index'] [B, K] (-1 = dead slot), when given, pins its anchors (nothing is drawn)
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -54,16 +59,19 @@ class ATSSHead(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
+  query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     if len(self.strides) != len(shapes):
       raise ValueError(f'ATSSHead: {len(self.strides)} strides for {len(shapes)} levels')
     anchors = jnp.asarray(iou_aware_head.generate_anchors(
-        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,)))
+        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,),
+        grid=self.anchor_grid, strides=self.strides))
     dense = aux_heads.DenseHead(1, self.num_classes, self.stacked_convs, True, self.norm, self.conv_impl,
-                                self.dtype, name='dense')(maps)
+                                self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, 1)
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
@@ -83,6 +91,8 @@ class ATSSHead(nn.Module):
     pos_index, pos_valid = jax.vmap(lambda g, i: iou_aware_head.select_positives(g, i, self.max_pos))(
         assigned_gt, assigned_iou)
     pos_gt = jnp.where(pos_valid, jnp.take_along_axis(assigned_gt, pos_index, axis=1), 0)
+    group = aux_heads.anchor_query_group(pos_index, pos_valid, assigned_gt, anchor_valid,
+                                         **aux_heads.query_group_settings(self, self.max_pos, targets))
     return {
         'cls_logits': dense['cls_logits'],
         'pred_boxes': pred_boxes,
@@ -94,4 +104,6 @@ class ATSSHead(nn.Module):
         'pos_ref_boxes': jax.lax.stop_gradient(anchors[pos_index]),
         'pos_gt': pos_gt.astype(jnp.int32),
         'pos_valid': pos_valid,
+        **group,
+        'query_ref_boxes': jax.lax.stop_gradient(anchors[group['query_index']]),
     }

@@ -4,7 +4,9 @@
   DenseHead        ATSS-style dense head: conv towers -> per-anchor class logits, box deltas, centerness
   RPNHead          Faster R-CNN's region proposal head: conv 3x3 -> objectness logit and deltas per anchor
   Shared2FCHead    Faster R-CNN's RoI box head: two shared FC layers -> (C + 1) class logits, C x 4 deltas
-  aux_query_group  the positives of a head -> the query group the shared decoder decodes
+  AuxQueryGroup    the positives of a head -> the query group the shared decoder decodes
+  query_group      which candidates (anchors, RoIs) fill a head's query group: its positives, then (Co-DETR's
+                   padding) random negatives labelled background, or (mrqm_jax <= 0.3) nothing
 
 Co-DETR (Sense-X/Co-DETR, `co_dino_head.py`) builds the aux levels from the encoder output: the memory
 reshaped back to its levels, plus `downsample` = conv 3x3 stride 2 + GroupNorm(32) on the coarsest level, so the
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from mrqm_jax.models import layers
 from mrqm_jax.models.position_encoding import box_sine_embedding
+from mrqm_jax.ops import assigners
 
 def aux_level_shapes(spatial_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
   """The encoder's level shapes plus the extra level: ceil(H / 2), ceil(W / 2) of the coarsest (static)."""
@@ -38,7 +41,8 @@ class AuxLevels(nn.Module):
   """Encoder memory `[B, S, D]` (levels of `spatial_shapes`, level-major) -> L + 1 maps `[B, H_l, W_l, D]`.
 
   The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`, an nn.Conv2d
-  WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3).
+  WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3), its
+  statistics over `norm_region` ([B | 1, H, W] bool at the image's resolution, `layers.NeckNorm`) when given.
   Parameters: 'downsample'.
   """
   norm: str = 'group'
@@ -47,7 +51,8 @@ class AuxLevels(nn.Module):
   conv_bias: bool = True
 
   @nn.compact
-  def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
+  def __call__(self, memory: jax.Array, spatial_shapes: Sequence[Sequence[int]],
+               norm_region: jax.Array | None = None) -> list[jax.Array]:
     maps, start = [], 0
     for h, w in spatial_shapes:
       maps.append(memory[:, start:start + h * w].reshape(memory.shape[0], h, w, memory.shape[-1]))
@@ -57,7 +62,7 @@ class AuxLevels(nn.Module):
                        f'{memory.shape[1]}')
     extra = layers.ConvNorm(memory.shape[-1], 3, 2, self.norm, conv_impl=self.conv_impl, dtype=self.dtype,
                             kernel_init=nn.initializers.lecun_normal(), use_bias=self.conv_bias,
-                            name='downsample')(maps[-1])
+                            name='downsample')(maps[-1], norm_region)
     return maps + [extra]
 
 
@@ -76,8 +81,9 @@ def anchor_valid_mask(level_pad: Sequence[jax.Array], per_location: int) -> jax.
 class DenseHead(nn.Module):
   """ATSS-style dense head shared over levels (mmdet ATSSHead; the IoU-aware head uses it without centerness).
 
-  maps: L maps `[B, H_l, W_l, D]` -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with centerness
-  'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
+  maps: L maps `[B, H_l, W_l, D]` (norm_region: optional [B | 1, H, W] bool at the image's resolution, the towers'
+  GroupNorm statistics region, `layers.NeckNorm`) -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with
+  centerness 'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
   Structure: `stacked_convs` x (conv 3x3 + GN + ReLU) per branch (class / box), then conv 3x3 to R * C logits,
   R * 4 deltas (x a learnable per-level scale, init 1) and R centerness logits on the box tower.
   Parameters: 'cls_tower_{i}', 'reg_tower_{i}', 'cls_out', 'reg_out', 'reg_scale_{l}', 'centerness_out'.
@@ -91,7 +97,7 @@ class DenseHead(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, maps: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  def __call__(self, maps: Sequence[jax.Array], norm_region: jax.Array | None = None) -> dict[str, jax.Array]:
     dim = maps[0].shape[-1]
     conv = lambda n, name, **kw: layers.Conv2D(n, 3, padding=1, impl=self.conv_impl, dtype=self.dtype,  # noqa
                                                kernel_init=nn.initializers.normal(0.01), name=name, **kw)
@@ -106,9 +112,9 @@ class DenseHead(nn.Module):
     for level, x in enumerate(maps):
       c, r = x, x
       for block in cls_tower:
-        c = block(c)
+        c = block(c, norm_region)
       for block in reg_tower:
-        r = block(r)
+        r = block(r, norm_region)
       scale = self.param(f'reg_scale_{level}', nn.initializers.ones_init(), (), jnp.float32)
       logits.append(cls_out(c))
       deltas.append(reg_out(r) * scale.astype(r.dtype))
@@ -173,8 +179,106 @@ class Shared2FCHead(nn.Module):
             'deltas': deltas.reshape(b, n, self.num_classes, 4).astype(jnp.float32)}
 
 
+QUERY_PADDINGS = ('negatives', 'masked')
+# Co-DETR's floor on a query group's size (`get_aux_targets`: max(9, min(max_pos_coords, most positives))).
+MIN_QUERY_SLOTS = 9
+
+
+def query_group_slots(max_pos: int, padding: str) -> int:
+  """Static slot count K_max of a query group whose positives are capped at `max_pos` per image: `max_pos`, and
+  at least MIN_QUERY_SLOTS with 'negatives' padding (Co-DETR pads every group to at least 9)."""
+  if padding not in QUERY_PADDINGS:
+    raise ValueError(f'config.model.aux_query_padding must be one of {QUERY_PADDINGS}, got {padding!r}')
+  return max(MIN_QUERY_SLOTS, max_pos) if padding == 'negatives' else max_pos
+
+
+def query_group(rng: jax.Array | None, pos_index: jax.Array, pos_valid: jax.Array, negative: jax.Array, *,
+                num_slots: int, padding: str, pinned: jax.Array | None = None,
+                dead_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Which candidates fill each slot of a head's query group (Co-DINO `get_aux_targets`), batched.
+
+  Args:
+    rng: key of the negatives' draw (the 'aux' stream); read only with padding 'negatives' and no `pinned`.
+    pos_index: [B, P] int32 candidate index of each chosen positive, valid ones first (P <= num_slots).
+    pos_valid: [B, P] bool.
+    negative: [B, A] bool, the candidates that may pad the group as background (on the image, not positive).
+    num_slots: K_max, static (`query_group_slots`).
+    padding: 'negatives' (Co-DETR, `use_zero_padding=False`): with K = max(9, most positives of an image in
+      the batch) (the positives are already capped at max_pos), slots < K hold the image's positives, then
+      distinct negatives drawn uniformly at random in random order (Co-DETR's randperm); slots >= K, and slots
+      an image has no negative left for (Co-DETR would fail there), are dead. 'masked' (mrqm_jax <= 0.3): the
+      positives only, every other slot dead.
+    pinned: optional [B, num_slots] int32 candidate of each slot, -1 = dead (e.g. a reference implementation's
+      choice): used as given, nothing is drawn.
+    dead_index: optional [B, num_slots] int32 index that dead slots hold (default 0: any in-range index; no
+      output of a dead slot is read).
+
+  Returns:
+    (query_index [B, num_slots] int32 in range, query_live [B, num_slots] bool). Whether a live slot is a
+    positive, and of which gt, is the head's assignment of its candidate.
+  """
+  batch, num_pos_slots = pos_index.shape
+  if num_pos_slots > num_slots:
+    raise ValueError(f'query_group: {num_pos_slots} positive slots exceed the group\'s {num_slots}')
+  slots = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
+  if dead_index is None:
+    dead_index = jnp.zeros((batch, num_slots), jnp.int32)
+  if pinned is not None:
+    pinned = jnp.asarray(pinned, jnp.int32)
+    if pinned.shape != (batch, num_slots):
+      raise ValueError(f'query_group: pinned indices must be [B, K_max] = {(batch, num_slots)}, got '
+                       f'{pinned.shape}')
+    live = pinned >= 0
+    return jnp.where(live, pinned, dead_index), live
+  pad = num_slots - num_pos_slots
+  pos_index = jnp.pad(jnp.asarray(pos_index, jnp.int32), ((0, 0), (0, pad)))
+  pos_valid = jnp.pad(jnp.asarray(pos_valid, bool), ((0, 0), (0, pad)))
+  if padding == 'masked':
+    return jnp.where(pos_valid, pos_index, dead_index), pos_valid
+  if padding != 'negatives':
+    raise ValueError(f'config.model.aux_query_padding must be one of {QUERY_PADDINGS}, got {padding!r}')
+  num_pos = pos_valid.sum(axis=1, dtype=jnp.int32)[:, None]                                      # [B, 1]
+  group_size = jnp.minimum(jnp.maximum(MIN_QUERY_SLOTS, num_pos.max()), num_slots)
+  # Up to num_slots distinct negatives per image, a uniform random subset in random order (mmdet's sampler with
+  # no positive share draws exactly that).
+  negative = jnp.asarray(negative, bool)
+  neg_index, _, neg_found = jax.vmap(lambda r, neg: assigners.random_sample(
+      r, jnp.where(neg, assigners.NEGATIVE, assigners.IGNORED), num_slots, 0.0, valid=neg))(
+          jax.random.split(rng, batch), negative)
+  neg_slot = jnp.clip(slots - num_pos, 0, num_slots - 1)
+  is_pos = slots < num_pos
+  is_neg = ~is_pos & (slots < group_size) & jnp.take_along_axis(neg_found, neg_slot, axis=1)
+  index = jnp.where(is_pos, pos_index, jnp.take_along_axis(neg_index, neg_slot, axis=1))
+  live = is_pos | is_neg
+  return jnp.where(live, index, dead_index), live
+
+
+def query_group_settings(head: nn.Module, max_pos: int, targets: dict) -> dict:
+  """What `query_group` needs from a head module (fields `query_padding`, its name) and its targets: num_slots,
+  padding ('masked' at init: parameters only, nothing drawn), the pinned indices targets['{name}_query_index']
+  if given, and the draw's key from the 'aux' stream (only when something is drawn)."""
+  padding = 'masked' if head.is_initializing() else head.query_padding
+  pinned = targets.get(f'{head.name}_query_index')
+  draws = padding == 'negatives' and pinned is None
+  return {'rng': head.make_rng('aux') if draws else None, 'padding': padding, 'pinned': pinned,
+          'num_slots': query_group_slots(max_pos, head.query_padding)}
+
+
+def anchor_query_group(pos_index: jax.Array, pos_valid: jax.Array, assigned_gt: jax.Array,
+                       anchor_valid: jax.Array, **settings) -> dict[str, jax.Array]:
+  """The query group of a dense head (ATSS, IoU-aware) whose candidates are its anchors: the chosen positives
+  pos_index / pos_valid [B, P], padded with negatives = anchors on the image assigned to no gt (assigned_gt
+  [B, A] == -1, anchor_valid [B, A]); settings: `query_group_settings`.
+  -> {'query_index' [B, K], 'query_live' [B, K], 'query_gt' [B, K] int32 (-1: background or dead slot)}."""
+  index, live = query_group(pos_index=pos_index, pos_valid=pos_valid,
+                            negative=(assigned_gt < 0) & anchor_valid, **settings)
+  query_gt = jnp.where(live, jnp.take_along_axis(assigned_gt, index, axis=1), -1)
+  return {'query_index': index, 'query_live': live, 'query_gt': query_gt.astype(jnp.int32)}
+
+
 class AuxQueryGroup(nn.Module):
-  """A head's positives -> its query group (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
+  """A head's group candidates (its positives; with 'negatives' padding also background negatives, `query_group`)
+  -> its queries (Co-DINO `forward_aux`; paper eq. 9 when `pos_feat` is given):
 
     Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F_pos))]
 

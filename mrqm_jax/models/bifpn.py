@@ -23,7 +23,9 @@ the target level's size, so any input size works.
 
 Normalization (`config.model.neck_norm`): GroupNorm by default (EfficientDet uses BatchNorm, which needs large
 per-device batches and mutable statistics in the train step; DETR recipes train 2 images/device and
-normalize their neck with GroupNorm), or none.
+normalize their neck with GroupNorm), or none. Every neck takes an optional `norm_region` [B | 1, H, W] bool at
+the image's resolution (config.model.norm_region, `layers.NeckNorm`): the GroupNorm statistics of each level
+come from the region's positions at that level only.
 
 FPN (Lin et al. 2017, mmdet's FPN without extra levels): lateral 1x1 -> top-down sum with nearest 2x
 upsampling -> 3x3 output conv -> norm.
@@ -83,31 +85,32 @@ class FastNormalizedFusion(nn.Module):
 
 
 class SeparableConvBlock(nn.Module):
-  """swish -> depthwise 3x3 -> pointwise 1x1 -> norm: `[B, H, W, D] -> [B, H, W, features]`."""
+  """swish -> depthwise 3x3 -> pointwise 1x1 -> norm: `[B, H, W, D] -> [B, H, W, features]` (norm_region: NeckNorm's)."""
   features: int
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm_region: jax.Array | None = None) -> jax.Array:
     x = nn.swish(x)
     x = layers.Conv2D(x.shape[-1], 3, padding=1, feature_group_count=x.shape[-1], use_bias=False,
                       impl=self.conv_impl, dtype=self.dtype, name='depthwise')(x)
     pointwise = layers.ConvNorm(self.features, 1, 1, self.norm, None, self.conv_impl, self.dtype,
                                 kernel_init=nn.initializers.lecun_normal(), conv_name='pointwise')
     nn.share_scope(self, pointwise)   # params stay 'pointwise', 'norm' of this block
-    return pointwise(x)
+    return pointwise(x, norm_region)
 
 
 class BiFPNLayer(nn.Module):
-  """One top-down + bottom-up pass: L maps `[B, H_l, W_l, D]` (finest first) -> L maps of the same shapes."""
+  """One top-down + bottom-up pass: L maps `[B, H_l, W_l, D]` (finest first) -> L maps of the same shapes
+  (norm_region: NeckNorm's)."""
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, feats: Sequence[jax.Array]) -> list[jax.Array]:
+  def __call__(self, feats: Sequence[jax.Array], norm_region: jax.Array | None = None) -> list[jax.Array]:
     num = len(feats)
     dim = feats[0].shape[-1]
     block = lambda name: SeparableConvBlock(dim, self.norm, self.conv_impl, self.dtype, name=name)  # noqa: E731
@@ -117,14 +120,14 @@ class BiFPNLayer(nn.Module):
     for l in range(num - 2, -1, -1):
       hw = feats[l].shape[1:3]
       fused = FastNormalizedFusion(name=f'td_fuse_{l}')([feats[l], upsample_to(top_down[l + 1], hw)])
-      top_down[l] = block(f'td_conv_{l}')(fused)
+      top_down[l] = block(f'td_conv_{l}')(fused, norm_region)
 
     out = [None] * num
     out[0] = top_down[0]
     for l in range(1, num):
       down = downsample_to(out[l - 1], feats[l].shape[1:3])
       inputs = [feats[l], top_down[l], down] if l < num - 1 else [feats[l], down]
-      out[l] = block(f'bu_conv_{l}')(FastNormalizedFusion(name=f'bu_fuse_{l}')(inputs))
+      out[l] = block(f'bu_conv_{l}')(FastNormalizedFusion(name=f'bu_fuse_{l}')(inputs), norm_region)
     return out
 
 
@@ -143,14 +146,16 @@ def _check_pyramid(features: Sequence[jax.Array]) -> None:
 
 
 def project_pyramid(features: Sequence[jax.Array], hidden_dim: int, norm: str, conv_impl: str,
-                    dtype: Any) -> list[jax.Array]:
+                    dtype: Any, norm_region: jax.Array | None = None) -> list[jax.Array]:
   """Checked C_l -> `input_projection` each (params 'input_proj_{l}' of the calling neck)."""
   _check_pyramid(features)
-  return [input_projection(hidden_dim, norm, conv_impl, dtype, f'input_proj_{l}')(c) for l, c in enumerate(features)]
+  return [input_projection(hidden_dim, norm, conv_impl, dtype, f'input_proj_{l}')(c, norm_region)
+          for l, c in enumerate(features)]
 
 
 class BiFPN(nn.Module):
-  """[C2..C5] with C_l `[B, H_l, W_l, C_l]` -> [P2..P5] with P_l `[B, H_l, W_l, hidden_dim]`."""
+  """[C2..C5] with C_l `[B, H_l, W_l, C_l]` (+ optional norm_region, module doc) -> [P2..P5] with P_l
+  `[B, H_l, W_l, hidden_dim]`."""
   hidden_dim: int = 256
   repeats: int = 1
   norm: str = 'group'
@@ -159,25 +164,25 @@ class BiFPN(nn.Module):
   remat: bool = False   # recompute each layer's activations in the backward pass (config.model.remat)
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+  def __call__(self, features: Sequence[jax.Array], norm_region: jax.Array | None = None) -> list[jax.Array]:
     if self.repeats < 1:
       raise ValueError(f'config.model.bifpn_repeats must be >= 1, got {self.repeats}')
-    feats = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
+    feats = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype, norm_region)
     layer_cls = nn.remat(BiFPNLayer) if self.remat else BiFPNLayer
     for r in range(self.repeats):
-      feats = layer_cls(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats)
+      feats = layer_cls(self.norm, self.conv_impl, self.dtype, name=f'layer_{r}')(feats, norm_region)
     return feats
 
 
 class FPN(nn.Module):
-  """Plain top-down FPN: [C2..C5] -> [P2..P5], P_l `[B, H_l, W_l, hidden_dim]`."""
+  """Plain top-down FPN: [C2..C5] (+ optional norm_region, module doc) -> [P2..P5], P_l `[B, H_l, W_l, hidden_dim]`."""
   hidden_dim: int = 256
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+  def __call__(self, features: Sequence[jax.Array], norm_region: jax.Array | None = None) -> list[jax.Array]:
     _check_pyramid(features)
     lateral = [layers.Conv2D(self.hidden_dim, 1, impl=self.conv_impl, dtype=self.dtype, name=f'lateral_{l}')(c)
                for l, c in enumerate(features)]
@@ -191,12 +196,13 @@ class FPN(nn.Module):
                                kernel_init=nn.initializers.lecun_normal(), conv_name=f'output_{l}',
                                norm_name=f'norm_{l}')
       nn.share_scope(self, output)   # params stay 'output_{l}', 'norm_{l}' of the FPN
-      outs.append(output(m))
+      outs.append(output(m, norm_region))
     return outs
 
 
 class ChannelMapper(nn.Module):
-  """[C2..C5] -> `num_levels` maps `[B, H_l, W_l, hidden_dim]` (module doc); levels past the inputs by stride 2."""
+  """[C2..C5] (+ optional norm_region) -> `num_levels` maps `[B, H_l, W_l, hidden_dim]` (module doc); levels
+  past the inputs by stride 2."""
   hidden_dim: int = 256
   num_levels: int = 5
   norm: str = 'group'
@@ -204,14 +210,14 @@ class ChannelMapper(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+  def __call__(self, features: Sequence[jax.Array], norm_region: jax.Array | None = None) -> list[jax.Array]:
     if self.num_levels < len(features):
       raise ValueError(f'ChannelMapper: config.model.num_levels={self.num_levels} is below the '
                        f'{len(features)} backbone levels')
-    outs = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype)
+    outs = project_pyramid(features, self.hidden_dim, self.norm, self.conv_impl, self.dtype, norm_region)
     x = features[-1]
     for l in range(len(features), self.num_levels):
       x = layers.ConvNorm(self.hidden_dim, 3, 2, self.norm, None, self.conv_impl, self.dtype,
-                          kernel_init=nn.initializers.lecun_normal(), name=f'extra_{l}')(x)
+                          kernel_init=nn.initializers.lecun_normal(), name=f'extra_{l}')(x, norm_region)
       outs.append(x)
     return outs

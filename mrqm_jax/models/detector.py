@@ -18,11 +18,13 @@ returns the output dict of the shared contract (L decoder layers, Q = decoder.nu
   {head}_outputs for each head of model.aux_heads ('iah_outputs', 'atss_outputs', 'rcnn_outputs'): everything
                the head returns (see IoUAwareHead, ATSSHead, RCNNBranch), plus its query group decoded by the
                shared decoder: query_logits [L, B, K, C], query_boxes [L, B, K, 4], query_gt [B, K] i32
-               (-1 = empty slot), query_valid [B, K]                              only when train, targets given
+               (-1 = background or dead slot), query_valid [B, K] (live: in the loss)
+                                                                          only when train, targets given
 RNG streams: 'dn' (label flips and box jitter of the denoising queries), 'aux' (the R-CNN branch's anchor and RoI
-sampling) and 'dropout' (only when a dropout rate is > 0), all only with train=True. `init` with train=False
-creates every parameter (the DN label embedding, the auxiliary heads and their query projections included), so a
-train-mode apply needs nothing more; inference reads none of the auxiliary parameters (`inference_params`).
+sampling, the query groups' negatives) and 'dropout' (only when a dropout rate is > 0), all only with train=True.
+`init` with train=False creates every parameter (the DN label embedding, the auxiliary heads and their query
+projections included), so a train-mode apply needs nothing more; inference reads none of the auxiliary parameters
+(`inference_params`).
 Targets: boxes [B, M, 4] cxcywh canvas-normalized (the batch's frame), labels [B, M], box_valid [B, M], and scale [B]
 (canvas px per original px; eq. 8 of the IoU-aware head works in original pixels).
 Everything is static-shaped: one compilation per input shape.
@@ -68,10 +70,13 @@ Contrastive denoising (Co-DINO `CdnQueryGenerator`, label noise 0.5, box noise 1
   of its own group (padding included, as Co-DINO) and all matching queries (as DINO); every query sees itself.
 
 Collaborative auxiliary heads (Co-DINO `forward_train` + `forward_aux`): every head runs on the aux levels (the
-encoder memory as maps + one stride-2 level, `aux_heads.AuxLevels`) and returns its positives; each head's group
-Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F''_pos)) for the IoU-aware head, paper eq. 9] with reference boxes C_pos is
-decoded by the SAME decoder in its own call, each valid query seeing the valid queries of its group (empty slots
-are hidden), one group per head as Co-DINO's `num_co_heads`.
+encoder memory as maps + one stride-2 level, `aux_heads.AuxLevels`) and returns its query group: its positives,
+then (model.aux_query_padding='negatives', Co-DETR) random negatives of the image labelled background up to K =
+max(9, most positives of an image in the batch) slots, or ('masked', mrqm_jax <= 0.3) nothing
+(`aux_heads.query_group`). Each head's group Q = LN(Dense(PE(C_pos))) [+ LN(Dense(F''_pos)) for the IoU-aware
+head, paper eq. 9] with reference boxes C_pos is decoded by the SAME decoder in its own call, each live query
+seeing every live query of its image's group (Co-DETR's group is unmasked) and no dead slot
+(`aux_query_attention_mask`), one group per head as Co-DINO's `num_co_heads`.
 """
 
 import dataclasses
@@ -406,6 +411,13 @@ def placeholder_targets(batch: int, max_boxes: int) -> dict:
           'box_valid': jnp.zeros((batch, max_boxes), bool)}
 
 
+def aux_query_attention_mask(live: jax.Array) -> jax.Array:
+  """Self-attention mask of an aux query group: live [B, K] -> [B, K, K] bool, True = row may attend column.
+  Every query sees the live slots of its image's group (all of them: Co-DETR's group is unmasked) and itself;
+  no query sees a dead slot (a dead slot's own row, never read, is the same as a live one's)."""
+  return live[:, None, :] | jnp.eye(live.shape[1], dtype=bool)[None]
+
+
 # ------------------------------------------------------------------------------------------------- detector
 @dataclasses.dataclass(frozen=True)
 class DNSpec:
@@ -429,6 +441,11 @@ class MRQM(nn.Module):
   Parameters: 'backbone', 'neck', 'encoder', 'enc_output', 'enc_output_norm', 'enc_class_head', 'enc_box_head',
   'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
   'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
+
+  norm_region (config.model.norm_region): 'batch' — every GroupNorm (neck, aux level, dense heads) takes its
+  statistics over `layers.batch_extent(pad_mask)`, the union of the batch's images (the padding inside it
+  included), as Co-DETR's GroupNorms see mmdet's batch tensor; 'canvas' — over the whole canvas (<= 0.3). The
+  extent is over the batch this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
   # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
@@ -444,6 +461,7 @@ class MRQM(nn.Module):
   aux_heads: tuple[nn.Module, ...] = ()
   max_boxes: int = 1000
   exclude_invalid_proposals: bool = False
+  norm_region: str = 'batch'   # layers.NORM_REGIONS: GroupNorm statistics over the batch's extent or the canvas
   box_frame: str = 'image'   # BOX_FRAMES
   dtype: Any = None
 
@@ -469,7 +487,10 @@ class MRQM(nn.Module):
     box_frame = image_box_frame(pad_mask) if image_frame else jnp.ones((batch, 4), jnp.float32)
 
     # Backbone -> neck -> encoder.
-    feats = self.neck(self.backbone(images.astype(dtype)))
+    if self.norm_region not in layers.NORM_REGIONS:
+      raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
+    norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
+    feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
     level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
     ratios = valid_ratios(level_masks) if image_frame else None   # [B, L, 2]; None: the canvas needs none
@@ -531,20 +552,19 @@ class MRQM(nn.Module):
     # parameters exist).
     if self.aux_heads and (use_targets or self.is_initializing()):
       head_targets = targets if use_targets else placeholder_targets(batch, self.max_boxes)
-      maps = self.aux_levels(memory, enc.spatial_shapes)
+      maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
       for aux_head in self.aux_heads:
-        head = aux_head(maps, level_pad, head_targets)
-        pos_ref_boxes = to_box_frame(head['pos_ref_boxes'], box_frame)   # Co-DETR: / img_shape
+        head = aux_head(maps, level_pad, head_targets, norm_region)
+        query_ref_boxes = to_box_frame(head['query_ref_boxes'], box_frame)   # Co-DETR: / img_shape
         queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{aux_head.name}')(
-            pos_ref_boxes, head.get('pos_feat'))
+            query_ref_boxes, head.get('query_feat'))
         if use_targets:   # (at init the decoder's parameters exist already)
-          valid = head['pos_valid']
-          mask = valid[:, None, :] | jnp.eye(valid.shape[1], dtype=bool)[None]
-          decoded = decode(queries.astype(dtype), pos_ref_boxes, mask)
+          live = head['query_live']
+          decoded = decode(queries.astype(dtype), query_ref_boxes, aux_query_attention_mask(live))
           outputs[f'{aux_head.name}_outputs'] = dict(
               head, query_logits=decoded['pred_logits'], query_boxes=decoded['pred_boxes'],
-              query_gt=jnp.where(valid, head['pos_gt'], -1).astype(jnp.int32), query_valid=valid)
+              query_gt=jnp.where(live, head['query_gt'], -1).astype(jnp.int32), query_valid=live)
     return outputs
 
 
@@ -620,11 +640,13 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
     return iou_aware_head.IoUAwareHead(
         num_classes, canvas, tuple(i.anchor_sizes), tuple(i.anchor_ratios), tuple(i.anchor_scales),
         iou_threshold(config), max_pos=i.max_pos, stacked_convs=i.stacked_convs, norm=m.neck_norm,
-        conv_impl=m.conv_impl, dtype=m.dtype, name='iah')
+        conv_impl=m.conv_impl, dtype=m.dtype, anchor_grid=m.anchor_grid, strides=strides,
+        query_padding=m.aux_query_padding, name='iah')
   if head_name == 'atss':
     a = config.atss
     return atss_head.ATSSHead(num_classes, canvas, strides, a.octave_base_scale, a.topk, a.max_pos,
-                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, name='atss')
+                              a.stacked_convs, m.neck_norm, m.conv_impl, m.dtype, anchor_grid=m.anchor_grid,
+                              query_padding=m.aux_query_padding, name='atss')
   if head_name == 'rcnn':
     r = config.rcnn
     return rcnn.RCNNBranch(
@@ -632,7 +654,8 @@ def build_aux_head(config: ml_collections.ConfigDict, head_name: str) -> nn.Modu
         tuple(r.rpn_ratios), r.rpn_pos_iou, r.rpn_neg_iou, r.rpn_min_pos_iou, r.rpn_num_samples,
         r.rpn_pos_fraction, r.nms_pre, r.nms_iou, r.num_proposals, r.roi_pos_iou, r.roi_num_samples,
         r.roi_pos_fraction, r.num_roi_levels, r.roi_size, r.sampling_ratio, r.finest_scale, r.fc_dim, r.max_pos,
-        m.conv_impl, m.dtype, name='rcnn')
+        m.conv_impl, m.dtype, anchor_grid=m.anchor_grid, adaptive_max_samples=r.adaptive_max_samples,
+        query_padding=m.aux_query_padding, name='rcnn')
   raise ValueError(f'config.model.aux_heads: unknown head {head_name!r}; choose from {AUX_HEADS}')
 
 
@@ -652,4 +675,4 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, exclude_invalid_proposals=bool(m.exclude_invalid_proposals),
-      box_frame=str(m.box_frame), dtype=m.dtype)
+      norm_region=str(m.norm_region), box_frame=str(m.box_frame), dtype=m.dtype)

@@ -31,9 +31,12 @@ auxiliary decoder starts from them), `pos_ref_boxes` are the positive anchors, n
 They are constants (no gradient). `pos_feat` is the encoder token F''_pos at that anchor's location and keeps its
 gradient: the auxiliary branch is meant to supervise the encoder output through it.
 
-Padding slots among the K: Co-DETR by default fills them with random negative anchors classified as background;
-we leave them empty (`pos_valid=False`, as Co-DETR's `use_zero_padding=True`): the paper treats every query of
-the auxiliary branch as a positive, and padding must contribute nothing to the loss.
+Padding slots of the query group (`query_padding`, config model.aux_query_padding): 'negatives' (default, as
+Co-DETR's `use_zero_padding=False`, which MRQM inherits from Co-DINO) pads every image's group to K = max(9, most
+positives of an image in the batch) slots with random negative anchors of the image, classified as background,
+their query's feature term being the aux-map feature at the negative's location (Co-DETR gathers the features of
+padding too); 'masked' (mrqm_jax <= 0.3) leaves the slots empty (`query_live=False`, as `use_zero_padding=True`).
+See `aux_heads.query_group`.
 """
 
 from collections.abc import Sequence
@@ -99,9 +102,13 @@ def gt_thresholds(gt_boxes, canvas_hw: Sequence[int], rule: IoUThreshold, scale=
                                t_b=rule.t_b, k=rule.k, p=rule.p, a_s=rule.a_s)
 
 
+ANCHOR_GRIDS = ('mmdet', 'cell_centers')
+
+
 def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequence[int],
                      sizes: Sequence[float], ratios: Sequence[float],
-                     scales: Sequence[float] = (1.0,)) -> np.ndarray:
+                     scales: Sequence[float] = (1.0,), *, grid: str = 'cell_centers',
+                     strides: Sequence[float] | None = None) -> np.ndarray:
   """Anchors for every location of every level, in the encoder's token order.
 
   Args:
@@ -110,6 +117,12 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     sizes: L base sizes in pixels (one per level).
     ratios: height/width ratios (mmdet convention); each anchor has area (size * scale)^2.
     scales: multipliers of each level's base size (mmdet's octave scales).
+    grid: where anchor centres sit (config.model.anchor_grid): 'mmdet' at (j, i) x the level's nominal stride
+      (`strides`, px; mmdet's AnchorGenerator, center_offset 0: Co-DETR's ATSS, RPN and so the IAH built on them);
+      'cell_centers' at the centres of the level's cells, ((j + 0.5) / W_l, (i + 0.5) / H_l) of the canvas
+      (mrqm_jax <= 0.3). They differ by half a stride, and more on a level whose H_l does not divide the canvas
+      (800 / 13 = 61.5 px cells for the nominal 64).
+    strides: L nominal strides in px; needed by grid='mmdet'.
 
   Returns:
     [A, 4] float32 normalized cxcywh (NumPy, a trace-time constant), A = R * sum_l H_l W_l with
@@ -123,13 +136,22 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     raise ValueError(f'iah.anchor_ratios must be positive h/w ratios, got {tuple(ratios)}')
   if not scales or any(v <= 0 for v in scales):
     raise ValueError(f'iah.anchor_scales must be positive multipliers, got {tuple(scales)}')
+  if grid not in ANCHOR_GRIDS:
+    raise ValueError(f'config.model.anchor_grid must be one of {ANCHOR_GRIDS}, got {grid!r}')
+  if grid == 'mmdet' and (strides is None or len(strides) != len(shapes)):
+    raise ValueError(f'generate_anchors: grid=\'mmdet\' needs one nominal stride per level ({len(shapes)}), got '
+                     f'{strides}')
   canvas_h, canvas_w = (float(v) for v in canvas_hw)
   scale_of = np.repeat(np.asarray(scales, np.float64), len(ratios))      # [R], scale-major
   ratio_of = np.tile(np.asarray(ratios, np.float64), len(scales))
   per_level = []
-  for (height, width), size in zip(shapes, sizes):
-    cy = (np.arange(height) + 0.5) / height
-    cx = (np.arange(width) + 0.5) / width
+  for level, ((height, width), size) in enumerate(zip(shapes, sizes)):
+    if grid == 'mmdet':
+      cy = np.arange(height) * float(strides[level]) / canvas_h
+      cx = np.arange(width) * float(strides[level]) / canvas_w
+    else:
+      cy = (np.arange(height) + 0.5) / height
+      cx = (np.arange(width) + 0.5) / width
     anchor_w = size * scale_of / np.sqrt(ratio_of) / canvas_w    # [R]
     anchor_h = size * scale_of * np.sqrt(ratio_of) / canvas_h
     grid_y, grid_x, r = np.meshgrid(cy, cx, np.arange(len(scale_of)), indexing='ij')   # [H, W, R]
@@ -254,14 +276,23 @@ class IoUAwareHead(nn.Module):
 
   Attributes: num_classes, canvas_hw (H, W), anchor_sizes (one per aux level, canvas px), anchor_ratios,
     anchor_scales, threshold (the IoU threshold rule; its A_s must be resolved, > 0, for a training call — init
-    assigns nothing and reads none of it), max_pos (K), stacked_convs, norm, conv_impl, dtype.
+    assigns nothing and reads none of it), max_pos (positives per image in the query group), stacked_convs, norm,
+    conv_impl, dtype, query_padding ('negatives' | 'masked', `aux_heads.query_group`). RNG stream 'aux' (the
+    negatives' draw, with 'negatives' in training).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l] bool (True = padding),
-  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}) -> dict, A = R * sum H_l W_l:
+  targets {'boxes' [B, M, 4] cxcywh, 'box_valid' [B, M], optional 'scale' [B]}, norm_region: None or
+  [B | 1, H, W] bool, the GroupNorm statistics region at the image's resolution, `aux_heads.DenseHead`) -> dict,
+  A = R * sum H_l W_l:
     cls_logits [B, A, C]   pred_boxes [B, A, 4] (anchor + deltas)   anchors [A, 4]   anchor_valid [B, A]
     assigned_gt [B, A] int32 (-1 negative)   assigned_iou [B, A]
-    pos_ref_boxes [B, K, 4] (C_pos, the positive anchors; no gradient)   pos_feat [B, K, D] (F''_pos, the aux
-    map feature at the positive's location; with gradient)   pos_gt [B, K] int32   pos_valid [B, K]
+    pos_anchor_index [B, P]   pos_ref_boxes [B, P, 4] (C_pos, the positive anchors; no gradient)   pos_feat
+    [B, P, D] (F''_pos, the aux map feature at the positive's location; with gradient)   pos_gt [B, P] int32
+    pos_valid [B, P]   (the chosen positives, P = max_pos)
+    query_index [B, K] (anchor of each slot)  query_live [B, K]  query_ref_boxes [B, K, 4]  query_feat [B, K, D]
+    (as pos_ref_boxes / pos_feat, for every slot)  query_gt [B, K] (-1: background or dead)   the query group,
+    K = query_group_slots(max_pos); targets['iah_query_index'] [B, K] (-1 = dead slot), when given, pins its
+    anchors (nothing is drawn)
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -274,15 +305,18 @@ class IoUAwareHead(nn.Module):
   norm: str = 'group'
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`generate_anchors`)
+  strides: tuple[int, ...] = ()       # nominal stride of each aux level (px), for anchor_grid='mmdet'
+  query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     per_location = len(self.anchor_scales) * len(self.anchor_ratios)
     anchors = jnp.asarray(generate_anchors(shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios,
-                                           self.anchor_scales))
+                                           self.anchor_scales, grid=self.anchor_grid, strides=self.strides or None))
     dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
-                                self.conv_impl, self.dtype, name='dense')(maps)
+                                self.conv_impl, self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)                            # [B, A]
     gt_boxes = jnp.asarray(targets['boxes'], jnp.float32)
@@ -300,6 +334,8 @@ class IoUAwareHead(nn.Module):
     tokens = aux_heads.flatten_anchor_maps(maps, maps[0].shape[-1])                          # [B, T, D]
     pos_feat = jnp.take_along_axis(tokens, (pos_anchor_index // per_location)[..., None], axis=1)
     pos_gt = jnp.where(pos_valid, jnp.take_along_axis(assigned_gt, pos_anchor_index, axis=1), 0)
+    group = aux_heads.anchor_query_group(pos_anchor_index, pos_valid, assigned_gt, anchor_valid,
+                                         **aux_heads.query_group_settings(self, self.max_pos, targets))
     return {
         'cls_logits': dense['cls_logits'],
         'pred_boxes': pred_boxes,
@@ -312,4 +348,7 @@ class IoUAwareHead(nn.Module):
         'pos_feat': pos_feat,
         'pos_gt': pos_gt.astype(jnp.int32),
         'pos_valid': pos_valid,
+        **group,
+        'query_ref_boxes': jax.lax.stop_gradient(anchors[group['query_index']]),
+        'query_feat': jnp.take_along_axis(tokens, (group['query_index'] // per_location)[..., None], axis=1),
     }

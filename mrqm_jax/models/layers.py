@@ -220,6 +220,47 @@ class FrozenBatchNorm(nn.Module):
 
 NECK_NORMS = ('group', 'none')
 
+# Where GroupNorm takes its statistics (config.model.norm_region): 'batch' = the batch's extent, what a mmdet
+# batch tensor padded to its largest image holds (Co-DETR); 'canvas' = the whole static canvas (mrqm_jax <= 0.3).
+NORM_REGIONS = ('batch', 'canvas')
+
+
+def batch_extent(pad_mask: jax.Array) -> jax.Array:
+  """The batch's extent: pad_mask [B, H, W] bool (True = padding; images at the top left) -> [1, H, W] bool,
+  True at rows < the largest valid height and columns < the largest valid width over the batch.
+
+  What mmdet's DetDataPreprocessor (pad_size_divisor 1) makes of the batch: one tensor padded to its largest
+  image, the padding of the smaller images inside it included. A batch without any valid pixel gives the whole
+  canvas (statistics over nothing are undefined).
+  """
+  valid = ~jnp.asarray(pad_mask, bool)
+  h, w = valid.shape[1:]
+  rows = jnp.max(jnp.where(valid.any(axis=(0, 2)), jnp.arange(1, h + 1), 0))   # extent height, px
+  cols = jnp.max(jnp.where(valid.any(axis=(0, 1)), jnp.arange(1, w + 1), 0))
+  extent = (jnp.arange(h) < rows)[:, None] & (jnp.arange(w) < cols)[None, :]
+  return jnp.where(rows > 0, extent, True)[None]
+
+
+def region_at(region: jax.Array, hw: Sequence[int]) -> jax.Array:
+  """A full-resolution region [B, H, W] bool -> [B, h, w] at the feature level of size hw: every s-th row and
+  column, s = the power of two with ceil(H / s) = h and ceil(W / s) = w (s = 1: the region itself).
+
+  Why this matches a conv chain: every stride-2 step of ours (ResNet's 7x7 / 3x3 / 1x1 convs and 3x3 max-pool,
+  the necks' and the aux level's 3x3 stride-2 convs, all PyTorch-style padding k // 2) maps n pixels to ceil(n / 2),
+  so a level at stride s of a tensor of E rows has ceil(E / s) rows — and for a region of the first E rows, row
+  i * s of it is inside iff i < ceil(E / s). So a top-left extent of E x F px gives exactly the ceil(E / s) x
+  ceil(F / s) feature map that mmdet's batch tensor of E x F px has at that level (tests/test_layers.py checks
+  it against the convs).
+  """
+  big_h, big_w = region.shape[-2:]
+  h, w = int(hw[0]), int(hw[1])
+  s = 1
+  while -(-big_h // s) > h or -(-big_w // s) > w:
+    s *= 2
+  if -(-big_h // s) != h or -(-big_w // s) != w:
+    raise ValueError(f'region_at: a {big_h}x{big_w} region has no power-of-two stride giving a {h}x{w} level')
+  return region[..., ::s, ::s]
+
 
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
   """Largest divisor of `channels` that is <= max_groups (32 groups as Deformable DETR's GroupNorm(32, 256))."""
@@ -227,23 +268,31 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 
 
 class NeckNorm(nn.Module):
-  """The neck's normalization, `[B, H, W, C] -> [B, H, W, C]` (config.model.neck_norm).
+  """The neck's normalization, `x [B, H, W, C]`, `norm_region [B | 1, H', W'] bool or None -> [B, H, W, C]`
+  (config.model.neck_norm).
 
   'group': GroupNorm with num_groups_for(C) groups and trainable affine — batch-size independent, as the
   DETR family normalizes its neck features (EfficientDet's BatchNorm needs large per-device batches and
   mutable running statistics in the train step; DETR recipes run 2 images per device). 'none': identity.
+  norm_region (config.model.norm_region): None takes each image's group statistics over the whole map; a region
+  (True = inside; at this map's resolution or any power-of-two multiple of it, `region_at`) takes them over the
+  region's positions only, and normalizes every position with them (flax's masked GroupNorm: statistics in
+  float32 for bf16 inputs, the same epsilon and parameters).
   """
   kind: str = 'group'
   epsilon: float = 1e-5
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm_region: jax.Array | None = None) -> jax.Array:
     if self.kind == 'none':
       return x
     if self.kind == 'group':
+      mask = None
+      if norm_region is not None:
+        mask = jnp.broadcast_to(region_at(norm_region, x.shape[1:3])[..., None], x.shape)
       return nn.GroupNorm(num_groups=num_groups_for(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype,
-                          name='gn')(x)
+                          name='gn')(x, mask=mask)
     raise ValueError(f'neck norm must be one of {NECK_NORMS} (config.model.neck_norm), got {self.kind!r}')
 
 
@@ -257,7 +306,8 @@ def prior_bias_init() -> Callable[..., jax.Array]:
 
 
 class ConvNorm(nn.Module):
-  """Conv k x k -> NeckNorm -> optional activation: `[B, H, W, C] -> [B, H', W', features]`.
+  """Conv k x k -> NeckNorm -> optional activation: `[B, H, W, C] -> [B, H', W', features]` (optional
+  `norm_region`: NeckNorm's).
 
   The conv-norm(-act) unit of the neck and the dense heads (mmcv's ConvModule with GN). The conv has no bias
   when a norm follows, as ConvModule's bias='auto' (`use_bias=True` adds one anyway, as a plain nn.Conv2d +
@@ -279,11 +329,11 @@ class ConvNorm(nn.Module):
   use_bias: bool | None = None   # None: a bias only without a norm (mmcv ConvModule's bias='auto')
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm_region: jax.Array | None = None) -> jax.Array:
     x = Conv2D(self.features, self.kernel_size, self.strides, padding=self.kernel_size // 2,
                use_bias=self.norm == 'none' if self.use_bias is None else self.use_bias, impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
                name=self.conv_name)(x)
-    x = NeckNorm(self.norm, dtype=self.dtype, name=self.norm_name)(x)
+    x = NeckNorm(self.norm, dtype=self.dtype, name=self.norm_name)(x, norm_region)
     return x if self.activation is None else self.activation(x)
 
 

@@ -11,12 +11,15 @@ Static version of mmdet 2.x `RPNHead` + `CoStandardRoIHead` as `co_dino_5scale_r
   RoIs       the valid gts and the proposals (add_gt_as_proposals) -> `max_iou_assign` (0.5 / 0.5 / 0.5, no
              low-quality) -> `random_sample` 512 at 0.25 positive (step RNG stream 'aux').
   RoIAlign   7 x 7, aligned, level by `map_roi_levels` (finest_scale 56) over the first `num_roi_levels` aux
-             levels, `sampling_ratio` samples per bin side: a static count, where mmcv's 0 adapts it per RoI
-             (ceil(RoI size / 7)) — 2 is the fixed value torchvision / Detectron2 use.
+             levels, `sampling_ratio` samples per bin side; 0 (Co-DINO's, the recipes') is mmcv's adaptive
+             ceil(RoI side / 7) per RoI on a static grid of at most `adaptive_max_samples` per side
+             (`roi_align` module doc); 2 is torchvision / Detectron2's fixed count (mrqm_jax <= 0.3).
   box head   Shared2FC (1024), softmax over C + 1, class-specific deltas (stds 0.1, 0.1, 0.2, 0.2) decoded
              for the GIoU loss (reg_decoded_bbox).
 Query group: the positive sampled RoIs (proposals or gts), in sample order (random), at most
-`min(max_pos, num_rois * pos_fraction)` per image; reference box = the RoI, target = its assigned gt.
+`min(max_pos, num_rois * pos_fraction)` per image; reference box = the RoI, target = its assigned gt. With
+`query_padding='negatives'` (Co-DETR, which feeds the RoI head's sampled RoIs with their labels to the group) the
+group is padded with random negative sampled RoIs, labelled background (`aux_heads.query_group`).
 """
 
 from typing import Any
@@ -78,16 +81,21 @@ class RCNNBranch(nn.Module):
   (rpn_octave_base_scale, rpn_scales_per_octave, rpn_ratios, rpn_pos_iou, rpn_neg_iou, rpn_min_pos_iou,
   rpn_num_samples, rpn_pos_fraction, nms_pre, nms_iou, num_proposals), the RoI settings (roi_pos_iou,
   roi_num_samples, roi_pos_fraction, num_roi_levels, roi_size, sampling_ratio, finest_scale, fc_dim), max_pos,
-  conv_impl, dtype. RNG stream 'aux' (sampling).
+  conv_impl, dtype, query_padding ('negatives' | 'masked', `aux_heads.query_group`). RNG stream 'aux'
+  (sampling, and the query group's negatives).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
-  'labels' [B, M], 'box_valid' [B, M]}) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
+  'labels' [B, M], 'box_valid' [B, M]}, norm_region: unused — the branch has no GroupNorm, as mmdet's RPNHead and
+  Shared2FCBBoxHead; taken so that every aux head has one call) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
   K = min(max_pos, int(N * roi_pos_fraction))):
     rpn_logits [B, S]  rpn_deltas [B, S, 4]  rpn_delta_targets [B, S, 4]  rpn_pos [B, S]  rpn_valid [B, S]
     roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
     roi_gt [B, N] (-1 background)  roi_valid [B, N]
     proposals [B, P, 4] normalized cxcywh  proposal_valid [B, P]
-    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the query group)
+    pos_ref_boxes [B, K, 4]  pos_gt [B, K]  pos_valid [B, K]   (the positive RoIs: sample slots 0..K-1)
+    query_index [B, G] (sample slot of each group slot, into roi_*)  query_live [B, G]  query_ref_boxes [B, G, 4]
+    query_gt [B, G] (-1: background or dead)   the query group, G = query_group_slots(K);
+    targets['rcnn_query_index'] [B, G] (-1 = dead slot), when given, pins its sample slots (nothing is drawn)
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -114,13 +122,18 @@ class RCNNBranch(nn.Module):
   max_pos: int = 300
   conv_impl: str = 'auto'
   dtype: Any = None
+  anchor_grid: str = 'cell_centers'   # config.model.anchor_grid (`iou_aware_head.generate_anchors`)
+  adaptive_max_samples: int = 6       # RoIAlign's per-side cap when sampling_ratio = 0 (mmcv's adaptive rule)
+  query_padding: str = 'negatives'
 
   @nn.compact
-  def __call__(self, maps, level_pad, targets: dict) -> dict:
+  def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
+    del norm_region
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
-    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales))
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales,
+                                                          grid=self.anchor_grid, strides=self.strides))
     anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
     rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
@@ -130,8 +143,11 @@ class RCNNBranch(nn.Module):
       aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(
           jnp.zeros((batch, self.roi_num_samples, self.roi_size, self.roi_size, dim), maps[0].dtype))
       k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
+      g = aux_heads.query_group_slots(k, self.query_padding)
       return {'pos_ref_boxes': jnp.full((batch, k, 4), 0.5), 'pos_gt': jnp.zeros((batch, k), jnp.int32),
-              'pos_valid': jnp.zeros((batch, k), bool)}
+              'pos_valid': jnp.zeros((batch, k), bool), 'query_index': jnp.zeros((batch, g), jnp.int32),
+              'query_live': jnp.zeros((batch, g), bool), 'query_ref_boxes': jnp.full((batch, g, 4), 0.5),
+              'query_gt': jnp.full((batch, g), -1, jnp.int32)}
 
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     gt_boxes = jnp.where(gt_valid[..., None], jnp.asarray(targets['boxes'], jnp.float32), 0.0)
@@ -175,6 +191,7 @@ class RCNNBranch(nn.Module):
     levels = min(self.num_roi_levels, len(maps))
     feats = roi_align.multilevel_roi_align(list(maps[:levels]), rois_px, tuple(self.strides[:levels]),
                                            output_size=self.roi_size, sampling_ratio=self.sampling_ratio,
+                                           max_samples=self.adaptive_max_samples,
                                            finest_scale=self.finest_scale)
     head = aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(feats)
     target_class = jnp.take_along_axis(gt_labels, jnp.maximum(roi_gt, 0), axis=1)
@@ -184,6 +201,13 @@ class RCNNBranch(nn.Module):
 
     k = min(self.max_pos, int(self.roi_num_samples * self.roi_pos_fraction))
     pos_valid = roi_is_pos[:, :k] & roi_valid[:, :k]
+    settings = aux_heads.query_group_settings(self, k, targets)
+    # Dead slots hold their own sample slot (as 'masked' did before the switch existed); nothing reads them.
+    dead = jnp.broadcast_to(jnp.minimum(jnp.arange(settings['num_slots'], dtype=jnp.int32),
+                                        self.roi_num_samples - 1), (batch, settings['num_slots']))
+    query_index, query_live = aux_heads.query_group(
+        pos_index=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k)), pos_valid=pos_valid,
+        negative=roi_valid & ~roi_is_pos, dead_index=dead, **settings)
     return {
         'rpn_logits': take(rpn['logits']), 'rpn_deltas': take(rpn['deltas']),
         'rpn_delta_targets': jax.lax.stop_gradient(rpn_delta_targets),
@@ -194,4 +218,7 @@ class RCNNBranch(nn.Module):
         'proposal_valid': proposal_valid,
         'pos_ref_boxes': rois[:, :k], 'pos_gt': jnp.where(pos_valid, roi_gt[:, :k], 0).astype(jnp.int32),
         'pos_valid': pos_valid,
+        'query_index': query_index, 'query_live': query_live,
+        'query_ref_boxes': jnp.take_along_axis(rois, query_index[..., None], axis=1),
+        'query_gt': jnp.where(query_live, jnp.take_along_axis(roi_gt, query_index, axis=1), -1).astype(jnp.int32),
     }

@@ -14,8 +14,10 @@ Terms (each already multiplied by its weight, so `total == sum(terms.values())`;
   iah.cls / iah.giou             dense IoU-aware head (`iah_outputs`): sigmoid focal loss on every valid anchor
                                  (positives: their gt's class), GIoU on positive anchors
                                                                  x iah.loss_weight * decoder.num_layers
-  aux.cls / d{l}.aux.cls / ...   auxiliary queries Q_a (`iah_outputs['query_*']`), every layer, supervised
-                                 directly by `query_gt` (paper eq. 10, no matching)              x iah.query_loss_weight
+  aux_{head}.cls / d{l}.aux_{head}.cls / ...   each head's auxiliary query group (`{head}_outputs['query_*']`),
+                                 every layer, supervised directly by `query_gt` (paper eq. 10, no matching): a
+                                 live slot with a gt is a positive, every other live slot (Co-DETR's negatives)
+                                 is background (label weight 1 on every live slot)    x loss.aux_query_weight
 Within each group: cls x loss.cls_weight, L1 x loss.bbox_weight, GIoU x loss.giou_weight.
 
 Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py):
@@ -31,7 +33,7 @@ Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50
 - The auxiliary-query decoder losses use the same per-layer loss as the main branch, x lambda_1 = 1.
 - Normalization (Co-DETR's avg_factor): the matched losses by the number of valid gt boxes, the DN losses by
   the number of positive DN queries, the dense losses by the number of positive anchors, the aux-query
-  losses by the number of valid aux queries; each summed over the whole batch and clamped at 1. Under a
+  losses by the number of positive aux queries (also their QFL); each summed over the batch, clamped at 1. Under a
   plain `jax.jit` over a sharded global batch (this project's train step) the sums are global by construction.
   Inside `shard_map`/`pmap`, pass `axis_name`: every count is `psum`-ed over it, so each device's loss is its
   share of the global loss (sum, not mean, the per-device gradients). `num_boxes` overrides the gt count.

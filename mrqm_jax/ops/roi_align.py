@@ -9,9 +9,12 @@ pixels and a feature map of H x W:
   A sample with y < -1, y > H, x < -1 or x > W is 0; otherwise y, x are clamped at 0 from below, and a sample at
   or beyond the last row/column uses that row/column alone (mmcv's bilinear_interpolate).
 
-`sampling_ratio` must be a static positive int. mmcv/torchvision's sampling_ratio=0 (adaptive: ceil(roi size /
-output_size) samples per bin, different per RoI) has no static shape, so it is not offered; mmdet configs with
-sampling_ratio=0 should use a fixed ratio (2 is the common choice).
+`sampling_ratio` >= 1 samples every bin on a fixed s x s grid. sampling_ratio=0 is mmcv/torchvision's adaptive
+rule (Co-DINO's RoI head): n_y = ceil(roi height / output_size) samples per bin side along y, n_x likewise along
+x, different per RoI (a RoI of zero or negative extent has none and pools zeros), the bin's mean over its
+n_y x n_x samples. Shapes stay static: every RoI runs `max_samples` sample slots per axis and the slots beyond its
+own n are weighted 0 (so the cost is that of a fixed max_samples x max_samples grid); a RoI that would need more
+than `max_samples` gets max_samples evenly spaced samples (not mmcv's count: the only approximation).
 
 Formulation: bilinear weights are separable (w = w_y * w_x, the out-of-range test is a product of per-axis
 tests too), so per RoI we compute per-axis corner indices and weights for the output_size * s sample rows and
@@ -43,20 +46,28 @@ def map_roi_levels(rois: jnp.ndarray, num_levels: int, finest_scale: float = 56.
   return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
 
 
-def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned):
+def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned, max_samples=0):
   """Per-axis sample corners: lo, hi [R] RoI bounds in feature pixels (before the aligned shift), size [R]
-  map extent -> (low index, high index, low weight, high weight), each [R, output_size, sampling_ratio]."""
+  map extent -> (low index, high index, low weight, high weight), each [R, output_size, s], and the samples per
+  bin side [R] float32; s = sampling_ratio, or max_samples for the adaptive rule (sampling_ratio 0)."""
   offset = 0.5 if aligned else 0.0
   start, end = lo - offset, hi - offset
   extent = end - start
   if not aligned:
     extent = jnp.maximum(extent, 1.0)
   bin_size = extent / output_size
-  grid = (jnp.arange(output_size, dtype=jnp.float32)[:, None]
-          + (jnp.arange(sampling_ratio, dtype=jnp.float32)[None, :] + 0.5) / sampling_ratio)   # [out, s]
-  coord = start[:, None, None] + grid[None] * bin_size[:, None, None]                        # [R, out, s]
+  if sampling_ratio > 0:
+    slots = sampling_ratio
+    count = jnp.full(lo.shape, float(sampling_ratio), jnp.float32)
+  else:   # mmcv: ceil(extent / output_size) samples per bin side (NaN RoIs -> 0 samples)
+    slots = max_samples
+    count = jnp.clip(jnp.nan_to_num(jnp.ceil(bin_size), nan=0.0), 0.0, float(max_samples))
+  slot = jnp.arange(slots, dtype=jnp.float32)
+  grid = (jnp.arange(output_size, dtype=jnp.float32)[None, :, None]
+          + (slot[None, None, :] + 0.5) / jnp.maximum(count, 1.0)[:, None, None])            # [R, out, s]
+  coord = start[:, None, None] + grid * bin_size[:, None, None]                              # [R, out, s]
   size = size[:, None, None]
-  inside = (coord >= -1.0) & (coord <= size.astype(jnp.float32))
+  inside = (coord >= -1.0) & (coord <= size.astype(jnp.float32)) & (slot < count[:, None, None])
   coord = jnp.maximum(coord, 0.0)
   low = jnp.floor(coord).astype(jnp.int32)
   at_edge = low >= size - 1
@@ -65,36 +76,42 @@ def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned):
   coord = jnp.where(at_edge, low.astype(jnp.float32), coord)
   frac = coord - low.astype(jnp.float32)
   # where, not a 0/1 factor: a NaN RoI (e.g. a padded row) then gives exact zeros and zero feature gradients.
-  return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0)
+  return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0), count
 
 
-def _roi_align_flat(flat, rois, offset, height, width, spatial_scale, output_size, sampling_ratio, aligned):
+def _roi_align_flat(flat, rois, offset, height, width, spatial_scale, output_size, sampling_ratio, aligned,
+                    max_samples=0):
   """flat [N, C] (one or more maps flattened row-major and concatenated); per RoI: rois [R, 4] pixel xyxy,
   offset [R] int32 (start of its map in flat), height/width [R] int32, spatial_scale [R] -> [R, out, out, C]."""
-  if sampling_ratio < 1:
-    raise ValueError(f'sampling_ratio must be a static int >= 1 (adaptive 0 is not static), got {sampling_ratio}')
+  if sampling_ratio < 0 or (sampling_ratio == 0 and max_samples < 1):
+    raise ValueError(f'sampling_ratio must be a static int >= 1, or 0 (adaptive) with max_samples >= 1, got '
+                     f'sampling_ratio={sampling_ratio}, max_samples={max_samples}')
   rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
   scaled = rois * spatial_scale[:, None]
-  y_low, y_high, wy_low, wy_high = _axis_samples(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio,
-                                                 aligned)
-  x_low, x_high, wx_low, wx_high = _axis_samples(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio,
-                                                 aligned)
+  y_low, y_high, wy_low, wy_high, y_count = _axis_samples(scaled[:, 1], scaled[:, 3], height, output_size,
+                                                          sampling_ratio, aligned, max_samples)
+  x_low, x_high, wx_low, wx_high, x_count = _axis_samples(scaled[:, 0], scaled[:, 2], width, output_size,
+                                                          sampling_ratio, aligned, max_samples)
+  slots = sampling_ratio if sampling_ratio > 0 else max_samples
   base = offset[:, None, None]
   row_stride = width[:, None, None]
   out = jnp.zeros((rois.shape[0], output_size, output_size, flat.shape[-1]), flat.dtype)
-  for iy in range(sampling_ratio):
+  for iy in range(slots):
     for y_index, y_weight in ((y_low, wy_low), (y_high, wy_high)):
       rows = base + y_index[:, :, iy][:, :, None] * row_stride                                # [R, out, 1]
-      for ix in range(sampling_ratio):
+      for ix in range(slots):
         for x_index, x_weight in ((x_low, wx_low), (x_high, wx_high)):
           index = rows + x_index[:, None, :, ix]                                              # [R, out, out]
           weight = y_weight[:, :, iy][:, :, None] * x_weight[:, None, :, ix]
           out = out + weight[..., None].astype(flat.dtype) * jnp.take(flat, index, axis=0, mode='clip')
-  return out / (sampling_ratio * sampling_ratio)
+  if sampling_ratio > 0:
+    return out / (sampling_ratio * sampling_ratio)
+  divisor = jnp.maximum(y_count * x_count, 1.0)   # mmcv: max(n_y * n_x, 1)
+  return out / divisor[:, None, None, None].astype(flat.dtype)
 
 
 def roi_align(features: jnp.ndarray, rois: jnp.ndarray, *, spatial_scale: float, output_size: int = 7,
-              sampling_ratio: int = 2, aligned: bool = True) -> jnp.ndarray:
+              sampling_ratio: int = 2, aligned: bool = True, max_samples: int = 0) -> jnp.ndarray:
   """RoIAlign on one map: features [H, W, C], rois [R, 4] pixel xyxy (canvas pixels) -> [R, out, out, C].
 
   See the module docstring for the exact semantics; spatial_scale = 1 / stride of the map.
@@ -103,12 +120,13 @@ def roi_align(features: jnp.ndarray, rois: jnp.ndarray, *, spatial_scale: float,
   num = rois.shape[0]
   return _roi_align_flat(features.reshape(height * width, channels), rois, jnp.zeros((num,), jnp.int32),
                          jnp.full((num,), height, jnp.int32), jnp.full((num,), width, jnp.int32),
-                         jnp.full((num,), spatial_scale, jnp.float32), output_size, sampling_ratio, aligned)
+                         jnp.full((num,), spatial_scale, jnp.float32), output_size, sampling_ratio, aligned,
+                         max_samples)
 
 
 def multilevel_roi_align(feature_maps: Sequence[jnp.ndarray], rois: jnp.ndarray, strides: Sequence[int], *,
                          output_size: int = 7, sampling_ratio: int = 2, finest_scale: float = 56.0,
-                         aligned: bool = True) -> jnp.ndarray:
+                         aligned: bool = True, max_samples: int = 0) -> jnp.ndarray:
   """mmdet SingleRoIExtractor: each RoI pooled from the level `map_roi_levels` picks for it.
 
   Args:
@@ -134,5 +152,6 @@ def multilevel_roi_align(feature_maps: Sequence[jnp.ndarray], rois: jnp.ndarray,
   height = jnp.asarray([h for h, _ in shapes], jnp.int32)[level]
   width = jnp.asarray([w for _, w in shapes], jnp.int32)[level]
   scale = jnp.asarray([1.0 / s for s in strides], jnp.float32)[level]
-  fn = lambda f, r, o, h, w, s: _roi_align_flat(f, r, o, h, w, s, output_size, sampling_ratio, aligned)
+  fn = lambda f, r, o, h, w, s: _roi_align_flat(f, r, o, h, w, s, output_size, sampling_ratio, aligned,  # noqa
+                                                max_samples)
   return jax.vmap(fn)(flat, rois, offset, height, width, scale)

@@ -1,0 +1,158 @@
+"""Aux query groups (`aux_heads.query_group`, `detector.aux_query_attention_mask`) against a NumPy restatement of
+Co-DETR's `get_aux_targets` (use_zero_padding=False): the group size K from the batch's positive counts (floor 9,
+cap max_pos), the slots (positives, then distinct random negatives of the image, then dead), the attention mask,
+pinned indices, and 'masked' (positives only)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrqm_jax.models import aux_heads
+from mrqm_jax.models import detector
+
+NUM_CANDIDATES = 40
+
+
+def np_codetr_group(pos_lists, neg_lists, max_pos):
+  """Co-DETR's group of each image, as lists of (candidate, is_positive): K = max(9, min(max_pos, most
+  positives)); the image's positives (here already capped at max_pos), then its negatives in drawn order, K in
+  all. Co-DETR assumes enough negatives; short ones are simply fewer slots here."""
+  k = max(9, min(max_pos, max(len(p) for p in pos_lists)))
+  groups = [[(c, True) for c in pos[:k]] + [(c, False) for c in neg[:k - min(len(pos), k)]]
+            for pos, neg in zip(pos_lists, neg_lists)]
+  return k, groups
+
+
+def make_case(rng, pos_counts, max_pos, num_negatives=None):
+  """Per image: random distinct positive candidates (chosen order, capped at max_pos) and negatives."""
+  batch = len(pos_counts)
+  pos_index = np.zeros((batch, max_pos), np.int32)
+  pos_valid = np.zeros((batch, max_pos), bool)
+  negative = np.zeros((batch, NUM_CANDIDATES), bool)
+  pos_lists = []
+  for b, count in enumerate(pos_counts):
+    perm = rng.permutation(NUM_CANDIDATES)
+    chosen = perm[:min(count, max_pos)]
+    pos_index[b, :len(chosen)] = chosen
+    pos_valid[b, :len(chosen)] = True
+    pos_lists.append(list(chosen))
+    rest = perm[count:]                       # positives over the cap are neither in the group nor negatives
+    if num_negatives is not None:
+      rest = rest[:num_negatives[b]]
+    negative[b, rest] = True
+  return pos_index, pos_valid, negative, pos_lists
+
+
+@pytest.mark.parametrize('pos_counts,max_pos', [((0, 0), 16), ((3, 12), 16), ((20, 5), 16), ((2, 1), 4),
+                                                ((7, 16), 16)])
+def test_negatives_group_equals_codetr(pos_counts, max_pos):
+  rng = np.random.default_rng(sum(pos_counts) + max_pos)
+  pos_index, pos_valid, negative, pos_lists = make_case(rng, pos_counts, max_pos)
+  num_slots = aux_heads.query_group_slots(max_pos, 'negatives')
+  assert num_slots == max(9, max_pos)
+  index, live = jax.jit(lambda r, *a: aux_heads.query_group(r, *a, num_slots=num_slots, padding='negatives'))(
+      jax.random.PRNGKey(3), pos_index, pos_valid, negative)
+  index, live = np.asarray(index), np.asarray(live)
+  assert index.shape == live.shape == (len(pos_counts), num_slots)
+  # The draw: the slots after the positives hold distinct negatives of the image; read their order back.
+  neg_lists = []
+  for b in range(len(pos_counts)):
+    drawn = index[b, len(pos_lists[b]):][live[b, len(pos_lists[b]):]]
+    assert len(set(drawn)) == len(drawn) and np.all(negative[b, drawn])
+    neg_lists.append(list(drawn))
+  k, groups = np_codetr_group(pos_lists, neg_lists, max_pos)
+  for b, group in enumerate(groups):
+    assert len(group) == k                                  # enough negatives here: every image fills K
+    np.testing.assert_array_equal(live[b], np.arange(num_slots) < k)
+    np.testing.assert_array_equal(index[b, :k], [c for c, _ in group])
+    np.testing.assert_array_equal(index[b, k:], 0)          # dead slots: an in-range index nothing reads
+
+
+def test_short_of_negatives_leaves_dead_slots():
+  """K = 12 (image 0's positives), image 1 has 2 positives and only 4 negatives: 6 live slots, 6 dead ones
+  (Co-DETR would fail there)."""
+  rng = np.random.default_rng(0)
+  pos_index, pos_valid, negative, pos_lists = make_case(rng, (12, 2), 16, num_negatives=(30, 4))
+  index, live = aux_heads.query_group(jax.random.PRNGKey(0), pos_index, pos_valid, negative, num_slots=16,
+                                      padding='negatives')
+  index, live = np.asarray(index), np.asarray(live)
+  np.testing.assert_array_equal(live[0], np.arange(16) < 12)
+  np.testing.assert_array_equal(live[1], np.arange(16) < 6)
+  np.testing.assert_array_equal(index[1, :2], pos_lists[1])
+  assert set(index[1, 2:6]) == set(np.flatnonzero(negative[1]))
+
+
+def test_negatives_are_a_uniform_random_subset_in_random_order():
+  """1 positive, 8 negatives of 12 candidates, K = 9: every negative is in the group (8 slots for 8); with 2
+  positives in the other image K stays 9 and it draws 7 of its 8: each negative with probability 7/8, and each
+  slot holds each negative equally often."""
+  rng = np.random.default_rng(1)
+  pos_index, pos_valid, negative, _ = make_case(rng, (1, 2), 4, num_negatives=(8, 8))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  index, live = jax.jit(jax.vmap(lambda r: aux_heads.query_group(r, pos_index, pos_valid, negative, num_slots=9,
+                                                                 padding='negatives')))(keys)
+  index, live = np.asarray(index), np.asarray(live)
+  assert live.all()
+  negatives_1 = np.flatnonzero(negative[1])
+  chosen = np.stack([np.isin(negatives_1, index[t, 1, 2:]) for t in range(len(keys))])
+  np.testing.assert_allclose(chosen.mean(0), 7 / 8, atol=0.03)
+  first_negative_slot = np.stack([index[:, 1, 2] == c for c in negatives_1], axis=1)
+  np.testing.assert_allclose(first_negative_slot.mean(0), 1 / 8, atol=0.02)
+  assert len({tuple(index[t, 0]) for t in range(len(keys))}) > 100        # image 0: many orders of its 8
+
+
+def test_masked_keeps_the_positives_only():
+  rng = np.random.default_rng(2)
+  pos_index, pos_valid, negative, _ = make_case(rng, (3, 0), 6)
+  assert aux_heads.query_group_slots(6, 'masked') == 6
+  index, live = aux_heads.query_group(None, pos_index, pos_valid, negative, num_slots=6, padding='masked')
+  np.testing.assert_array_equal(live, pos_valid)
+  np.testing.assert_array_equal(index, np.where(pos_valid, pos_index, 0))
+
+
+def test_pinned_indices_give_exactly_the_pinned_group():
+  rng = np.random.default_rng(3)
+  pos_index, pos_valid, negative, _ = make_case(rng, (3, 5), 16)
+  pinned = rng.integers(0, NUM_CANDIDATES, (2, 16)).astype(np.int32)
+  pinned[0, 10:] = -1
+  pinned[1, 3] = -1
+  for key in (jax.random.PRNGKey(0), jax.random.PRNGKey(1)):
+    index, live = aux_heads.query_group(key, pos_index, pos_valid, negative, num_slots=16, padding='negatives',
+                                        pinned=pinned)
+    np.testing.assert_array_equal(live, pinned >= 0)
+    np.testing.assert_array_equal(np.asarray(index)[pinned >= 0], pinned[pinned >= 0])
+  with pytest.raises(ValueError, match='K_max'):
+    aux_heads.query_group(None, pos_index, pos_valid, negative, num_slots=16, padding='negatives',
+                          pinned=pinned[:, :9])
+
+
+def test_anchor_group_labels_negatives_background():
+  assigned = np.array([[2, -1, -1, 0, -1, 1], [-1, -1, 4, -1, -1, -1]], np.int32)
+  anchor_valid = np.array([[True] * 6, [True, False, True, True, True, False]])
+  out = aux_heads.anchor_query_group(np.array([[3, 0, 5], [2, 0, 0]], np.int32),
+                                     np.array([[True, True, True], [True, False, False]]), assigned, anchor_valid,
+                                     rng=jax.random.PRNGKey(0), num_slots=9, padding='negatives', pinned=None)
+  index, live, query_gt = (np.asarray(out[k]) for k in ('query_index', 'query_live', 'query_gt'))
+  # Image 0: 3 positives + its 3 negatives (short of 9); image 1: 1 positive + its 3 negatives on the image.
+  np.testing.assert_array_equal(live.sum(1), [6, 4])
+  np.testing.assert_array_equal(query_gt[0, :3], [0, 2, 1])
+  np.testing.assert_array_equal(query_gt[1, :1], [4])
+  assert set(index[0, 3:6]) == {1, 2, 4} and set(index[1, 1:4]) == {0, 3, 4}
+  np.testing.assert_array_equal(query_gt[live & (np.arange(9) >= np.array([[3], [1]]))], -1)
+  np.testing.assert_array_equal(query_gt[~live], -1)
+
+
+def test_bad_padding_is_an_error():
+  with pytest.raises(ValueError, match='aux_query_padding'):
+    aux_heads.query_group_slots(300, 'zeros')
+
+
+def test_attention_mask_live_block_and_dead_slots():
+  live = np.array([[True] * 9 + [False] * 3, [True] * 4 + [False] * 8])
+  mask = np.asarray(detector.aux_query_attention_mask(jnp.asarray(live)))
+  for b in range(2):
+    for row in range(12):
+      expected = live[b].copy()            # a dead slot's row too (as before the switch; never read)
+      expected[row] = True
+      np.testing.assert_array_equal(mask[b, row], expected)
