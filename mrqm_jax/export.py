@@ -36,7 +36,7 @@ def inference_fn(model, num_detections: int):
   def fn(variables, image, pad_mask):
     out = model.apply(variables, image, pad_mask, train=False)
     # Canvas-normalized whatever the model's box frame (the export's contract, as config.json may say either).
-    logits, boxes = out['pred_logits'], postprocess.frame_to_canvas(out['pred_boxes'], out['box_frame'])
+    logits, boxes = out['pred_logits'], postprocess.frame_to_canvas(out['pred_boxes'], out.get('box_frame'))
     b, q, c = logits.shape
     scores = jax.nn.sigmoid(logits).reshape(b, q * c)
     top_scores, top_index = jax.lax.top_k(scores, min(num_detections, q * c))

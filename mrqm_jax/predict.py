@@ -145,7 +145,7 @@ def write_heatmaps(model, config, variables, records, mesh, output: str) -> None
   @jax.jit
   def proposals(variables, image, pad_mask):
     out = model.apply(variables, image, pad_mask, train=False)
-    boxes = postprocess.frame_to_canvas(out['enc_outputs']['pred_boxes'], out['box_frame'])   # canvas-normalized
+    boxes = postprocess.frame_to_canvas(out['enc_outputs']['pred_boxes'], out.get('box_frame'))   # canvas-normalized
     return boxes, jax.nn.sigmoid(out['enc_outputs']['pred_logits']).max(-1)
 
   h, w = config.input.image_size
