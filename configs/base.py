@@ -63,6 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
   # AnchorGenerator, center_offset 0, as Co-DETR); 'cell_centers' at the cells' centres (mrqm_jax <= 0.3, what
   # checkpoints stored without this key get).
   c.model.anchor_grid = 'mmdet'
+  # What boxes inside the model are normalized by (models/detector.py, docs/DESIGN.md "Box frame"): 'image' =
+  # each image's own resized size before padding, mapped onto the padded feature maps by per-level valid ratios
+  # (Co-DINO's 1x recipe, mmdet img_shape; L1 loss, L1 matching cost, DN noise and encoder proposals in that
+  # frame); 'canvas' = the padded static canvas input.image_size (Co-DINO's LSJ variant; mrqm_jax <= 0.3, what
+  # checkpoints stored without this key get). The two agree when the image fills the canvas.
+  c.model.box_frame = 'image'
   # ImageNet weights of the backbone (mrqm_jax/pretrained.py): 'hf://timm/resnet50.tv_in1k' (torchvision's
   # ResNet-50, as Co-DINO's torchvision://resnet50; fetched once into the Hugging Face cache), a .safetensors /
   # .npz state dict (torchvision or timm names), or 'none'. '' (not given) is an error when training: the frozen

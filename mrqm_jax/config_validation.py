@@ -153,6 +153,7 @@ CHECKS: dict[str, Check] = {
     'model.frozen_stages': integer(0, 4),
     'model.aux_downsample_bias': boolean(),
     'model.exclude_invalid_proposals': boolean(),
+    'model.box_frame': choice('image', 'canvas'),
     'model.anchor_grid': choice('mmdet', 'cell_centers'),
     'model.pretrained': _PRETRAINED_CHECK,
     'train.init_from': optional_folder(modes=('train',)),
@@ -326,6 +327,7 @@ CROSS_CHECKS: tuple[Callable, ...] = (
 # Model keys added after v0.3 -> the value that builds the layout of a checkpoint whose stored config lacks them
 # (and the resize its model was trained with).
 LEGACY_MODEL_DEFAULTS = {'model.aux_downsample_bias': False, 'model.exclude_invalid_proposals': True,
+                         'model.box_frame': 'canvas',
                          'model.norm_region': 'canvas',
                          'model.anchor_grid': 'cell_centers',
                          'input.resize_rule': 'fit_canvas',

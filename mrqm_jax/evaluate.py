@@ -37,7 +37,7 @@ def make_predict_fn(model, config: ml_collections.ConfigDict, mesh):
     dets = postprocess.detections_from_outputs(
         outputs['pred_logits'], outputs['pred_boxes'], canvas_hw=tuple(config.input.image_size),
         scale=batch['scale'], patch_origin=batch['patch_origin'], orig_size=batch['orig_size'],
-        num_detections=candidates if soft_nms else num_detections)
+        num_detections=candidates if soft_nms else num_detections, box_frame=outputs.get('box_frame'))
     if soft_nms:
       dets = postprocess.soft_nms(
           dets['boxes'], dets['scores'], dets['labels'], max_detections=num_detections,

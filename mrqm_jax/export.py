@@ -5,7 +5,8 @@ OUTPUT/
   config.json        the config the model was built with
   inference.stablehlo   `jax.export` serialization of
                      (variables, image [B,H,W,3] f32 normalized, pad_mask [B,H,W] bool)
-                     -> (boxes [B,K,4] canvas-normalized cxcywh, scores [B,K], labels [B,K] i32)
+                     -> (boxes [B,K,4] canvas-normalized cxcywh (whatever the model's box frame),
+                         scores [B,K], labels [B,K] i32)
                      with a symbolic batch size B; H, W = config.input.image_size; K = config.eval.max_detections;
                      the image scaled as config.json's input.resize_rule / resize_scale say
                      (input_pipeline/transforms.resize_factors) and padded at the bottom and right.
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from mrqm_jax import checkpointing, model_lib
 from mrqm_jax.models import detector
+from mrqm_jax.ops import postprocess
 
 EXPORT_FILE = 'inference.stablehlo'
 
@@ -33,7 +35,8 @@ def inference_fn(model, num_detections: int):
 
   def fn(variables, image, pad_mask):
     out = model.apply(variables, image, pad_mask, train=False)
-    logits, boxes = out['pred_logits'], out['pred_boxes']
+    # Canvas-normalized whatever the model's box frame (the export's contract, as config.json may say either).
+    logits, boxes = out['pred_logits'], postprocess.frame_to_canvas(out['pred_boxes'], out.get('box_frame'))
     b, q, c = logits.shape
     scores = jax.nn.sigmoid(logits).reshape(b, q * c)
     top_scores, top_index = jax.lax.top_k(scores, min(num_detections, q * c))

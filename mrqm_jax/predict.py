@@ -27,6 +27,7 @@ from PIL import Image
 from input_pipeline import pipeline
 from input_pipeline import records as records_lib
 from mrqm_jax import errors, evaluate, model_lib, parallel, paths, visualize
+from mrqm_jax.ops import postprocess
 
 # Input listing and output names live in paths.py (no jax/tf imports), so main.py checks them before anything
 # heavy loads; predict uses them from there.
@@ -144,7 +145,8 @@ def write_heatmaps(model, config, variables, records, mesh, output: str) -> None
   @jax.jit
   def proposals(variables, image, pad_mask):
     out = model.apply(variables, image, pad_mask, train=False)
-    return out['enc_outputs']['pred_boxes'], jax.nn.sigmoid(out['enc_outputs']['pred_logits']).max(-1)
+    boxes = postprocess.frame_to_canvas(out['enc_outputs']['pred_boxes'], out.get('box_frame'))   # canvas-normalized
+    return boxes, jax.nn.sigmoid(out['enc_outputs']['pred_logits']).max(-1)
 
   h, w = config.input.image_size
   by_id = {r.image_id: r for r in records}

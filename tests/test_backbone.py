@@ -16,8 +16,12 @@ def random_variables(model, x, seed=0):
 
   Filling shapes from `eval_shape` with NumPy avoids compiling the random initializers (slow on 2 cores).
   """
+  return random_values(jax.eval_shape(model.init, jax.random.key(0), x), seed)
+
+
+def random_values(shapes, seed=0):
+  """A tree of jax.ShapeDtypeStruct (variables) -> random values as `random_variables` (any model's tree)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
 
   def fill(path, leaf):
     name = path[-1].key

@@ -54,11 +54,22 @@ def test_fine_tuning_from_a_checkpoint_needs_no_imagenet_weights(tmp_path):
 
 def test_checkpoints_without_the_v04_keys_keep_the_rules_they_were_trained_with():
   stored = _with().to_dict()
-  del stored['input']['resize_rule'], stored['dn']['group_rule'], stored['model']['norm_region']
+  del (stored['input']['resize_rule'], stored['dn']['group_rule'], stored['model']['norm_region'],
+       stored['model']['box_frame'])
   merged, changed = cv.merge_stored_model_config(visdrone.get_config(), stored)
   assert merged.input.resize_rule == 'fit_canvas' and merged.dn.group_rule == 'image'
   assert merged.model.norm_region == 'canvas'
-  assert {'input.resize_rule', 'dn.group_rule', 'model.norm_region'} <= set(changed)
+  assert merged.model.box_frame == 'canvas'   # v0.3 boxes were canvas-normalized
+  assert {'input.resize_rule', 'dn.group_rule', 'model.norm_region', 'model.box_frame'} <= set(changed)
+
+
+@pytest.mark.parametrize('module', [base, visdrone, sodad, co_dino, co_dino_coco, smoke])
+def test_recipes_use_co_dinos_image_frame_and_stored_frames_win(module):
+  """Co-DINO's 1x recipe normalizes boxes by each image's size; a checkpoint's stored frame is kept."""
+  assert module.get_config().model.box_frame == 'image'
+  stored = _with(model__box_frame='canvas').to_dict()
+  merged, changed = cv.merge_stored_model_config(module.get_config(), stored)
+  assert merged.model.box_frame == 'canvas' and 'model.box_frame' in changed
 
 
 def _with(**values):
@@ -90,6 +101,7 @@ def _with(**values):
     ('train__learning_rate', 0.0, 'config.train.learning_rate=0.0: expected a number > 0'),
     ('model__frozen_stages', 7, 'config.model.frozen_stages=7: expected an integer in [0, 4]'),
     ('model__dtype', 'float16', "config.model.dtype='float16'"),
+    ('model__box_frame', 'padded', "config.model.box_frame='padded': expected one of 'image', 'canvas'"),
     ('model__norm_region', 'image', "config.model.norm_region='image': expected one of 'batch', 'canvas'"),
     ('encoder__num_heads', 5, 'config.encoder.num_heads=5: must divide config.model.hidden_dim=32'),
     ('dataset__slicing__overlap', 900, 'config.dataset.slicing.overlap=900: must be smaller than'),

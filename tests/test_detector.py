@@ -426,7 +426,9 @@ def test_train_outputs_contract(model_setup, train_result):
   d = detector.dn_num_slots(cfg.dn.num_queries, min(cfg.dn.max_gt, cfg.dataset.max_boxes))
   k = aux_heads.query_group_slots(cfg.iah.max_pos, cfg.model.aux_query_padding)
   assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'dn_outputs', 'iah_outputs',
-                      'atss_outputs', 'rcnn_outputs'}
+                      'atss_outputs', 'rcnn_outputs', 'box_frame'}
+  # The smoke config's 'image' frame: image 1 is 96 of the canvas's 128 columns wide.
+  np.testing.assert_array_equal(out['box_frame'], [[1, 1, 1, 1], [0.75, 1, 0.75, 1]])
   assert out['pred_logits'].shape == (b, q, c) and out['pred_boxes'].shape == (b, q, 4)
   assert out['aux_outputs']['pred_logits'].shape == (nl - 1, b, q, c)
   assert out['aux_outputs']['pred_boxes'].shape == (nl - 1, b, q, 4)
@@ -538,14 +540,14 @@ def test_dn_inputs_do_not_change_matching_outputs(model_setup, train_result):
 def test_eval_outputs_have_no_training_groups(model_setup, train_result):
   s = model_setup
   out = s['eval_fn'](s['variables'])
-  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs'}
+  assert set(out) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs', 'box_frame'}
   # Eval equals the training pass's matching group (no dropout in smoke; DN/IAH are masked away from it).
   (_, train_out), _ = train_result
   np.testing.assert_allclose(out['pred_logits'], train_out['pred_logits'], atol=1e-5)
   np.testing.assert_allclose(out['pred_boxes'], train_out['pred_boxes'], atol=1e-6)
   # Selected proposals never come from padded tokens: image 1's right quarter is padding. At init the enc box
-  # head's last layer is zero, so the selected boxes are the token proposals themselves.
-  boxes = np.asarray(out['enc_outputs']['pred_boxes'])
+  # head's last layer is zero, so the selected boxes are the token proposals themselves (here canvas-normalized).
+  boxes = np.asarray(out['enc_outputs']['pred_boxes']) * np.asarray(out['box_frame'])[:, None]
   assert np.all(boxes[1, :, 0] < 0.75) and np.any(boxes[0, :, 0] > 0.75)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from input_pipeline import records as records_lib
 from mrqm_jax.metrics.detections import Detections
+from mrqm_jax.models import detector
 from mrqm_jax.ops import postprocess
 
 
@@ -68,6 +69,31 @@ def test_closed_form_box():
   np.testing.assert_allclose(got['boxes'][0, 0], [170, 80, 250, 160], rtol=1e-6)
   np.testing.assert_array_equal(got['labels'][0], [0, 1])
   np.testing.assert_allclose(got['scores'][0], 1 / (1 + np.exp([-2.0, 1.0])), rtol=1e-6)
+
+
+def test_image_frame_box_maps_to_the_original_pixels():
+  # A 2000x1500 (W x H) image resized by 800/1500 to 1066.67 x 800 px at the top-left of an 800x1344 canvas: its
+  # pad mask leaves 1067 columns (pixel centres inside the content). In the 'image' frame a box is normalized by
+  # 1067 x 800: cxcywh (0.5, 0.25, 0.2, 0.1) is canvas px x (533.5 +- 106.7), y (200 +- 40), i.e. original px
+  # x 1000.3125 +- 200.0625, y 375 +- 75.
+  pad = np.zeros((1, 800, 1344), bool)
+  pad[:, :, 1067:] = True
+  box_frame = detector.image_box_frame(pad)
+  np.testing.assert_allclose(box_frame, [[1067 / 1344, 1.0, 1067 / 1344, 1.0]], rtol=1e-7)
+  scale = 800 / 1500
+  got = postprocess.detections_from_outputs(
+      np.array([[[3.0]]], np.float32), np.array([[[0.5, 0.25, 0.2, 0.1]]], np.float32), canvas_hw=(800, 1344),
+      scale=np.array([scale], np.float32), patch_origin=np.zeros((1, 2), np.float32),
+      orig_size=np.array([[1500, 2000]], np.int32), num_detections=1, box_frame=box_frame)
+  cx, w = 0.5 * 1067 / scale, 0.2 * 1067 / scale
+  cy, h = 0.25 * 800 / scale, 0.1 * 800 / scale
+  np.testing.assert_allclose(got['boxes'][0, 0], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], rtol=1e-5)
+  # Read as canvas-normalized (no frame), the same numbers land 21% further left: the frame matters.
+  canvas = postprocess.detections_from_outputs(
+      np.array([[[3.0]]], np.float32), np.array([[[0.5, 0.25, 0.2, 0.1]]], np.float32), canvas_hw=(800, 1344),
+      scale=np.array([scale], np.float32), patch_origin=np.zeros((1, 2), np.float32),
+      orig_size=np.array([[1500, 2000]], np.int32), num_detections=1)
+  np.testing.assert_allclose(canvas['boxes'][0, 0, 0], (0.5 - 0.1) * 1344 / scale, rtol=1e-5)
 
 
 def test_too_many_detections_is_a_clear_error():

@@ -134,11 +134,12 @@ def test_backbone_and_neck_remat_same_gradients(part):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize('look_forward_twice', [True, False])
-def test_decoder_scan_matches_unrolled_layers(look_forward_twice):
+@pytest.mark.parametrize('look_forward_twice, image_frame', [(True, True), (False, False)])
+def test_decoder_scan_matches_unrolled_layers(look_forward_twice, image_frame):
   """Under remat the decoder runs its layers as one lax.scan over call-time-stacked parameters: same outputs and
   same gradients (parameters, queries, memory) as the unrolled layers, through the look-forward-twice path that
-  carries layer l-1's un-detached refined boxes into layer l's box loss."""
+  carries layer l-1's un-detached refined boxes into layer l's box loss (and in the 'image' box frame, with the
+  per-level valid ratios)."""
   config = smoke.get_config()
   config.decoder.num_layers = 3
   config.decoder.look_forward_twice = look_forward_twice
@@ -150,6 +151,7 @@ def test_decoder_scan_matches_unrolled_layers(look_forward_twice):
   queries = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
   refs = jnp.asarray(rng.uniform(0.2, 0.8, size=(b, n, 4)), jnp.float32)
   attn_mask = jnp.asarray(np.tril(np.ones((n, n), bool)))    # every row has its diagonal
+  ratios = jnp.asarray(rng.uniform(0.6, 1.0, (b, len(shapes), 2)), jnp.float32) if image_frame else None
   config.model.remat = False
   plain = detector.build_decoder(config)
   config.model.remat = True
@@ -163,7 +165,7 @@ def test_decoder_scan_matches_unrolled_layers(look_forward_twice):
   w_boxes = jnp.asarray(rng.normal(size=(3, b, n, 4)), jnp.float32)
 
   def loss(model, params, queries, memory):
-    out = model.apply(params, queries, refs, memory, pad, shapes, attn_mask)
+    out = model.apply(params, queries, refs, memory, pad, shapes, attn_mask, valid_ratios=ratios)
     return (out['pred_logits'] * w_logits).sum() + (out['pred_boxes'] * w_boxes).sum() * 10.0, out
 
   (v0, out0), g0 = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2), has_aux=True)(

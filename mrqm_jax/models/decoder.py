@@ -4,14 +4,20 @@ One call decodes one set of queries (any group: DN + matching queries with their
 auxiliary queries in a separate call with the same weights):
 
   queries [B, N, D] (content part), reference boxes [B, N, 4] (normalized cxcywh, treated as constants),
-  self-attention mask [N, N] or [B, N, N] (True = query i MAY attend key j)
+  self-attention mask [N, N] or [B, N, N] (True = query i MAY attend key j), valid ratios [B, L, 2] or None
   -> per-layer class logits [L, B, N, C] and boxes [L, B, N, 4].
+
+Box frames (detector.BOX_FRAMES): without valid ratios ('canvas') the boxes are normalized as the padded maps
+are, so the memory is read at ref_l itself; with them ('image': boxes normalized by each image's own size)
+level l' is read at ref_l x (r_l', r_l') = `level_reference_boxes` (mmdet DINO decoder / Co-DINO's
+`reference_points_input`) and the position embedding takes level 0's scaled box, as there.
 
 Layer l (mmdet `DetrTransformerDecoderLayer`, post-norm, as Co-DINO's config
 `operation_order=('self_attn', 'norm', 'cross_attn', 'norm', 'ffn', 'norm')`):
-  pos   = ref_point_head(box_sine_embedding(ref_l))            (DINO's ref_point_head, shared by all layers)
+  pos   = ref_point_head(box_sine_embedding(ref_l))            (DINO's ref_point_head, shared by all layers;
+                                                                'image': of level 0's scaled ref_l)
   x     = LN(x + MHA(q = k = x + pos, v = x, mask))
-  x     = LN(x + MSDeformAttn(x + pos, ref_l, memory))
+  x     = LN(x + MSDeformAttn(x + pos, ref_l, memory))         ('image': the per-level scaled ref_l)
   x     = LN(x + FFN(x))
 Outputs and refinement follow DINO / Co-DINO exactly, including which tensor each head sees:
   h_l        = final_norm(x_l)                                 (one LayerNorm shared by all layers)
@@ -46,6 +52,13 @@ def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array
   return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
 
 
+def level_reference_boxes(ref_boxes: jax.Array, valid_ratios: jax.Array) -> jax.Array:
+  """Image-frame reference boxes -> where each level is read: ref_boxes [B, N, 4] cxcywh, valid_ratios [B, L, 2]
+  (x, y) -> [B, N, L, 4] = ref x (r_x, r_y, r_x, r_y) of each level (mmdet's `reference_points_input`)."""
+  ratios = jnp.concatenate([valid_ratios, valid_ratios], axis=-1).astype(ref_boxes.dtype)   # [B, L, 4]
+  return ref_boxes[:, :, None, :] * ratios[:, None, :, :]
+
+
 def box_head(hidden_dim: int, dtype: Any = None, **module_kwargs) -> layers.MLP:
   """The DETR box MLP `[..., D] -> [..., 4]` deltas in logit space, last layer zero-initialized.
   module_kwargs: `name` or `parent` (e.g. parent=None for an unbound template)."""
@@ -68,8 +81,8 @@ def _attention_mask(mask: jax.Array | None, batch: int, n: int) -> jax.Array | N
 class DecoderLayer(nn.Module):
   """One DINO decoder layer (post-norm): `x [B, N, D]` -> `[B, N, D]` (see module doc).
 
-  query_pos [B, N, D]; ref_boxes [B, N, 4] cxcywh; memory [B, S, D]; memory_pad_mask [B, S] (True = pad);
-  attn_mask [B, 1, N, N] (True = may attend) or None.
+  query_pos [B, N, D]; ref_boxes [B, N, 4] cxcywh (every level) or [B, N, L, 4] (per level); memory [B, S, D];
+  memory_pad_mask [B, S] (True = pad); attn_mask [B, 1, N, N] (True = may attend) or None.
   """
   hidden_dim: int = 256
   num_heads: int = 8
@@ -104,7 +117,8 @@ class DINODecoder(nn.Module):
   Call: (queries [B, N, D], ref_boxes [B, N, 4] cxcywh in [0, 1] (no gradient flows into them),
   memory [B, S, D], memory_pad_mask [B, S] bool (True = padding token), spatial_shapes static ((H, W), ...),
   self_attn_mask None | [N, N] | [B, N, N] bool (True = may attend; every row needs one True, e.g. the
-  diagonal), train) -> {'pred_logits': [L, B, N, C] f32, 'pred_boxes': [L, B, N, 4] f32 cxcywh}.
+  diagonal), train, valid_ratios None ('canvas' box frame) | [B, L, 2] (x, y; 'image' frame, module doc))
+  -> {'pred_logits': [L, B, N, C] f32, 'pred_boxes': [L, B, N, 4] f32 cxcywh, in the frame of ref_boxes}.
   Dropout (config.decoder.dropout) draws from the 'dropout' rng stream when train=True.
   """
   num_classes: int
@@ -122,7 +136,7 @@ class DINODecoder(nn.Module):
   @nn.compact
   def __call__(self, queries: jax.Array, ref_boxes: jax.Array, memory: jax.Array, memory_pad_mask: jax.Array,
                spatial_shapes: SpatialShapes, self_attn_mask: jax.Array | None = None,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False, valid_ratios: jax.Array | None = None) -> dict[str, jax.Array]:
     b, n, d = queries.shape
     if d != self.hidden_dim or ref_boxes.shape != (b, n, 4):
       raise ValueError(f'DINODecoder: queries must be [B, N, {self.hidden_dim}] and ref_boxes [B, N, 4], got '
@@ -136,7 +150,7 @@ class DINODecoder(nn.Module):
     x = queries if self.dtype is None else queries.astype(self.dtype)
     ref = jax.lax.stop_gradient(ref_boxes.astype(jnp.float32))   # input to layer l (detached)
     if self.remat and not self.is_initializing() and self.num_layers > 1 and (not train or not self.dropout):
-      return self._scan_layers(x, ref, memory, memory_pad_mask, spatial_shapes, mask)
+      return self._scan_layers(x, ref, memory, memory_pad_mask, spatial_shapes, mask, valid_ratios)
     ref_for_pred = ref                                             # what layer l's boxes are refined from
     all_logits, all_boxes = [], []
     for lid in range(self.num_layers):
@@ -146,7 +160,7 @@ class DINODecoder(nn.Module):
           layer_cls(name=f'layers_{lid}', **self._layer_fields()), ref_point_head, final_norm,
           nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(), name=f'class_heads_{lid}'),
           box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}'),
-          x, ref, ref_for_pred, memory, memory_pad_mask, spatial_shapes, mask, not train)
+          x, ref, ref_for_pred, memory, memory_pad_mask, spatial_shapes, mask, not train, valid_ratios)
       all_logits.append(logits)
       all_boxes.append(boxes)
     return {'pred_logits': jnp.stack(all_logits), 'pred_boxes': jnp.stack(all_boxes)}
@@ -156,11 +170,16 @@ class DINODecoder(nn.Module):
                 num_points=self.num_points, ffn_dim=self.ffn_dim, dropout=self.dropout, dtype=self.dtype)
 
   def _layer_step(self, layer, ref_point_head, final_norm, class_head, bbox_head, x, ref, ref_for_pred, memory,
-                  memory_pad_mask, spatial_shapes, mask, deterministic):
+                  memory_pad_mask, spatial_shapes, mask, deterministic, valid_ratios):
     """Layer l and its heads (module doc): -> (x_{l+1}, ref_{l+1}, ref_for_pred_{l+1}, logits_l, boxes_l)."""
+    if valid_ratios is None:   # 'canvas' frame: every level is read at ref itself
+      attn_ref, pos_ref = ref, ref
+    else:                      # 'image' frame: per-level scaled boxes, the position embedding of level 0's
+      attn_ref = level_reference_boxes(ref, valid_ratios)
+      pos_ref = attn_ref[:, :, 0]
     # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
-    query_pos = ref_point_head(box_sine_embedding(ref, self.hidden_dim // 2).astype(x.dtype))
-    x = layer(x, query_pos, ref, memory, memory_pad_mask, spatial_shapes, mask, deterministic)
+    query_pos = ref_point_head(box_sine_embedding(pos_ref, self.hidden_dim // 2).astype(x.dtype))
+    x = layer(x, query_pos, attn_ref, memory, memory_pad_mask, spatial_shapes, mask, deterministic)
     head_in = final_norm(x)
     logits = class_head(head_in).astype(jnp.float32)
     boxes = jax.nn.sigmoid(bbox_head(head_in).astype(jnp.float32) + inverse_sigmoid(ref_for_pred))
@@ -169,7 +188,7 @@ class DINODecoder(nn.Module):
     next_ref = jax.lax.stop_gradient(new_ref)
     return x, next_ref, new_ref if self.look_forward_twice else next_ref, logits, boxes
 
-  def _scan_layers(self, x, ref, memory, memory_pad_mask, spatial_shapes: SpatialShapes, mask):
+  def _scan_layers(self, x, ref, memory, memory_pad_mask, spatial_shapes: SpatialShapes, mask, valid_ratios):
     """The layers as one loop (lax.scan) over their parameters, stacked at call time so that the variable tree
     keeps one entry per layer; the body is rematerialized. Why: the backward pass then recomputes ONE layer at a
     time on any scheduler (XLA:CPU's runs every unrolled layer's recomputation first, all live together).
@@ -193,7 +212,7 @@ class DINODecoder(nn.Module):
       bound = {kind: functools.partial(templates[kind].apply, {'params': layer_params[kind]}) for kind in templates}
       x, ref, ref_for_pred, logits, boxes = self._layer_step(
           bound['layers'], ref_point_head, final_norm, bound['class_heads'], bound['box_heads'],
-          *carry, memory, memory_pad_mask, spatial_shapes, mask, True)
+          *carry, memory, memory_pad_mask, spatial_shapes, mask, True, valid_ratios)
       return (x, ref, ref_for_pred), (logits, boxes)
 
     _, (logits, boxes) = jax.lax.scan(jax.checkpoint(body), (x, ref, ref), per_layer)

@@ -285,8 +285,9 @@ class MSDeformAttn(nn.Module):
 
   reference_points: [B, Q, L, 2] normalized points (x, y), or [B, Q, L, 4] boxes (cx, cy, w, h) — with boxes
     the offsets are scaled by half the box size / num_points, as Deformable DETR's two-stage decoder. The
-    level axis may be omitted ([B, Q, 2] / [B, Q, 4]): the same reference for every level (our contract:
-    coordinates are normalized by the padded canvas, so there are no per-level valid ratios).
+    level axis may be omitted ([B, Q, 2] / [B, Q, 4]): the same reference for every level (the 'canvas' box
+    frame, whose coordinates are those of every padded level; the 'image' frame passes one per level, scaled by
+    the level's valid ratio as mmdet does).
   value_pad_mask: [B, S] bool, True = padding token; those tokens' projected values are zeroed, so they
     contribute nothing (bilinear samples touching them read zeros).
   Parameters: value_proj, output_proj (xavier-uniform); sampling_offsets (zero kernel, grid bias);

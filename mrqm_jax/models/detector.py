@@ -6,6 +6,9 @@ encoder, configs/co_dino.py).
     build_model(config)(images [B, H, W, 3], pad_mask [B, H, W] bool (True = padding), targets=None, train=False)
 
 returns the output dict of the shared contract (L decoder layers, Q = decoder.num_queries, C classes):
+  box_frame [B, 4]                                 (w, h, w, h) of each image's frame in canvas-normalized units:
+                                                   every *pred_boxes / query_boxes below is cxcywh in that frame
+                                                   (canvas-normalized = box x box_frame); ones for 'canvas'
   pred_logits [B, Q, C], pred_boxes [B, Q, 4]      last decoder layer, matching queries
   aux_outputs {pred_logits [L-1, B, Q, C], pred_boxes [L-1, B, Q, 4]}
   enc_outputs {pred_logits [B, Q, C], pred_boxes [B, Q, 4]}     the selected encoder proposals
@@ -22,16 +25,27 @@ sampling, the query groups' negatives) and 'dropout' (only when a dropout rate i
 `init` with train=False creates every parameter (the DN label embedding, the auxiliary heads and their query
 projections included), so a train-mode apply needs nothing more; inference reads none of the auxiliary parameters
 (`inference_params`).
-Targets: boxes [B, M, 4] cxcywh, labels [B, M], box_valid [B, M], and scale [B] (canvas px per original px; eq. 8
-of the IoU-aware head works in original pixels).
+Targets: boxes [B, M, 4] cxcywh canvas-normalized (the batch's frame), labels [B, M], box_valid [B, M], and scale [B]
+(canvas px per original px; eq. 8 of the IoU-aware head works in original pixels).
 Everything is static-shaped: one compilation per input shape.
 
+Box frame (`box_frame` field, config model.box_frame; `BOX_FRAMES`): 'image' (Co-DINO's 1x recipe, mmdet without
+LSJ) normalizes every box by the image's own resized size before padding (its unpadded extent in pad_mask,
+`image_box_frame`): level masks are PyTorch's nearest resize of pad_mask, each level's valid ratio is its
+unpadded fraction (`valid_ratios`), the encoder's reference points and proposals and the decoder's per-level
+references use them (`encoder.encoder_reference_points`, `image_frame_proposals`,
+`decoder.level_reference_boxes`), the DN queries and the aux query groups start from gts / anchors divided by
+the frame (`to_box_frame`), and losses / postprocess convert with `box_frame`. 'canvas' (Co-DINO's LSJ variant,
+mrqm_jax <= 0.3) normalizes by the padded canvas: no valid ratios, static proposals. An image that fills the
+canvas gets the same outputs in both.
+
 Two-stage mixed query selection (DINO / Co-DINO, mmdet `gen_encoder_output_proposals`):
-  every encoder token gets an anchor proposal centred on its pixel with side 0.05 * 2^level (normalized by
-  the padded canvas, our box contract); tokens on padding and proposals not inside (0.01, 0.99) on every
-  coordinate are invalid and their memory is zeroed; enc_output = LN(Dense(memory)); per-token class logits
-  (enc class head) and boxes sigmoid(enc box head + logit(proposal)); the top-Q tokens by max class logit
-  give the reference boxes (DETACHED) of the matching queries, whose content is a LEARNED embedding [Q, D].
+  every encoder token gets an anchor proposal centred on its pixel with side 0.05 * 2^level (in the box
+  frame: normalized by the level's unpadded extent, or by the padded canvas); tokens on padding and proposals
+  not inside (0.01, 0.99) on every coordinate are invalid and their memory is zeroed; enc_output =
+  LN(Dense(memory)); per-token class logits (enc class head) and boxes sigmoid(enc box head + logit(proposal));
+  the top-Q tokens by max class logit give the reference boxes (DETACHED) of the matching queries, whose content
+  is a LEARNED embedding [Q, D].
   Invalid tokens compete in the top-k as in Co-DINO (`exclude_invalid_proposals=False`, the default): their
   zeroed memory gives them one constant class logit, and their box logit is Co-DINO's +inf, written as the
   finite INVALID_PROPOSAL_LOGIT (sigmoid 1.0 exactly in float32, zero gradient, no inf in JAX's gradients), so
@@ -96,20 +110,71 @@ INVALID_PROPOSAL_LOGIT = 1e4
 
 
 # ------------------------------------------------------------------------------------------ query selection
-def level_pad_masks(pad_mask: jax.Array, spatial_shapes) -> list[jax.Array]:
+def level_pad_masks(pad_mask: jax.Array, spatial_shapes, torch_nearest: bool = False) -> list[jax.Array]:
   """Image pad mask [B, H, W] -> [[B, H_l, W_l]] by nearest sampling (PyTorch `F.interpolate(size=...)`:
-  source index floor(i * H / H_l)), as DETR derives its feature masks."""
+  source index floor(i * H / H_l)), as DETR derives its feature masks.
+
+  torch_nearest: compute the source index as PyTorch's nearest kernel does, floor(i * float32(H / H_l)) in float32
+  (mmdet's masks, the 'image' box frame); False computes it in float64 (mrqm_jax <= 0.3, the 'canvas' frame). The
+  two differ for a few sizes (e.g. 106 rows -> 26: row 13 reads source row 52 in PyTorch, 53 in float64).
+  """
   _, h, w = pad_mask.shape
   out = []
   for hl, wl in spatial_shapes:
-    rows = np.floor(np.arange(hl) * (h / hl)).astype(np.int32)
-    cols = np.floor(np.arange(wl) * (w / wl)).astype(np.int32)
+    if torch_nearest:
+      rows = np.minimum(np.floor(np.arange(hl, dtype=np.float32) * (np.float32(h) / np.float32(hl))), h - 1)
+      cols = np.minimum(np.floor(np.arange(wl, dtype=np.float32) * (np.float32(w) / np.float32(wl))), w - 1)
+      rows, cols = rows.astype(np.int32), cols.astype(np.int32)
+    else:
+      rows = np.floor(np.arange(hl) * (h / hl)).astype(np.int32)
+      cols = np.floor(np.arange(wl) * (w / wl)).astype(np.int32)
     out.append(pad_mask[:, rows][:, :, cols])
   return out
 
 
+# ------------------------------------------------------------------------------------------------ box frames
+# What boxes inside the model are normalized by (config model.box_frame): 'image' = each image's own resized
+# size before padding (Co-DETR without LSJ: img_meta['img_shape']), mapped onto the padded feature maps by
+# per-level valid ratios; 'canvas' = the padded static canvas (Co-DETR's LSJ variant; mrqm_jax <= 0.3).
+BOX_FRAMES = ('image', 'canvas')
+
+
+def valid_extent(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Unpadded extent of padded maps, as mmdet counts it: mask [B, H, W] (True = padding) -> (valid_W [B],
+  valid_H [B]) f32 = unpadded columns of row 0, unpadded rows of column 0; at least 1 (a fully padded map keeps
+  finite coordinates; mmdet would divide by zero there)."""
+  valid_w = jnp.sum(~mask[:, 0, :], axis=1).astype(jnp.float32)
+  valid_h = jnp.sum(~mask[:, :, 0], axis=1).astype(jnp.float32)
+  return jnp.maximum(valid_w, 1.0), jnp.maximum(valid_h, 1.0)
+
+
+def valid_ratios(level_masks) -> jax.Array:
+  """mmdet `get_valid_ratio` of every level: [[B, H_l, W_l]] pad masks -> [B, L, 2] (x, y) = (valid_W / W_l,
+  valid_H / H_l) (`valid_extent`)."""
+  ratios = []
+  for mask in level_masks:
+    valid_w, valid_h = valid_extent(mask)
+    ratios.append(jnp.stack([valid_w / mask.shape[2], valid_h / mask.shape[1]], axis=-1))
+  return jnp.stack(ratios, axis=1)
+
+
+def image_box_frame(pad_mask: jax.Array) -> jax.Array:
+  """Each image's frame in canvas-normalized units: pad_mask [B, H, W] -> [B, 4] (w, h, w, h) = its valid width
+  / W and valid height / H at full resolution (mmdet's img_shape over the padded batch shape). A canvas-normalized
+  cxcywh box / this = the box in the image frame; an image-frame box * this = canvas-normalized."""
+  valid_w, valid_h = valid_extent(pad_mask)
+  _, h, w = pad_mask.shape
+  return jnp.stack([valid_w / w, valid_h / h, valid_w / w, valid_h / h], axis=-1)
+
+
+def to_box_frame(boxes: jax.Array, box_frame: jax.Array) -> jax.Array:
+  """Canvas-normalized cxcywh [B, N, 4] -> the model's box frame: / box_frame [B, 4] (`image_box_frame`, or ones
+  in the 'canvas' frame: then exactly the input)."""
+  return boxes / box_frame[:, None, :]
+
+
 def encoder_proposals(spatial_shapes) -> tuple[np.ndarray, np.ndarray]:
-  """Per-token anchor proposals (static): (proposals_logit [S, 4] f32, in_range [S] bool).
+  """Per-token anchor proposals in the 'canvas' frame (static): (proposals_logit [S, 4] f32, in_range [S] bool).
 
   Token (i, j) of level l (level-major, row-major) proposes the box ((j + 0.5) / W_l, (i + 0.5) / H_l,
   0.05 * 2^l, 0.05 * 2^l) in canvas-normalized cxcywh; `in_range` is False when any coordinate is outside
@@ -125,6 +190,30 @@ def encoder_proposals(spatial_shapes) -> tuple[np.ndarray, np.ndarray]:
   in_range = np.all((boxes > lo) & (boxes < hi), axis=-1)
   safe = np.where(in_range[:, None], boxes, 0.5)
   return np.log(safe / (1.0 - safe)).astype(np.float32), in_range
+
+
+def image_frame_proposals(level_masks) -> tuple[jax.Array, jax.Array]:
+  """Per-token anchor proposals in the 'image' frame (mmdet `gen_encoder_output_proposals`), per image:
+  level_masks [[B, H_l, W_l]] -> (proposals_logit [B, S, 4] f32, in_range [B, S] bool).
+
+  Token (i, j) of level l proposes ((j + 0.5) / valid_W_l, (i + 0.5) / valid_H_l, 0.05 * 2^l, 0.05 * 2^l) with
+  the level's unpadded extent (`valid_extent`); in_range and the logits as `encoder_proposals` (so a token on
+  padding, whose centre is > 1, is out of range).
+  """
+  boxes = []
+  for lvl, mask in enumerate(level_masks):
+    b, h, w = mask.shape
+    valid_w, valid_h = valid_extent(mask)
+    cx = (jnp.arange(w, dtype=jnp.float32) + 0.5)[None, None, :] / valid_w[:, None, None]   # [B, 1, W]
+    cy = (jnp.arange(h, dtype=jnp.float32) + 0.5)[None, :, None] / valid_h[:, None, None]   # [B, H, 1]
+    side = jnp.full((b, h, w), PROPOSAL_BASE_SIZE * 2.0**lvl, jnp.float32)
+    boxes.append(jnp.stack([jnp.broadcast_to(cx, (b, h, w)), jnp.broadcast_to(cy, (b, h, w)), side, side],
+                           axis=-1).reshape(b, h * w, 4))
+  boxes = jnp.concatenate(boxes, axis=1)
+  lo, hi = PROPOSAL_VALID_RANGE
+  in_range = jnp.all((boxes > lo) & (boxes < hi), axis=-1)
+  safe = jnp.where(in_range[..., None], boxes, 0.5)
+  return jnp.log(safe / (1.0 - safe)), in_range
 
 
 def selectable_proposals(enc_boxes_logit: jax.Array, token_valid: jax.Array, exclude_invalid: bool
@@ -373,6 +462,7 @@ class MRQM(nn.Module):
   max_boxes: int = 1000
   exclude_invalid_proposals: bool = False
   norm_region: str = 'batch'   # layers.NORM_REGIONS: GroupNorm statistics over the batch's extent or the canvas
+  box_frame: str = 'image'   # BOX_FRAMES
   dtype: Any = None
 
   @nn.compact
@@ -389,25 +479,38 @@ class MRQM(nn.Module):
     dtype = self.dtype
     batch = images.shape[0]
 
+    if self.box_frame not in BOX_FRAMES:
+      raise ValueError(f'config.model.box_frame must be one of {BOX_FRAMES}, got {self.box_frame!r}')
+    image_frame = self.box_frame == 'image'
+    # Every box below (proposals, references, DN, aux groups, predictions) is cxcywh in this frame: canvas-
+    # normalized box / box_frame. All ones in the 'canvas' frame, where dividing by it is exact.
+    box_frame = image_box_frame(pad_mask) if image_frame else jnp.ones((batch, 4), jnp.float32)
+
     # Backbone -> neck -> encoder.
     if self.norm_region not in layers.NORM_REGIONS:
       raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
     norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
     feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
-    enc = self.encoder(feats, level_pad_masks(pad_mask, shapes), deterministic=not train)
+    level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+    ratios = valid_ratios(level_masks) if image_frame else None   # [B, L, 2]; None: the canvas needs none
+    enc = self.encoder(feats, level_masks, deterministic=not train, valid_ratios=ratios)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
 
     # Two-stage mixed query selection.
-    proposals_logit, in_range = encoder_proposals(enc.spatial_shapes)
-    token_valid = ~memory_pad_mask & jnp.asarray(in_range)[None]
+    if image_frame:
+      proposals_logit, in_range = image_frame_proposals(level_masks)                 # [B, S, 4], [B, S]
+    else:
+      proposals_logit, in_range = encoder_proposals(enc.spatial_shapes)
+      proposals_logit, in_range = jnp.asarray(proposals_logit)[None], jnp.asarray(in_range)[None]
+    token_valid = ~memory_pad_mask & in_range
     out_memory = jnp.where(token_valid[..., None], memory, 0.0)
     out_memory = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype, name='enc_output_norm')(nn.Dense(dim, dtype=dtype,
                                                                              name='enc_output')(out_memory))
     enc_logits = nn.Dense(num_classes, dtype=dtype, bias_init=layers.prior_bias_init(),
                           name='enc_class_head')(out_memory).astype(jnp.float32)
     enc_boxes_logit = (decoder_lib.box_head(dim, dtype, name='enc_box_head')(out_memory).astype(jnp.float32)
-                       + jnp.asarray(proposals_logit)[None])
+                       + proposals_logit)
     enc_boxes_logit, selectable = selectable_proposals(enc_boxes_logit, token_valid,
                                                        self.exclude_invalid_proposals)
     top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, selectable, num_queries)
@@ -418,15 +521,18 @@ class MRQM(nn.Module):
     label_embedding = self.param('label_embedding', nn.initializers.normal(1.0), (num_classes, dim))
 
     decode = lambda q, r, m: self.decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m,  # noqa: E731
-                                          train=train)
+                                          train=train, valid_ratios=ratios)
 
     use_targets = train and targets is not None
-    outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes}}
+    outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes},
+                               'box_frame': box_frame}
     if use_targets and self.dn.enabled:
       dn_cfg = self.dn
       cap = min(dn_cfg.max_gt, int(targets['boxes'].shape[1]))
       num_dn = dn_num_slots(dn_cfg.num_queries, cap)
-      dn = make_dn_queries(self.make_rng('dn'), targets, label_embedding, num_dn_queries=dn_cfg.num_queries,
+      # Co-DINO's DN generator normalizes the gts by img_shape: the model's frame.
+      dn_targets = dict(targets, boxes=to_box_frame(targets['boxes'], box_frame))
+      dn = make_dn_queries(self.make_rng('dn'), dn_targets, label_embedding, num_dn_queries=dn_cfg.num_queries,
                            max_gt=cap, num_slots=num_dn, label_noise=dn_cfg.label_noise,
                            box_noise=dn_cfg.box_noise, group_rule=dn_cfg.group_rule)
       dec = decode(jnp.concatenate([dn['content'].astype(content.dtype), content], axis=1),
@@ -450,11 +556,12 @@ class MRQM(nn.Module):
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
       for aux_head in self.aux_heads:
         head = aux_head(maps, level_pad, head_targets, norm_region)
+        query_ref_boxes = to_box_frame(head['query_ref_boxes'], box_frame)   # Co-DETR: / img_shape
         queries = aux_heads.AuxQueryGroup(dim, dtype, name=f'aux_query_{aux_head.name}')(
-            head['query_ref_boxes'], head.get('query_feat'))
+            query_ref_boxes, head.get('query_feat'))
         if use_targets:   # (at init the decoder's parameters exist already)
           live = head['query_live']
-          decoded = decode(queries.astype(dtype), head['query_ref_boxes'], aux_query_attention_mask(live))
+          decoded = decode(queries.astype(dtype), query_ref_boxes, aux_query_attention_mask(live))
           outputs[f'{aux_head.name}_outputs'] = dict(
               head, query_logits=decoded['pred_logits'], query_boxes=decoded['pred_boxes'],
               query_gt=jnp.where(live, head['query_gt'], -1).astype(jnp.int32), query_valid=live)
@@ -568,4 +675,4 @@ def build_model(config: ml_collections.ConfigDict) -> MRQM:
       aux_levels=(aux_heads.AuxLevels(m.neck_norm, m.conv_impl, m.dtype, m.aux_downsample_bias) if heads
                   else None), aux_heads=heads,
       max_boxes=config.dataset.max_boxes, exclude_invalid_proposals=bool(m.exclude_invalid_proposals),
-      norm_region=str(m.norm_region), dtype=m.dtype)
+      norm_region=str(m.norm_region), box_frame=str(m.box_frame), dtype=m.dtype)

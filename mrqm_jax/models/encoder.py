@@ -64,8 +64,8 @@ def split_levels(tokens: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.A
 def token_centres(spatial_shapes: SpatialShapes) -> np.ndarray:
   """[S, 2] normalized (x, y) pixel centres ((j + 0.5) / W_l, (i + 0.5) / H_l) of every token.
 
-  Normalized by each level's full (padded-canvas) size: boxes inside the model are normalized by the padded
-  canvas, so reference points need no per-image valid ratios.
+  Normalized by each level's full (padded-canvas) size: the reference points of the 'canvas' box frame, the same
+  point on every level (no valid ratios).
   """
   parts = []
   for h, w in spatial_shapes:
@@ -74,12 +74,30 @@ def token_centres(spatial_shapes: SpatialShapes) -> np.ndarray:
   return np.concatenate(parts, axis=0).astype(np.float32)
 
 
+def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: jax.Array) -> jax.Array:
+  """Reference points of the 'image' box frame (mmdet `get_encoder_reference_points`): valid_ratios [B, L, 2]
+  (x, y) -> [B, S, L, 2].
+
+  Token (i, j) of level l sits at ((j + 0.5) / (r_l,x W_l), (i + 0.5) / (r_l,y H_l)) of its image, and reads
+  sampled level l' at that point x r_l' (the image's valid part of each level, its own grid's rounding).
+  """
+  valid_ratios = valid_ratios.astype(jnp.float32)
+  parts = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5, indexing='ij')
+    x = jnp.asarray(xs.reshape(-1))[None] / (valid_ratios[:, lvl, 0:1] * w)    # [B, H_l W_l]
+    y = jnp.asarray(ys.reshape(-1))[None] / (valid_ratios[:, lvl, 1:2] * h)
+    parts.append(jnp.stack([x, y], axis=-1))
+  return jnp.concatenate(parts, axis=1)[:, :, None, :] * valid_ratios[:, None, :, :]
+
+
 class EncoderLayer(nn.Module):
   """Deformable-DETR encoder layer (post-norm): `query [B, Q, D]` reads `value [B, S, D]` -> `[B, Q, D]`.
 
   x = LN(query + Drop(MSDeformAttn(query + query_pos, reference_points, value)));
   out = LN(x + Drop(W2 Drop(relu(W1 x)))).
-  query_pos [B, Q, D]; reference_points [B, Q, 2] (same point on every level); value [B, S, D] or a tuple of
+  query_pos [B, Q, D]; reference_points [B, Q, 2] (same point on every level: 'canvas' box frame) or
+  [B, Q, L, 2] (one per sampled level: 'image' frame, `encoder_reference_points`); value [B, S, D] or a tuple of
   parts [B, S_i, D] that concatenate to it; value_pad_mask [B, S].
   """
   d_model: int = 256
@@ -143,8 +161,9 @@ class _EncoderBase(nn.Module):
                 num_points=self.num_points, ffn_dim=self.ffn_dim, dropout=self.dropout,
                 packed_neighbours=self.packed_neighbours, query_chunk_size=self.query_chunk_size, dtype=self.dtype)
 
-  def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array]):
-    """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2]."""
+  def _prepare(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array], valid_ratios: jax.Array | None):
+    """Validate, flatten, and build positions: tokens [B,S,D], mask [B,S], pos [B,S,D], ref [B,S,2] (no
+    valid_ratios: 'canvas' frame) or [B,S,L,2] (valid_ratios [B, L, 2]: 'image' frame)."""
     cls = type(self).__name__
     if len(feats) != self.num_levels or len(pad_masks) != self.num_levels:
       raise ValueError(f'{cls}: expected {self.num_levels} feature levels and pad masks (config.model.num_levels),'
@@ -163,12 +182,20 @@ class _EncoderBase(nn.Module):
     if self.dtype is not None:
       tokens = tokens.astype(self.dtype)
     mask = flatten_levels([m.astype(bool) for m in pad_masks])
-    ref = jnp.broadcast_to(jnp.asarray(token_centres(spatial_shapes)), (tokens.shape[0], tokens.shape[1], 2))
+    if valid_ratios is None:
+      ref = jnp.broadcast_to(jnp.asarray(token_centres(spatial_shapes)), (tokens.shape[0], tokens.shape[1], 2))
+    else:
+      if valid_ratios.shape != (tokens.shape[0], self.num_levels, 2):
+        raise ValueError(f'{cls}: valid_ratios must be [B, L, 2] = [{tokens.shape[0]}, {self.num_levels}, 2], got '
+                         f'{valid_ratios.shape}')
+      ref = encoder_reference_points(spatial_shapes, valid_ratios)
     return tokens, mask, pos, ref, spatial_shapes
 
 
 class ScaleAwareEncoder(_EncoderBase):
   """SAE (see module doc): `feats [[B, H_l, W_l, D]] x num_levels`, `pad_masks [[B, H_l, W_l]]` -> EncoderOutput.
+  valid_ratios: None (the 'canvas' box frame: each token's own pixel centre on every level) or [B, L, 2] (the
+  'image' frame: `encoder_reference_points`).
 
   num_low_levels: how many of the finest levels form F_L (1 = F2 alone, the paper). Parameters:
   'high_layers_{i}' (i < num_layers, queries F_H) and 'low_layer' (the single F_L update), 'level_embed'.
@@ -177,11 +204,11 @@ class ScaleAwareEncoder(_EncoderBase):
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array],
-               deterministic: bool = True) -> EncoderOutput:
+               deterministic: bool = True, valid_ratios: jax.Array | None = None) -> EncoderOutput:
     if not 1 <= self.num_low_levels < self.num_levels:
       raise ValueError(f'ScaleAwareEncoder: num_low_levels must be in [1, {self.num_levels}), '
                        f'got {self.num_low_levels}')
-    tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks)
+    tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks, valid_ratios)
     split = sum(h * w for h, w in shapes[:self.num_low_levels])  # F_L tokens come first (level order)
     low, high = tokens[:, :split], tokens[:, split:]
     if self.remat and not self.is_initializing() and self.num_layers > 1 and (deterministic or not self.dropout):
@@ -214,8 +241,8 @@ class DeformableEncoder(_EncoderBase):
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], pad_masks: Sequence[jax.Array],
-               deterministic: bool = True) -> EncoderOutput:
-    tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks)
+               deterministic: bool = True, valid_ratios: jax.Array | None = None) -> EncoderOutput:
+    tokens, mask, pos, ref, shapes = self._prepare(feats, pad_masks, valid_ratios)
     for i in range(self.num_layers):
       tokens = self._layer(f'layers_{i}', tokens, pos, ref, tokens, shapes, mask, deterministic)
     return EncoderOutput(tokens, mask, shapes, level_start_index(shapes))

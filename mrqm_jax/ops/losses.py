@@ -40,6 +40,12 @@ Choices, with the Co-DINO reference (projects/configs/co_dino/co_dino_5scale_r50
 - Padding contributes exactly zero: invalid gts, invalid DN / aux queries and invalid anchors are replaced by
   finite dummies before any arithmetic (so NaN garbage cannot leak into values or gradients) and masked out.
 - Ignore regions are not used by the losses (Co-DINO passes gt_bboxes_ignore=None to its DETR losses).
+- Box frame: the query losses (matched, encoder, DN, aux query groups) and the Hungarian cost compare boxes in
+  the detector's box frame (`outputs['box_frame']` [B, 4]: canvas-normalized box / box_frame; all ones in the
+  'canvas' frame), as Co-DINO divides its gts by img_shape: the targets, canvas-normalized in the batch, are
+  converted once here (`targets_in_frame`). So L1 loss and L1 cost weigh each axis by the image's own size;
+  GIoU does not change under a per-axis scaling. The aux heads' own dense losses stay in canvas units (their
+  anchors are canvas pixels).
 """
 
 import functools
@@ -219,6 +225,15 @@ def supervised_query_loss(logits: jax.Array, boxes: jax.Array, query_gt: jax.Arr
       'bbox': jnp.sum(l1_loss(boxes, target_boxes) * pos_weight) / normalizer,
       'giou': jnp.sum(giou_loss(boxes, target_boxes) * pos_weight) / normalizer,
   }
+
+
+def targets_in_frame(gt: tuple, box_frame: jax.Array | None) -> tuple:
+  """Sanitized targets (boxes [B, M, 4] canvas-normalized, labels, valid) -> the same with boxes in the box frame
+  box_frame [B, 4] (the detector's `outputs['box_frame']`; None = the canvas frame, unchanged)."""
+  if box_frame is None:
+    return gt
+  boxes, labels, valid = gt
+  return boxes / jnp.asarray(box_frame, jnp.float32)[:, None, :], labels, valid
 
 
 def _weighted(terms: dict, prefix: str, scale: float, config: ml_collections.ConfigDict) -> dict:
@@ -405,7 +420,8 @@ def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDi
 
   Args:
     outputs: the detector's output dict (`pred_logits` [B, Q, C], `pred_boxes` [B, Q, 4], optional
-      `aux_outputs`, `enc_outputs`, `dn_outputs`, `iah_outputs`; shapes in helper contracts / DESIGN.md).
+      `box_frame` [B, 4] (the frame of every query box; absent = canvas), `aux_outputs`, `enc_outputs`,
+      `dn_outputs`, `iah_outputs`; shapes in helper contracts / DESIGN.md).
     targets: {'boxes' [B, M, 4] normalized cxcywh, 'labels' [B, M] int, 'box_valid' [B, M] bool}.
     config: full config (`loss`, `matcher`, `iah`, `decoder.num_layers`).
     num_boxes: optional normalizer of the matched losses (default: valid gt boxes in the batch, psum-ed over
@@ -418,12 +434,13 @@ def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDi
   if config.loss.cls_type not in CLS_TYPES:
     raise ValueError(f'config.loss.cls_type must be one of {CLS_TYPES}, got {config.loss.cls_type!r}')
   gt = _sanitize_targets(targets, outputs['pred_logits'].shape[-1])
+  query_gt = targets_in_frame(gt, outputs.get('box_frame'))   # every query group's targets; dense heads: gt
   gt_count = _count(gt[2], axis_name) if num_boxes is None else jnp.maximum(
       jnp.asarray(num_boxes, jnp.float32), 1.0)
-  terms = matched_losses(outputs, gt, gt_count, config)
+  terms = matched_losses(outputs, query_gt, gt_count, config)
   dn = outputs.get('dn_outputs')
   if dn is not None:
-    terms.update(denoising_losses(dn, gt, config, axis_name))
+    terms.update(denoising_losses(dn, query_gt, config, axis_name))
   for head_name in config.model.aux_heads:
     head_loss = AUX_HEAD_LOSSES[head_name]
     head_out = outputs.get(f'{head_name}_outputs')
@@ -431,7 +448,7 @@ def compute_losses(outputs: dict, targets: dict, config: ml_collections.ConfigDi
       continue
     terms.update(head_loss(head_out, gt, config, axis_name))
     if head_out.get('query_logits') is not None:
-      terms.update(aux_query_losses(head_out, gt, config, axis_name, f'aux_{head_name}'))
+      terms.update(aux_query_losses(head_out, query_gt, config, axis_name, f'aux_{head_name}'))
   terms = {k: v.astype(jnp.float32) for k, v in terms.items()}
   total = sum(terms.values())
   return total, terms

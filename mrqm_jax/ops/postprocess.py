@@ -2,9 +2,11 @@
 
 DETR-family decoding as Co-DINO / DINO do it (mmdet `DINOHead._get_bboxes_single` without NMS): every
 (query, class) pair is a candidate scored by sigmoid(logit); the top `num_detections` candidates over all
-queries x classes are kept, so one query may yield several classes. Boxes go from the model's contract
-(cxcywh normalized by the padded static canvas, see DESIGN.md) to pixel xyxy of the original image:
+queries x classes are kept, so one query may yield several classes. Boxes go from the model's box frame
+(cxcywh normalized by each image's own size or by the padded static canvas, `model.box_frame`, see DESIGN.md)
+to pixel xyxy of the original image:
 
+  canvas-normalized:  b_canvas = b_frame * box_frame  (the detector's `box_frame` [B, 4]; ones for 'canvas')
   canvas pixels:   x_c = x_norm * W_canvas,  y_c = y_norm * H_canvas
   original pixels: x_o = x_c / scale + patch_origin_x,  y_o = y_c / scale + patch_origin_y
 
@@ -59,18 +61,27 @@ def topk_queries_classes(pred_logits: jax.Array, num_detections: int
   return top_scores, (flat_index // c).astype(jnp.int32), (flat_index % c).astype(jnp.int32)
 
 
+def frame_to_canvas(boxes: jax.Array, box_frame: jax.Array | None) -> jax.Array:
+  """cxcywh [B, K, 4] in the detector's box frame -> canvas-normalized: x box_frame [B, 4] (`outputs['box_frame']`;
+  None = already canvas-normalized)."""
+  if box_frame is None:
+    return boxes
+  return boxes * jnp.asarray(box_frame, boxes.dtype)[:, None, :]
+
+
 def detections_from_outputs(pred_logits: jax.Array, pred_boxes: jax.Array, *, canvas_hw: tuple[int, int],
                             scale: jax.Array, patch_origin: jax.Array, orig_size: jax.Array,
-                            num_detections: int) -> dict[str, jax.Array]:
+                            num_detections: int, box_frame: jax.Array | None = None) -> dict[str, jax.Array]:
   """The detector's last-layer predictions -> fixed-size detections per image.
 
-  pred_logits [B, Q, C] sigmoid logits; pred_boxes [B, Q, 4] canvas-normalized cxcywh; canvas_hw static
+  pred_logits [B, Q, C] sigmoid logits; pred_boxes [B, Q, 4] cxcywh in the detector's box frame, box_frame
+  [B, 4] (`outputs['box_frame']`; None = pred_boxes are canvas-normalized); canvas_hw static
   (H, W) = config.input.image_size; scale [B]; patch_origin [B, 2]; orig_size [B, 2] i32 (H, W).
   Returns {'boxes': [B, K, 4] f32 original-pixel xyxy, 'scores': [B, K] f32 (descending),
   'labels': [B, K] i32 0-based}, K = num_detections.
   """
   scores, query_index, labels = topk_queries_classes(pred_logits, num_detections)
-  boxes = jnp.take_along_axis(pred_boxes, query_index[..., None], axis=1)  # [B, K, 4]
+  boxes = frame_to_canvas(jnp.take_along_axis(pred_boxes, query_index[..., None], axis=1), box_frame)  # [B, K, 4]
   boxes = canvas_to_original_xyxy(boxes, canvas_hw, scale, patch_origin, orig_size)
   return {'boxes': boxes, 'scores': scores, 'labels': labels}
 
