@@ -567,10 +567,11 @@ def compare(args) -> int:
   max_per_img = int(meta['test_cfg']['max_per_img'])
   nms_iou = float(meta['test_cfg']['nms'].get('iou_threshold', 0.8))
   batch = images.shape[0]
+  image_sizes = meta.get('image_sizes') or [[h, w]] * batch
   dets = postprocess.detections_from_outputs(
       outputs['pred_logits'], outputs['pred_boxes'], canvas_hw=(h, w), scale=jnp.ones((batch,)),
-      patch_origin=jnp.zeros((batch, 2)), orig_size=jnp.tile(jnp.asarray([[h, w]]), (batch, 1)),
-      num_detections=max_per_img)
+      patch_origin=jnp.zeros((batch, 2)), orig_size=jnp.asarray(image_sizes, jnp.int32),
+      num_detections=max_per_img, box_frame=outputs.get('box_frame'))
   dets = postprocess.soft_nms(dets['boxes'], dets['scores'], dets['labels'], max_detections=max_per_img,
                               iou_threshold=nms_iou)
   top = 100
@@ -581,12 +582,12 @@ def compare(args) -> int:
     ours_scores = np.asarray(dets['scores'][i, :len(ref_boxes)])
     ours_labels = np.asarray(dets['labels'][i, :len(ref_boxes)])
     same_labels = int((ours_labels == ref_labels).sum())
-    box_diff = float(np.max(np.abs(ours_boxes - ref_boxes))) / max(h, w) if len(ref_boxes) else 0.0
+    box_diff = float(np.max(np.abs(ours_boxes - ref_boxes))) / max(image_sizes[i]) if len(ref_boxes) else 0.0
     score_diff = float(np.max(np.abs(ours_scores - ref_scores))) if len(ref_boxes) else 0.0
     rows.append((f'detections image {i} (top {len(ref_boxes)})', score_diff, score_diff,
                  f'labels equal {same_labels}/{len(ref_boxes)}; boxes max |diff| / image side {box_diff:.2e}'))
 
-  loss_rows = compare_losses(ref, config, batch, h, w) if 'loss/loss_cls' in ref else []
+  loss_rows = compare_losses(ref, config, batch, h, w, pad_mask) if 'loss/loss_cls' in ref else []
   grad_rows, totals, clipped = ([], None, 0)
   if 'dn/label_query' in ref:
     grad_rows, totals, clipped = compare_gradients(ref, meta, state, images, batch, h, w)
@@ -737,7 +738,11 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
   targets = {'boxes': jnp.asarray(gt_boxes), 'labels': jnp.asarray(gt_labels), 'box_valid': jnp.asarray(gt_valid)}
   cap = min(config.dn.max_gt, gt_valid.shape[1])
   num_slots = detector_lib.dn_num_slots(config.dn.num_queries, cap)
-  noise, clipped = pinned_dn_noise(ref, gt_boxes, gt_labels, gt_valid, counts, params['label_embedding'],
+  pad_mask = jnp.asarray(batch_pad_mask(meta, batch))
+  frame_boxes = gt_boxes   # DN noise is drawn on the boxes in the model's frame
+  if config.model.box_frame == 'image':
+    frame_boxes = np.asarray(detector_lib.to_box_frame(jnp.asarray(gt_boxes), detector_lib.image_box_frame(pad_mask)))
+  noise, clipped = pinned_dn_noise(ref, frame_boxes, gt_labels, gt_valid, counts, params['label_embedding'],
                                    num_slots, config.dn.box_noise)
   noise = jax.tree.map(jnp.asarray, noise)
   original_draw = detector_lib.draw_dn_noise
@@ -766,16 +771,19 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
   return rows, (ref_total, float(total)), clipped
 
 
-def compare_losses(ref: dict, config, batch: int, h: int, w: int) -> list[tuple[str, float, float, float]]:
+def compare_losses(ref: dict, config, batch: int, h: int, w: int, pad_mask) -> list[tuple[str, float, float, float]]:
   """Our matched (decoder layers, encoder) and denoising losses on the predictions the reference's query head
   made in train mode, against the reference's loss values: [(reference name, reference, ours, relative)]."""
   import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
   import numpy as np   # pylint: disable=g-import-not-at-top
 
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
 
   gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
   gt = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
+  if config.model.box_frame == 'image':   # the query head's losses are in each image's frame
+    gt = losses.targets_in_frame(gt, detector_lib.image_box_frame(jnp.asarray(pad_mask)))
   num_dn, groups = int(ref['loss_in/num_dn']), int(ref['loss_in/num_dn_groups'])
   logits, boxes = jnp.asarray(ref['loss_in/logits']), jnp.asarray(ref['loss_in/boxes'])
   outputs = {'pred_logits': logits[-1, :, num_dn:], 'pred_boxes': boxes[-1, :, num_dn:],
@@ -968,21 +976,25 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
   out = {k: jnp.stack([jnp.asarray(v) for v in vs]) for k, vs in out.items()}
   terms = losses.rcnn_losses(out, gt, config, None)
   # Proposals from the reference's RPN outputs: ours (per-level top-k, NMS, the best num_proposals) against its.
-  anchor_valid_rpn = aux_heads.anchor_valid_mask(level_pad, per_location)
   level_sizes = tuple(a * b * per_location for a, b in shapes)
+  image_wh = np.stack(detector_lib.valid_extent(jnp.asarray(pad_mask)), axis=-1)   # as the detector passes it
   for i in range(batch):
     proposals, valid = rcnn_lib.select_proposals(
-        jnp.asarray(rpn_logits[i]), jnp.asarray(rpn_deltas[i]), jnp.asarray(rpn_anchors), anchor_valid_rpn[i],
-        level_sizes, (h, w), nms_pre=rcnn.nms_pre, nms_iou=rcnn.nms_iou, num_proposals=rcnn.num_proposals)
+        jnp.asarray(rpn_logits[i]), jnp.asarray(rpn_deltas[i]), jnp.asarray(rpn_anchors),
+        jnp.ones(len(rpn_anchors), bool), level_sizes, (h, w), nms_pre=rcnn.nms_pre, nms_iou=rcnn.nms_iou,
+        num_proposals=rcnn.num_proposals, clip_wh=jnp.asarray(image_wh[i]))
     ours_boxes = np.asarray(proposals)[np.asarray(valid)]
     ref_boxes = ref[f'rpn/proposals/{i}/boxes']
     ours_set = {tuple(np.round(b, 2)) for b in ours_boxes}
     common = sum(tuple(np.round(b, 2)) in ours_set for b in ref_boxes)
+    # A set: proposals of equal score (e.g. from the constant padding region) come in either order.
+    by_coords = lambda b: b[np.lexsort(np.round(b, 2).T[::-1])]   # noqa: E731
     n = min(len(ours_boxes), len(ref_boxes))
-    diff = float(np.abs(ours_boxes[:n] - ref_boxes[:n]).max()) if n else 0.0
-    rows.append((f'RPN proposals image {i}', diff, diff / max(h, w),
-                 f'{common}/{len(ref_boxes)} reference boxes among ours ({len(ours_boxes)}); first {n} in order: '
-                 f'max |diff| px {diff:.2e}'))
+    diff = (float(np.abs(by_coords(ours_boxes)[:n] - by_coords(ref_boxes)[:n]).max())
+            if n and len(ours_boxes) == len(ref_boxes) else float('inf'))
+    rows.append((f'RPN proposals image {i} (as a set)', diff, diff / max(h, w),
+                 f'{common}/{len(ref_boxes)} reference boxes among ours ({len(ours_boxes)}); sorted by '
+                 f'coordinates: max |diff| px {diff:.2e}'))
   rows.append(('RPN sampled anchors found among ours', float('nan'), float('nan'),
                f'{batch * len(index) - unmatched}/{batch * len(index)} (by pixel coordinates)'))
   for ours_name, ref_name in (('rpn.cls', 'loss_rpn_cls'), ('rpn.bbox', 'loss_rpn_bbox'),
@@ -1010,9 +1022,9 @@ def compare_aux_groups(ref: dict, config, model, params, pad_mask, batch: int, h
   enc_maps = [jnp.asarray(ref[f'aux/maps/{level}']) for level in range(num_maps - 1)]
   shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in enc_maps)
   memory = jnp.concatenate([m.reshape(batch, -1, m.shape[-1]) for m in enc_maps], axis=1)
-  level_masks = detector_lib.level_pad_masks(pad_mask, shapes)
-  memory_pad_mask = jnp.concatenate([m.reshape(batch, -1) for m in level_masks], axis=1)
   image_frame = config.model.box_frame == 'image'
+  level_masks = detector_lib.level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+  memory_pad_mask = jnp.concatenate([m.reshape(batch, -1) for m in level_masks], axis=1)
   ratios = detector_lib.valid_ratios(level_masks) if image_frame else None
   box_frame = detector_lib.image_box_frame(pad_mask) if image_frame else jnp.ones((batch, 4), jnp.float32)
   gt_boxes, gt_labels, gt_valid, _ = reference_targets(ref, batch, h, w)

@@ -156,3 +156,21 @@ def test_attention_mask_live_block_and_dead_slots():
       expected = live[b].copy()            # a dead slot's row too (as before the switch; never read)
       expected[row] = True
       np.testing.assert_array_equal(mask[b, row], expected)
+
+
+def test_proposals_clip_to_each_image_as_mmdet():
+  """RPN proposals (mmdet's RPNHead.predict_by_feat): every anchor proposes, boxes are clipped to the image's own
+  size (img_shape), empty ones dropped; without clip_wh the canvas bounds them (v0.3)."""
+  from mrqm_jax.models import rcnn   # pylint: disable=g-import-not-at-top
+  canvas = (64, 64)
+  px = np.asarray([[10, 10, 30, 30], [40, 10, 60, 30], [52, 10, 62, 30]], np.float32)   # in, straddling, beyond
+  anchors = jnp.asarray(np.concatenate([(px[:, :2] + px[:, 2:]) / 2, px[:, 2:] - px[:, :2]], 1) / 64.0)
+  logits, deltas = jnp.asarray([3.0, 2.0, 1.0]), jnp.zeros((3, 4))
+  fn = lambda clip: rcnn.select_proposals(logits, deltas, anchors, jnp.ones(3, bool), (3,), canvas,  # noqa: E731
+                                          nms_pre=3, nms_iou=0.7, num_proposals=3, clip_wh=clip)
+  boxes, valid = fn(jnp.asarray([50.0, 40.0]))
+  np.testing.assert_array_equal(np.asarray(valid), [True, True, False])
+  np.testing.assert_allclose(np.asarray(boxes)[:2], [[10, 10, 30, 30], [40, 10, 50, 30]], atol=1e-4)
+  boxes, valid = fn(None)
+  assert np.asarray(valid).all()
+  np.testing.assert_allclose(np.asarray(boxes), px, atol=1e-4)

@@ -552,6 +552,8 @@ class MRQM(nn.Module):
     # parameters exist).
     if self.aux_heads and (use_targets or self.is_initializing()):
       head_targets = targets if use_targets else placeholder_targets(batch, self.max_boxes)
+      # Each image's size in canvas px: the RPN clips its proposals to it (mmdet's img_shape).
+      head_targets = dict(head_targets, image_wh=jnp.stack(valid_extent(pad_mask), axis=-1))
       maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
       for aux_head in self.aux_heads:

@@ -43,12 +43,13 @@ def rpn_anchor_sizes(strides, octave_base_scale: float, scales_per_octave: int):
 
 
 def select_proposals(logits, deltas, anchors, anchor_valid, level_sizes, canvas_hw, *, nms_pre: int,
-                     nms_iou: float, num_proposals: int):
+                     nms_iou: float, num_proposals: int, clip_wh=None):
   """RPN outputs of one image -> (proposals [P, 4] canvas-px xyxy, valid [P]), P = num_proposals (no gradient).
 
   logits [A], deltas [A, 4], anchors [A, 4] normalized cxcywh, anchor_valid [A], level_sizes: anchors per
-  level (static). Per level: top min(nms_pre, A_l) by logit among valid anchors, decode, clip to the canvas,
-  drop empty boxes, NMS; then the num_proposals best survivors of all levels.
+  level (static), clip_wh: optional [2] (W, H) in canvas px that boxes are clipped to (the image's own size, as
+  mmdet's img_shape; default the canvas). Per level: top min(nms_pre, A_l) by logit among valid anchors, decode,
+  clip, drop empty boxes, NMS; then the num_proposals best survivors of all levels.
   """
   logits, deltas = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas)
   h, w = canvas_hw
@@ -60,7 +61,8 @@ def select_proposals(logits, deltas, anchors, anchor_valid, level_sizes, canvas_
     idx = idx + start
     boxes = box_ops.cxcywh_to_pixel_xyxy(
         box_coder.decode_deltas(anchors[idx], deltas[idx], box_coder.UNIT_STDS), canvas_hw)
-    boxes = jnp.clip(boxes, 0.0, jnp.asarray([w, h, w, h], jnp.float32))
+    bound = jnp.asarray([w, h], jnp.float32) if clip_wh is None else jnp.asarray(clip_wh, jnp.float32)
+    boxes = jnp.clip(boxes, 0.0, jnp.concatenate([bound, bound]))
     ok = jnp.isfinite(score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     keep = nms_lib.nms(boxes, score, nms_iou, valid=ok)
     boxes_all.append(boxes)
@@ -174,9 +176,15 @@ class RCNNBranch(nn.Module):
 
     # Proposals (no gradient), then the RoIs: gts first (add_gt_as_proposals), assigned and sampled.
     level_sizes = tuple(h * w * per_location for h, w in shapes)
-    proposals, proposal_valid = jax.vmap(lambda lg, d, av: select_proposals(
+    # mmdet's RPN proposes from every anchor of the batch's maps (padding too: no valid flags at test time) and
+    # clips to each image (img_shape); without targets['image_wh'] (v0.3 callers) the canvas and the valid anchors.
+    image_wh = targets.get('image_wh')
+    proposal_anchor_valid = anchor_valid if image_wh is None else jnp.ones_like(anchor_valid)
+    clip_wh = (jnp.tile(jnp.asarray([self.canvas_hw[1], self.canvas_hw[0]], jnp.float32), (batch, 1))
+               if image_wh is None else jnp.asarray(image_wh, jnp.float32))
+    proposals, proposal_valid = jax.vmap(lambda lg, d, av, cw: select_proposals(
         lg, d, anchors, av, level_sizes, self.canvas_hw, nms_pre=self.nms_pre, nms_iou=self.nms_iou,
-        num_proposals=self.num_proposals))(rpn['logits'], rpn['deltas'], anchor_valid)
+        num_proposals=self.num_proposals, clip_wh=cw))(rpn['logits'], rpn['deltas'], proposal_anchor_valid, clip_wh)
     candidates = jnp.concatenate([gt_px, proposals], axis=1)
     candidate_valid = jnp.concatenate([gt_valid, proposal_valid], axis=1)
     roi_assigned = jax.vmap(lambda c, g, v, cv: assigners.max_iou_assign(
