@@ -156,7 +156,7 @@ def test_iah_positives_never_on_padding():
   pad = np.zeros((h, w), bool)
   pad[:, 64:] = True  # right half is padding: an object straddling it may only own left-half anchors
   boxes = np.zeros((config.dataset.max_boxes, 4), np.float32)
-  boxes[0] = np.array([66, 50, 20, 20]) / np.array([w, h, w, h])
+  boxes[0] = np.array([70, 50, 20, 20]) / np.array([w, h, w, h])
   valid = np.zeros(config.dataset.max_boxes, bool)
   valid[0] = True
   found = notebook_utils.iah_positives(config, boxes, valid, pad_mask=pad)
