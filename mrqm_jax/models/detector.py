@@ -167,10 +167,7 @@ def image_box_frame(pad_mask: jax.Array) -> jax.Array:
   return jnp.stack([valid_w / w, valid_h / h, valid_w / w, valid_h / h], axis=-1)
 
 
-def to_box_frame(boxes: jax.Array, box_frame: jax.Array) -> jax.Array:
-  """Canvas-normalized cxcywh [B, N, 4] -> the model's box frame: / box_frame [B, 4] (`image_box_frame`, or ones
-  in the 'canvas' frame: then exactly the input)."""
-  return boxes / box_frame[:, None, :]
+to_box_frame = box_ops.to_box_frame   # (`image_box_frame`, or ones in the 'canvas' frame)
 
 
 def encoder_proposals(spatial_shapes) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,12 @@ import jax.numpy as jnp
 EPS = 1e-9
 
 
+def to_box_frame(boxes: jnp.ndarray, box_frame: jnp.ndarray) -> jnp.ndarray:
+  """Canvas-normalized cxcywh [B, N, 4] -> the detector's box frame: / box_frame [B, 4] ((w, h, w, h) of each
+  image's frame in canvas units; all ones in the 'canvas' frame, where this is exactly the input)."""
+  return boxes / jnp.asarray(box_frame, boxes.dtype)[:, None, :]
+
+
 def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
   """[..., 4] cxcywh -> [..., 4] xyxy."""
   cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)

@@ -233,7 +233,7 @@ def targets_in_frame(gt: tuple, box_frame: jax.Array | None) -> tuple:
   if box_frame is None:
     return gt
   boxes, labels, valid = gt
-  return boxes / jnp.asarray(box_frame, jnp.float32)[:, None, :], labels, valid
+  return box_ops.to_box_frame(boxes, box_frame), labels, valid
 
 
 def _weighted(terms: dict, prefix: str, scale: float, config: ml_collections.ConfigDict) -> dict:
