@@ -212,6 +212,12 @@ def _host_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+# Every function handed to tf.data is written with explicit tf.cond / tf.where, so AutoGraph's source conversion
+# (seconds of every run's startup) has nothing to convert; a Python `if` on a
+# tensor in them is an error at trace time, not a silent change.
+_graph_fn = tf.autograph.experimental.do_not_convert
+
+
 def _parallel_calls(config) -> int:
   n = config.input.num_parallel_calls
   return tf.data.AUTOTUNE if n is None or n < 0 else max(1, int(n))
@@ -265,10 +271,10 @@ def _example_dataset_fn(config: ml_collections.ConfigDict, table: ExampleTable, 
   def one_example(position, index):
     single = tf.data.Dataset.from_tensors((position, index))
     # ignore_errors turns a failed decode into "no element"; the blank behind it then takes its place.
-    decoded = single.filter(lambda p, i: i >= 0).map(load).ignore_errors(log_warning=True)
-    return decoded.concatenate(single.map(blank)).take(1)
+    decoded = single.filter(_graph_fn(lambda p, i: i >= 0)).map(_graph_fn(load)).ignore_errors(log_warning=True)
+    return decoded.concatenate(single.map(_graph_fn(blank))).take(1)
 
-  return one_example
+  return _graph_fn(one_example)
 
 
 def _finish(config, positions: tf.data.Dataset, table: ExampleTable, *, train: bool, seed: int,
@@ -301,10 +307,10 @@ def train_positions(num_examples: int, *, seed: int, global_batch_size: int, sta
     order = tf.argsort(keys, stable=True)
     return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n), tf.cast(order, tf.int64)))
 
-  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(_graph_fn(epoch))
   ds = ds.skip(first - first_epoch * num_examples)
   lo, hi = process_index * host_batch, (process_index + 1) * host_batch
-  return ds.filter(lambda t, i: tf.logical_and(t % global_batch_size >= lo, t % global_batch_size < hi))
+  return ds.filter(_graph_fn(lambda t, i: tf.logical_and(t % global_batch_size >= lo, t % global_batch_size < hi)))
 
 
 def eval_positions(num_examples: int, *, global_batch_size: int, process_index: int,

@@ -90,8 +90,7 @@ def _short(e: BaseException) -> str:
 
 _is_url = paths.is_url
 
-# Config keys that hold a path: read by paths.user_path like the path flags ('' and 'auto' stay as they are).
-PATH_KEYS = (('dataset', 'root'), ('model', 'pretrained'), ('train', 'init_from'), ('', 'compilation_cache_dir'))
+PATH_KEYS = paths.CONFIG_PATH_KEYS
 
 
 def normalize_config_paths(config) -> None:

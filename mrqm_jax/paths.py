@@ -26,6 +26,10 @@ from mrqm_jax import errors
 
 LOCK_FILE = 'lock'
 
+# Config keys that hold a path: read by user_path like the path flags ('' and 'auto' stay as they are).
+CONFIG_PATH_KEYS = (('dataset', 'root'), ('model', 'pretrained'), ('train', 'init_from'),
+                    ('', 'compilation_cache_dir'))
+
 
 def is_url(path: str) -> bool:
   return '://' in str(path)

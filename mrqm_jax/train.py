@@ -51,6 +51,15 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
   return loss_fn
 
 
+def step_trace_key(config: ml_collections.ConfigDict, per_epoch: int) -> str:
+  """What the train step closes over, for `traced_cache`: the config (its paths blanked: where data and weights
+  live does not change the program, and a new workdir must not miss) and the steps per epoch (lr schedule)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section, key in paths.CONFIG_PATH_KEYS:
+    (config[section] if section else config)[key] = ''
+  return f'{config.to_json(sort_keys=True)}|steps_per_epoch={per_epoch}'
+
+
 def _frozen_predicate(config):
   """Which param paths the optimizer must not touch (backbone stem + first `frozen_stages` stages)."""
   prefixes = set(backbone_lib.frozen_prefixes(config.model.frozen_stages))
@@ -268,7 +277,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step = train_lib.make_train_step(make_loss_fn(model, config), tx, mesh,
                                          grad_accum_steps=config.train.grad_accum_steps,
-                                         minimize_memory=config.model.remat)
+                                         minimize_memory=config.model.remat,
+                                         trace_key=step_trace_key(config, per_epoch))
   train_iter = pipeline.train_iterator(config, data.train_records, global_batch_size=batch_size,
                                        start_step=start_step, process_index=jax.process_index(),
                                        process_count=jax.process_count())

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from mrqm_jax import parallel
+from mrqm_jax import traced_cache
 
 PyTree = Any
 
@@ -77,7 +78,8 @@ LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    grad_accum_steps: int = 1, donate: bool = True, minimize_memory: bool = False):
+                    grad_accum_steps: int = 1, donate: bool = True, minimize_memory: bool = False,
+                    trace_key: str | None = None):
   """The jitted step: (state, batch) -> (state, metrics), data-parallel over `mesh`.
 
   batch: dict of global arrays with leading axis B (the global batch), sharded over 'data'. With
@@ -86,6 +88,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax
   sharding, so each device processes B/(A * num_devices) examples at a time.
 
   metrics: {'loss', 'grad_norm', 'lr_scale' ..., and every loss term}, means over the batch.
+
+  trace_key: what the loss function closes over (train.py: the config as JSON); given, the traced step is kept
+  across runs beside the compilation cache (`traced_cache`); None: plain jit.
 
   minimize_memory (set with config.model.remat): on XLA:CPU, compile with its memory-optimized scheduler.
   The default CPU scheduler starts independent work as early as possible (for thread-level concurrency), so
@@ -125,9 +130,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: jax
     return new_state, metrics
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else (),
-                 compiler_options=memory_compiler_options() if minimize_memory else None)
+  return traced_cache.cached_jit(
+      step, name='train_step', key=None if trace_key is None else f'{trace_key}|accum={grad_accum_steps}',
+      mesh=mesh, in_shardings=(replicated, parallel.batch_sharded(mesh)), out_shardings=(replicated, replicated),
+      donate_argnums=(0,) if donate else (), compiler_options=memory_compiler_options() if minimize_memory else None)
 
 
 def memory_compiler_options() -> dict[str, str] | None:

@@ -410,3 +410,16 @@ def test_device_check_summarizes_a_train_step_log(smoke_run, tmp_path):
   bad.write_text('no table\n')
   failed = _device_check(tmp_path, '--summarize', str(bad))
   assert failed.returncode == 2 and 'no train_step.py table' in failed.stderr
+
+
+def test_startup_benchmark_times_one_process():
+  """benchmarks/startup.py's per-process numbers: CPU time and peak RSS of that child alone."""
+  spec = importlib.util.spec_from_file_location('startup_benchmark', REPO / 'benchmarks' / 'startup.py')
+  startup = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(startup)
+  burn = 'import numpy as np, time\nx = np.ones(64 * 2 ** 20 // 8)\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass'
+  result = startup.timed_run([sys.executable, '-c', burn], os.devnull)
+  assert result['rc'] == 0
+  assert result['cpu'] >= 0.3 and result['wall'] >= result['cpu'] * 0.5
+  assert 0.064 < result['rss_gb'] < 2.0      # the child's 64 MB array, not this test process's memory
+  assert startup.timed_run([sys.executable, '-c', 'raise SystemExit(3)'], os.devnull)['rc'] == 3
