@@ -132,6 +132,31 @@ def level_pad_masks(pad_mask: jax.Array, spatial_shapes, torch_nearest: bool = F
   return out
 
 
+def extent_level_pad_masks(pad_mask: jax.Array, extent: jax.Array, spatial_shapes) -> list[jax.Array]:
+  """The level masks mmdet derives from its batch tensor: pad_mask [B, H, W] (True = padding), extent [1, H, W]
+  bool (`layers.batch_extent`), static level shapes -> [[B, H_l, W_l]] bool, True = padding.
+
+  mmdet resizes the batch tensor's mask (E x F px, the extent) to each level's map of ceil(E / s) x ceil(F / s)
+  (`layers.region_at`) with PyTorch's nearest rule (`level_pad_masks`' torch_nearest, on the extent's sizes, which
+  are data: computed here in float32 as PyTorch does); positions past the extent at a level are padding (no such
+  token exists in mmdet). A batch that fills the canvas gives `level_pad_masks(..., torch_nearest=True)`."""
+  big_h, big_w = pad_mask.shape[1:]
+  full = layers.region_extent_hw(extent, (big_h, big_w)).astype(jnp.float32)
+  out = []
+  for hl, wl in spatial_shapes:
+    level = layers.region_extent_hw(extent, (hl, wl))
+    index = []
+    for axis, n in enumerate((hl, wl)):
+      i = jnp.arange(n)
+      scale = full[axis] / level[axis].astype(jnp.float32)
+      src = jnp.minimum(jnp.floor(i.astype(jnp.float32) * scale).astype(jnp.int32), full[axis].astype(jnp.int32) - 1)
+      index.append((jnp.where(i < level[axis], src, 0), i < level[axis]))
+    (rows, row_in), (cols, col_in) = index
+    sampled = jnp.take(jnp.take(pad_mask, rows, axis=1), cols, axis=2)
+    out.append(sampled | ~(row_in[:, None] & col_in[None, :])[None])
+  return out
+
+
 # ------------------------------------------------------------------------------------------------ box frames
 # What boxes inside the model are normalized by (config model.box_frame): 'image' = each image's own resized
 # size before padding (Co-DETR without LSJ: img_meta['img_shape']), mapped onto the padded feature maps by
@@ -439,10 +464,14 @@ class MRQM(nn.Module):
   'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
   'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
 
-  norm_region (config.model.norm_region): 'batch' — every GroupNorm (neck, aux level, dense heads) takes its
-  statistics over `layers.batch_extent(pad_mask)`, the union of the batch's images (the padding inside it
-  included), as Co-DETR's GroupNorms see mmdet's batch tensor; 'canvas' — over the whole canvas (<= 0.3). The
-  extent is over the batch this call gets (under data parallelism: the global batch, docs/DESIGN.md).
+  norm_region (config.model.norm_region): 'batch' — the canvas past the batch's extent
+  (`layers.batch_extent(pad_mask)`, the union of the batch's images, the padding inside it included) takes no
+  part, as nothing exists past mmdet's batch tensor: every GroupNorm (neck, aux level, dense heads) takes its
+  statistics over the extent; every k > 1 conv (backbone, neck, aux level, ATSS / IAH / RPN heads) reads zeros
+  and the BiFPN's max-pool -inf past it; the encoder's level masks are mmdet's resize of the extent's mask
+  (`extent_level_pad_masks`); no token past it enters the top-k; only anchors inside it propose RoIs, and RoIAlign
+  clamps at its last row / column. 'canvas' — the whole canvas takes part (<= 0.3). The extent is over the batch
+  this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
   # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
@@ -486,10 +515,14 @@ class MRQM(nn.Module):
     # Backbone -> neck -> encoder.
     if self.norm_region not in layers.NORM_REGIONS:
       raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
+    # 'batch': nothing past the batch's extent takes part (module doc), as nothing exists past mmdet's batch tensor.
     norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
-    feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
+    feats = self.neck(self.backbone(images.astype(dtype), norm_region), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
-    level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+    if norm_region is None:
+      level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+    else:
+      level_masks = extent_level_pad_masks(pad_mask, norm_region, shapes)
     ratios = valid_ratios(level_masks) if image_frame else None   # [B, L, 2]; None: the canvas needs none
     enc = self.encoder(feats, level_masks, deterministic=not train, valid_ratios=ratios)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
@@ -510,6 +543,9 @@ class MRQM(nn.Module):
                        + proposals_logit)
     enc_boxes_logit, selectable = selectable_proposals(enc_boxes_logit, token_valid,
                                                        self.exclude_invalid_proposals)
+    if norm_region is not None:   # tokens past the extent do not exist in mmdet's memory: never selected
+      selectable = selectable & encoder_lib.flatten_levels(
+          [layers.region_at(norm_region, hw)[..., None] for hw in shapes])[..., 0]
     top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, selectable, num_queries)
     top_boxes = jax.nn.sigmoid(top_boxes_logit)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0), (num_queries, dim))
@@ -553,6 +589,8 @@ class MRQM(nn.Module):
       head_targets = dict(head_targets, image_wh=jnp.stack(valid_extent(pad_mask), axis=-1))
       maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
       level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
+      if norm_region is not None:   # no anchor past the extent (a canvas whose size a stride does not divide)
+        level_pad = [p | ~layers.region_at(norm_region, p.shape[1:]) for p in level_pad]
       for aux_head in self.aux_heads:
         head = aux_head(maps, level_pad, head_targets, norm_region)
         query_ref_boxes = to_box_frame(head['query_ref_boxes'], box_frame)   # Co-DETR: / img_shape
