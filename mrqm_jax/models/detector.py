@@ -524,6 +524,12 @@ class MRQM(nn.Module):
     else:
       level_masks = extent_level_pad_masks(pad_mask, norm_region, shapes)
     ratios = valid_ratios(level_masks) if image_frame else None   # [B, L, 2]; None: the canvas needs none
+    # mmdet's decoder embeds level 0's reference box scaled by the valid ratio to ITS batch tensor's level 0
+    # (the extent's), a number that depends on the padding; the memory is read with the canvas' ratios above.
+    position_ratios = None
+    if image_frame and norm_region is not None:
+      extent_w = layers.region_extent_hw(norm_region, shapes[0]).astype(jnp.float32)[::-1]   # (w, h)
+      position_ratios = jnp.stack(valid_extent(level_masks[0]), axis=-1) / extent_w
     enc = self.encoder(feats, level_masks, deterministic=not train, valid_ratios=ratios)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
 
@@ -554,7 +560,7 @@ class MRQM(nn.Module):
     label_embedding = self.param('label_embedding', nn.initializers.normal(1.0), (num_classes, dim))
 
     decode = lambda q, r, m: self.decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m,  # noqa: E731
-                                          train=train, valid_ratios=ratios)
+                                          train=train, valid_ratios=ratios, position_ratios=position_ratios)
 
     use_targets = train and targets is not None
     outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes},
