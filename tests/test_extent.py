@@ -229,3 +229,25 @@ def test_detector_inference_over_the_batch_extent_equals_the_cropped_batch():
               lambda o: o['enc_outputs']['pred_boxes']):
     got, want = np.asarray(get(ours)), np.asarray(get(reference))
     assert np.abs(got - want).max() <= RTOL * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+
+
+def test_anchor_pad_masks_are_mmdets_valid_flags():
+  """mmdet's anchor valid flags (row < ceil(image height / stride), column < ceil(image width / stride), each
+  image's own size): the same on the canvas and on the cropped batch, and equal to the nearest rule
+  (`level_pad_masks`) where the canvas is a multiple of the stride."""
+  pad = _pad_mask()
+  shapes, strides = [(48, 64), (24, 32), (12, 16), (6, 8), (3, 4)], (4, 8, 16, 32, 64)
+  ours = detector.anchor_pad_masks(pad, shapes, strides)
+  cropped = detector.anchor_pad_masks(pad[:, :130, :180], [_extent_at(s) for s in strides], strides)
+  for o, c, s in zip(ours, cropped, strides):
+    o, c = np.asarray(o), np.asarray(c)
+    for i, (h, w) in enumerate(IMAGES):
+      want = np.ones(o.shape[1:], bool)
+      want[:-(-h // s), :-(-w // s)] = False
+      np.testing.assert_array_equal(o[i], want)
+    np.testing.assert_array_equal(o[:, :c.shape[1], :c.shape[2]], c)
+  for o, n in zip(ours, detector.level_pad_masks(pad, shapes)):   # 192 x 256: every stride divides it
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(n))
+  # The cropped batch's own nearest rule drifts (130 / 33 rows at stride 4 is not 4): not mmdet's flags.
+  assert any(not np.array_equal(np.asarray(c), np.asarray(n)) for c, n in zip(
+      cropped, detector.level_pad_masks(pad[:, :130, :180], [_extent_at(s) for s in strides])))

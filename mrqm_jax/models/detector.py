@@ -157,6 +157,22 @@ def extent_level_pad_masks(pad_mask: jax.Array, extent: jax.Array, spatial_shape
   return out
 
 
+def anchor_pad_masks(pad_mask: jax.Array, level_shapes, strides) -> list[jax.Array]:
+  """mmdet's anchor valid flags as padding masks: pad_mask [B, H, W] (True = padding), static level shapes and
+  nominal strides (px) -> [[B, H_l, W_l]] bool, True (padding) unless row < ceil(image height / stride) and
+  column < ceil(image width / stride) (`AnchorGenerator.valid_flags` on img_meta['pad_shape'], which
+  DetDataPreprocessor sets to each image's own size at pad_size_divisor 1). Equal to `level_pad_masks` (nearest
+  sampling of pad_mask) where the canvas is a multiple of the stride; on a level that does not divide the canvas
+  (800 / 128 -> 7 rows) the nearest rule drifts, and on a map of the batch's extent it depends on the extent."""
+  valid_w, valid_h = valid_extent(pad_mask)
+  out = []
+  for (h, w), stride in zip(level_shapes, strides):
+    rows = jnp.ceil(valid_h / stride)[:, None, None]
+    cols = jnp.ceil(valid_w / stride)[:, None, None]
+    out.append(~((jnp.arange(h)[None, :, None] < rows) & (jnp.arange(w)[None, None, :] < cols)))
+  return out
+
+
 # ------------------------------------------------------------------------------------------------ box frames
 # What boxes inside the model are normalized by (config model.box_frame): 'image' = each image's own resized
 # size before padding (Co-DETR without LSJ: img_meta['img_shape']), mapped onto the padded feature maps by
@@ -594,9 +610,11 @@ class MRQM(nn.Module):
       # Each image's size in canvas px: the RPN clips its proposals to it (mmdet's img_shape).
       head_targets = dict(head_targets, image_wh=jnp.stack(valid_extent(pad_mask), axis=-1))
       maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
-      level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
-      if norm_region is not None:   # no anchor past the extent (a canvas whose size a stride does not divide)
-        level_pad = [p | ~layers.region_at(norm_region, p.shape[1:]) for p in level_pad]
+      if norm_region is None:
+        level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
+      else:   # mmdet's valid flags: a rule of each image's size alone, so nothing past the extent
+        level_pad = anchor_pad_masks(pad_mask, [m.shape[1:3] for m in maps],
+                                     aux_heads.aux_level_strides(len(maps) - 1))
       for aux_head in self.aux_heads:
         head = aux_head(maps, level_pad, head_targets, norm_region)
         query_ref_boxes = to_box_frame(head['query_ref_boxes'], box_frame)   # Co-DETR: / img_shape
