@@ -3,6 +3,12 @@ r"""How far is each GroupNorm part of the model from mmdet's batch tensor, with 
 
   python benchmarks/norm_region.py [--images=800x1067,800x1067] [--canvas=800x1344] [--hidden_dim=256]
                                    [--beyond=zero|constant|random]
+  python benchmarks/norm_region.py --whole [--neck=bifpn|channel_mapper|fpn] [--canvas=192x256]
+                                   [--images=160x200,120x210]
+
+--whole runs the whole detector instead (`run_whole`: smoke widths, every aux head), stage by stage, on the
+canvas with norm_region 'batch' and 'canvas' vs the same batch cropped to its extent; its last line is
+`max_rel_batch=A max_rel_canvas=B`. Without it, the GroupNorm parts alone, as follows.
 
 Co-DETR's GroupNorms see the batch tensor, padded to the batch's largest image (mmdet's DetDataPreprocessor,
 pad_size_divisor 1); ours see the static canvas. For each part — Co-DINO's ChannelMapper neck (C2..C5 -> 5
