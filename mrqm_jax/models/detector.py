@@ -485,8 +485,8 @@ class MRQM(nn.Module):
   part, as nothing exists past mmdet's batch tensor: every GroupNorm (neck, aux level, dense heads) takes its
   statistics over the extent; every k > 1 conv (backbone, neck, aux level, ATSS / IAH / RPN heads) reads zeros
   and the BiFPN's max-pool -inf past it; the encoder's level masks are mmdet's resize of the extent's mask
-  (`extent_level_pad_masks`); no token past it enters the top-k; only anchors inside it propose RoIs, and RoIAlign
-  clamps at its last row / column. 'canvas' — the whole canvas takes part (<= 0.3). The extent is over the batch
+  (`extent_level_pad_masks`); no token past it enters the top-k; anchor validity is mmdet's valid flags
+  (`anchor_pad_masks`), only anchors inside the extent propose RoIs, and RoIAlign clamps at its last row / column. 'canvas' — the whole canvas takes part (<= 0.3). The extent is over the batch
   this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
