@@ -77,10 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.neck = 'bifpn'                 # 'bifpn' | 'fpn'
   c.model.bifpn_repeats = 1
   c.model.neck_norm = 'group'            # 'group' (GroupNorm, batch-size independent) | 'none'; see models/bifpn.py
-  # Where every GroupNorm (neck, aux extra level, ATSS / IoU-aware heads' towers) takes its statistics: 'batch' =
-  # the batch's extent, rows / columns up to the largest image of the batch, as Co-DETR's GroupNorms see mmdet's
-  # batch tensor (padded to its largest image); 'canvas' = the whole static canvas, padding beyond the batch's
-  # images included (mrqm_jax <= 0.3; what checkpoints stored without this key get). docs/DESIGN.md.
+  # What of the static canvas takes part: 'batch' = only the batch's extent, rows / columns up to the largest image
+  # of the batch, as mmdet's batch tensor (padded to its largest image) is all Co-DETR has: every GroupNorm's
+  # statistics over it, convs and max-pools reading zeros / -inf past it, the encoder's level masks, top-k, anchors
+  # and RoIAlign on it; 'canvas' = the whole static canvas, padding beyond the batch's images included
+  # (mrqm_jax <= 0.3; what checkpoints stored without this key get). docs/DESIGN.md.
   c.model.norm_region = 'batch'
   c.model.hidden_dim = 256
   c.model.num_levels = 4                 # P2..P5

@@ -42,7 +42,9 @@ class AuxLevels(nn.Module):
 
   The extra level is conv 3x3 stride 2 + GroupNorm on the coarsest map (Co-DINO's `downsample`, an nn.Conv2d
   WITH a bias: `conv_bias`, config.model.aux_downsample_bias; False is the layout of mrqm_jax <= 0.3), its
-  statistics over `norm_region` ([B | 1, H, W] bool at the image's resolution, `layers.NeckNorm`) when given.
+  statistics over `norm_region` ([B | 1, H, W] bool at the image's resolution, `layers.NeckNorm`) when given, and
+  the conv reading zeros outside it (the memory there is the encoder's output on tokens past the batch's extent,
+  which mmdet's batch tensor does not have).
   Parameters: 'downsample'.
   """
   norm: str = 'group'
@@ -78,11 +80,22 @@ def anchor_valid_mask(level_pad: Sequence[jax.Array], per_location: int) -> jax.
   return jnp.repeat(~pad, per_location, axis=1)
 
 
+def extent_anchor_valid(extent: jax.Array, level_shapes: Sequence[Sequence[int]], per_location: int,
+                        batch: int) -> jax.Array:
+  """extent [B | 1, H, W] bool at the image's resolution (`layers.batch_extent`), L static level shapes ->
+  [batch, A] bool, True for the anchors at the extent's positions of each level (`layers.region_at`): the
+  anchors mmdet's batch tensor has (A = per_location * sum H_l W_l, the order of `flatten_anchor_maps`)."""
+  outside = [jnp.broadcast_to(~layers.region_at(extent, hw), (batch, int(hw[0]), int(hw[1])))
+             for hw in level_shapes]
+  return anchor_valid_mask(outside, per_location)
+
+
 class DenseHead(nn.Module):
   """ATSS-style dense head shared over levels (mmdet ATSSHead; the IoU-aware head uses it without centerness).
 
-  maps: L maps `[B, H_l, W_l, D]` (norm_region: optional [B | 1, H, W] bool at the image's resolution, the towers'
-  GroupNorm statistics region, `layers.NeckNorm`) -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with
+  maps: L maps `[B, H_l, W_l, D]` (norm_region: optional [B | 1, H, W] bool at the image's resolution, the batch's
+  extent: the towers' GroupNorm statistics region, `layers.NeckNorm`, outside which every 3x3 conv reads zeros,
+  `layers.Conv2D`) -> {'cls_logits' [B, A, C], 'deltas' [B, A, 4], and with
   centerness 'centerness' [B, A]}, A = R * sum_l H_l W_l, R = `num_anchors` per location.
   Structure: `stacked_convs` x (conv 3x3 + GN + ReLU) per branch (class / box), then conv 3x3 to R * C logits,
   R * 4 deltas (x a learnable per-level scale, init 1) and R centerness logits on the box tower.
@@ -116,10 +129,10 @@ class DenseHead(nn.Module):
       for block in reg_tower:
         r = block(r, norm_region)
       scale = self.param(f'reg_scale_{level}', nn.initializers.ones_init(), (), jnp.float32)
-      logits.append(cls_out(c))
-      deltas.append(reg_out(r) * scale.astype(r.dtype))
+      logits.append(cls_out(c, norm_region))
+      deltas.append(reg_out(r, norm_region) * scale.astype(r.dtype))
       if ctr_out is not None:
-        centerness.append(ctr_out(r))
+        centerness.append(ctr_out(r, norm_region))
     out = {'cls_logits': flatten_anchor_maps(logits, self.num_classes).astype(jnp.float32),
            'deltas': flatten_anchor_maps(deltas, 4).astype(jnp.float32)}
     if ctr_out is not None:
@@ -130,7 +143,8 @@ class DenseHead(nn.Module):
 class RPNHead(nn.Module):
   """mmdet RPNHead: conv 3x3 + ReLU (shared over levels) -> 1x1 objectness (sigmoid) and 1x1 deltas.
 
-  maps: L maps `[B, H_l, W_l, D]` -> {'logits' [B, A], 'deltas' [B, A, 4]}, A = R * sum_l H_l W_l.
+  maps: L maps `[B, H_l, W_l, D]` (extent: optional [B | 1, H, W] bool at the image's resolution; the 3x3 conv
+  reads zeros outside it, `layers.Conv2D`) -> {'logits' [B, A], 'deltas' [B, A, 4]}, A = R * sum_l H_l W_l.
   Parameters: 'rpn_conv', 'rpn_cls', 'rpn_reg'.
   """
   num_anchors: int
@@ -139,7 +153,7 @@ class RPNHead(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, maps: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  def __call__(self, maps: Sequence[jax.Array], extent: jax.Array | None = None) -> dict[str, jax.Array]:
     init = nn.initializers.normal(0.01)
     shared = layers.Conv2D(self.feat_channels, 3, padding=1, impl=self.conv_impl, dtype=self.dtype,
                            kernel_init=init, name='rpn_conv')
@@ -149,7 +163,7 @@ class RPNHead(nn.Module):
                         name='rpn_reg')
     logits, deltas = [], []
     for x in maps:
-      h = nn.relu(shared(x))
+      h = nn.relu(shared(x, extent))
       logits.append(cls(h))
       deltas.append(reg(h))
     return {'logits': flatten_anchor_maps(logits, 1)[..., 0].astype(jnp.float32),

@@ -86,11 +86,11 @@ class ResidualBlock(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
     convs = block_convs(self.block, self.width, self.stride)
     y = x
     for i, (features, kernel, stride) in enumerate(convs, start=1):
-      y = _conv(features, kernel, stride, self.conv_impl, self.dtype, f'conv{i}')(y)
+      y = _conv(features, kernel, stride, self.conv_impl, self.dtype, f'conv{i}')(y, extent)
       y = layers.FrozenBatchNorm(dtype=self.dtype, name=f'bn{i}')(y)
       if i < len(convs):
         y = nn.relu(y)
@@ -114,11 +114,11 @@ class Stage(nn.Module):
   remat: bool = False   # recompute each block's activations in the backward pass (config.model.remat)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
     block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.num_blocks):
       x = block_cls(self.block, self.width, self.stride if i == 0 else 1, self.conv_impl, self.dtype,
-                    name=str(i))(x)
+                    name=str(i))(x, extent)
     return x
 
 
@@ -137,22 +137,27 @@ class ResNet(nn.Module):
   remat: bool = False   # per block, in the trained stages (frozen ones keep no activations for backward)
 
   @nn.compact
-  def __call__(self, image: jax.Array) -> list[jax.Array]:
+  def __call__(self, image: jax.Array, extent: jax.Array | None = None) -> list[jax.Array]:
+    """image [B, H, W, 3]; extent: optional [B | 1, H, W] bool (config.model.norm_region='batch': the batch's
+    extent, `layers.batch_extent`): every conv larger than 1x1 and the stem's max-pool read zeros outside it
+    (`layers.zero_outside`; the pool's inputs are post-ReLU, >= 0, so a zero never wins over the window's
+    centre), so that C2..C5 inside the extent equal the backbone's on the batch cropped to the extent."""
+
     if self.depth not in RESNET_SPECS:
       raise ValueError(f'ResNet depth must be one of {sorted(RESNET_SPECS)} (config.model.backbone), '
                        f'got {self.depth}')
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f'ResNet expects images [B, H, W, 3], got shape {image.shape}')
     block, blocks_per_stage = RESNET_SPECS[self.depth]
-    x = _conv(self.width, 7, 2, self.conv_impl, self.dtype, 'conv1')(image)
+    x = _conv(self.width, 7, 2, self.conv_impl, self.dtype, 'conv1')(image, extent)
     x = nn.relu(layers.FrozenBatchNorm(dtype=self.dtype, name='bn1')(x))
-    x = layers.max_pool_2x(x, padding=1)
+    x = layers.max_pool_2x(x if extent is None else layers.zero_outside(x, extent), padding=1)
     if self.frozen_stages >= 1:
       x = lax.stop_gradient(x)
     features = []
     for stage, num_blocks in enumerate(blocks_per_stage, start=1):
       x = Stage(block, num_blocks, self.width * 2**(stage - 1), 1 if stage == 1 else 2, self.conv_impl,
-                self.dtype, self.remat and stage > self.frozen_stages, name=f'layer{stage}')(x)
+                self.dtype, self.remat and stage > self.frozen_stages, name=f'layer{stage}')(x, extent)
       if stage <= self.frozen_stages:
         x = lax.stop_gradient(x)
       features.append(x)

@@ -24,8 +24,12 @@ the target level's size, so any input size works.
 Normalization (`config.model.neck_norm`): GroupNorm by default (EfficientDet uses BatchNorm, which needs large
 per-device batches and mutable statistics in the train step; DETR recipes train 2 images/device and
 normalize their neck with GroupNorm), or none. Every neck takes an optional `norm_region` [B | 1, H, W] bool at
-the image's resolution (config.model.norm_region, `layers.NeckNorm`): the GroupNorm statistics of each level
-come from the region's positions at that level only.
+the image's resolution (config.model.norm_region='batch': the batch's extent): the GroupNorm statistics of each
+level come from the region's positions at that level only (`layers.NeckNorm`), and every op that reads
+neighbours sees nothing outside it: k > 1 convs (the depthwise ones included) read zeros there, the BiFPN's
+max-pool -inf (`layers.zero_outside`, `layers.max_pool_2x`), so each level inside the region equals the neck's on
+the batch cropped to it. Nearest upsampling reads row i // 2 of the coarser level, inside the region for every
+row i inside it.
 
 FPN (Lin et al. 2017, mmdet's FPN without extra levels): lateral 1x1 -> top-down sum with nearest 2x
 upsampling -> 3x3 output conv -> norm.
@@ -56,9 +60,10 @@ def upsample_to(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
   return x[:, :h, :w]
 
 
-def downsample_to(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-  """3x3 max-pool stride 2 (padding 1) cropped to `hw`: `[B, H, W, D] -> [B, h, w, D]`, h <= ceil(H/2)."""
-  x = layers.max_pool_2x(x, padding=1)
+def downsample_to(x: jax.Array, hw: tuple[int, int], extent: jax.Array | None = None) -> jax.Array:
+  """3x3 max-pool stride 2 (padding 1) cropped to `hw`: `[B, H, W, D] -> [B, h, w, D]`, h <= ceil(H/2)
+  (extent: `layers.max_pool_2x`'s, -inf outside it)."""
+  x = layers.max_pool_2x(x, padding=1, extent=extent)
   if hw[0] > x.shape[1] or hw[1] > x.shape[2]:
     raise ValueError(f'cannot downsample to {hw} from {x.shape[1:3]}: pyramid levels must halve in size')
   return x[:, :hw[0], :hw[1]]
@@ -95,7 +100,7 @@ class SeparableConvBlock(nn.Module):
   def __call__(self, x: jax.Array, norm_region: jax.Array | None = None) -> jax.Array:
     x = nn.swish(x)
     x = layers.Conv2D(x.shape[-1], 3, padding=1, feature_group_count=x.shape[-1], use_bias=False,
-                      impl=self.conv_impl, dtype=self.dtype, name='depthwise')(x)
+                      impl=self.conv_impl, dtype=self.dtype, name='depthwise')(x, norm_region)
     pointwise = layers.ConvNorm(self.features, 1, 1, self.norm, None, self.conv_impl, self.dtype,
                                 kernel_init=nn.initializers.lecun_normal(), conv_name='pointwise')
     nn.share_scope(self, pointwise)   # params stay 'pointwise', 'norm' of this block
@@ -125,7 +130,7 @@ class BiFPNLayer(nn.Module):
     out = [None] * num
     out[0] = top_down[0]
     for l in range(1, num):
-      down = downsample_to(out[l - 1], feats[l].shape[1:3])
+      down = downsample_to(out[l - 1], feats[l].shape[1:3], norm_region)
       inputs = [feats[l], top_down[l], down] if l < num - 1 else [feats[l], down]
       out[l] = block(f'bu_conv_{l}')(FastNormalizedFusion(name=f'bu_fuse_{l}')(inputs), norm_region)
     return out

@@ -117,7 +117,10 @@ class DINODecoder(nn.Module):
   Call: (queries [B, N, D], ref_boxes [B, N, 4] cxcywh in [0, 1] (no gradient flows into them),
   memory [B, S, D], memory_pad_mask [B, S] bool (True = padding token), spatial_shapes static ((H, W), ...),
   self_attn_mask None | [N, N] | [B, N, N] bool (True = may attend; every row needs one True, e.g. the
-  diagonal), train, valid_ratios None ('canvas' box frame) | [B, L, 2] (x, y; 'image' frame, module doc))
+  diagonal), train, valid_ratios None ('canvas' box frame) | [B, L, 2] (x, y; 'image' frame, module doc),
+  position_ratios None | [B, 2] (x, y): level 0's valid ratio for the position embedding only, where it differs
+  from valid_ratios[:, 0] (the detector's norm_region='batch': mmdet's ratio to its batch tensor's level 0,
+  while the memory is read on the canvas' levels))
   -> {'pred_logits': [L, B, N, C] f32, 'pred_boxes': [L, B, N, 4] f32 cxcywh, in the frame of ref_boxes}.
   Dropout (config.decoder.dropout) draws from the 'dropout' rng stream when train=True.
   """
@@ -136,7 +139,8 @@ class DINODecoder(nn.Module):
   @nn.compact
   def __call__(self, queries: jax.Array, ref_boxes: jax.Array, memory: jax.Array, memory_pad_mask: jax.Array,
                spatial_shapes: SpatialShapes, self_attn_mask: jax.Array | None = None,
-               train: bool = False, valid_ratios: jax.Array | None = None) -> dict[str, jax.Array]:
+               train: bool = False, valid_ratios: jax.Array | None = None,
+               position_ratios: jax.Array | None = None) -> dict[str, jax.Array]:
     b, n, d = queries.shape
     if d != self.hidden_dim or ref_boxes.shape != (b, n, 4):
       raise ValueError(f'DINODecoder: queries must be [B, N, {self.hidden_dim}] and ref_boxes [B, N, 4], got '
@@ -150,7 +154,8 @@ class DINODecoder(nn.Module):
     x = queries if self.dtype is None else queries.astype(self.dtype)
     ref = jax.lax.stop_gradient(ref_boxes.astype(jnp.float32))   # input to layer l (detached)
     if self.remat and not self.is_initializing() and self.num_layers > 1 and (not train or not self.dropout):
-      return self._scan_layers(x, ref, memory, memory_pad_mask, spatial_shapes, mask, valid_ratios)
+      return self._scan_layers(x, ref, memory, memory_pad_mask, spatial_shapes, mask, valid_ratios,
+                               position_ratios)
     ref_for_pred = ref                                             # what layer l's boxes are refined from
     all_logits, all_boxes = [], []
     for lid in range(self.num_layers):
@@ -160,7 +165,8 @@ class DINODecoder(nn.Module):
           layer_cls(name=f'layers_{lid}', **self._layer_fields()), ref_point_head, final_norm,
           nn.Dense(self.num_classes, dtype=self.dtype, bias_init=layers.prior_bias_init(), name=f'class_heads_{lid}'),
           box_head(self.hidden_dim, self.dtype, name=f'box_heads_{lid}'),
-          x, ref, ref_for_pred, memory, memory_pad_mask, spatial_shapes, mask, not train, valid_ratios)
+          x, ref, ref_for_pred, memory, memory_pad_mask, spatial_shapes, mask, not train, valid_ratios,
+          position_ratios)
       all_logits.append(logits)
       all_boxes.append(boxes)
     return {'pred_logits': jnp.stack(all_logits), 'pred_boxes': jnp.stack(all_boxes)}
@@ -170,13 +176,15 @@ class DINODecoder(nn.Module):
                 num_points=self.num_points, ffn_dim=self.ffn_dim, dropout=self.dropout, dtype=self.dtype)
 
   def _layer_step(self, layer, ref_point_head, final_norm, class_head, bbox_head, x, ref, ref_for_pred, memory,
-                  memory_pad_mask, spatial_shapes, mask, deterministic, valid_ratios):
+                  memory_pad_mask, spatial_shapes, mask, deterministic, valid_ratios, position_ratios=None):
     """Layer l and its heads (module doc): -> (x_{l+1}, ref_{l+1}, ref_for_pred_{l+1}, logits_l, boxes_l)."""
     if valid_ratios is None:   # 'canvas' frame: every level is read at ref itself
       attn_ref, pos_ref = ref, ref
     else:                      # 'image' frame: per-level scaled boxes, the position embedding of level 0's
       attn_ref = level_reference_boxes(ref, valid_ratios)
       pos_ref = attn_ref[:, :, 0]
+      if position_ratios is not None:   # level 0's ratio to another map than the memory's (call doc)
+        pos_ref = ref * jnp.concatenate([position_ratios, position_ratios], axis=-1)[:, None].astype(ref.dtype)
     # hidden_dim / 2 frequencies per coordinate -> [B, N, 2D], as DINO's gen_sineembed_for_position.
     query_pos = ref_point_head(box_sine_embedding(pos_ref, self.hidden_dim // 2).astype(x.dtype))
     x = layer(x, query_pos, attn_ref, memory, memory_pad_mask, spatial_shapes, mask, deterministic)
@@ -188,7 +196,8 @@ class DINODecoder(nn.Module):
     next_ref = jax.lax.stop_gradient(new_ref)
     return x, next_ref, new_ref if self.look_forward_twice else next_ref, logits, boxes
 
-  def _scan_layers(self, x, ref, memory, memory_pad_mask, spatial_shapes: SpatialShapes, mask, valid_ratios):
+  def _scan_layers(self, x, ref, memory, memory_pad_mask, spatial_shapes: SpatialShapes, mask, valid_ratios,
+                   position_ratios=None):
     """The layers as one loop (lax.scan) over their parameters, stacked at call time so that the variable tree
     keeps one entry per layer; the body is rematerialized. Why: the backward pass then recomputes ONE layer at a
     time on any scheduler (XLA:CPU's runs every unrolled layer's recomputation first, all live together).
@@ -212,7 +221,7 @@ class DINODecoder(nn.Module):
       bound = {kind: functools.partial(templates[kind].apply, {'params': layer_params[kind]}) for kind in templates}
       x, ref, ref_for_pred, logits, boxes = self._layer_step(
           bound['layers'], ref_point_head, final_norm, bound['class_heads'], bound['box_heads'],
-          *carry, memory, memory_pad_mask, spatial_shapes, mask, True, valid_ratios)
+          *carry, memory, memory_pad_mask, spatial_shapes, mask, True, valid_ratios, position_ratios)
       return (x, ref, ref_for_pred), (logits, boxes)
 
     _, (logits, boxes) = jax.lax.scan(jax.checkpoint(body), (x, ref, ref), per_layer)

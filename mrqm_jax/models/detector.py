@@ -132,6 +132,47 @@ def level_pad_masks(pad_mask: jax.Array, spatial_shapes, torch_nearest: bool = F
   return out
 
 
+def extent_level_pad_masks(pad_mask: jax.Array, extent: jax.Array, spatial_shapes) -> list[jax.Array]:
+  """The level masks mmdet derives from its batch tensor: pad_mask [B, H, W] (True = padding), extent [1, H, W]
+  bool (`layers.batch_extent`), static level shapes -> [[B, H_l, W_l]] bool, True = padding.
+
+  mmdet resizes the batch tensor's mask (E x F px, the extent) to each level's map of ceil(E / s) x ceil(F / s)
+  (`layers.region_at`) with PyTorch's nearest rule (`level_pad_masks`' torch_nearest, on the extent's sizes, which
+  are data: computed here in float32 as PyTorch does); positions past the extent at a level are padding (no such
+  token exists in mmdet). A batch that fills the canvas gives `level_pad_masks(..., torch_nearest=True)`."""
+  big_h, big_w = pad_mask.shape[1:]
+  full = layers.region_extent_hw(extent, (big_h, big_w)).astype(jnp.float32)
+  out = []
+  for hl, wl in spatial_shapes:
+    level = layers.region_extent_hw(extent, (hl, wl))
+    index = []
+    for axis, n in enumerate((hl, wl)):
+      i = jnp.arange(n)
+      scale = full[axis] / level[axis].astype(jnp.float32)
+      src = jnp.minimum(jnp.floor(i.astype(jnp.float32) * scale).astype(jnp.int32), full[axis].astype(jnp.int32) - 1)
+      index.append((jnp.where(i < level[axis], src, 0), i < level[axis]))
+    (rows, row_in), (cols, col_in) = index
+    sampled = jnp.take(jnp.take(pad_mask, rows, axis=1), cols, axis=2)
+    out.append(sampled | ~(row_in[:, None] & col_in[None, :])[None])
+  return out
+
+
+def anchor_pad_masks(pad_mask: jax.Array, level_shapes, strides) -> list[jax.Array]:
+  """mmdet's anchor valid flags as padding masks: pad_mask [B, H, W] (True = padding), static level shapes and
+  nominal strides (px) -> [[B, H_l, W_l]] bool, True (padding) unless row < ceil(image height / stride) and
+  column < ceil(image width / stride) (`AnchorGenerator.valid_flags` on img_meta['pad_shape'], which
+  DetDataPreprocessor sets to each image's own size at pad_size_divisor 1). Equal to `level_pad_masks` (nearest
+  sampling of pad_mask) where the canvas is a multiple of the stride; on a level that does not divide the canvas
+  (800 / 128 -> 7 rows) the nearest rule drifts, and on a map of the batch's extent it depends on the extent."""
+  valid_w, valid_h = valid_extent(pad_mask)
+  out = []
+  for (h, w), stride in zip(level_shapes, strides):
+    rows = jnp.ceil(valid_h / stride)[:, None, None]
+    cols = jnp.ceil(valid_w / stride)[:, None, None]
+    out.append(~((jnp.arange(h)[None, :, None] < rows) & (jnp.arange(w)[None, None, :] < cols)))
+  return out
+
+
 # ------------------------------------------------------------------------------------------------ box frames
 # What boxes inside the model are normalized by (config model.box_frame): 'image' = each image's own resized
 # size before padding (Co-DETR without LSJ: img_meta['img_shape']), mapped onto the padded feature maps by
@@ -439,10 +480,14 @@ class MRQM(nn.Module):
   'query_embed' [Q, D], 'label_embedding' [C, D], 'decoder', and with auxiliary heads 'aux_levels', one of
   'iah' / 'atss' / 'rcnn' per head and its 'aux_query_{head}'.
 
-  norm_region (config.model.norm_region): 'batch' — every GroupNorm (neck, aux level, dense heads) takes its
-  statistics over `layers.batch_extent(pad_mask)`, the union of the batch's images (the padding inside it
-  included), as Co-DETR's GroupNorms see mmdet's batch tensor; 'canvas' — over the whole canvas (<= 0.3). The
-  extent is over the batch this call gets (under data parallelism: the global batch, docs/DESIGN.md).
+  norm_region (config.model.norm_region): 'batch' — the canvas past the batch's extent
+  (`layers.batch_extent(pad_mask)`, the union of the batch's images, the padding inside it included) takes no
+  part, as nothing exists past mmdet's batch tensor: every GroupNorm (neck, aux level, dense heads) takes its
+  statistics over the extent; every k > 1 conv (backbone, neck, aux level, ATSS / IAH / RPN heads) reads zeros
+  and the BiFPN's max-pool -inf past it; the encoder's level masks are mmdet's resize of the extent's mask
+  (`extent_level_pad_masks`); no token past it enters the top-k; anchor validity is mmdet's valid flags
+  (`anchor_pad_masks`), only anchors inside the extent propose RoIs, and RoIAlign clamps at its last row / column. 'canvas' — the whole canvas takes part (<= 0.3). The extent is over the batch
+  this call gets (under data parallelism: the global batch, docs/DESIGN.md).
   """
   # Sub-modules passed in keep the names they were built with (the heads' 'iah', 'atss', 'rcnn'); the unnamed
   # ones take their field's name ('backbone', 'neck', 'encoder', 'decoder', 'aux_levels').
@@ -486,11 +531,21 @@ class MRQM(nn.Module):
     # Backbone -> neck -> encoder.
     if self.norm_region not in layers.NORM_REGIONS:
       raise ValueError(f'config.model.norm_region must be one of {layers.NORM_REGIONS}, got {self.norm_region!r}')
+    # 'batch': nothing past the batch's extent takes part (module doc), as nothing exists past mmdet's batch tensor.
     norm_region = layers.batch_extent(pad_mask) if self.norm_region == 'batch' else None
-    feats = self.neck(self.backbone(images.astype(dtype)), norm_region)
+    feats = self.neck(self.backbone(images.astype(dtype), norm_region), norm_region)
     shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in feats)
-    level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+    if norm_region is None:
+      level_masks = level_pad_masks(pad_mask, shapes, torch_nearest=image_frame)
+    else:
+      level_masks = extent_level_pad_masks(pad_mask, norm_region, shapes)
     ratios = valid_ratios(level_masks) if image_frame else None   # [B, L, 2]; None: the canvas needs none
+    # mmdet's decoder embeds level 0's reference box scaled by the valid ratio to ITS batch tensor's level 0
+    # (the extent's), a number that depends on the padding; the memory is read with the canvas' ratios above.
+    position_ratios = None
+    if image_frame and norm_region is not None:
+      extent_w = layers.region_extent_hw(norm_region, shapes[0]).astype(jnp.float32)[::-1]   # (w, h)
+      position_ratios = jnp.stack(valid_extent(level_masks[0]), axis=-1) / extent_w
     enc = self.encoder(feats, level_masks, deterministic=not train, valid_ratios=ratios)
     memory, memory_pad_mask = enc.memory, enc.memory_pad_mask
 
@@ -510,6 +565,9 @@ class MRQM(nn.Module):
                        + proposals_logit)
     enc_boxes_logit, selectable = selectable_proposals(enc_boxes_logit, token_valid,
                                                        self.exclude_invalid_proposals)
+    if norm_region is not None:   # tokens past the extent do not exist in mmdet's memory: never selected
+      selectable = selectable & encoder_lib.flatten_levels(
+          [layers.region_at(norm_region, hw)[..., None] for hw in shapes])[..., 0]
     top_logits, top_boxes_logit = select_top_proposals(enc_logits, enc_boxes_logit, selectable, num_queries)
     top_boxes = jax.nn.sigmoid(top_boxes_logit)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0), (num_queries, dim))
@@ -518,7 +576,7 @@ class MRQM(nn.Module):
     label_embedding = self.param('label_embedding', nn.initializers.normal(1.0), (num_classes, dim))
 
     decode = lambda q, r, m: self.decoder(q, r, memory, memory_pad_mask, enc.spatial_shapes, m,  # noqa: E731
-                                          train=train, valid_ratios=ratios)
+                                          train=train, valid_ratios=ratios, position_ratios=position_ratios)
 
     use_targets = train and targets is not None
     outputs: dict[str, Any] = {'enc_outputs': {'pred_logits': top_logits, 'pred_boxes': top_boxes},
@@ -552,7 +610,11 @@ class MRQM(nn.Module):
       # Each image's size in canvas px: the RPN clips its proposals to it (mmdet's img_shape).
       head_targets = dict(head_targets, image_wh=jnp.stack(valid_extent(pad_mask), axis=-1))
       maps = self.aux_levels(memory, enc.spatial_shapes, norm_region)
-      level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
+      if norm_region is None:
+        level_pad = level_pad_masks(pad_mask, [m.shape[1:3] for m in maps])
+      else:   # mmdet's valid flags: a rule of each image's size alone, so nothing past the extent
+        level_pad = anchor_pad_masks(pad_mask, [m.shape[1:3] for m in maps],
+                                     aux_heads.aux_level_strides(len(maps) - 1))
       for aux_head in self.aux_heads:
         head = aux_head(maps, level_pad, head_targets, norm_region)
         query_ref_boxes = to_box_frame(head['query_ref_boxes'], box_frame)   # Co-DETR: / img_shape

@@ -171,10 +171,15 @@ class Conv2D(nn.Module):
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
+    """x [B, H, W, Cin]; extent: optional [B | 1, H0, W0] bool at the image's resolution (`region_at`): a kernel
+    larger than 1x1 reads its input as zero outside it (`zero_outside`), as a conv on the batch cropped to it
+    reads its zero padding there."""
     if x.ndim != 4:
       raise ValueError(f'Conv2D expects [B, H, W, C], got shape {x.shape}')
     kh, kw = _pair(self.kernel_size, 'kernel_size')
+    if extent is not None and kh * kw > 1:
+      x = zero_outside(x, extent)
     strides = _pair(self.strides, 'strides')
     cin = x.shape[-1]
     if cin % self.feature_group_count or self.features % self.feature_group_count:
@@ -262,6 +267,24 @@ def region_at(region: jax.Array, hw: Sequence[int]) -> jax.Array:
   return region[..., ::s, ::s]
 
 
+def region_extent_hw(region: jax.Array, hw: Sequence[int]) -> jax.Array:
+  """The rows and columns of a top-left region ([B | 1, H, W] bool, e.g. `batch_extent`) at a level of size hw
+  (`region_at`): -> [2] int32 (h, w), of the first image's region."""
+  at = region_at(region, hw)[0]
+  return jnp.stack([jnp.sum(at[:, 0]), jnp.sum(at[0, :])]).astype(jnp.int32)
+
+
+def zero_outside(x: jax.Array, region: jax.Array) -> jax.Array:
+  """x [B, h, w, C] with zeros at the positions outside `region` ([B | 1, H, W] bool at the image's resolution,
+  taken at x's level by `region_at`); unchanged inside.
+
+  Why: every op that reads neighbours (a k > 1 conv, a max-pool of inputs >= 0) then sees past the batch's extent
+  what it sees past mmdet's batch tensor — zero padding — so its output inside the extent equals the op's on the
+  batch cropped to the extent. A select, not a multiply: non-finite values outside stay out."""
+  inside = region_at(region, x.shape[1:3])[..., None]
+  return jnp.where(inside, x, jnp.zeros((), x.dtype))
+
+
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
   """Largest divisor of `channels` that is <= max_groups (32 groups as Deformable DETR's GroupNorm(32, 256))."""
   return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
@@ -332,7 +355,7 @@ class ConvNorm(nn.Module):
   def __call__(self, x: jax.Array, norm_region: jax.Array | None = None) -> jax.Array:
     x = Conv2D(self.features, self.kernel_size, self.strides, padding=self.kernel_size // 2,
                use_bias=self.norm == 'none' if self.use_bias is None else self.use_bias, impl=self.conv_impl, dtype=self.dtype, kernel_init=self.kernel_init,
-               name=self.conv_name)(x)
+               name=self.conv_name)(x, norm_region)
     x = NeckNorm(self.norm, dtype=self.dtype, name=self.norm_name)(x, norm_region)
     return x if self.activation is None else self.activation(x)
 
@@ -429,14 +452,20 @@ class MLP(nn.Module):
     return x
 
 
-def max_pool_2x(x: jax.Array, padding: Padding = 1) -> jax.Array:
+def max_pool_2x(x: jax.Array, padding: Padding = 1, extent: jax.Array | None = None) -> jax.Array:
   """3x3 max-pool, stride 2: `[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]` (padding=1 as torchvision's stem).
 
-  Padding is with -inf, so padded pixels never win.
+  Padding is with -inf, so padded pixels never win. extent: optional [B | 1, H0, W0] bool at the image's
+  resolution (`region_at`): positions outside it are -inf too (absent, as past mmdet's batch tensor), and the
+  output is zero outside the extent's positions at its own level (so nothing non-finite leaves the pool; an
+  output inside always has its window's centre inside).
   """
+  if extent is not None:
+    x = jnp.where(region_at(extent, x.shape[1:3])[..., None], x, jnp.asarray(-jnp.inf, x.dtype))
   pads = resolve_padding(padding, x.shape[1:3], (3, 3), (2, 2))
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                           ((0, 0), pads[0], pads[1], (0, 0)))
+  out = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                          ((0, 0), pads[0], pads[1], (0, 0)))
+  return out if extent is None else zero_outside(out, extent)
 
 
 def conv_fan_out_init() -> Callable[..., jax.Array]:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from mrqm_jax.models import aux_heads
 from mrqm_jax.models import iou_aware_head
+from mrqm_jax.models import layers
 from mrqm_jax.ops import assigners
 from mrqm_jax.ops import box_coder
 from mrqm_jax.ops import boxes as box_ops
@@ -87,8 +88,9 @@ class RCNNBranch(nn.Module):
   (sampling, and the query group's negatives).
 
   Call: (maps: L aux maps [B, H_l, W_l, D], level_pad: L masks [B, H_l, W_l], targets {'boxes' [B, M, 4],
-  'labels' [B, M], 'box_valid' [B, M]}, norm_region: unused — the branch has no GroupNorm, as mmdet's RPNHead and
-  Shared2FCBBoxHead; taken so that every aux head has one call) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
+  'labels' [B, M], 'box_valid' [B, M]}, norm_region: None or [B | 1, H, W] bool, the batch's extent at the
+  image's resolution — no GroupNorm here (mmdet's RPNHead and Shared2FCBBoxHead have none), but the RPN conv
+  reads zeros outside it and only the anchors inside it propose RoIs, as on mmdet's batch tensor) -> dict (S = rpn_num_samples, N = roi_num_samples, P = num_proposals,
   K = min(max_pos, int(N * roi_pos_fraction))):
     rpn_logits [B, S]  rpn_deltas [B, S, 4]  rpn_delta_targets [B, S, 4]  rpn_pos [B, S]  rpn_valid [B, S]
     roi_logits [B, N, C + 1]  roi_boxes [B, N, 4] (decoded with the target class's deltas, normalized cxcywh)
@@ -130,7 +132,6 @@ class RCNNBranch(nn.Module):
 
   @nn.compact
   def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
-    del norm_region
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
@@ -138,7 +139,8 @@ class RCNNBranch(nn.Module):
                                                           grid=self.anchor_grid, strides=self.strides))
     anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
-    rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps)
+    rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps,
+                                                                                                  norm_region)
 
     if self.is_initializing():   # parameters only: skip compiling assignment, proposals and sampling
       batch, dim = maps[0].shape[0], maps[0].shape[-1]
@@ -179,7 +181,13 @@ class RCNNBranch(nn.Module):
     # mmdet's RPN proposes from every anchor of the batch's maps (padding too: no valid flags at test time) and
     # clips to each image (img_shape); without targets['image_wh'] (v0.3 callers) the canvas and the valid anchors.
     image_wh = targets.get('image_wh')
-    proposal_anchor_valid = anchor_valid if image_wh is None else jnp.ones_like(anchor_valid)
+    # With the batch's extent (norm_region): the anchors inside it, the batch tensor's (none exist past it there).
+    if image_wh is None:
+      proposal_anchor_valid = anchor_valid
+    elif norm_region is None:
+      proposal_anchor_valid = jnp.ones_like(anchor_valid)
+    else:
+      proposal_anchor_valid = aux_heads.extent_anchor_valid(norm_region, shapes, per_location, batch)
     clip_wh = (jnp.tile(jnp.asarray([self.canvas_hw[1], self.canvas_hw[0]], jnp.float32), (batch, 1))
                if image_wh is None else jnp.asarray(image_wh, jnp.float32))
     proposals, proposal_valid = jax.vmap(lambda lg, d, av, cw: select_proposals(
@@ -197,10 +205,12 @@ class RCNNBranch(nn.Module):
     roi_gt = jnp.where(roi_is_pos & roi_valid, jnp.take_along_axis(roi_assigned, roi_index, axis=1), -1)
 
     levels = min(self.num_roi_levels, len(maps))
+    extent_hw = None if norm_region is None else jnp.stack(
+        [layers.region_extent_hw(norm_region, hw) for hw in shapes[:levels]])
     feats = roi_align.multilevel_roi_align(list(maps[:levels]), rois_px, tuple(self.strides[:levels]),
                                            output_size=self.roi_size, sampling_ratio=self.sampling_ratio,
                                            max_samples=self.adaptive_max_samples,
-                                           finest_scale=self.finest_scale)
+                                           finest_scale=self.finest_scale, extent_hw=extent_hw)
     head = aux_heads.Shared2FCHead(self.num_classes, self.fc_dim, self.dtype, name='bbox_head')(feats)
     target_class = jnp.take_along_axis(gt_labels, jnp.maximum(roi_gt, 0), axis=1)
     deltas = jnp.take_along_axis(head['deltas'], target_class[..., None, None], axis=2)[:, :, 0]

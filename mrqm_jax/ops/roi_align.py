@@ -80,17 +80,21 @@ def _axis_samples(lo, hi, size, output_size, sampling_ratio, aligned, max_sample
 
 
 def _roi_align_flat(flat, rois, offset, height, width, spatial_scale, output_size, sampling_ratio, aligned,
-                    max_samples=0):
+                    max_samples=0, bound_h=None, bound_w=None):
   """flat [N, C] (one or more maps flattened row-major and concatenated); per RoI: rois [R, 4] pixel xyxy,
-  offset [R] int32 (start of its map in flat), height/width [R] int32, spatial_scale [R] -> [R, out, out, C]."""
+  offset [R] int32 (start of its map in flat), height/width [R] int32, spatial_scale [R] -> [R, out, out, C].
+  bound_h / bound_w [R] int32 (default height / width): the rows / columns the samples see (the bounds of the
+  module doc's rule), a top-left part of the map."""
   if sampling_ratio < 0 or (sampling_ratio == 0 and max_samples < 1):
     raise ValueError(f'sampling_ratio must be a static int >= 1, or 0 (adaptive) with max_samples >= 1, got '
                      f'sampling_ratio={sampling_ratio}, max_samples={max_samples}')
   rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
   scaled = rois * spatial_scale[:, None]
-  y_low, y_high, wy_low, wy_high, y_count = _axis_samples(scaled[:, 1], scaled[:, 3], height, output_size,
+  bound_h = height if bound_h is None else bound_h
+  bound_w = width if bound_w is None else bound_w
+  y_low, y_high, wy_low, wy_high, y_count = _axis_samples(scaled[:, 1], scaled[:, 3], bound_h, output_size,
                                                           sampling_ratio, aligned, max_samples)
-  x_low, x_high, wx_low, wx_high, x_count = _axis_samples(scaled[:, 0], scaled[:, 2], width, output_size,
+  x_low, x_high, wx_low, wx_high, x_count = _axis_samples(scaled[:, 0], scaled[:, 2], bound_w, output_size,
                                                           sampling_ratio, aligned, max_samples)
   slots = sampling_ratio if sampling_ratio > 0 else max_samples
   base = offset[:, None, None]
@@ -126,12 +130,16 @@ def roi_align(features: jnp.ndarray, rois: jnp.ndarray, *, spatial_scale: float,
 
 def multilevel_roi_align(feature_maps: Sequence[jnp.ndarray], rois: jnp.ndarray, strides: Sequence[int], *,
                          output_size: int = 7, sampling_ratio: int = 2, finest_scale: float = 56.0,
-                         aligned: bool = True, max_samples: int = 0) -> jnp.ndarray:
+                         aligned: bool = True, max_samples: int = 0,
+                         extent_hw: jnp.ndarray | None = None) -> jnp.ndarray:
   """mmdet SingleRoIExtractor: each RoI pooled from the level `map_roi_levels` picks for it.
 
   Args:
     feature_maps: L maps [B, H_l, W_l, C] (finest first), strides: their L strides in canvas pixels.
     rois: [B, R, 4] pixel xyxy.
+    extent_hw: optional [L, 2] int32, the rows and columns of each map that exist (the batch's extent at that
+      level: mmcv's map is the batch tensor's, so a sample at or past its last row uses that row alone, and one
+      past it by more than a pixel is 0); default the whole maps.
 
   Returns [B, R, out, out, C]. The maps of one image are flattened and concatenated ([B, sum H_l W_l, C], one
   copy of the features) and every RoI gathers from its level's slice (level offsets), so each of the 4 * s^2
@@ -152,6 +160,11 @@ def multilevel_roi_align(feature_maps: Sequence[jnp.ndarray], rois: jnp.ndarray,
   height = jnp.asarray([h for h, _ in shapes], jnp.int32)[level]
   width = jnp.asarray([w for _, w in shapes], jnp.int32)[level]
   scale = jnp.asarray([1.0 / s for s in strides], jnp.float32)[level]
-  fn = lambda f, r, o, h, w, s: _roi_align_flat(f, r, o, h, w, s, output_size, sampling_ratio, aligned,  # noqa
-                                                max_samples)
-  return jax.vmap(fn)(flat, rois, offset, height, width, scale)
+  if extent_hw is None:
+    bound_h, bound_w = height, width
+  else:
+    bound_h = jnp.asarray(extent_hw, jnp.int32)[level, 0]
+    bound_w = jnp.asarray(extent_hw, jnp.int32)[level, 1]
+  fn = lambda f, r, o, h, w, s, bh, bw: _roi_align_flat(f, r, o, h, w, s, output_size, sampling_ratio,  # noqa
+                                                        aligned, max_samples, bh, bw)
+  return jax.vmap(fn)(flat, rois, offset, height, width, scale, bound_h, bound_w)
