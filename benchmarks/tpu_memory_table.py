@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,22 +127,22 @@ def run_row(chip: str, dtype: str, batch: int, image_size, config: str, timeout:
          f'--topology={CHIPS[chip][0]}', f'--config.model.dtype={dtype}',
          f'--config.train.per_device_batch_size={batch}', f'--config.input.image_size={h},{w}']
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-  try:
-    output, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    output, _ = proc.communicate()
-    output += f'\ntimed out after {timeout:.0f} s'
-  _, _, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (None, None, None)
-  rss_kib = (usage.ru_maxrss if usage else _children_max_rss_kib())
+  with tempfile.TemporaryFile() as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    timed_out = False
+    while True:   # os.wait4: this child's own peak RSS (RUSAGE_CHILDREN would be the max over every row so far)
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
+      if not timed_out and time.perf_counter() - start > timeout:
+        proc.kill()
+        timed_out = True
+      time.sleep(1.0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.seek(0)
+    output = log.read().decode(errors='replace') + (f'\ntimed out after {timeout:.0f} s' if timed_out else '')
   return record_from_output(chip, dtype, batch, image_size, config, proc.returncode, output,
-                            time.perf_counter() - start, rss_kib / 2**20)
-
-
-def _children_max_rss_kib() -> int:
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                            time.perf_counter() - start, usage.ru_maxrss / 2**20)
 
 
 def main(argv=None) -> int:
