@@ -7,8 +7,9 @@ r"""XLA:TPU memory of the training step per chip x model.dtype x per-chip batch,
 
 Each row is one `benchmarks/tpu_aot_memory.py` run (a compile of the whole step for one chip of that generation,
 in its own process, so that host memory is returned between rows), appended as one JSON line to --results when
-it ends; rows already there are skipped, so an interrupted table resumes where it stopped. A row XLA:TPU refuses
-to compile because the step needs more than the chip's HBM (RESOURCE_EXHAUSTED) is recorded as not fitting.
+it ends; rows already measured there are skipped (a failed one, e.g. killed, runs again), so an interrupted
+table resumes where it stopped. A row XLA:TPU refuses to compile because the step needs more than the chip's HBM
+(RESOURCE_EXHAUSTED) is recorded as not fitting.
 The default rows come in priority order: the paper's per-chip batch 2 in bfloat16 on the 16 GiB v5e first.
 
 Columns: temporaries and peak (tpu_aot_memory.py's `temp_gib` / `peak_gib`: arguments + outputs + temporaries -
@@ -35,6 +36,7 @@ BATCHES = (2, 1)
 # Priority order (the issue): v5e bf16 b2 (the target), v5e f32 b2, v5e bf16 b1, then the rest, chip by chip.
 DEFAULT_ROWS = (('v5e', 'bfloat16', 2), ('v5e', 'float32', 2), ('v5e', 'bfloat16', 1), ('v5e', 'float32', 1)) + tuple(
     (chip, dtype, batch) for chip in ('v6e', 'v4', 'v5p') for dtype in DTYPES for batch in BATCHES)
+FINISHED = ('ok', 'over_hbm')   # statuses that count as a measured row
 _LAST_LINE = re.compile(r'temp_gib=([0-9.]+) peak_gib=([0-9.]+)')
 _COMPILE = re.compile(r'^compile \(s\)\s+([0-9.]+)', re.M)
 
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     parser.error(str(e) or f'--image_size must be H,W (>= 32 each), got {args.image_size!r}')
   records = load_results(args.results)
-  done = {row_key(r) for r in records}
+  done = {row_key(r) for r in records if r['status'] in FINISHED}   # a failed row (killed, timed out) runs again
   if not args.print_only:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     for chip, dtype, batch in rows:
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
       records.append(record)
       done.add(key)
   wanted = {(c, d, b) for c, d, b in rows}
-  shown = [r for r in records if (r['chip'], r['dtype'], r['batch']) in wanted
+  latest = {row_key(r): r for r in records}   # the last record of each row (a retried row's result)
+  shown = [r for r in latest.values() if (r['chip'], r['dtype'], r['batch']) in wanted
            and tuple(r['image_size']) == image_size and r['config'] == args.config]
   print(f'XLA:TPU memory analysis of the training step ({args.config}, deviceless compile, one chip), '
         f'{args.results}:')

@@ -113,3 +113,8 @@ def test_table_resumes_from_results(tmp_path, monkeypatch, capsys):
   compiled.clear()
   assert tmt.main([f'--results={results}', '--rows=v5e:bfloat16:2,v5e:float32:2']) == 0
   assert not compiled
+  killed = tmt.record_from_output('v5e', 'bfloat16', 1, (800, 1344), 'configs/visdrone.py', -15, 'Terminated', 1.0, 1.0)
+  tmt.append_record(str(results), killed)
+  assert tmt.main([f'--results={results}', '--rows=v5e:bfloat16:1']) == 0
+  assert compiled == [('v5e', 'bfloat16', 1)]   # a failed row is compiled again; the table shows its new result
+  assert 'failed' not in capsys.readouterr().out.split('HBM GiB')[1]
