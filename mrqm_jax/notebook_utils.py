@@ -16,6 +16,7 @@ Nothing here is needed for training; it only wraps the package's public function
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 import warnings
@@ -54,6 +55,64 @@ def describe_accelerator() -> str:
   name = {'tpu': 'TPU', 'gpu': 'GPU', 'cuda': 'GPU', 'rocm': 'GPU', 'cpu': 'CPU'}.get(platform, platform.upper())
   kinds = ', '.join(sorted({d.device_kind for d in devices}))
   return f'{name} ({len(devices)} x {kinds})'
+
+
+# ------------------------------------------------------------------------------------------ TPU batch plan
+# XLA:TPU memory of the recipe's step (800x1344) per chip x dtype x per-chip batch, from
+# benchmarks/tpu_memory_table.py (deviceless compiles; README's measured table).
+TPU_MEMORY_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'data',
+                                'tpu_memory_800x1344.jsonl')
+# jax device_kind -> the table's chip name.
+_TPU_CHIPS = {'TPU v5 lite': 'v5e', 'TPU v5e': 'v5e', 'TPU v6 lite': 'v6e', 'TPU v6e': 'v6e', 'TPU v4': 'v4',
+              'TPU v5p': 'v5p', 'TPU v5': 'v5p'}
+
+
+class TpuPlan(NamedTuple):
+  """How to run the recipe's global batch on the chips found: set these config keys; `reason` says why."""
+  per_device_batch: int
+  dtype: str
+  remat: bool
+  grad_accum_steps: int
+  reason: str
+
+
+def tpu_plan(device_kind: str, num_devices: int, global_batch: int, records: Sequence[dict]) -> TpuPlan:
+  """Per-chip batch, model.dtype, remat and gradient accumulation for `num_devices` chips of `device_kind` that
+  keep the optimizer's batch at `global_batch` images (so its learning rate holds), from measured `records`
+  (tpu_memory_table.py's rows; all measured with the recipe's remat on).
+
+  Choice: the largest per-chip batch b dividing global_batch / num_devices whose measured peak fits the chip's
+  HBM, float32 (the recipe's numerics) when it fits at that b, else bfloat16; grad_accum_steps = global_batch /
+  (b * num_devices). A chip without a fitting measured row gets per-chip batch 1 in bfloat16 (the smallest
+  step) and says that it is unmeasured. ValueError when global_batch does not split over the devices."""
+  if global_batch % num_devices:
+    raise ValueError(f'the global batch {global_batch} does not split over {num_devices} devices: set '
+                     f'train.global_batch_size to a multiple of {num_devices} (and scale train.learning_rate)')
+  per_device = global_batch // num_devices
+  chip = _TPU_CHIPS.get(device_kind)
+  rows = [r for r in records if r.get('chip') == chip and r.get('status') == 'ok' and r.get('fits')]
+  for batch in sorted((b for b in range(per_device, 0, -1) if per_device % b == 0), reverse=True):
+    for dtype in ('float32', 'bfloat16'):
+      row = next((r for r in rows if r['batch'] == batch and r['dtype'] == dtype), None)
+      if row:
+        accum = per_device // batch
+        return TpuPlan(batch, dtype, True, accum,
+                       f'{device_kind} ({chip}, {row["hbm_gib"]:.0f} GiB HBM): XLA:TPU measured {row["peak_gib"]:.1f} '
+                       f'GiB peak for {dtype} at {batch} image(s) per chip'
+                       + (f'; {accum} accumulated micro-batches keep the global batch {global_batch}' if accum > 1
+                          else f'; global batch {global_batch} in one step'))
+  return TpuPlan(1, 'bfloat16', True, per_device,
+                 f'{device_kind}: no measured row that fits (benchmarks/tpu_memory_table.py has '
+                 f'{sorted({r.get("chip") for r in records})}): 1 image per chip in bfloat16, the smallest step, '
+                 f'unmeasured here; {per_device} accumulated micro-batches keep the global batch {global_batch}')
+
+
+def load_tpu_memory_table(path: str = TPU_MEMORY_TABLE) -> list[dict]:
+  """The measured rows (JSON lines) of `path`; none when the file is absent."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------ live loss plot

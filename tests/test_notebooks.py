@@ -229,3 +229,26 @@ def test_latest_checkpoint_step_reads_url_workdirs(tmp_path):
   ckpt.save(3, _state(3), _config(), data_step=3)
   ckpt.close()
   assert notebook_utils.latest_checkpoint_step(url) == 3
+
+
+def _row(chip, dtype, batch, peak, hbm=16.0):
+  return {'chip': chip, 'dtype': dtype, 'batch': batch, 'status': 'ok', 'peak_gib': peak, 'hbm_gib': hbm,
+          'fits': peak <= hbm}
+
+
+def test_tpu_plan_follows_the_measured_table():
+  rows = [_row('v5e', 'float32', 2, 18.0), _row('v5e', 'bfloat16', 2, 12.0), _row('v5e', 'float32', 1, 10.0),
+          _row('v6e', 'float32', 2, 18.0, 32.0)]
+  plan = notebook_utils.tpu_plan('TPU v5 lite', 1, 2, rows)   # f32 b2 does not fit 16 GiB; bf16 b2 does
+  assert plan[:4] == (2, 'bfloat16', True, 1) and '12.0 GiB' in plan.reason
+  plan = notebook_utils.tpu_plan('TPU v6 lite', 1, 2, rows)   # float32 (the recipe's numerics) when it fits
+  assert plan[:4] == (2, 'float32', True, 1)
+  plan = notebook_utils.tpu_plan('TPU v5 lite', 1, 2, rows[:1] + rows[2:])   # only b1 fits: accumulate 2
+  assert plan[:4] == (1, 'float32', True, 2) and 'global batch 2' in plan.reason
+  plan = notebook_utils.tpu_plan('TPU v5 lite', 2, 2, rows)   # two chips: 1 image each
+  assert plan[:4] == (1, 'float32', True, 1)
+  plan = notebook_utils.tpu_plan('TPU v3', 1, 2, rows)   # no measured row for the chip
+  assert plan[:4] == (1, 'bfloat16', True, 2) and 'no measured row' in plan.reason
+  with pytest.raises(ValueError, match='does not split over 8 devices'):
+    notebook_utils.tpu_plan('TPU v2', 8, 2, rows)   # a v2-8's 8 cores cannot split the paper's 2 images
+
