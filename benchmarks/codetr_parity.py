@@ -969,8 +969,8 @@ def compare_gradients_all(ref: dict, meta: dict, state_dict: dict, images, batch
                           rngs={'dn': key, 'aux': key, 'dropout': key})
     return losses.compute_losses(outputs, targets, config)
 
-  try:   # one compilation (cached on disk: every dump of the same canvas and gt count reuses it)
-    (total, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+  try:   # eager, op by op: slow (~30 min on 2 busy cores) but ~5 GiB; one jit of this graph needs > 10 GiB
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, model_state, images, pad_mask, targets, noise, ref_topk)
   finally:
     detector_lib.draw_dn_noise, detector_lib.select_top_proposals = original_draw, original_select
