@@ -602,6 +602,7 @@ def compare(args) -> int:
 
   all_rows, all_loss_rows, all_totals, all_notes = ([], [], None, '')
   if 'dn/label_query' in ref and 'aux/maps/0' in ref and any(k.startswith('grad_norm_all/') for k in ref):
+    jax.clear_caches()   # the eager passes above leave thousands of small executables behind (GiBs)
     all_rows, all_loss_rows, all_totals, all_notes = compare_gradients_all(ref, meta, state, images, batch, h, w)
 
   aux_rows, aux_loss_rows = ([], [])
