@@ -970,7 +970,7 @@ def compare_gradients_all(ref: dict, meta: dict, state_dict: dict, images, batch
                           rngs={'dn': key, 'aux': key, 'dropout': key})
     return losses.compute_losses(outputs, targets, config)
 
-  try:   # eager, op by op: slow (~30 min on 2 busy cores) but ~5 GiB; one jit of this graph needs > 10 GiB
+  try:   # eager, op by op: slow (8-30 min on 2 shared cores) but ~5-7 GiB; one jit of this graph needs > 10 GiB
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, model_state, images, pad_mask, targets, noise, ref_topk)
   finally:
