@@ -21,7 +21,15 @@ Weights: every parameter of the reference is its mmdet initialisation plus seede
 zero-initialised layers — box heads' last layers, sampling offsets — take part), and the frozen BatchNorm
 statistics are set from the batch itself (a calibration pass), so activations stay O(1) through ResNet-50.
 
-Last line: `max_rel_inference=A` (the largest relative difference over the inference stages).
+Training: the query head's loss terms on the reference's predictions, the gradient norms of module groups under
+the query head's loss (the reference's DN draws pinned), each auxiliary branch on the reference's inputs, and the
+gradient norms under the WHOLE training loss (query head, RPN, RoI head, ATSS head, both aux query groups) with
+every draw pinned to the reference's: DN queries, top-k, RPN sample, RPN proposals, RoI sample, aux groups
+(`reference_pins`; our model reads them from targets, `rcnn.RCNNBranch` and `aux_heads.query_group`).
+
+Last line: `max_rel_inference=A ... max_rel_loss=B max_rel_grad=C ...` (A: the largest relative difference over
+the inference stages; C: over both gradient tables; also the whole loss's terms and total: max_rel_loss_all,
+rel_total_loss_all).
 The reference code is imported at run time from --codetr-src (default $CODETR_SRC or /tmp/codetr_src); none of it
 is part of this project.
 """
@@ -592,6 +600,11 @@ def compare(args) -> int:
   if 'dn/label_query' in ref:
     grad_rows, totals, clipped = compare_gradients(ref, meta, state, images, batch, h, w)
 
+  all_rows, all_loss_rows, all_totals, all_notes = ([], [], None, '')
+  if 'dn/label_query' in ref and 'aux/maps/0' in ref and any(k.startswith('grad_norm_all/') for k in ref):
+    jax.clear_caches()   # the eager passes above leave thousands of small executables behind (GiBs)
+    all_rows, all_loss_rows, all_totals, all_notes = compare_gradients_all(ref, meta, state, images, batch, h, w)
+
   aux_rows, aux_loss_rows = ([], [])
   if 'aux/maps/0' in ref:
     aux_rows, aux_loss_rows = compare_aux_heads(ref, config, model, variables['params'], pad_mask, batch, h, w)
@@ -620,6 +633,18 @@ def compare(args) -> int:
     print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
     for name, ref_value, ours_value, rel in grad_rows:
       print(f'| {name:<42} | {ref_value:>10.4e} | {ours_value:>10.4e} | {rel:>10.3e}')
+  if all_rows:
+    rel_total = abs(all_totals[1] - all_totals[0]) / abs(all_totals[0])
+    worst = max(all_loss_rows, key=lambda r: r[3])
+    print(f'\nGradient norms under the WHOLE training loss (query head + RPN + RoI + ATSS + both aux query groups; '
+          f'every draw pinned to the reference\'s: DN queries, top-k, RPN sample, RPN proposals, RoI sample, aux '
+          f'groups; {all_notes}). Total loss: reference {all_totals[0]:.5f}, ours {all_totals[1]:.5f}, rel '
+          f'{rel_total:.3e}; its {len(all_loss_rows)} terms: max rel {worst[3]:.3e} ({worst[0]}). max_rel_grad '
+          f'below is the max over this table and the query-head table above:')
+    print(f'| {"module group":<42} | {"reference":>10} | {"ours":>10} | {"rel":>10}')
+    print(f'|{"-" * 44}|{"-" * 12}|{"-" * 12}|{"-" * 12}')
+    for name, ref_value, ours_value, rel in all_rows:
+      print(f'| {name:<42} | {ref_value:>10.4e} | {ours_value:>10.4e} | {rel:>10.3e}')
   if aux_rows:
     print('\nAuxiliary branches (the dump\'s training pass), each on the reference\'s own inputs:')
     print(f'| {"part":<42} | {"max abs":>10} | {"max rel":>10} | note')
@@ -635,9 +660,13 @@ def compare(args) -> int:
     line += f' max_rel_aux={max(rel for _, _, rel, _ in aux_rows if rel == rel):.3e}'
   if loss_rows:
     line += f' max_rel_loss={max(r for _, _, _, r in loss_rows):.3e}'
+  if grad_rows or all_rows:
+    line += f' max_rel_grad={max(r for _, _, _, r in grad_rows + all_rows):.3e}'
   if grad_rows:
-    line += (f' max_rel_grad={max(r for _, _, _, r in grad_rows):.3e}'
-             f' rel_total_loss_train={abs(totals[1] - totals[0]) / abs(totals[0]):.3e}')
+    line += f' rel_total_loss_train={abs(totals[1] - totals[0]) / abs(totals[0]):.3e}'
+  if all_rows:
+    line += (f' max_rel_loss_all={max(r for _, _, _, r in all_loss_rows):.3e}'
+             f' rel_total_loss_all={abs(all_totals[1] - all_totals[0]) / abs(all_totals[0]):.3e}')
   print(line)
   return 0
 
@@ -769,6 +798,197 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
     rows.append((group, float(r), float(o), abs(o - r) / max(r, 1e-30)))
   ref_total = float(sum(float(v) for k, v in ref.items() if k.startswith('loss/')))
   return rows, (ref_total, float(total)), clipped
+
+
+AUX_GRADIENT_GROUPS = (   # the auxiliary branches' parameters (whole loss only): (group, reference, ours)
+    ('aux level (downsample)', r'query_head\.downsample\.', r'aux_levels/'),
+    ('RPN head', r'rpn_head\.', r'rcnn/rpn/'),
+    ('RoI box head', r'roi_head\.', r'rcnn/bbox_head/'),
+    ('ATSS head', r'bbox_head\.', r'atss/dense/'),
+    ('aux query embedding (R-CNN group)', r'query_head\.transformer\.aux_pos_trans(_norm)?\.0\.',
+     r'aux_query_rcnn/'),
+    ('aux query embedding (ATSS group)', r'query_head\.transformer\.aux_pos_trans(_norm)?\.1\.',
+     r'aux_query_atss/'),
+)
+
+
+def whole_loss_reference_name(ours: str) -> str:
+  """Our loss term name (`losses.compute_losses`) -> the reference's (Co-DETR's `loss` dict; aux0 = R-CNN, aux1 =
+  ATSS: the order of its roi_head / bbox_head lists)."""
+  fixed = {'rpn.cls': 'loss_rpn_cls', 'rpn.bbox': 'loss_rpn_bbox', 'roi.cls': 'loss_cls0', 'roi.giou': 'loss_bbox0',
+           'atss.cls': 'loss_cls1', 'atss.giou': 'loss_bbox1', 'atss.centerness': 'loss_centerness1'}
+  if ours in fixed:
+    return fixed[ours]
+  *prefix, kind = ours.split('.')
+  kind = {'cls': 'loss_cls', 'bbox': 'loss_bbox', 'giou': 'loss_iou'}[kind]
+  layer = [p for p in prefix if p.startswith('d') and p[1:].isdigit()]
+  group = [p for p in prefix if not (p.startswith('d') and p[1:].isdigit())]
+  name = kind
+  if group and group[0] in ('enc', 'dn'):
+    name = f'{group[0]}_{kind}'
+  elif group:
+    name = f'{kind}_aux' + {'aux_rcnn': '0', 'aux_atss': '1'}[group[0]]
+  return f'{layer[0]}.{name}' if layer else name
+
+
+def reference_pins(ref: dict, config, model, batch: int, h: int, w: int, image_sizes, gt_counts, max_gts: int):
+  """Targets keys that pin every draw of our auxiliary branches to the dump's (`rcnn.RCNNBranch`, `aux_heads.
+  query_group`): the RPN sample (the reference's sampled anchors found among ours by pixel coordinates, with their
+  gts), the RPN proposals, the RoI sample (its candidates: gts then proposals) and each aux query group (R-CNN: the
+  sample slots holding the reference's group boxes; ATSS: our anchors at them). Returns (pins, notes)."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax.models import aux_heads   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import iou_aware_head   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import rcnn as rcnn_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
+
+  heads = {head.name: head for head in model.aux_heads}
+  rcnn, atss = heads['rcnn'], heads['atss']
+  num_maps = len([k for k in ref if k.startswith('aux/maps/')])
+  shapes = tuple(tuple(int(v) for v in ref[f'aux/maps/{level}'].shape[1:3]) for level in range(num_maps))
+  to_px = lambda a: np.concatenate([a[..., :2] - a[..., 2:] / 2, a[..., :2] + a[..., 2:] / 2], -1) * [w, h, w, h]  # noqa
+
+  sizes, scales_of = rcnn_lib.rpn_anchor_sizes(rcnn.strides, rcnn.rpn_octave_base_scale, rcnn.rpn_scales_per_octave)
+  # Pixel corners as the model computes them (float32): they round to the reference's exactly.
+  pixels = lambda anchors: np.asarray(box_ops.cxcywh_to_pixel_xyxy(jnp.asarray(anchors), (h, w)))  # noqa: E731
+  rpn_px = pixels(iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
+                                                  grid=rcnn.anchor_grid, strides=rcnn.strides))
+  atss_px = pixels(iou_aware_head.generate_anchors(
+      shapes, (h, w), [atss.octave_base_scale * s for s in atss.strides], (1.0,), (1.0,), grid=atss.anchor_grid,
+      strides=atss.strides))
+  rpn_lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(rpn_px)}
+  atss_lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(atss_px)}
+  num_pos = min(rcnn.max_pos, int(rcnn.roi_num_samples * rcnn.roi_pos_fraction))
+  pins = {'rcnn_rpn_sample_index': np.full((batch, rcnn.rpn_num_samples), -1, np.int32),
+          'rcnn_rpn_sample_gt': np.full((batch, rcnn.rpn_num_samples), -1, np.int32),
+          'rcnn_proposals': np.zeros((batch, rcnn.num_proposals, 4), np.float32),
+          'rcnn_proposal_valid': np.zeros((batch, rcnn.num_proposals), bool),
+          'rcnn_roi_sample_index': np.full((batch, rcnn.roi_num_samples), -1, np.int32),
+          'rcnn_roi_sample_gt': np.full((batch, rcnn.roi_num_samples), -1, np.int32),
+          'rcnn_query_index': np.full((batch, aux_heads.query_group_slots(num_pos, rcnn.query_padding)), -1,
+                                      np.int32),
+          'atss_query_index': np.full((batch, aux_heads.query_group_slots(atss.max_pos, atss.query_padding)), -1,
+                                      np.int32)}
+  missing = {'rpn': 0, 'atss': 0}
+  worst = {'roi': 0.0, 'rcnn group': 0.0}
+  for i in range(batch):
+    priors = ref[f'rpn/sample/{i}/priors']
+    index = [rpn_lookup.get(tuple(np.round(p, 1)), -1) for p in priors]
+    missing['rpn'] += sum(j < 0 for j in index)
+    pins['rcnn_rpn_sample_index'][i, :len(index)] = np.maximum(index, 0)
+    pos_gt = ref[f'rpn/sample/{i}/pos_gt']
+    pins['rcnn_rpn_sample_gt'][i, :len(pos_gt)] = pos_gt            # mmdet's sample: positives first
+    proposals = ref[f'rpn/proposals/{i}/boxes']
+    pins['rcnn_proposals'][i, :len(proposals)] = proposals
+    pins['rcnn_proposal_valid'][i, :len(proposals)] = True
+    # The RoI sample indexes mmdet's [gts, proposals]; ours are [gts padded to M, proposals].
+    n = gt_counts[i]
+    sample = np.concatenate([ref[f'roi/sample/{i}/pos'], ref[f'roi/sample/{i}/neg']]).astype(np.int64)
+    ours = np.where(sample < n, sample, sample - n + max_gts)
+    pins['rcnn_roi_sample_index'][i, :len(ours)] = ours
+    roi_pos_gt = ref[f'roi/sample/{i}/pos_gt']
+    pins['rcnn_roi_sample_gt'][i, :len(roi_pos_gt)] = roi_pos_gt
+    gts_px = np.zeros((max_gts, 4))
+    gts_px[:n] = ref[f'gt/{i}/boxes']
+    candidates = np.concatenate([gts_px, pins['rcnn_proposals'][i]])
+    rois = ref[f'roi/sample/{i}/priors']
+    worst['roi'] = max(worst['roi'], float(np.abs(candidates[ours] - rois).max()))
+    # Each aux group slot: the candidate of the reference's box (R-CNN: a sample slot; ATSS: an anchor).
+    ih, iw = image_sizes[i]
+    for key, lookup in (('aux0', None), ('aux1', atss_lookup)):
+      coords = ref[f'{key}/coords'][i].astype(np.float64)
+      boxes = to_px(coords) / [w, h, w, h] * [iw, ih, iw, ih]
+      if lookup is None:   # nearest sampled RoI (duplicates: the same box and label, either will do)
+        distance = np.abs(boxes[:, None] - rois[None]).sum(-1)
+        slots = distance.argmin(1)
+        worst['rcnn group'] = max(worst['rcnn group'], float(distance.min(1).max()))
+        pins['rcnn_query_index'][i, :len(slots)] = slots
+      else:
+        slots = [lookup.get(tuple(np.round(b, 1)), -1) for b in boxes]
+        missing['atss'] += sum(j < 0 for j in slots)
+        pins['atss_query_index'][i, :len(slots)] = np.maximum(slots, 0)
+  notes = (f'RPN sampled anchors not found among ours {missing["rpn"]}, ATSS group anchors not found '
+           f'{missing["atss"]}; RoI sample vs its candidates max |diff| {worst["roi"]:.1e} px, R-CNN group boxes '
+           f'vs their sample slots {worst["rcnn group"]:.1e} px')
+  return pins, notes
+
+
+def compare_gradients_all(ref: dict, meta: dict, state_dict: dict, images, batch: int, h: int, w: int):
+  """The WHOLE training loss (query head, RPN, RoI head, ATSS head, both aux query groups) with every draw pinned
+  to the dump's: DN queries (`pinned_dn_noise`), the top-k selection, the RPN and RoI samples, the RPN proposals
+  and the aux groups (`reference_pins`). Returns (gradient rows [(group, reference, ours, relative)], loss rows
+  [(reference name, reference, ours, relative)], (reference total, our total), notes)."""
+  import re   # pylint: disable=g-import-not-at-top
+
+  import flax   # pylint: disable=g-import-not-at-top
+  import jax   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  import numpy as np   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+
+  config = parity_config(meta)
+  model = model_lib.make_model(config)
+  abstract = model_lib.abstract_variables(model, config)
+  converted, _ = convert.convert_codetr(state_dict, abstract, config)
+  variables = jax.tree.map(jnp.asarray, convert.fill_from_init(converted, model, config))
+  params, model_state = model_lib.split_variables(variables)
+  gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
+  pad_mask = jnp.asarray(batch_pad_mask(meta, batch))
+  image_sizes = meta.get('image_sizes') or [[h, w]] * batch
+  pins, notes = reference_pins(ref, config, model, batch, h, w, image_sizes, counts, gt_valid.shape[1])
+  targets = {'boxes': jnp.asarray(gt_boxes), 'labels': jnp.asarray(gt_labels), 'box_valid': jnp.asarray(gt_valid),
+             **{k: jnp.asarray(v) for k, v in pins.items()}}
+  cap = min(config.dn.max_gt, gt_valid.shape[1])
+  num_slots = detector_lib.dn_num_slots(config.dn.num_queries, cap)
+  frame_boxes = gt_boxes
+  if config.model.box_frame == 'image':
+    frame_boxes = np.asarray(detector_lib.to_box_frame(jnp.asarray(gt_boxes), detector_lib.image_box_frame(pad_mask)))
+  noise, _ = pinned_dn_noise(ref, frame_boxes, gt_labels, gt_valid, counts, params['label_embedding'], num_slots,
+                             config.dn.box_noise)
+  noise = jax.tree.map(jnp.asarray, noise)
+  ref_topk = jnp.asarray(ref['encoder/topk_index'], jnp.int32)
+  pinned = {}   # the jitted function's arguments, read by the patched draws while it is traced
+
+  def select_with_reference(enc_logits, enc_boxes_logit, token_valid, num_queries):
+    del token_valid, num_queries
+    topk = pinned['topk'][..., None]
+    return jnp.take_along_axis(enc_logits, topk, axis=1), jnp.take_along_axis(enc_boxes_logit, topk, axis=1)
+
+  original_draw, original_select = detector_lib.draw_dn_noise, detector_lib.select_top_proposals
+  detector_lib.draw_dn_noise = lambda *a, **k: pinned['noise']
+  detector_lib.select_top_proposals = select_with_reference
+  key = jax.random.PRNGKey(0)
+
+  def loss_fn(p, state, images, pad_mask, targets, noise, topk):
+    pinned.update(noise=noise, topk=topk)
+    outputs = model.apply({'params': p, **state}, images, pad_mask, targets=targets, train=True,
+                          rngs={'dn': key, 'aux': key, 'dropout': key})
+    return losses.compute_losses(outputs, targets, config)
+
+  try:   # eager, op by op: slow (8-30 min on 2 shared cores) but ~5-7 GiB; one jit of this graph needs > 10 GiB
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, images, pad_mask, targets, noise, ref_topk)
+  finally:
+    detector_lib.draw_dn_noise, detector_lib.select_top_proposals = original_draw, original_select
+  ours_norms = {'/'.join(k): float(np.sum(np.square(np.asarray(v, np.float64))))
+                for k, v in flax.traverse_util.flatten_dict(grads).items()}
+  ref_norms = {k[len('grad_norm_all/'):]: float(v) ** 2 for k, v in ref.items() if k.startswith('grad_norm_all/')}
+  rows = []
+  for group, ref_pattern, ours_pattern in GRADIENT_GROUPS + AUX_GRADIENT_GROUPS:
+    r = np.sqrt(sum(v for k, v in ref_norms.items() if re.match(ref_pattern, k)))
+    o = np.sqrt(sum(v for k, v in ours_norms.items() if re.match(ours_pattern, k)))
+    rows.append((group, float(r), float(o), abs(o - r) / max(r, 1e-30)))
+  loss_rows = []
+  for ours_name, value in sorted(terms.items()):
+    name = whole_loss_reference_name(ours_name)
+    ref_value = float(np.sum(ref[f'loss_all/{name}']))
+    loss_rows.append((name, ref_value, float(value), abs(float(value) - ref_value) / max(abs(ref_value), 1e-12)))
+  return rows, loss_rows, (float(ref['loss_all/total']), float(total)), notes
 
 
 def compare_losses(ref: dict, config, batch: int, h: int, w: int, pad_mask) -> list[tuple[str, float, float, float]]:

@@ -174,3 +174,80 @@ def test_proposals_clip_to_each_image_as_mmdet():
   boxes, valid = fn(None)
   assert np.asarray(valid).all()
   np.testing.assert_allclose(np.asarray(boxes), px, atol=1e-4)
+
+
+def test_rcnn_pinned_draws_are_what_the_loss_uses():
+  """RCNNBranch with targets['rcnn_rpn_sample_*'], ['rcnn_proposals'], ['rcnn_roi_sample_*'] (a reference's draws,
+  for the parity harness): the RPN loss is over exactly the pinned anchors with the pinned labels (checked with a
+  NumPy BCE over the RPN's full logits), the RoIs are the pinned candidates (gts, then the pinned proposals) with
+  the pinned gts. The branch's own draw would differ: it fills all 12 RPN slots (image 0 pins 5) and proposes
+from its anchors."""
+  from mrqm_jax.models import iou_aware_head   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.models import rcnn   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import box_coder   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import boxes as box_ops   # pylint: disable=g-import-not-at-top
+  from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
+  from configs import co_dino   # pylint: disable=g-import-not-at-top
+
+  canvas, strides, dim, b, m = (64, 64), (8, 16, 32), 8, 2, 3
+  branch = rcnn.RCNNBranch(num_classes=3, canvas_hw=canvas, strides=strides, rpn_num_samples=12, nms_pre=40,
+                           num_proposals=10, roi_num_samples=8, num_roi_levels=3, fc_dim=16, max_pos=2,
+                           anchor_grid='mmdet', name='rcnn')
+  rng = np.random.default_rng(0)
+  maps = [jnp.asarray(rng.normal(size=(b, 64 // s, 64 // s, dim)), jnp.float32) for s in strides]
+  level_pad = [jnp.zeros(x.shape[:3], bool) for x in maps]
+  targets = {'boxes': jnp.asarray([[[0.3, 0.3, 0.3, 0.25], [0.7, 0.6, 0.2, 0.3], [0.5, 0.5, 0.1, 0.1]]] * b),
+             'labels': jnp.asarray([[0, 2, 1]] * b), 'box_valid': jnp.asarray([[True, True, False]] * b)}
+  key = jax.random.PRNGKey(0)
+  variables = jax.jit(lambda k: branch.init({'params': k, 'aux': k}, maps, level_pad, targets))(key)
+
+  num_anchors = 9 * sum((64 // s) ** 2 for s in strides)
+  rpn_index = np.full((b, 12), -1, np.int32)
+  rpn_gt = np.full((b, 12), -1, np.int32)
+  rpn_index[0, :5], rpn_gt[0, :2] = [num_anchors - 1, 3, 17, 200, 5], [1, 0]     # 2 positives, 3 negatives
+  rpn_index[1, :12] = rng.permutation(num_anchors)[:12]                          # no positive
+  proposals = np.zeros((b, 10, 4), np.float32)
+  proposals[:, :4] = [[2, 2, 20, 30], [30, 30, 60, 50], [10, 40, 25, 60], [0, 0, 64, 64]]
+  proposal_valid = np.zeros((b, 10), bool)
+  proposal_valid[:, :4] = True
+  roi_index = np.full((b, 8), -1, np.int32)
+  roi_gt = np.full((b, 8), -1, np.int32)
+  roi_index[0, :4], roi_gt[0, :2] = [1, m + 1, m + 0, m + 3], [1, 1]             # gt 1, proposal 1 (+), 2 negatives
+  roi_index[1, :3] = [m + 2, m + 3, m + 0]
+  pins = {'rcnn_rpn_sample_index': rpn_index, 'rcnn_rpn_sample_gt': rpn_gt, 'rcnn_proposals': proposals,
+          'rcnn_proposal_valid': proposal_valid, 'rcnn_roi_sample_index': roi_index, 'rcnn_roi_sample_gt': roi_gt}
+  out = jax.jit(lambda v, t: branch.apply(v, maps, level_pad, t, rngs={'aux': key}))(
+      variables, dict(targets, **{k: jnp.asarray(v) for k, v in pins.items()}))
+
+  # RPN: the loss's inputs are the pinned anchors' outputs and labels.
+  rpn = aux_heads.RPNHead(9, dim).apply({'params': variables['params']['rpn']}, maps)
+  valid = rpn_index >= 0
+  np.testing.assert_array_equal(out['rpn_valid'], valid)
+  np.testing.assert_array_equal(out['rpn_pos'], valid & (rpn_gt >= 0))
+  logits = np.take_along_axis(np.asarray(rpn['logits']), np.maximum(rpn_index, 0), 1)
+  np.testing.assert_array_equal(np.asarray(out['rpn_logits'])[valid], logits[valid])
+  sizes, scales = rcnn.rpn_anchor_sizes(strides, 4.0, 3)
+  anchors = iou_aware_head.generate_anchors([x.shape[1:3] for x in maps], canvas, sizes, (0.5, 1.0, 2.0), scales,
+                                            grid='mmdet', strides=strides)
+  expected_targets = box_coder.encode_deltas(jnp.asarray(anchors[[num_anchors - 1, 3]]), targets['boxes'][0, [1, 0]],
+                                             box_coder.UNIT_STDS)
+  np.testing.assert_allclose(out['rpn_delta_targets'][0, :2], expected_targets, rtol=1e-6)
+  config = co_dino.get_config()
+  config.dataset.num_classes = 3
+  terms = losses.rcnn_losses(out, (targets['boxes'], targets['labels'], targets['box_valid']), config, None)
+  labels = (valid & (rpn_gt >= 0)).astype(np.float64)
+  bce = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+  scale = config.rcnn.rpn_cls_weight * config.loss.aux_dense_weight * config.decoder.num_layers
+  np.testing.assert_allclose(terms['rpn.cls'], (bce * valid).sum() / valid.sum() * scale, rtol=1e-5)
+
+  # Proposals and RoIs: the pinned ones, with the pinned gts.
+  np.testing.assert_allclose(out['proposals'], box_ops.pixel_xyxy_to_cxcywh(jnp.asarray(proposals), canvas),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(out['proposal_valid'], proposal_valid)
+  np.testing.assert_array_equal(out['roi_valid'], roi_index >= 0)
+  np.testing.assert_array_equal(out['roi_gt'], roi_gt)
+  gts_px = np.asarray(box_ops.cxcywh_to_pixel_xyxy(targets['boxes'], canvas))
+  candidates = np.concatenate([gts_px, proposals], 1)
+  rois = np.take_along_axis(candidates, np.maximum(roi_index, 0)[..., None], 1)
+  np.testing.assert_allclose(out['pos_ref_boxes'], box_ops.pixel_xyxy_to_cxcywh(jnp.asarray(rois[:, :2]), canvas),
+                             rtol=1e-6, atol=1e-7)

@@ -79,6 +79,22 @@ def select_proposals(logits, deltas, anchors, anchor_valid, level_sizes, canvas_
   return proposals, valid
 
 
+def pinned_sample(targets: dict, key: str, num_samples: int):
+  """A sample given in targets instead of drawn (e.g. a reference implementation's draw, for parity checks):
+  targets[key + '_index'] [B, S] int (candidate of each sample slot, -1 = empty slot) and targets[key + '_gt']
+  [B, S] int (its gt, -1 = negative) -> (index [B, S] in range, is_pos [B, S], valid [B, S], gt [B, S] >= 0), the
+  outputs of `assigners.random_sample` plus each slot's gt; None when targets has no key + '_index'."""
+  if f'{key}_index' not in targets:
+    return None
+  index = jnp.asarray(targets[f'{key}_index'], jnp.int32)
+  gt = jnp.asarray(targets[f'{key}_gt'], jnp.int32)
+  if index.shape[1:] != (num_samples,) or gt.shape != index.shape:
+    raise ValueError(f'RCNNBranch: pinned {key}_index / _gt must both be [B, {num_samples}], got {index.shape} '
+                     f'and {gt.shape}')
+  valid = index >= 0
+  return jnp.maximum(index, 0), valid & (gt >= 0), valid, jnp.maximum(gt, 0)
+
+
 class RCNNBranch(nn.Module):
   """Attributes: num_classes, canvas_hw, strides (nominal px stride of each aux level), the RPN settings
   (rpn_octave_base_scale, rpn_scales_per_octave, rpn_ratios, rpn_pos_iou, rpn_neg_iou, rpn_min_pos_iou,
@@ -100,6 +116,11 @@ class RCNNBranch(nn.Module):
     query_index [B, G] (sample slot of each group slot, into roi_*)  query_live [B, G]  query_ref_boxes [B, G, 4]
     query_gt [B, G] (-1: background or dead)   the query group, G = query_group_slots(K);
     targets['rcnn_query_index'] [B, G] (-1 = dead slot), when given, pins its sample slots (nothing is drawn)
+  Pinned draws (parity with a reference implementation; each used only when its key is in targets, `{name}_`
+  prefixed, name = 'rcnn'): 'rcnn_rpn_sample_index' / 'rcnn_rpn_sample_gt' [B, S] the RPN sample (anchor of each
+  slot, -1 empty; its gt, -1 negative; `pinned_sample`), 'rcnn_proposals' [B, P, 4] canvas-px xyxy with
+  'rcnn_proposal_valid' [B, P] the proposals, 'rcnn_roi_sample_index' / 'rcnn_roi_sample_gt' [B, N] the RoI
+  sample (candidate index: gt m < M, proposal p at M + p).
   """
   num_classes: int
   canvas_hw: tuple[int, int]
@@ -160,15 +181,20 @@ class RCNNBranch(nn.Module):
     batch = gt_boxes.shape[0]
     rpn_rng, roi_rng = jax.random.split(self.make_rng('aux'))
 
-    # RPN targets: assign every anchor, sample S.
-    assigned = jax.vmap(lambda g, v, av: assigners.max_iou_assign(
-        anchors_px, g, v, pos_iou_thr=self.rpn_pos_iou, neg_iou_thr=self.rpn_neg_iou,
-        min_pos_iou=self.rpn_min_pos_iou, match_low_quality=True, anchor_valid=av)[0])(gt_px, gt_valid, anchor_valid)
-    index, is_pos, sample_valid = jax.vmap(lambda r, a, av: assigners.random_sample(
-        r, a, self.rpn_num_samples, self.rpn_pos_fraction, valid=av))(
-            jax.random.split(rpn_rng, batch), assigned, anchor_valid)
+    # RPN targets: assign every anchor, sample S (or the pinned sample, `pinned_sample`).
+    pinned_rpn = pinned_sample(targets, f'{self.name}_rpn_sample', self.rpn_num_samples)
+    if pinned_rpn is None:
+      assigned = jax.vmap(lambda g, v, av: assigners.max_iou_assign(
+          anchors_px, g, v, pos_iou_thr=self.rpn_pos_iou, neg_iou_thr=self.rpn_neg_iou,
+          min_pos_iou=self.rpn_min_pos_iou, match_low_quality=True, anchor_valid=av)[0])(
+              gt_px, gt_valid, anchor_valid)
+      index, is_pos, sample_valid = jax.vmap(lambda r, a, av: assigners.random_sample(
+          r, a, self.rpn_num_samples, self.rpn_pos_fraction, valid=av))(
+              jax.random.split(rpn_rng, batch), assigned, anchor_valid)
+      sampled_gt = jnp.maximum(jnp.take_along_axis(assigned, index, axis=1), 0)
+    else:
+      index, is_pos, sample_valid, sampled_gt = pinned_rpn
     take = lambda x: jnp.take_along_axis(x, index if x.ndim == 2 else index[..., None], axis=1)  # noqa: E731
-    sampled_gt = jnp.maximum(take(assigned), 0)
     sampled_pos = is_pos & sample_valid
     # Negatives and empty slots get their anchor as target (zero deltas, never read by the loss) so that no
     # padded gt (zero size -> log 0) reaches the output.
@@ -190,19 +216,32 @@ class RCNNBranch(nn.Module):
       proposal_anchor_valid = aux_heads.extent_anchor_valid(norm_region, shapes, per_location, batch)
     clip_wh = (jnp.tile(jnp.asarray([self.canvas_hw[1], self.canvas_hw[0]], jnp.float32), (batch, 1))
                if image_wh is None else jnp.asarray(image_wh, jnp.float32))
-    proposals, proposal_valid = jax.vmap(lambda lg, d, av, cw: select_proposals(
-        lg, d, anchors, av, level_sizes, self.canvas_hw, nms_pre=self.nms_pre, nms_iou=self.nms_iou,
-        num_proposals=self.num_proposals, clip_wh=cw))(rpn['logits'], rpn['deltas'], proposal_anchor_valid, clip_wh)
+    if f'{self.name}_proposals' in targets:   # pinned (e.g. a reference implementation's): nothing selected
+      proposals = jnp.asarray(targets[f'{self.name}_proposals'], jnp.float32)
+      proposal_valid = jnp.asarray(targets[f'{self.name}_proposal_valid'], bool)
+      if proposals.shape != (batch, self.num_proposals, 4) or proposal_valid.shape != proposals.shape[:2]:
+        raise ValueError(f'RCNNBranch: pinned proposals must be [B, P, 4] and [B, P] with P = num_proposals = '
+                         f'{self.num_proposals}, got {proposals.shape} and {proposal_valid.shape}')
+    else:
+      proposals, proposal_valid = jax.vmap(lambda lg, d, av, cw: select_proposals(
+          lg, d, anchors, av, level_sizes, self.canvas_hw, nms_pre=self.nms_pre, nms_iou=self.nms_iou,
+          num_proposals=self.num_proposals, clip_wh=cw))(rpn['logits'], rpn['deltas'], proposal_anchor_valid,
+                                                         clip_wh)
     candidates = jnp.concatenate([gt_px, proposals], axis=1)
     candidate_valid = jnp.concatenate([gt_valid, proposal_valid], axis=1)
-    roi_assigned = jax.vmap(lambda c, g, v, cv: assigners.max_iou_assign(
-        c, g, v, pos_iou_thr=self.roi_pos_iou, neg_iou_thr=self.roi_pos_iou, min_pos_iou=self.roi_pos_iou,
-        match_low_quality=False, anchor_valid=cv)[0])(candidates, gt_px, gt_valid, candidate_valid)
-    roi_index, roi_is_pos, roi_valid = jax.vmap(lambda r, a, cv: assigners.random_sample(
-        r, a, self.roi_num_samples, self.roi_pos_fraction, valid=cv))(
-            jax.random.split(roi_rng, batch), roi_assigned, candidate_valid)
+    pinned_roi = pinned_sample(targets, f'{self.name}_roi_sample', self.roi_num_samples)
+    if pinned_roi is None:
+      roi_assigned = jax.vmap(lambda c, g, v, cv: assigners.max_iou_assign(
+          c, g, v, pos_iou_thr=self.roi_pos_iou, neg_iou_thr=self.roi_pos_iou, min_pos_iou=self.roi_pos_iou,
+          match_low_quality=False, anchor_valid=cv)[0])(candidates, gt_px, gt_valid, candidate_valid)
+      roi_index, roi_is_pos, roi_valid = jax.vmap(lambda r, a, cv: assigners.random_sample(
+          r, a, self.roi_num_samples, self.roi_pos_fraction, valid=cv))(
+              jax.random.split(roi_rng, batch), roi_assigned, candidate_valid)
+      roi_sampled_gt = jnp.take_along_axis(roi_assigned, roi_index, axis=1)
+    else:
+      roi_index, roi_is_pos, roi_valid, roi_sampled_gt = pinned_roi
     rois_px = jax.lax.stop_gradient(jnp.take_along_axis(candidates, roi_index[..., None], axis=1))
-    roi_gt = jnp.where(roi_is_pos & roi_valid, jnp.take_along_axis(roi_assigned, roi_index, axis=1), -1)
+    roi_gt = jnp.where(roi_is_pos & roi_valid, roi_sampled_gt, -1)
 
     levels = min(self.num_roi_levels, len(maps))
     extent_hw = None if norm_region is None else jnp.stack(
