@@ -10,8 +10,9 @@ first run; copying it is not timed), in this order:
                traced and lowered again before the compilation cache answers (what every cached run did before
                traced_cache), and the traced entry written again
   cached x N   both kept: the train step reloaded without tracing
-and prints wall seconds, the process's CPU seconds (user + system) and peak RSS per run. Quiet machine wanted:
-wall time counts whatever else runs.
+and prints wall seconds, the process's CPU seconds (user + system) and peak RSS per run (wait4's ru_maxrss: Linux
+counts in it the memory a forked child inherits, so this script's own small size is included). Quiet machine
+wanted: wall time counts whatever else runs.
 """
 
 import argparse
