@@ -742,6 +742,20 @@ GRADIENT_GROUPS = (   # (group, reference name pattern, our variable path patter
 )
 
 
+def converted_model(state_dict: dict, config):
+  """The reference's checkpoint converted onto our model for `config` -> (model, params, model_state)."""
+  import jax   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+
+  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
+  model = model_lib.make_model(config)
+  abstract = model_lib.abstract_variables(model, config)
+  converted, _ = convert.convert_codetr(state_dict, abstract, config)
+  variables = jax.tree.map(jnp.asarray, convert.fill_from_init(converted, model, config))
+  params, model_state = model_lib.split_variables(variables)
+  return model, params, model_state
+
+
 def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: int, h: int, w: int):
   """The query head's total training loss (matched layers, encoder, DN; the reference's drawn DN queries pinned)
   and the gradient norm of each module group: [(group, reference, ours, relative)], (ref loss, our loss)."""
@@ -752,17 +766,12 @@ def compare_gradients(ref: dict, meta: dict, state_dict: dict, images, batch: in
   import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
   import numpy as np   # pylint: disable=g-import-not-at-top
 
-  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
 
   config = parity_config(meta)
   config.model.aux_heads = ()            # the reference's query-head loss alone
-  model = model_lib.make_model(config)
-  abstract = model_lib.abstract_variables(model, config)
-  converted, _ = convert.convert_codetr(state_dict, abstract, config)
-  variables = jax.tree.map(jnp.asarray, convert.fill_from_init(converted, model, config))
-  params, model_state = model_lib.split_variables(variables)
+  model, params, model_state = converted_model(state_dict, config)
   gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
   targets = {'boxes': jnp.asarray(gt_boxes), 'labels': jnp.asarray(gt_labels), 'box_valid': jnp.asarray(gt_valid)}
   cap = min(config.dn.max_gt, gt_valid.shape[1])
@@ -927,16 +936,11 @@ def compare_gradients_all(ref: dict, meta: dict, state_dict: dict, images, batch
   import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
   import numpy as np   # pylint: disable=g-import-not-at-top
 
-  from mrqm_jax import convert, model_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.models import detector as detector_lib   # pylint: disable=g-import-not-at-top
   from mrqm_jax.ops import losses   # pylint: disable=g-import-not-at-top
 
   config = parity_config(meta)
-  model = model_lib.make_model(config)
-  abstract = model_lib.abstract_variables(model, config)
-  converted, _ = convert.convert_codetr(state_dict, abstract, config)
-  variables = jax.tree.map(jnp.asarray, convert.fill_from_init(converted, model, config))
-  params, model_state = model_lib.split_variables(variables)
+  model, params, model_state = converted_model(state_dict, config)
   gt_boxes, gt_labels, gt_valid, counts = reference_targets(ref, batch, h, w)
   pad_mask = jnp.asarray(batch_pad_mask(meta, batch))
   image_sizes = meta.get('image_sizes') or [[h, w]] * batch
