@@ -64,10 +64,10 @@ def _abstract(x: Any) -> str:
   return f'{jax.typeof(x)}|{sharding}'
 
 
-def entry_key(name: str, key: str, args: Sequence[Any], static: str = '') -> str:
+def entry_key(name: str, key: str, args: Sequence[Any]) -> str:
   """The entry's file stem: `name-<sha256 of everything that decides the traced program>`."""
   parts = {
-      'format': FORMAT, 'name': name, 'key': key, 'static': static, 'source': source_digest(),
+      'format': FORMAT, 'name': name, 'key': key, 'source': source_digest(),
       'versions': _versions(), 'flags': repr(sorted((k, repr(v)) for k, v in jax.config.values.items())),
       'backend': jax.default_backend(), 'devices': [str(d.device_kind) for d in jax.devices()],
       'processes': jax.process_count(),
