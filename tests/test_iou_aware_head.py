@@ -20,7 +20,7 @@ SIZES = (8.0, 16.0, 32.0, 64.0)
 RATIOS = (0.5, 1.0, 2.0)
 
 # Jitted once per input shape: eager dispatch of the assignment's many small ops is slower than compiling it.
-assign = jax.jit(iah.assign_anchors, static_argnames='chunk_size')
+assign = jax.jit(iah.assign_anchors, static_argnames=('chunk_size', 'box_format'))
 select = jax.jit(iah.select_positives, static_argnums=2)
 
 
@@ -172,6 +172,50 @@ def test_generate_anchors_mmdet_grid_against_mmdet_generator_restated():
     iah.generate_anchors(shapes, canvas, sizes, ratios, grid='corners', strides=strides)
   with pytest.raises(ValueError, match='nominal stride'):
     iah.generate_anchors(shapes, canvas, sizes, ratios, grid='mmdet')
+
+
+def test_pixel_anchors_and_their_ties_do_not_depend_on_the_canvas():
+  """generate_anchors(pixel_xyxy=True), grid='mmdet', is the same on a canvas and on a smaller one (the batch
+  cropped to its extent; each level keeps its first rows / columns) to the last bit. A gt inside several same-size
+  anchors has exactly equal IoU with each, and the assignment gives it the lowest index on either canvas; the
+  float32 normalized anchors turned back into pixels (the previous head) carry per-canvas errors of ~1e-6 px
+  that decide such a tie differently."""
+  strides, sizes, ratios = (8, 16), (16.0, 32.0), (1.0,)
+  big, small = (192, 256), (160, 210)
+  shapes = lambda hw: tuple((-(-hw[0] // s), -(-hw[1] // s)) for s in strides)   # noqa: E731
+  per_canvas = {}
+  for hw in (big, small):
+    px = iah.generate_anchors(shapes(hw), hw, sizes, ratios, grid='mmdet', strides=strides, pixel_xyxy=True)
+    norm = iah.generate_anchors(shapes(hw), hw, sizes, ratios, grid='mmdet', strides=strides)
+    np.testing.assert_allclose(px, np_xyxy(norm) * np.asarray([hw[1], hw[0]] * 2), atol=1e-4)
+    levels, start = [], 0
+    for h, w in shapes(hw):
+      levels.append(px[start:start + h * w].reshape(h, w, 4))
+      start += h * w
+    per_canvas[hw] = levels
+  for level_big, level_small in zip(per_canvas[big], per_canvas[small]):
+    h, w = level_small.shape[:2]
+    np.testing.assert_array_equal(level_big[:h, :w], level_small)
+  # A 5 x 5 px gt inside four 16 px anchors of level 0 (rows 2-3, columns 4-5): each IoU is 25 / 256 exactly.
+  gt_px = np.asarray([[34.5, 17.5, 39.5, 22.5]], np.float32)
+  winners, round_trip_winners = {}, {}
+  for hw in (big, small):
+    level0 = shapes(hw)[:1]
+    anchors = iah.generate_anchors(level0, hw, sizes[:1], ratios, grid='mmdet', strides=strides[:1],
+                                   pixel_xyxy=True)
+    round_trip = np_xyxy(iah.generate_anchors(level0, hw, sizes[:1], ratios, grid='mmdet', strides=strides[:1])
+                         ).astype(np.float32) * np.asarray([hw[1], hw[0]] * 2, np.float32)
+    for boxes, out in ((anchors, winners), (round_trip, round_trip_winners)):
+      got, iou = assign(boxes, gt_px, np.ones(1, bool), np.ones(1, np.float32), box_format='xyxy')
+      positive = np.flatnonzero(np.asarray(got) >= 0)   # threshold 1: only the gt's best anchor
+      assert positive.size == 1, positive
+      out[hw] = divmod(int(positive[0]), level0[0][1])
+      if out is winners:
+        assert np.asarray(iou)[positive[0]] == np.float32(25 / 256)
+  assert winners[big] == winners[small] == (2, 4), winners
+  assert round_trip_winners[big] != round_trip_winners[small], round_trip_winners   # the bug this guards
+  with pytest.raises(ValueError, match='box_format'):
+    iah.assign_anchors(anchors, gt_px, np.ones(1, bool), np.ones(1), box_format='xywh')
 
 
 # ----------------------------------------------------------------------------------------------- assignment

@@ -67,9 +67,8 @@ class ATSSHead(nn.Module):
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     if len(self.strides) != len(shapes):
       raise ValueError(f'ATSSHead: {len(self.strides)} strides for {len(shapes)} levels')
-    anchors = jnp.asarray(iou_aware_head.generate_anchors(
-        shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,),
-        grid=self.anchor_grid, strides=self.strides))
+    anchor_args = (shapes, self.canvas_hw, [self.octave_base_scale * s for s in self.strides], (1.0,), (1.0,))
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(*anchor_args, grid=self.anchor_grid, strides=self.strides))
     dense = aux_heads.DenseHead(1, self.num_classes, self.stacked_convs, True, self.norm, self.conv_impl,
                                 self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
@@ -78,7 +77,8 @@ class ATSSHead(nn.Module):
     gt_valid = jnp.asarray(targets['box_valid'], bool)
     gt_boxes = jnp.where(gt_valid[..., None], gt_boxes, 0.0)
     per_level = tuple(h * w for h, w in shapes)
-    anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
+    anchors_px = jnp.asarray(iou_aware_head.generate_anchors(*anchor_args, grid=self.anchor_grid,
+                                                             strides=self.strides, pixel_xyxy=True))
     if self.is_initializing():   # parameters only: skip compiling the assignment, which holds none
       assigned_gt = jnp.full(anchor_valid.shape, -1, jnp.int32)
       assigned_iou = jnp.zeros(anchor_valid.shape, jnp.float32)

@@ -108,7 +108,7 @@ ANCHOR_GRIDS = ('mmdet', 'cell_centers')
 def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequence[int],
                      sizes: Sequence[float], ratios: Sequence[float],
                      scales: Sequence[float] = (1.0,), *, grid: str = 'cell_centers',
-                     strides: Sequence[float] | None = None) -> np.ndarray:
+                     strides: Sequence[float] | None = None, pixel_xyxy: bool = False) -> np.ndarray:
   """Anchors for every location of every level, in the encoder's token order.
 
   Args:
@@ -123,10 +123,16 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
       (mrqm_jax <= 0.3). They differ by half a stride, and more on a level whose H_l does not divide the canvas
       (800 / 13 = 61.5 px cells for the nominal 64).
     strides: L nominal strides in px; needed by grid='mmdet'.
+    pixel_xyxy: return canvas-pixel xyxy instead, converted in float64 before the one rounding to float32. With
+      grid='mmdet' these do not depend on the canvas, so the assignments that compare IoUs of anchors (ties:
+      a small gt inside two anchors of one size) decide alike however far the canvas is padded; converting
+      the float32 normalized anchors back to pixels leaves errors of ~1e-6 px that differ per canvas and flip
+      such ties.
 
   Returns:
     [A, 4] float32 normalized cxcywh (NumPy, a trace-time constant), A = R * sum_l H_l W_l with
     R = len(scales) * len(ratios), ordered (level, row, column, scale, ratio): anchor a sits on token a // R.
+    With pixel_xyxy: [A, 4] float32 canvas-pixel xyxy, same order.
   """
   shapes = [tuple(int(v) for v in s) for s in np.asarray(spatial_shapes).reshape(-1, 2)]
   if len(sizes) != len(shapes):
@@ -156,11 +162,15 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     anchor_h = size * scale_of * np.sqrt(ratio_of) / canvas_h
     grid_y, grid_x, r = np.meshgrid(cy, cx, np.arange(len(scale_of)), indexing='ij')   # [H, W, R]
     per_level.append(np.stack([grid_x, grid_y, anchor_w[r], anchor_h[r]], axis=-1).reshape(-1, 4))
-  return np.concatenate(per_level, axis=0).astype(np.float32)
+  anchors = np.concatenate(per_level, axis=0)
+  if pixel_xyxy:
+    centre, size = anchors[:, :2], anchors[:, 2:]
+    anchors = np.concatenate([centre - size / 2, centre + size / 2], axis=1) * [canvas_w, canvas_h, canvas_w, canvas_h]
+  return anchors.astype(np.float32)
 
 
 def assign_anchors(anchors, gt_boxes, gt_valid, thresholds, *, anchor_valid=None,
-                   chunk_size: int = ASSIGN_CHUNK):
+                   chunk_size: int = ASSIGN_CHUNK, box_format: str = 'cxcywh'):
   """One-to-many assignment with a per-gt IoU threshold (one image; vmap for a batch).
 
   Rules: anchor a is a candidate of gt g when IoU(a, g) > thresholds[g]. Every valid gt whose best IoU is > 0
@@ -176,6 +186,8 @@ def assign_anchors(anchors, gt_boxes, gt_valid, thresholds, *, anchor_valid=None
     thresholds: [M] IoU thresholds (e.g. `gt_thresholds`).
     anchor_valid: optional [A] bool (False: anchor on a padding token, never positive).
     chunk_size: anchors per block of the IoU computation (memory [chunk_size, M]).
+    box_format: 'cxcywh' (anchors and gt_boxes as above) or 'xyxy': both xyxy in one frame of any scale, e.g.
+      canvas pixels (the head's: an IoU computed there does not depend on the canvas, see `generate_anchors`).
 
   Returns:
     assigned_gt [A] int32 (gt index, -1 negative), iou [A] float32 (IoU with the assigned gt, 0 if negative).
@@ -189,14 +201,17 @@ def assign_anchors(anchors, gt_boxes, gt_valid, thresholds, *, anchor_valid=None
     return jnp.full((num_anchors,), -1, jnp.int32), jnp.zeros((num_anchors,), jnp.float32)
   if anchor_valid is None:
     anchor_valid = jnp.ones((num_anchors,), bool)
-  gt_xyxy = box_ops.cxcywh_to_xyxy(jnp.where(gt_valid[:, None], gt_boxes, 0.0))
+  if box_format not in ('cxcywh', 'xyxy'):
+    raise ValueError(f"assign_anchors: box_format must be 'cxcywh' or 'xyxy', got {box_format!r}")
+  to_xyxy = box_ops.cxcywh_to_xyxy if box_format == 'cxcywh' else (lambda boxes: boxes)
+  gt_xyxy = to_xyxy(jnp.where(gt_valid[:, None], gt_boxes, 0.0))
   thresholds = jnp.where(gt_valid, thresholds, jnp.inf)
 
   chunk = max(1, min(int(chunk_size), num_anchors))
   num_chunks = -(-num_anchors // chunk)
   pad = num_chunks * chunk - num_anchors
   # Padding anchors have zero size and are marked invalid: they never win anything.
-  anchor_chunks = jnp.pad(box_ops.cxcywh_to_xyxy(anchors), ((0, pad), (0, 0))).reshape(num_chunks, chunk, 4)
+  anchor_chunks = jnp.pad(to_xyxy(anchors), ((0, pad), (0, 0))).reshape(num_chunks, chunk, 4)
   valid_chunks = jnp.pad(jnp.asarray(anchor_valid, bool), (0, pad)).reshape(num_chunks, chunk)
   starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
 
@@ -313,8 +328,10 @@ class IoUAwareHead(nn.Module):
   def __call__(self, maps, level_pad, targets: dict, norm_region=None) -> dict:
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     per_location = len(self.anchor_scales) * len(self.anchor_ratios)
-    anchors = jnp.asarray(generate_anchors(shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios,
-                                           self.anchor_scales, grid=self.anchor_grid, strides=self.strides or None))
+    anchor_args = (shapes, self.canvas_hw, self.anchor_sizes, self.anchor_ratios, self.anchor_scales)
+    anchor_kwargs = dict(grid=self.anchor_grid, strides=self.strides or None)
+    anchors = jnp.asarray(generate_anchors(*anchor_args, **anchor_kwargs))
+    anchors_px = jnp.asarray(generate_anchors(*anchor_args, **anchor_kwargs, pixel_xyxy=True))
     dense = aux_heads.DenseHead(per_location, self.num_classes, self.stacked_convs, False, self.norm,
                                 self.conv_impl, self.dtype, name='dense')(maps, norm_region)
     pred_boxes = box_coder.decode_deltas(anchors[None], dense['deltas'], box_coder.DELTA_STDS)
@@ -327,8 +344,8 @@ class IoUAwareHead(nn.Module):
     else:
       thresholds = gt_thresholds(gt_boxes, self.canvas_hw, self.threshold, scale=targets.get('scale'))
       assigned_gt, assigned_iou = jax.vmap(
-          lambda g, v, t, av: assign_anchors(anchors, g, v, t, anchor_valid=av))(
-              gt_boxes, gt_valid, thresholds, anchor_valid)
+          lambda g, v, t, av: assign_anchors(anchors_px, g, v, t, anchor_valid=av, box_format='xyxy'))(
+              box_ops.cxcywh_to_pixel_xyxy(gt_boxes, self.canvas_hw), gt_valid, thresholds, anchor_valid)
     pos_anchor_index, pos_valid = jax.vmap(lambda g, i: select_positives(g, i, self.max_pos))(
         assigned_gt, assigned_iou)
     tokens = aux_heads.flatten_anchor_maps(maps, maps[0].shape[-1])                          # [B, T, D]

@@ -156,9 +156,10 @@ class RCNNBranch(nn.Module):
     shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
     sizes, scales = rpn_anchor_sizes(self.strides, self.rpn_octave_base_scale, self.rpn_scales_per_octave)
     per_location = len(scales) * len(self.rpn_ratios)
-    anchors = jnp.asarray(iou_aware_head.generate_anchors(shapes, self.canvas_hw, sizes, self.rpn_ratios, scales,
-                                                          grid=self.anchor_grid, strides=self.strides))
-    anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, self.canvas_hw)
+    anchor_args = (shapes, self.canvas_hw, sizes, self.rpn_ratios, scales)
+    anchors = jnp.asarray(iou_aware_head.generate_anchors(*anchor_args, grid=self.anchor_grid, strides=self.strides))
+    anchors_px = jnp.asarray(iou_aware_head.generate_anchors(*anchor_args, grid=self.anchor_grid,
+                                                             strides=self.strides, pixel_xyxy=True))
     anchor_valid = aux_heads.anchor_valid_mask(level_pad, per_location)
     rpn = aux_heads.RPNHead(per_location, maps[0].shape[-1], self.conv_impl, self.dtype, name='rpn')(maps,
                                                                                                   norm_region)
