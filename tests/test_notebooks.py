@@ -236,6 +236,21 @@ def _row(chip, dtype, batch, peak, hbm=16.0):
           'fits': peak <= hbm}
 
 
+def test_the_committed_tpu_memory_table_plans_a_v5e_chip():
+  """benchmarks/data/tpu_memory_800x1344.jsonl (tpu_memory_table.py's measured rows, what the notebook reads) is
+  whole and consistent, and the notebook's plan for a Colab v5e chip comes from a measured row, not the
+  'unmeasured' fallback: the paper's 2 images per chip in one step (no accumulation)."""
+  rows = notebook_utils.load_tpu_memory_table()
+  assert rows, notebook_utils.TPU_MEMORY_TABLE
+  for row in rows:
+    assert {'chip', 'dtype', 'batch', 'status', 'hbm_gib', 'image_size', 'config'} <= set(row), row
+    assert row['image_size'] == [800, 1344] and row['config'] == 'configs/visdrone.py', row
+    if row['status'] == 'ok':
+      assert 0 < row['temp_gib'] < row['peak_gib'] and row['fits'] == (row['peak_gib'] <= row['hbm_gib']), row
+  plan = notebook_utils.tpu_plan('TPU v5 lite', 1, 2, rows)
+  assert 'no measured row' not in plan.reason and plan.per_device_batch == 2 and plan.grad_accum_steps == 1, plan
+
+
 def test_tpu_plan_follows_the_measured_table():
   rows = [_row('v5e', 'float32', 2, 18.0), _row('v5e', 'bfloat16', 2, 12.0), _row('v5e', 'float32', 1, 10.0),
           _row('v6e', 'float32', 2, 18.0, 32.0)]
