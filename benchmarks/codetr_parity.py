@@ -860,13 +860,12 @@ def reference_pins(ref: dict, config, model, batch: int, h: int, w: int, image_s
   to_px = lambda a: np.concatenate([a[..., :2] - a[..., 2:] / 2, a[..., :2] + a[..., 2:] / 2], -1) * [w, h, w, h]  # noqa
 
   sizes, scales_of = rcnn_lib.rpn_anchor_sizes(rcnn.strides, rcnn.rpn_octave_base_scale, rcnn.rpn_scales_per_octave)
-  # Pixel corners as the model computes them (float32): they round to the reference's exactly.
-  pixels = lambda anchors: np.asarray(box_ops.cxcywh_to_pixel_xyxy(jnp.asarray(anchors), (h, w)))  # noqa: E731
-  rpn_px = pixels(iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
-                                                  grid=rcnn.anchor_grid, strides=rcnn.strides))
-  atss_px = pixels(iou_aware_head.generate_anchors(
+  # Pixel corners as the model's assignments use them (generate_anchors(pixel_xyxy=True), float32).
+  rpn_px = iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
+                                           grid=rcnn.anchor_grid, strides=rcnn.strides, pixel_xyxy=True)
+  atss_px = iou_aware_head.generate_anchors(
       shapes, (h, w), [atss.octave_base_scale * s for s in atss.strides], (1.0,), (1.0,), grid=atss.anchor_grid,
-      strides=atss.strides))
+      strides=atss.strides, pixel_xyxy=True)
   rpn_lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(rpn_px)}
   atss_lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(atss_px)}
   num_pos = min(rcnn.max_pos, int(rcnn.roi_num_samples * rcnn.roi_pos_fraction))
@@ -1123,10 +1122,11 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
   # ATSS losses on the reference's outputs, with our anchors (model.anchor_grid) and our assignment.
   gt_boxes, gt_labels, gt_valid, _ = reference_targets(ref, batch, h, w)
   gt = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_valid))
-  anchors = jnp.asarray(iou_aware_head.generate_anchors(
-      shapes, (h, w), [atss.octave_base_scale * s for s in atss.strides], (1.0,), (1.0,), grid=atss.anchor_grid,
-      strides=atss.strides))
-  anchors_px = box_ops.cxcywh_to_pixel_xyxy(anchors, (h, w))
+  atss_anchor_args = (shapes, (h, w), [atss.octave_base_scale * s for s in atss.strides], (1.0,), (1.0,))
+  anchors = jnp.asarray(iou_aware_head.generate_anchors(*atss_anchor_args, grid=atss.anchor_grid,
+                                                        strides=atss.strides))
+  anchors_px = jnp.asarray(iou_aware_head.generate_anchors(*atss_anchor_args, grid=atss.anchor_grid,
+                                                           strides=atss.strides, pixel_xyxy=True))
   row('ATSS anchors (pixels)', anchors_px, ref['atss/anchors'][0], f'model.anchor_grid={atss.anchor_grid!r}')
   deltas = jnp.asarray(flatten_levels(ref, 'atss/reg', num_maps))
   anchor_valid = aux_heads.anchor_valid_mask(level_pad, 1)
@@ -1157,7 +1157,8 @@ def compare_aux_heads(ref: dict, config, model, params, pad_mask, batch: int, h:
   sizes, scales_of = rcnn_lib.rpn_anchor_sizes(rcnn.strides, rcnn.rpn_octave_base_scale, rcnn.rpn_scales_per_octave)
   rpn_anchors = np.asarray(iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
                                                            grid=rcnn.anchor_grid, strides=rcnn.strides))
-  rpn_px = np.asarray(box_ops.cxcywh_to_pixel_xyxy(jnp.asarray(rpn_anchors), (h, w)))
+  rpn_px = iou_aware_head.generate_anchors(shapes, (h, w), sizes, rcnn.rpn_ratios, scales_of,
+                                           grid=rcnn.anchor_grid, strides=rcnn.strides, pixel_xyxy=True)
   lookup = {tuple(np.round(a, 1)): i for i, a in enumerate(rpn_px)}
   rpn_logits = scale_major(flatten_levels(ref, 'rpn/cls', num_maps), 1)[..., 0]
   rpn_deltas = scale_major(flatten_levels(ref, 'rpn/reg', num_maps), 4)
