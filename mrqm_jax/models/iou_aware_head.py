@@ -125,7 +125,7 @@ def generate_anchors(spatial_shapes: Sequence[Sequence[int]], canvas_hw: Sequenc
     strides: L nominal strides in px; needed by grid='mmdet'.
     pixel_xyxy: return canvas-pixel xyxy instead, converted in float64 before the one rounding to float32. With
       grid='mmdet' these do not depend on the canvas, so the assignments that compare IoUs of anchors (ties:
-      a small gt inside two anchors of one size) decide alike however far the canvas is padded; converting
+      a small gt inside several anchors of one size) decide alike however far the canvas is padded; converting
       the float32 normalized anchors back to pixels leaves errors of ~1e-6 px that differ per canvas and flip
       such ties.
 
